@@ -1,0 +1,3 @@
+from aotc.cli import main
+
+main()
