@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,11 @@ class Family(Protocol):
 
 
 def kernels_dir() -> Path:
-    """This project's kernel templates: shipped inside the package, or `kernels/` in a checkout."""
+    """This project's kernel templates: `$AOTC_KERNELS_DIR` (to develop kernels out of tree), the
+    copy shipped inside the package, or `kernels/` in a checkout."""
+    override = os.environ.get("AOTC_KERNELS_DIR")
+    if override:
+        return Path(override)
     package = Path(__file__).resolve().parents[1]
     for candidate in (package / "kernels", package.parent / "kernels"):
         if candidate.is_dir():
