@@ -1,3 +1,50 @@
-"""aotc: ahead-of-time kernel compiler for MLX."""
+"""aotc: ahead-of-time kernel compiler for MLX.
+
+Build time: `aotc build manifest.yaml` (see `aotc.cli`). Run time, with no compiler present:
+
+    import aotc
+    aotc.load("dist/extra_sdpa.cuda.json")   # or found through AOTC_PATH, wheels, app bundles
+    out = aotc.sdpa_vector(q, k, v, scale=scale, mask="causal")
+    aotc.patch()                             # mx.fast.scaled_dot_product_attention -> aotc
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Run-time names load MLX lazily so that `aotc build` starts fast and never touches a GPU.
+_LAZY = {
+    "sdpa_vector": "aotc.families.sdpa_vector.api",
+    "patch": "aotc.families.sdpa_vector.api",
+    "unpatch": "aotc.families.sdpa_vector.api",
+    "patched": "aotc.families.sdpa_vector.api",
+    "libraries": "aotc.runtime.libraries",
+    "Library": "aotc.runtime.libraries",
+}
+
+if TYPE_CHECKING:
+    from aotc.families.sdpa_vector.api import patch, patched, sdpa_vector, unpatch
+    from aotc.runtime.libraries import Library, libraries
+
+
+def load(path: Any) -> Any:
+    """Load an aotc library (its index, its artifact, or a folder of them) ahead of the others."""
+    from aotc.families.sdpa_vector.api import clear_cache
+    from aotc.runtime.libraries import load as load_library
+
+    library = load_library(path)
+    clear_cache()
+    return library
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aotc' has no attribute {name!r}")
+
+
+__all__ = ["Library", "libraries", "load", "patch", "patched", "sdpa_vector", "unpatch"]

@@ -1,0 +1,165 @@
+"""`aotc.sdpa_vector` and `aotc.patch`: MLX's fused attention, served by prebuilt kernels.
+
+A call is described once per distinct (shapes, dtypes, mask, sinks, device): the decision (which
+library, which kernels, or why MLX's own op must run instead) is cached, so the hot path of a
+decode step is a dict lookup and the launches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+
+from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported, describe
+
+log = logging.getLogger("aotc")
+
+Runner = Callable[..., mx.array]
+_MLX_SDPA = mx.fast.scaled_dot_product_attention
+_CACHE_LIMIT = 4096
+_decisions: dict[tuple, Runner | str] = {}
+_lock = threading.Lock()
+
+
+def sdpa_vector(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: mx.array | str | None = None,
+    sinks: mx.array | None = None,
+    stream: Any = None,
+) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention` for short queries, on aotc's prebuilt kernels.
+
+    Falls back to MLX's own op (with the reason in the `aotc` debug log) when no loaded library
+    has the instantiation, or the inputs are outside what the kernels do. Gradients flow through
+    MLX's own op: the backward pass of a prebuilt forward is MLX's.
+    """
+    decision = _decide(q, k, v, mask, sinks, stream)
+    if isinstance(decision, str):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("aotc.sdpa_vector falls back to MLX: %s", decision)
+        return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+    return decision(q, k, v, scale, mask, sinks)
+
+
+def _decide(q, k, v, mask, sinks, stream) -> Runner | str:
+    key = _cache_key(q, k, v, mask, sinks, stream)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _make_decision(q, k, v, mask, sinks, stream)
+        with _lock:
+            if len(_decisions) >= _CACHE_LIMIT:
+                _decisions.clear()
+            _decisions[key] = decision
+    return decision
+
+
+def _cache_key(q, k, v, mask, sinks, stream) -> tuple:
+    mask_key = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
+    sinks_key = None if sinks is None else (sinks.shape, sinks.dtype)
+    device = mx.default_device() if stream is None else stream
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, mask_key, sinks_key, str(device))
+
+
+def _make_decision(q, k, v, mask, sinks, stream) -> Runner | str:
+    try:
+        backend = _backend(stream)
+        problem = describe(q, k, v, mask, sinks)
+        return _BACKENDS[backend](problem)
+    except Unsupported as exc:
+        return str(exc)
+
+
+def with_mlx_gradient(forward: Runner) -> Runner:
+    """`forward` for the values, MLX's own op for the gradients (aotc kernels have no backward)."""
+
+    @mx.custom_function
+    def attention(q, k, v, *, scale, mask, sinks):
+        return forward(q, k, v, scale, mask, sinks)
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output, *, scale, mask, sinks):
+        def reference(q, k, v):
+            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+        _, grads = mx.vjp(reference, list(primals), [cotangent])
+        return tuple(grads)
+
+    def run(q, k, v, scale, mask, sinks):
+        return attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+    return run
+
+
+def _backend(stream: Any) -> str:
+    device = mx.default_device() if stream is None else getattr(stream, "device", stream)
+    if getattr(device, "type", None) != mx.gpu:
+        raise Unsupported(f"the call runs on {device}, not a GPU")
+    if _available("cuda"):
+        return "cuda"
+    if _available("metal"):
+        return "metal"
+    raise Unsupported("this MLX has neither a CUDA nor a Metal GPU backend")
+
+
+def _available(backend: str) -> bool:
+    module = getattr(mx, backend, None)
+    return bool(module is not None and module.is_available())
+
+
+def _cuda_runner(problem: AttentionProblem) -> Runner:
+    from aotc.families.sdpa_vector import cuda
+
+    return with_mlx_gradient(cuda.make_runner(problem))
+
+
+def _metal_runner(problem: AttentionProblem) -> Runner:
+    from aotc.families.sdpa_vector import metal
+
+    return with_mlx_gradient(metal.make_runner(problem))
+
+
+_BACKENDS: dict[str, Callable[[AttentionProblem], Runner]] = {
+    "cuda": _cuda_runner,
+    "metal": _metal_runner,
+}
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (after `aotc.load()` adds a library, for instance)."""
+    with _lock:
+        _decisions.clear()
+
+
+def _patched_sdpa(q, k, v, *, scale, mask=None, sinks=None, stream=None, **kwargs):
+    if kwargs:  # arguments of a newer MLX that aotc does not know: let MLX handle them
+        return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream, **kwargs)
+    return sdpa_vector(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+
+
+def patch() -> None:
+    """Route `mx.fast.scaled_dot_product_attention` through aotc (mlx-lm models use it as is)."""
+    mx.fast.scaled_dot_product_attention = _patched_sdpa
+
+
+def unpatch() -> None:
+    mx.fast.scaled_dot_product_attention = _MLX_SDPA
+
+
+@contextmanager
+def patched() -> Iterator[None]:
+    """`with aotc.patched(): ...` routes MLX's fused attention through aotc inside the block."""
+    previous = mx.fast.scaled_dot_product_attention
+    patch()
+    try:
+        yield
+    finally:
+        mx.fast.scaled_dot_product_attention = previous
