@@ -1,0 +1,110 @@
+"""The run-time API where MLX has no GPU (this machine, CI): every call falls back, correctly."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import pytest
+
+import aotc
+from aotc.families.sdpa_vector import api
+from aotc.families.sdpa_vector.problem import Unsupported, describe
+
+
+@pytest.fixture
+def qkv():
+    mx.random.seed(0)
+    q = mx.random.normal((2, 8, 3, 192)).astype(mx.float16)
+    k = mx.random.normal((2, 2, 40, 192)).astype(mx.float16)
+    v = mx.random.normal((2, 2, 40, 128)).astype(mx.float16)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+def test_fallback_matches_mlx(qkv, mask):
+    q, k, v = qkv
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(3, 40)) > 0.3
+    elif mask == "additive":
+        mask = mx.random.normal((2, 1, 3, 40)).astype(mx.float16)
+    sinks = mx.random.normal((8,)).astype(mx.float16)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1, mask=mask, sinks=sinks)
+    got = aotc.sdpa_vector(q, k, v, scale=0.1, mask=mask, sinks=sinks)
+    assert mx.array_equal(got, expected).item()
+
+
+def test_fallback_reason_is_logged(qkv, caplog):
+    q, k, v = qkv
+    api.clear_cache()
+    with caplog.at_level(logging.DEBUG, logger="aotc"):
+        aotc.sdpa_vector(q, k, v, scale=0.1)
+    assert any(
+        "falls back to MLX" in r.message and "not a GPU" in r.message for r in caplog.records
+    )
+
+
+def test_patch_routes_mlx_fast_attention_through_aotc(qkv, monkeypatch):
+    q, k, v = qkv
+    seen = []
+    original = api.sdpa_vector
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["scale"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "sdpa_vector", spy)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5)
+    with aotc.patched():
+        assert mx.fast.scaled_dot_product_attention is not api._MLX_SDPA
+        got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5)
+    assert mx.fast.scaled_dot_product_attention is api._MLX_SDPA
+    assert seen == [0.5]
+    assert mx.array_equal(got, expected).item()
+
+
+def test_gradients_come_from_mlx_op():
+    q, k, v = (mx.random.normal(s) for s in ((1, 4, 2, 64), (1, 2, 9, 64), (1, 2, 9, 32)))
+    calls = []
+
+    def forward(q, k, v, scale, mask, sinks):
+        calls.append(1)
+        return api._MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+    run = api.with_mlx_gradient(forward)
+
+    def loss(fn):
+        return lambda q, k, v: fn(q, k, v).sum()
+
+    ours = mx.grad(loss(lambda q, k, v: run(q, k, v, 0.125, "causal", None)), argnums=(0, 1, 2))
+    ref = mx.grad(
+        loss(lambda q, k, v: api._MLX_SDPA(q, k, v, scale=0.125, mask="causal")), argnums=(0, 1, 2)
+    )
+    for a, b in zip(ours(q, k, v), ref(q, k, v), strict=True):
+        assert mx.allclose(a, b, atol=1e-5).item()
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "mask", "reason"),
+    [
+        (((1, 6, 1, 64), (1, 4, 9, 64), (1, 4, 9, 64)), None, "not a multiple"),
+        (((1, 4, 1, 64), (1, 4, 9, 32), (1, 4, 9, 64)), None, "head dim 64 but keys 32"),
+        (((1, 4, 1, 64), (1, 4, 9, 64), (1, 4, 9, 64)), "sliding", "not 'causal'"),
+        (((4, 1, 64), (1, 4, 9, 64), (1, 4, 9, 64)), None, "rank 4"),
+    ],
+)
+def test_describe_rejects_with_a_reason(shapes, mask, reason):
+    q, k, v = (mx.zeros(s, dtype=mx.float16) for s in shapes)
+    with pytest.raises(Unsupported, match=reason):
+        describe(q, k, v, mask)
+
+
+def test_describe_reads_gqa_and_masks():
+    q = mx.zeros((2, 32, 4, 192), dtype=mx.bfloat16)
+    k = mx.zeros((2, 8, 100, 192), dtype=mx.bfloat16)
+    v = mx.zeros((2, 8, 100, 128), dtype=mx.bfloat16)
+    problem = describe(q, k, v, mx.zeros((4, 100), dtype=mx.bool_))
+    assert (problem.gqa_factor, problem.mask, problem.mask_shape) == (4, "bool", (4, 100))
+    assert problem.output_shape == (2, 32, 4, 128)
+    assert describe(q, k, v, "causal").mask == "causal"
