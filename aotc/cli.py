@@ -207,6 +207,49 @@ def clean(
         typer.echo(f"removed {path}")
 
 
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A .metallib or a CUDA fatbin.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Show what a metallib or fatbin holds: header facts, functions, constants, archs."""
+    from aotc.inspect import inspect_file, render_inspection
+
+    data = inspect_file(path)
+    typer.echo(json.dumps(data, indent=2) if as_json else render_inspection(data))
+
+
+@app.command("verify")
+def verify_command(
+    manifest_path: ManifestArg,
+    dist: Annotated[Path, typer.Option("--dist", help="Where the artifacts are.")] = Path("dist"),
+    target: Annotated[TargetChoice, typer.Option("--target")] = TargetChoice.all,
+    as_json: JsonOption = False,
+) -> None:
+    """Check dist/ against MANIFEST and the installed MLX; the exit code tells what failed."""
+    from aotc.verify import verdict_of, verify
+
+    manifest = _load(manifest_path)
+    reports = verify(manifest, dist, _targets_for(manifest, target))
+    verdict = verdict_of(reports)
+    if as_json:
+        body = {
+            "verdict": verdict.name,
+            "code": int(verdict),
+            "targets": [r.to_json() for r in reports],
+        }
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        for report in reports:
+            state = "ok" if not report.problems else "FAILED"
+            typer.echo(
+                f"{report.target}: {report.artifact}: {state} ({report.kernels_checked} kernels)"
+            )
+            for code, message in report.problems:
+                typer.echo(f"  {code.name}: {message}")
+    raise typer.Exit(int(verdict))
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"aotc {__version__}")
