@@ -128,9 +128,16 @@ def read_index(path: Path) -> Index:
     return Index(path, data)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(dest: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide artifacts from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
