@@ -61,7 +61,7 @@ def build_target(
     target = TARGETS[target_name]
     toolchain = target.find_toolchain()
     tree_dir = build_dir / manifest.library / target_name
-    with _locked(tree_dir):
+    with locked(tree_dir):
         tree = generate(manifest, target_name, build_dir, toolchain)
         configure(tree)
         steps = _run_ninja(tree, jobs or os.cpu_count() or 1, verbose, report)
@@ -175,7 +175,7 @@ def _same_as_published(index: dict, out_dir: Path) -> bool:
 
 
 @contextmanager
-def _locked(tree_dir: Path) -> Iterator[None]:
+def locked(tree_dir: Path) -> Iterator[None]:
     """One build of a tree at a time; a second waits rather than corrupting the first."""
     tree_dir.mkdir(parents=True, exist_ok=True)
     with (tree_dir / ".aotc.lock").open("w") as lock:

@@ -88,7 +88,7 @@ def build(
                 raise
             _err(f"skipping {name}: {exc}")
             continue
-        count = len([k for u in generate(manifest, name, build_dir).units for k in u.kernels])
+        count = sum(len(unit.kernels) for unit in translation_units(manifest, name))
         _err(f"{name}: building {count} kernels of {manifest.library}")
         result = build_target(
             manifest,

@@ -6,6 +6,7 @@ Files are rewritten only when their content changes, so Ninja rebuilds only what
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,7 @@ def _write_if_changed(path: Path, content: str | bytes) -> list[Path]:
     if path.is_file() and path.read_bytes() == data:
         return []
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
     return [path]
