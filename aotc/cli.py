@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from aotc import __version__
-from aotc.build import build_target, configure, ninja_commands
-from aotc.codegen import generate, translation_units
+from aotc.build import build_target, configure, locked, ninja_commands
+from aotc.codegen import generate, translation_units, tree_root
 from aotc.errors import AotcError, ToolchainMissing
 from aotc.manifest import Manifest, load_manifest
 from aotc.targets import TARGETS
@@ -124,8 +124,9 @@ def generate_command(
             toolchain = TARGETS[name].find_toolchain()
         except ToolchainMissing:
             toolchain = None
-        tree = generate(manifest, name, build_dir, toolchain)
-        configure(tree)
+        with locked(tree_root(build_dir, manifest.library, name)):
+            tree = generate(manifest, name, build_dir, toolchain)
+            configure(tree)
         typer.echo(
             f"{name}: {tree.root} ({len(tree.units)} units, {len(tree.written)} files written)"
         )
