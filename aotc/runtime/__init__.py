@@ -1,0 +1,1 @@
+"""The loader: finds aotc libraries and launches their kernels from MLX, with no compiler."""
