@@ -251,6 +251,67 @@ def verify_command(
     raise typer.Exit(int(verdict))
 
 
+@app.command()
+def wheel(
+    manifest_path: ManifestArg,
+    dist: Annotated[Path, typer.Option("--dist", help="Where `aotc build` put artifacts.")] = Path(
+        "dist"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Where the wheels go.")] = Path("dist"),
+    name: Annotated[
+        str | None, typer.Option("--name", help="Distribution name (default: aotc-lib-<library>).")
+    ] = None,
+    version: Annotated[str, typer.Option("--version", help="The wheels' version.")] = "0.1.0",
+    target: Annotated[TargetChoice, typer.Option("--target")] = TargetChoice.all,
+) -> None:
+    """One platform-tagged wheel per built target, found at run time through its entry point."""
+    from aotc.packaging.wheel import build_wheels
+
+    targets = None if target == TargetChoice.all else [target.value]
+    for path in build_wheels(
+        manifest_path, dist=dist, out=out, name=name, version=version, targets=targets, report=_err
+    ):
+        typer.echo(str(path))
+
+
+@app.command()
+def bundle(
+    manifest_path: ManifestArg,
+    into: Annotated[
+        Path, typer.Option("--into", help="An .app (Contents/Resources/aotc) or a folder.")
+    ],
+    dist: Annotated[Path, typer.Option("--dist", help="Where `aotc build` put artifacts.")] = Path(
+        "dist"
+    ),
+    target: Annotated[
+        TargetChoice | None, typer.Option("--target", help="Default: metal for an .app, else all.")
+    ] = None,
+) -> None:
+    """Lay the built artifacts and indexes into an app bundle's resources or a folder."""
+    from aotc.packaging.bundle import lay_bundle
+
+    targets = None if target in (None, TargetChoice.all) else [target.value]
+    for path in lay_bundle(manifest_path, into=into, dist=dist, targets=targets, report=_err):
+        typer.echo(str(path))
+
+
+@app.command("libraries")
+def libraries_command(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Load these first, as aotc.load() does.", show_default=False),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The prebuilt libraries aotc finds, in search order, and why any cannot be used here."""
+    from aotc.runtime.libraries import describe, load, render
+
+    for path in paths or []:
+        load(path)
+    entries = describe()
+    typer.echo(json.dumps(entries, indent=2) if as_json else render(entries))
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"aotc {__version__}")

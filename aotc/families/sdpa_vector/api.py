@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from aotc.errors import AotcError
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported, describe
 
 log = logging.getLogger("aotc")
@@ -74,7 +75,7 @@ def _make_decision(q, k, v, mask, sinks, stream) -> Runner | str:
         backend = _backend(stream)
         problem = describe(q, k, v, mask, sinks)
         return _BACKENDS[backend](problem)
-    except Unsupported as exc:
+    except (Unsupported, AotcError) as exc:  # AotcError: e.g. a corrupt artifact, already warned
         return str(exc)
 
 
@@ -117,8 +118,24 @@ def _available(backend: str) -> bool:
 
 def _cuda_runner(problem: AttentionProblem) -> Runner:
     from aotc.families.sdpa_vector import cuda
+    from aotc.runtime.cuda import launcher
 
-    return with_mlx_gradient(cuda.make_runner(problem))
+    library = _library_for("cuda", problem)
+    runner = cuda.make_runner(problem, launch_fn=launcher(library), available=library.kernel_names)
+    return with_mlx_gradient(runner)
+
+
+def _library_for(target: str, problem: AttentionProblem):
+    """The first usable library (search order) with this instantiation's one-pass kernel."""
+    from aotc.families.base import KERNEL_TYPE_NAMES
+    from aotc.families.sdpa_vector import one_pass_name
+    from aotc.runtime.libraries import find
+
+    name = one_pass_name(KERNEL_TYPE_NAMES[problem.dtype], problem.qk_dim, problem.v_dim)
+    library = find(target, [name])
+    if library is None:
+        raise Unsupported(f"no usable {target} library has {name}")
+    return library
 
 
 def _metal_runner(problem: AttentionProblem) -> Runner:
