@@ -1,0 +1,356 @@
+"""The CUDA launch plan of `sdpa_vector`: which kernels, grids and packed Params for a problem.
+
+Mirrors `kernels/cuda/sdpa_vector.cuh` (`Cfg`, `shared_bytes`, `Params`, `CombineParams`); the
+kernel traps when the plan and the header disagree on the shared-memory size or block shape.
+
+A block of the attention kernels handles one (batch, KV head, key split, row group); its rows are
+the GQA group's query heads times the query tokens, so K and V are read once per KV head. Short
+KV (or enough blocks already) runs one pass; otherwise the keys are split so that one wave of
+resident blocks fills the GPU, and a combine kernel merges the splits.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aotc.families.base import KERNEL_TYPE_NAMES
+from aotc.families.sdpa_vector import combine_name, one_pass_name, split_pass_name
+from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
+
+# Strided inputs of the attention kernels, in Params order; absent mask -> q's strides.
+ATTENTION_STRIDED = ("q", "k", "v", "mask")
+STRIDE_BYTES = 4 * 8  # four int64 strides per strided input
+# Params after the strides: scale, then 11 ints; CombineParams: 6 ints.
+PARAMS_FORMAT = "@f11i"
+COMBINE_FORMAT = "@6i"
+PARAMS_SIZE = len(ATTENTION_STRIDED) * STRIDE_BYTES + struct.calcsize(PARAMS_FORMAT)
+COMBINE_SIZE = struct.calcsize(COMBINE_FORMAT)
+MASK_KINDS = {"none": 0, "causal": 1, "bool": 2, "additive": 3}
+DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+MAX_QUERY_TOKENS = 8
+COMBINE_THREADS = 128
+DEFAULT_SM_COUNT = 132
+# Per-block dynamic shared memory opt-in limit and per-SM shared memory (H100/H200: 227 KB and
+# 228 KB; A100: 163 KB and 164 KB).
+SHARED_LIMITS = {"sm_80": (166912, 167936), "sm_90": (232448, 233472)}
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    inputs: tuple[str, ...]
+    outputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_memory: int
+    params: bytes
+    strided_inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """`Cfg<T, D, V>` of the header."""
+
+    warps: int
+    key_tile: int
+    stages: int
+    pad: int
+    k_splits: int
+    max_m_tiles: int
+    dtype_size: int
+    d: int
+    v: int
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    def shared_bytes(self, m_tiles: int) -> int:
+        ts, tk, rows = self.dtype_size, self.key_tile, 16 * m_tiles
+        dp, vp, pp, sp = self.d + self.pad, self.v + self.pad, tk + self.pad, tk + 4
+        return ts * (self.stages * tk * (dp + vp) + rows * dp + rows * pp) + 4 * (
+            self.k_splits * rows * sp + 3 * rows
+        )
+
+
+def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
+    ts = DTYPE_SIZES[dtype]
+    warps = 8 if d > 256 or v > 256 else 4
+    tk = 64 if (d + v) * ts * 64 <= 24 * 1024 else 32 if (d + v) * ts * 32 <= 24 * 1024 else 16
+    pad = 16 // ts
+    stage_bytes = tk * (d + v + 2 * pad) * ts
+    stages = 3 if 3 * stage_bytes <= 72 * 1024 else 2
+    n_tiles = tk // 8
+    return KernelConfig(
+        warps=warps,
+        key_tile=tk,
+        stages=stages,
+        pad=pad,
+        k_splits=warps // n_tiles if warps > n_tiles else 1,
+        max_m_tiles=2 if v > 256 else 4,
+        dtype_size=ts,
+        d=d,
+        v=v,
+    )
+
+
+def pack_params(
+    *,
+    scale: float,
+    problem: AttentionProblem,
+    num_splits: int,
+    keys_per_split: int,
+    m_tiles: int,
+    row_groups: int,
+) -> bytes:
+    p = problem
+    return struct.pack(
+        PARAMS_FORMAT,
+        scale,
+        p.batch,
+        p.q_heads,
+        p.kv_heads,
+        p.q_len,
+        p.kv_len,
+        MASK_KINDS[p.mask],
+        int(p.has_sinks),
+        num_splits,
+        keys_per_split,
+        m_tiles,
+        row_groups,
+    )
+
+
+def pack_combine_params(problem: AttentionProblem, num_splits: int) -> bytes:
+    p = problem
+    rows = p.batch * p.q_heads * p.q_len
+    return struct.pack(COMBINE_FORMAT, rows, num_splits, p.q_heads, p.q_len, int(p.has_sinks), 0)
+
+
+def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
+    want = 1 if rows <= 16 else 2 if rows <= 32 else 4
+    m_tiles = min(want, cfg.max_m_tiles)
+    while m_tiles > 1 and cfg.shared_bytes(m_tiles) > max_shared:
+        m_tiles //= 2
+    if cfg.shared_bytes(m_tiles) > max_shared:
+        raise Unsupported(
+            f"D={cfg.d}, V={cfg.v} needs {cfg.shared_bytes(m_tiles)} bytes of shared memory, "
+            f"over this GPU's {max_shared}"
+        )
+    return m_tiles
+
+
+def _split_count(base_blocks: int, wave: int, tiles: int) -> int:
+    """Fewest key splits (of whole key tiles) whose blocks fill the waves of resident blocks
+    best (>= 90% of the best fill, up to 4 waves); 1 when the base grid fills the GPU well."""
+    cap = max(1, min(tiles, -(-4 * wave // base_blocks)))
+    counts = sorted({-(-tiles // -(-tiles // s)) for s in range(1, cap + 1)})
+
+    def fill(s: int) -> float:
+        blocks = base_blocks * s
+        return blocks / (-(-blocks // wave) * wave)
+
+    best = max(fill(s) for s in counts)
+    return next(s for s in counts if fill(s) >= 0.9 * best)
+
+
+def plan_cuda(
+    problem: AttentionProblem,
+    *,
+    available: set[str] | frozenset[str],
+    sm_count: int = DEFAULT_SM_COUNT,
+    scale: float | None = None,
+    arch: str = "sm_90",
+    num_splits: int | None = None,
+) -> list[Launch]:
+    """The launches computing `problem`; raises Unsupported (with the reason) otherwise.
+
+    `num_splits` forces the key split count (tests); by default it comes from `sm_count`.
+    """
+    p = problem
+    if p.q_len < 1 or p.q_len > MAX_QUERY_TOKENS:
+        raise Unsupported(f"{p.q_len} query tokens: sdpa_vector serves 1 to {MAX_QUERY_TOKENS}")
+    if p.kv_len < 1:
+        raise Unsupported("no keys")
+    if p.dtype not in DTYPE_SIZES:
+        raise Unsupported(f"dtype {p.dtype} has no CUDA kernel")
+    type_name = KERNEL_TYPE_NAMES[p.dtype]
+    one = one_pass_name(type_name, p.qk_dim, p.v_dim)
+    first = split_pass_name(type_name, p.qk_dim, p.v_dim)
+    combine = combine_name(type_name, p.v_dim)
+    if one not in available:
+        raise Unsupported(f"no loaded library has {one}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(p.qk_dim)
+    max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
+
+    cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
+    rows = p.gqa_factor * p.q_len
+    m_tiles = _m_tiles(rows, cfg, max_shared)
+    row_groups = -(-rows // (16 * m_tiles))
+    smem = cfg.shared_bytes(m_tiles)
+    base_blocks = p.batch * p.kv_heads * row_groups
+    tiles = -(-p.kv_len // cfg.key_tile)
+
+    if num_splits is None:
+        # Threads are capped at 2048 per SM and registers (~170 per thread) at 65536.
+        per_sm = max(
+            1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
+        )
+        num_splits = _split_count(base_blocks, sm_count * per_sm, tiles)
+    num_splits = max(1, min(num_splits, tiles))
+    tiles_per_split = -(-tiles // num_splits)
+    keys_per_split = tiles_per_split * cfg.key_tile
+    num_splits = -(-p.kv_len // keys_per_split)
+    if num_splits > 1 and (first not in available or combine not in available):
+        num_splits, keys_per_split = 1, tiles * cfg.key_tile
+
+    inputs = (
+        "q",
+        "k",
+        "v",
+        "mask" if p.mask in ("bool", "additive") else "q",
+        "sinks" if p.has_sinks else "q",
+    )
+    strided = (*inputs[:3], inputs[3])
+    params = pack_params(
+        scale=scale,
+        problem=p,
+        num_splits=num_splits,
+        keys_per_split=keys_per_split,
+        m_tiles=m_tiles,
+        row_groups=row_groups,
+    )
+    grid = (base_blocks * num_splits, 1, 1)
+    block = (cfg.threads, 1, 1)
+    out_shape = p.output_shape
+    if num_splits == 1:
+        return [
+            Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
+        ]
+    stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
+    part_shape = (*stat_shape, p.v_dim)
+    return [
+        Launch(
+            first,
+            inputs,
+            (
+                ("partials", part_shape, "float32"),
+                ("maxs", stat_shape, "float32"),
+                ("sums", stat_shape, "float32"),
+            ),
+            grid,
+            block,
+            smem,
+            params,
+            strided,
+        ),
+        Launch(
+            combine,
+            ("partials", "maxs", "sums", "sinks" if p.has_sinks else "maxs"),
+            (("out", out_shape, p.dtype),),
+            (p.batch * p.q_heads * p.q_len, 1, 1),
+            (COMBINE_THREADS, 1, 1),
+            4 * (-(-num_splits // 4) * 4) + 16 * COMBINE_THREADS,
+            pack_combine_params(p, num_splits),
+            (),
+        ),
+    ]
+
+
+def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
+    """The same launches for another softmax scale (the first float after the strides)."""
+    out = []
+    for launch in launches:
+        if launch.strided_inputs:
+            launch = replace(launch, params=struct.pack("@f", scale) + launch.params[4:])
+        out.append(launch)
+    return out
+
+
+LaunchFn = Callable[..., Sequence[Any]]
+
+
+def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: LaunchFn) -> Any:
+    """Run the launches in order; `arrays` maps "q", "k", "v" (and "mask" broadcast to
+    (B, Hq, Lq, N), "sinks" in the input dtype, when present) to arrays. Returns "out".
+
+    `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid, block, shared_memory, params,
+    strided_input_indices) -> list of outputs`.
+    """
+    env = dict(arrays)
+    for launch in launches:
+        inputs = [env[name] for name in launch.inputs]
+        indices = [launch.inputs.index(name) for name in launch.strided_inputs]
+        results = launch_fn(
+            launch.kernel,
+            inputs,
+            [shape for _, shape, _ in launch.outputs],
+            [dtype for _, _, dtype in launch.outputs],
+            launch.grid,
+            launch.block,
+            launch.shared_memory,
+            launch.params,
+            indices,
+        )
+        for (name, _, _), result in zip(launch.outputs, results, strict=True):
+            env[name] = result
+    return env["out"]
+
+
+def device_facts() -> tuple[int, str]:
+    """(SM count, architecture) of MLX's GPU: MLX reports the architecture, not the SM count."""
+    import mlx.core as mx
+
+    arch = "sm_90"
+    try:
+        info = mx.device_info()
+        arch = str(info.get("architecture", arch))
+    except Exception:
+        pass
+    sm_count = {"sm_80": 108, "sm_86": 84, "sm_89": 128}.get(arch, DEFAULT_SM_COUNT)
+    return sm_count, arch
+
+
+def make_runner(
+    problem: AttentionProblem,
+    *,
+    launch_fn: LaunchFn | None = None,
+    available: set[str] | frozenset[str] | None = None,
+) -> Callable[..., Any]:
+    """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
+
+    `launch_fn` and `available` default to the loaded CUDA library of `aotc.runtime`
+    (`aotc.runtime.cuda_kernels()` -> (launch_fn, names)) when the caller gives none.
+    """
+    import mlx.core as mx
+
+    if launch_fn is None or available is None:
+        try:
+            from aotc.runtime import cuda_kernels  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise Unsupported(f"no CUDA aotc library is loaded ({exc})") from exc
+        found_fn, found_names = cuda_kernels()
+        launch_fn = launch_fn or found_fn
+        available = available if available is not None else set(found_names)
+    sm_count, arch = device_facts()
+    base = plan_cuda(problem, available=available, sm_count=sm_count, arch=arch, scale=1.0)
+    by_scale: dict[float, list[Launch]] = {}
+    scores_shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)
+
+    def run(q, k, v, scale, mask, sinks):
+        launches = by_scale.get(scale)
+        if launches is None:
+            launches = by_scale.setdefault(scale, with_scale(base, scale))
+        arrays = {"q": q, "k": k, "v": v}
+        if problem.mask in ("bool", "additive"):
+            arrays["mask"] = mx.broadcast_to(mask, scores_shape)
+        if problem.has_sinks:
+            arrays["sinks"] = sinks.astype(q.dtype)
+        return run_cuda(launches, arrays, launch_fn)
+
+    return run

@@ -1,0 +1,247 @@
+"""Decode-attention benchmark: aotc vs mx.fast SDPA vs torch SDPA, with the copy ceiling.
+
+    python3 -m bench.bench_sdpa [--via harness|mlx] [--dtype bfloat16] [--quick]
+
+`--via harness` (default) runs aotc's kernels through bench/cuda_harness.py (torch tensors,
+timed as CUDA-graph replays); `--via mlx` runs `aotc.sdpa_vector` on MLX arrays (timed per
+evaluated call and chained). mx.fast SDPA is timed whenever MLX with CUDA is importable.
+K+V TB/s counts the K and V bytes read once (V a view of K counts once); MLA rows report
+TFLOP/s (2 * B * Hq * Lq * N * (D + V)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+# (B, Hq, Hkv, N, D, V, V is a view of K)
+SHAPES = [
+    (1, 32, 4, 4096, 192, 128, False),
+    (8, 32, 8, 32768, 192, 128, False),
+    (8, 32, 8, 32768, 128, 128, False),
+    (8, 64, 8, 16384, 576, 512, False),
+    (1, 16, 16, 8192, 80, 80, False),
+    (32, 32, 8, 8192, 192, 128, False),
+    (1, 128, 1, 8192, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
+    (1, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 32768, 576, 512, True),
+]
+L2_BYTES = 50 * 2**20
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.fill_(1)
+    for _ in range(3):
+        b.copy_(a)
+    t = time_events(lambda: b.copy_(a), reps=20)
+    return 2 * a.numel() / t
+
+
+def time_events(fn, reps=50) -> float:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_graph(fns, calls=20, reps=15) -> float | None:
+    """Median seconds per call of `calls` calls (cycling over fns) captured in one CUDA graph."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fns[i % len(fns)]()
+        g.replay()
+        return time_events(g.replay, reps=reps) / calls
+    except Exception as exc:
+        print(f"  (graph timing failed: {type(exc).__name__}: {str(exc)[:120]})")
+        return None
+
+
+def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):
+    out = []
+    for _ in range(sets):
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype)
+        vv = k[..., :v] if view else torch.randn(b, hkv, n, v, device="cuda", dtype=dtype)
+        out.append((q, k, vv))
+    return out
+
+
+def kv_bytes(b, hkv, n, d, v, view, es):
+    return b * hkv * n * (d + (0 if view else v)) * es
+
+
+def bench_harness(lib, sets, scale):
+    from bench import cuda_harness as h
+
+    plans = [h.plan_for(lib, q, k, v, scale=scale) for q, k, v in sets]
+    fns = [
+        (lambda q=q, k=k, v=v, p=p: h.run(lib, q, k, v, scale=scale, launches=p))
+        for (q, k, v), p in zip(sets, plans, strict=True)
+    ]
+    fns[0]()
+    torch.cuda.synchronize()
+    return time_graph(fns), plans[0]
+
+
+def bench_torch(sets, scale):
+    import torch.nn.functional as F
+
+    def call(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    fns = [(lambda q=q, k=k, v=v: call(q, k, v)) for q, k, v in sets]
+    try:
+        fns[0]()
+        torch.cuda.synchronize()
+    except Exception as exc:
+        return None, f"failed ({type(exc).__name__})"
+    t = time_graph(fns)
+    return t, None
+
+
+def to_mx(t):
+    import mlx.core as mx
+    import numpy as np
+
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().cpu().numpy()).astype(mx.bfloat16)
+    return mx.array(t.cpu().numpy().astype(np.float16 if t.dtype == torch.float16 else np.float32))
+
+
+def bench_mlx(fn_name, sets, scale, view, v_dim, chained=8, reps=10):
+    """(seconds per evaluated call, seconds per call when `chained` are evaluated together)."""
+    import mlx.core as mx
+
+    if fn_name == "aotc":
+        import aotc
+
+        fn = aotc.sdpa_vector
+    else:
+        fn = mx.fast.scaled_dot_product_attention
+    msets = []
+    for q, k, _v in sets[:2]:
+        mk = to_mx(k)
+        mv = mk[..., :v_dim] if view else to_mx(_v)
+        msets.append((to_mx(q), mk, mv))
+    for q, k, v in msets:
+        mx.eval(fn(q, k, v, scale=scale))
+    per_eval, per_chain = [], []
+    for _ in range(reps):
+        q, k, v = msets[0]
+        t0 = time.perf_counter()
+        mx.eval(fn(q, k, v, scale=scale))
+        per_eval.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outs = [fn(*msets[i % len(msets)], scale=scale) for i in range(chained)]
+        mx.eval(*outs)
+        per_chain.append((time.perf_counter() - t0) / chained)
+    per_eval.sort()
+    per_chain.sort()
+    return per_eval[len(per_eval) // 2], per_chain[len(per_chain) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--via", choices=["harness", "mlx"], default="harness")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quick", action="store_true", help="first 3 shapes and MLA B=1 only")
+    ap.add_argument("--no-mlx", action="store_true", help="skip mx.fast SDPA")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch SDPA")
+    args = ap.parse_args()
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+        args.dtype
+    ]
+    es = torch.tensor([], dtype=dtype).element_size()
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    print(
+        f"GPU: {props.name}, {props.multi_processor_count} SMs; copy bandwidth {bw / 1e12:.2f} TB/s"
+    )
+    have_mlx = False
+    if not args.no_mlx or args.via == "mlx":
+        try:
+            import mlx.core as mx
+
+            have_mlx = bool(mx.cuda.is_available())
+        except Exception as exc:
+            print(f"MLX unavailable: {exc}")
+    lib = None
+    if args.via == "harness":
+        from bench import cuda_harness as h
+
+        folder = Path(".gpu/sdpa")
+        listing = folder / (folder / "current").read_text().strip()
+        lib = h.Library(listing)
+    shapes = SHAPES if not args.quick else SHAPES[:3] + SHAPES[6:7]
+    rows = []
+    for b, hq, hkv, n, d, v, view in shapes:
+        nbytes = kv_bytes(b, hkv, n, d, v, view, es)
+        sets = make_sets(
+            b, hq, hkv, n, d, v, view, dtype, max(1, min(8, math.ceil(4 * L2_BYTES / nbytes)))
+        )
+        scale = 1.0 / math.sqrt(d)
+        mla = hkv == 1 and hq >= 64
+        flops = 2 * b * hq * n * (d + v)
+        plan_desc = ""
+        if args.via == "harness":
+            t_a, plan = bench_harness(lib, sets, scale)
+            plan_desc = f"{len(plan)}L g{plan[0].grid[0]}"
+        else:
+            t_a = bench_mlx("aotc", sets, scale, view, v)[1]
+        t_m = bench_mlx("mlx", sets, scale, view, v)[1] if have_mlx and not args.no_mlx else None
+        t_t, t_err = bench_torch(sets, scale) if not args.no_torch else (None, "skipped")
+
+        def us(t):
+            return f"{t * 1e6:9.1f}" if t else "        -"
+
+        rate = (
+            f"{flops / t_a / 1e12:6.1f} TF/s"
+            if mla and t_a
+            else f"{nbytes / t_a / 1e12:5.2f} TB/s ({100 * nbytes / t_a / bw:3.0f}%)"
+            if t_a
+            else "-"
+        )
+        tor = us(t_t) if t_t else f"{t_err:>9}"
+        rows.append(
+            f"{b:3d} {hq:4d} {hkv:4d} {n:6d} {d:4d} {v:4d} {'y' if view else 'n'} | {us(t_a)} us "
+            f"{rate:>17} {plan_desc:>10} | {us(t_m)} | {tor}"
+        )
+        print(rows[-1], flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    print()
+    print(f"{props.name}, {args.dtype}, copy {bw / 1e12:.2f} TB/s (read+write), via {args.via}")
+    print(
+        "  B   Hq  Hkv      N    D    V view |  aotc us/call    K+V TB/s|TFLOP/s   plan"
+        " | mx.fast us | torch us"
+    )
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Build the harness fatbins (no torch needed): python3 -m bench.build_harness DIR [JOBS].
+
+One fatbin per (dtype, pair), cached by the header's hash; `DIR/current` names the list file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aotc.families.base import KERNEL_TYPE_NAMES
+from aotc.families.sdpa_vector import CUDA_VALUE_TYPES, combine_name, one_pass_name, split_pass_name
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "kernels" / "cuda"
+ALL_DTYPES = ("float16", "bfloat16", "float32")
+PAIRS = [(576, 512), (192, 128), (256, 128), (96, 64), (320, 256), (128, 128), (80, 80)]
+
+
+def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> str:
+    lines = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", '#include "sdpa_vector.cuh"']
+    pairs = sorted(set(pairs))
+    for dtype in dtypes:
+        tn, t = KERNEL_TYPE_NAMES[dtype], CUDA_VALUE_TYPES[dtype]
+        for d, v in pairs:
+            lines.append(f"AOTC_SDPA_VECTOR({tn}, {t}, {d}, {v})")
+        for v in sorted({v for _, v in pairs}):
+            lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({tn}, {t}, {v})")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set[str]:
+    names = set()
+    for dtype in dtypes:
+        tn = KERNEL_TYPE_NAMES[dtype]
+        for d, v in pairs:
+            names |= {one_pass_name(tn, d, v), split_pass_name(tn, d, v), combine_name(tn, v)}
+    return names
+
+
+def build_fatbin(
+    pairs: Iterable[tuple[int, int]],
+    dtypes: Sequence[str] = ALL_DTYPES,
+    *,
+    archs: Sequence[str] = ("sm_90a",),
+    out_dir: Path | None = None,
+    jobs: int = 8,
+) -> Path:
+    """Compile (cached by source hash) one cubin per dtype in parallel and link a fatbin."""
+    out_dir = Path(out_dir or os.environ.get("AOTC_HARNESS_DIR", tempfile.gettempdir()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = (KERNELS / "sdpa_vector.cuh").read_bytes()
+    gencode = []
+    for arch in archs:
+        num = arch.removeprefix("sm_")
+        gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    key = hashlib.sha256(
+        header + repr((sorted(set(pairs)), list(dtypes), list(archs))).encode()
+    ).hexdigest()[:16]
+    fatbin = out_dir / f"sdpa_{key}.fatbin"
+    if fatbin.exists():
+        return fatbin
+    jobs_list = []
+    for dtype in dtypes:
+        for pair in sorted(set(pairs)):
+            src = out_dir / f"sdpa_{key}_{dtype}_{pair[0]}_{pair[1]}.cu"
+            src.write_text(translation_unit([pair], [dtype]))
+            obj = src.with_suffix(".fatbin")
+            cmd = ["nvcc", "-O3", "-std=c++17", f"-I{KERNELS}", *gencode, "-fatbin", "-o", obj, src]
+            jobs_list.append((cmd, obj))
+
+    def compile_one(job):
+        cmd, obj = job
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nvcc failed: {' '.join(map(str, cmd))}\n{res.stderr}")
+        return obj
+
+    with ThreadPoolExecutor(jobs) as pool:
+        objs = list(pool.map(compile_one, jobs_list))
+    # One module per dtype/pair, listed by file name (relative to the list's folder).
+    fatbin.write_text("\n".join(o.name for o in objs))
+    return fatbin
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".gpu/sdpa")
+    start = time.time()
+    path = build_fatbin(PAIRS, out_dir=out, jobs=int(sys.argv[2]) if len(sys.argv) > 2 else 8)
+    (out / "current").write_text(path.name)
+    print(f"built {path} in {time.time() - start:.0f} s")

@@ -1,0 +1,231 @@
+"""Run aotc's CUDA sdpa_vector kernels on torch tensors, without MLX.
+
+Builds a fatbin from `kernels/cuda/sdpa_vector.cuh` with nvcc, loads it through the CUDA driver
+API (ctypes on libcuda.so.1) in torch's context, and executes the launches of `plan_cuda`
+through `run_cuda` with a torch `launch_fn`, packing the Params exactly as the MLX primitive
+does (the strides of the strided inputs, then the plan's bytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from aotc.families.sdpa_vector.cuda import Launch, plan_cuda, run_cuda
+from aotc.families.sdpa_vector.problem import AttentionProblem, MaskKind
+from bench.build_harness import build_fatbin, kernel_names  # noqa: F401 (re-exported)
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "kernels" / "cuda"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+class Library:
+    """Fatbins loaded into the current (torch) CUDA context."""
+
+    def __init__(self, fatbin_list: Path):
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # make torch's primary context current
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.functions: dict[str, ctypes.c_void_p] = {}
+        self.modules = []
+        fatbin_list = Path(fatbin_list)
+        for line in fatbin_list.read_text().split():
+            data = (fatbin_list.parent / line).read_bytes()
+            module = ctypes.c_void_p()
+            self._check(self.cuda.cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
+            self.modules.append((module, data))
+        self._smem_set: dict[str, int] = {}
+        self.poison = False  # fill outputs with NaN before each launch (tests)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self.cuda.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"{what} failed: {rc} {name.value}")
+
+    def function(self, name: str) -> ctypes.c_void_p:
+        fn = self.functions.get(name)
+        if fn is None:
+            for module, _ in self.modules:
+                fn = ctypes.c_void_p()
+                if self.cuda.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()) == 0:
+                    break
+                fn = None
+            if fn is None:
+                raise KeyError(name)
+            self.functions[name] = fn
+        return fn
+
+    def names(self) -> set[str]:
+        found = set()
+        for module, _ in self.modules:
+            count = ctypes.c_uint()
+            if self.cuda.cuModuleGetFunctionCount(ctypes.byref(count), module) != 0:
+                continue
+            arr = (ctypes.c_void_p * count.value)()
+            self.cuda.cuModuleEnumerateFunctions(arr, count, module)
+            for f in arr:
+                nm = ctypes.c_char_p()
+                self.cuda.cuFuncGetName(ctypes.byref(nm), ctypes.c_void_p(f))
+                found.add(nm.value.decode())
+        return found
+
+    def launch_fn(
+        self,
+        kernel,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        block,
+        shared_memory,
+        params,
+        strided_input_indices,
+    ):
+        fn = self.function(kernel)
+        if self._smem_set.get(kernel, 0) < shared_memory:
+            self._check(
+                self.cuda.cuFuncSetAttribute(
+                    fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared_memory)
+                ),
+                "cuFuncSetAttribute",
+            )
+            self._smem_set[kernel] = shared_memory
+        outputs = [
+            torch.empty(shape, dtype=DTYPES[dt], device="cuda")
+            for shape, dt in zip(output_shapes, output_dtypes, strict=True)
+        ]
+        if self.poison:
+            for out in outputs:
+                out.fill_(float("nan"))
+        strides = b"".join(struct.pack("@4q", *inputs[i].stride()) for i in strided_input_indices)
+        blob = strides + params
+        buf = ctypes.create_string_buffer(blob, len(blob))
+        ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (*inputs, *outputs)]
+        args = (ctypes.c_void_p * (len(ptrs) + 1))()
+        for i, ptr in enumerate(ptrs):
+            args[i] = ctypes.cast(ctypes.pointer(ptr), ctypes.c_void_p)
+        args[len(ptrs)] = ctypes.cast(buf, ctypes.c_void_p)
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._check(
+            self.cuda.cuLaunchKernel(
+                fn,
+                *map(ctypes.c_uint, grid),
+                *map(ctypes.c_uint, block),
+                ctypes.c_uint(shared_memory),
+                stream,
+                args,
+                None,
+            ),
+            f"cuLaunchKernel {kernel}",
+        )
+        return outputs
+
+
+def problem_of(q, k, v, mask=None, sinks=None) -> AttentionProblem:
+    b, hq, lq, d = q.shape
+    _, hkv, n, _ = k.shape
+    kind: MaskKind
+    if mask is None:
+        kind = "none"
+    elif isinstance(mask, str):
+        kind = "causal"
+    else:
+        kind = "bool" if mask.dtype == torch.bool else "additive"
+    return AttentionProblem(
+        batch=b,
+        q_heads=hq,
+        kv_heads=hkv,
+        q_len=lq,
+        kv_len=n,
+        qk_dim=d,
+        v_dim=v.shape[-1],
+        dtype=DTYPE_NAMES[q.dtype],
+        mask=kind,
+        mask_shape=None if mask is None or isinstance(mask, str) else tuple(mask.shape),
+        has_sinks=sinks is not None,
+    )
+
+
+def plan_for(
+    lib: Library, q, k, v, mask=None, sinks=None, *, scale, num_splits=None, sm_count=None
+):
+    problem = problem_of(q, k, v, mask, sinks)
+    if sm_count is None:
+        sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    names = lib.names() or set(lib.functions)
+    return plan_cuda(
+        problem, available=names, sm_count=sm_count, scale=scale, num_splits=num_splits
+    )
+
+
+def run(
+    lib: Library,
+    q,
+    k,
+    v,
+    mask=None,
+    sinks=None,
+    *,
+    scale,
+    launches: list[Launch] | None = None,
+    num_splits=None,
+):
+    if launches is None:
+        launches = plan_for(lib, q, k, v, mask, sinks, scale=scale, num_splits=num_splits)
+    arrays = {"q": q, "k": k, "v": v}
+    if mask is not None and not isinstance(mask, str):
+        b, hq, lq, _ = q.shape
+        arrays["mask"] = torch.broadcast_to(mask, (b, hq, lq, k.shape[2]))
+    if sinks is not None:
+        arrays["sinks"] = sinks.to(q.dtype)
+    return run_cuda(launches, arrays, lib.launch_fn)
+
+
+def reference(q, k, v, mask=None, sinks=None, *, scale):
+    """MLX's fallback semantics in float64 on the GPU."""
+    dt = torch.float64
+    b, hq, lq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qf = q.to(dt).reshape(b, hkv, g, lq, d)
+    kf, vf = k.to(dt)[:, :, None], v.to(dt)[:, :, None]
+    scores = (qf * scale) @ kf.transpose(-1, -2)  # b, hkv, g, lq, n
+    minval = torch.finfo(q.dtype).min
+    if isinstance(mask, str):
+        qi = torch.arange(n - lq, n, device=q.device)[:, None]
+        kj = torch.arange(n, device=q.device)[None]
+        keep = qi >= kj
+        scores = torch.where(keep, scores, torch.tensor(minval, dtype=dt, device=q.device))
+    elif mask is not None:
+        m = torch.broadcast_to(mask, (b, hq, lq, n)).reshape(b, hkv, g, lq, n)
+        if m.dtype == torch.bool:
+            scores = torch.where(m, scores, torch.tensor(minval, dtype=dt, device=q.device))
+        else:
+            scores = scores + m.to(dt)
+    if sinks is not None:
+        s = sinks.to(q.dtype).to(dt).reshape(1, hkv, g, 1, 1).expand(b, hkv, g, lq, 1)
+        scores = torch.cat([s, scores], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., 1:]
+    out = probs @ vf
+    return out.reshape(b, hq, lq, v.shape[-1])
+
+
+def rel_err(out, ref) -> float:
+    out = out.to(torch.float64)
+    return float(
+        torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)
+    )
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

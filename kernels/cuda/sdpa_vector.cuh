@@ -1,0 +1,685 @@
+// aotc: decode attention (1..8 query tokens) for CUDA, templated on (T, D, V).
+//
+// One block handles one (batch, KV head, key split, query-row group). Its query rows are the
+// G = Hq / Hkv heads sharing the KV head times the Lq query tokens (row r = g * Lq + i), so K and
+// V are read once per KV head for the whole GQA group. Key tiles are staged in shared memory with
+// 16-byte cp.async (double buffered); S = Q K^T and O += P V run on tensor cores
+// (mma.sync m16n8k16, fp32 accumulation) for fp16/bf16 and on CUDA cores (same fragment layout)
+// for fp32. Softmax is online, in the log2 domain, in fp32.
+//
+// Entry points (kernel contract, see docs/ARCHITECTURE.md):
+//   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
+//   sdpa_vector_2pass_1_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
+//   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
+// Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
+// The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <float.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace aotc_sdpa {
+
+struct Params {
+  long long q_strides[4];     // filled by the launch primitive (elements)
+  long long k_strides[4];
+  long long v_strides[4];
+  long long mask_strides[4];  // of the mask broadcast to (B, Hq, Lq, N); q's when no mask
+  float scale;
+  int batch;
+  int q_heads;
+  int kv_heads;
+  int q_len;
+  int kv_len;
+  int mask_kind;       // 0 none, 1 causal, 2 bool, 3 additive (mask in T)
+  int has_sinks;       // sinks: (Hq,) in T
+  int num_splits;      // key splits (1 for the one-pass kernel)
+  int keys_per_split;  // multiple of Cfg::TK
+  int m_tiles;         // 16-row tiles per block: 1, 2 or 4 (<= Cfg::MT_MAX)
+  int row_groups;      // blocks along the query rows of one KV head
+};
+
+struct CombineParams {
+  int rows;  // B * Hq * Lq
+  int num_splits;
+  int q_heads;
+  int q_len;
+  int has_sinks;
+  int reserved;
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kMasked = -FLT_MAX;  // finfo.min semantics: a fully masked row is uniform
+
+template <typename T>
+struct Tr;
+template <>
+struct Tr<float> {
+  static constexpr bool kMma = false;
+  __device__ static float f(float x) { return x; }
+  __device__ static float t(float x) { return x; }
+};
+template <>
+struct Tr<__half> {
+  static constexpr bool kMma = true;
+  __device__ static float f(__half x) { return __half2float(x); }
+  __device__ static __half t(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Tr<__nv_bfloat16> {
+  static constexpr bool kMma = true;
+  __device__ static float f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 t(float x) { return __float2bfloat16_rn(x); }
+};
+
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// Tile configuration; mirrored by kernel_config() in cuda.py.
+template <typename T, int D, int V>
+struct Cfg {
+  static constexpr int TS = sizeof(T);
+  static constexpr int NW = (D > 256 || V > 256) ? 8 : 4;  // warps per block
+  static constexpr int NT = NW * 32;
+  // Keys per tile: about 24 KB of K and V per stage; three stages when they fit 72 KB (three
+  // blocks of 4 warps per SM, the register limit, keep six tiles in flight), else two.
+  static constexpr int TK = (D + V) * TS * 64 <= 24 * 1024 ? 64
+                            : (D + V) * TS * 32 <= 24 * 1024 ? 32
+                                                             : 16;
+  static constexpr int PAD = 16 / TS;  // one 16-byte vector per row: conflict-free ldmatrix
+  static constexpr int DP = D + PAD;
+  static constexpr int VP = V + PAD;
+  static constexpr int STAGE_BYTES = TK * (DP + VP) * TS;
+  static constexpr int STAGES = 3 * STAGE_BYTES <= 72 * 1024 ? 3 : 2;
+  static constexpr int SP = TK + 4;  // fp32 score row pitch
+  static constexpr int PP = TK + PAD;
+  static constexpr int NT1 = TK / 8;  // key n-tiles in S
+  static constexpr int KS = NW > NT1 ? NW / NT1 : 1;  // D split across warps in S
+  static constexpr int NPW1 = NT1 > NW ? NT1 / NW : 1;
+  static constexpr int KSTEPS = D / 16;
+  static constexpr int KCHUNK = cdiv(KSTEPS, KS);
+  static constexpr int NT3 = V / 8;  // value n-tiles in O
+  static constexpr int NPW3 = cdiv(NT3, NW);
+  static constexpr int MT_MAX = V > 256 ? 2 : 4;
+  static_assert(D % 16 == 0 && V % 16 == 0, "head dims must be multiples of 16");
+};
+
+template <typename T, int D, int V>
+__host__ __device__ constexpr int shared_bytes(int mt) {
+  using C = Cfg<T, D, V>;
+  return C::TS * (C::STAGES * C::TK * (C::DP + C::VP) + 16 * mt * C::DP + 16 * mt * C::PP) +
+         4 * (C::KS * 16 * mt * C::SP + 3 * 16 * mt);
+}
+
+// ---------------------------------------------------------------- PTX helpers
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p)));
+}
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Rows [0, TK) of a (keys x DIM) tile from global memory into shared memory (pitch DIM + PAD).
+// Keys at or past key_end are zero-filled (so that P = 0 times them stays 0).
+template <typename T, int DIM, int NT>
+__device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
+                                          bool vec, int k0, int rows, int key_end, int tid) {
+  constexpr int E = 16 / sizeof(T);
+  constexpr int CH = DIM / E;
+  if (vec) {
+    for (int c = tid; c < rows * CH; c += NT) {
+      int j = c / CH, cc = c - j * CH;
+      int key = k0 + j;
+      bool ok = key < key_end;
+      const T* src = base + (long long)(ok ? key : k0) * st[2] + cc * E;
+      cp_async16(dst + j * pitch + cc * E, src, ok ? 16 : 0);
+    }
+  } else {
+    for (int e = tid; e < rows * DIM; e += NT) {
+      int j = e / DIM, d = e - j * DIM;
+      int key = k0 + j;
+      T val = Tr<T>::t(0.f);
+      if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
+      dst[j * pitch + d] = val;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const T* base, const long long* st) {
+  constexpr int E = 16 / sizeof(T);
+  return st[3] == 1 && (reinterpret_cast<uintptr_t>(base) & 15) == 0 && (st[0] % E) == 0 &&
+         (st[1] % E) == 0 && (st[2] % E) == 0;
+}
+
+template <typename T, int D, int V, int MT, bool SPLIT>
+__device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __restrict__ k,
+                                           const T* __restrict__ v, const void* __restrict__ mask,
+                                           const T* __restrict__ sinks, T* __restrict__ out,
+                                           float* __restrict__ partials, float* __restrict__ maxs,
+                                           float* __restrict__ sums, const Params& p, char* smem) {
+  using C = Cfg<T, D, V>;
+  constexpr int MB = 16 * MT;
+  constexpr int NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP, SP = C::SP, PP = C::PP;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g8 = lane >> 2, t4 = lane & 3;
+
+  int bid = blockIdx.x;
+  const int rg = bid % p.row_groups;
+  bid /= p.row_groups;
+  const int split = bid % p.num_splits;
+  bid /= p.num_splits;
+  const int kvh = bid % p.kv_heads;
+  const int b = bid / p.kv_heads;
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
+  const int R = G * Lq;
+  const int row0 = rg * MB;
+  const int key_begin = split * p.keys_per_split;
+  const int key_end = min(N, key_begin + p.keys_per_split);
+  const int ntiles = cdiv(key_end - key_begin, TK);
+  const float scale2 = p.scale * kLog2e;
+
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + C::STAGES * TK * DP;
+  T* sQ = sV + C::STAGES * TK * VP;
+  T* sP = sQ + MB * DP;
+  float* sS = reinterpret_cast<float*>(sP + MB * PP);
+  float* sM = sS + C::KS * MB * SP;
+  float* sL = sM + MB;
+  float* sA = sL + MB;
+
+  const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
+  const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
+  const bool kvec = vec_ok(kbase, p.k_strides);
+  const bool vvec = vec_ok(vbase, p.v_strides);
+
+  auto load_tile = [&](int stage, int k0) {
+    load_rows<T, D, NT>(sK + stage * TK * DP, DP, kbase, p.k_strides, kvec, k0, TK, key_end, tid);
+    load_rows<T, V, NT>(sV + stage * TK * VP, VP, vbase, p.v_strides, vvec, k0, TK, key_end, tid);
+  };
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < ntiles) load_tile(s, key_begin + s * TK);
+    cp_async_commit();
+  }
+
+  // Query rows (row r of the block = global row row0 + r = g * Lq + i), zero past R.
+  for (int e = tid; e < MB * D; e += NT) {
+    int r = e / D, d = e - r * D;
+    int rr = row0 + r;
+    T val = Tr<T>::t(0.f);
+    if (rr < R) {
+      int g = rr / Lq, i = rr - g * Lq;
+      val = q[(long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+              (long long)i * p.q_strides[2] + (long long)d * p.q_strides[3]];
+    }
+    sQ[r * DP + d] = val;
+  }
+  for (int r = tid; r < MB; r += NT) {
+    sM[r] = -INFINITY;
+    sL[r] = 0.f;
+    sA[r] = 1.f;
+  }
+  // Padding rows (past R) keep P = 0 and alpha = 1 for the whole block.
+  for (int e = tid; e < MB * TK; e += NT) {
+    int r = e / TK;
+    if (row0 + r >= R) sP[r * PP + (e - r * TK)] = Tr<T>::t(0.f);
+  }
+  const int rows_here = min(MB, R - row0);
+
+  float acc[MT][C::NPW3][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < C::NPW3; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[m][n][c] = 0.f;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int stage = t % C::STAGES;
+    const int k0 = key_begin + t * TK;
+    cp_async_wait<C::STAGES - 2>();
+    __syncthreads();
+    // The stage of tile t - 1 is free: every thread passed phase 3 of t - 1.
+    if (t + C::STAGES - 1 < ntiles)
+      load_tile((t + C::STAGES - 1) % C::STAGES, k0 + (C::STAGES - 1) * TK);
+    cp_async_commit();
+
+    // ---- phase 1: S[ks] = Q[:, kchunk] K[:, kchunk]^T
+    {
+      const T* tK = sK + stage * TK * DP;
+      const int nt_first = C::NW >= C::NT1 ? warp % C::NT1 : warp * C::NPW1;
+      const int ks = C::NW >= C::NT1 ? warp / C::NT1 : 0;
+      const bool active = ks < C::KS;
+      const int kb = ks * C::KCHUNK;
+      const int ke = min(C::KSTEPS, kb + C::KCHUNK);
+      float s[MT][C::NPW1][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < C::NPW1; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) s[m][n][c] = 0.f;
+      if (active) {
+        if constexpr (Tr<T>::kMma) {
+          for (int kk = kb; kk < ke; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+              ldsm_x4(a[m], sQ + (m * 16 + (lane & 15)) * DP + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int n = 0; n < C::NPW1; ++n) {
+              uint32_t bf[2];
+              ldsm_x2(bf, tK + ((nt_first + n) * 8 + (lane & 7)) * DP + kk * 16 +
+                              ((lane >> 3) & 1) * 8);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) mma16816<T>(s[m][n], a[m], bf);
+            }
+          }
+        } else {
+          for (int d = kb * 16; d < ke * 16; d += 4) {
+#pragma unroll
+            for (int n = 0; n < C::NPW1; ++n) {
+              const int key = (nt_first + n) * 8 + 2 * t4;
+              float4 k0v = *reinterpret_cast<const float4*>(tK + key * DP + d);
+              float4 k1v = *reinterpret_cast<const float4*>(tK + (key + 1) * DP + d);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                float4 q0 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8) * DP + d);
+                float4 q1 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8 + 8) * DP + d);
+                s[m][n][0] += q0.x * k0v.x + q0.y * k0v.y + q0.z * k0v.z + q0.w * k0v.w;
+                s[m][n][1] += q0.x * k1v.x + q0.y * k1v.y + q0.z * k1v.z + q0.w * k1v.w;
+                s[m][n][2] += q1.x * k0v.x + q1.y * k0v.y + q1.z * k0v.z + q1.w * k0v.w;
+                s[m][n][3] += q1.x * k1v.x + q1.y * k1v.y + q1.z * k1v.z + q1.w * k1v.w;
+              }
+            }
+          }
+        }
+        float* dS = sS + ks * MB * SP;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int n = 0; n < C::NPW1; ++n) {
+            const int col = (nt_first + n) * 8 + 2 * t4;
+            *reinterpret_cast<float2*>(dS + (m * 16 + g8) * SP + col) =
+                make_float2(s[m][n][0], s[m][n][1]);
+            *reinterpret_cast<float2*>(dS + (m * 16 + g8 + 8) * SP + col) =
+                make_float2(s[m][n][2], s[m][n][3]);
+          }
+      }
+    }
+    __syncthreads();
+
+    // ---- phase 2: online softmax of the tile, one warp per row
+    for (int r = warp; r < rows_here; r += C::NW) {
+      const int rr = row0 + r;
+      const int g = rr / Lq, i = rr - g * Lq;
+      const int head = kvh * G + g;
+      const long long mrow = (long long)b * p.mask_strides[0] +
+                             (long long)head * p.mask_strides[1] +
+                             (long long)i * p.mask_strides[2];
+      const int causal_last = N - Lq + i;
+      constexpr int JJ = cdiv(TK, 32);
+      float sv[JJ];
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int jj = 0; jj < JJ; ++jj) {
+        const int j = lane + 32 * jj;
+        float x = -INFINITY;
+        if (j < TK) {
+          const int key = k0 + j;
+          if (key < key_end) {
+            float dot = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < C::KS; ++ks) dot += sS[ks * MB * SP + r * SP + j];
+            x = dot * scale2;
+            if (p.mask_kind == 1) {
+              if (key > causal_last) x = kMasked;
+            } else if (p.mask_kind == 2) {
+              if (!reinterpret_cast<const bool*>(mask)[mrow + key * p.mask_strides[3]])
+                x = kMasked;
+            } else if (p.mask_kind == 3) {
+              x += Tr<T>::f(reinterpret_cast<const T*>(mask)[mrow + key * p.mask_strides[3]]) *
+                   kLog2e;
+            }
+          }
+        }
+        sv[jj] = x;
+        tmax = fmaxf(tmax, x);
+      }
+      tmax = warp_max(tmax);
+      const float m_old = sM[r];
+      const float m_new = fmaxf(m_old, tmax);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      float lsum = 0.f;
+#pragma unroll
+      for (int jj = 0; jj < JJ; ++jj) {
+        const int j = lane + 32 * jj;
+        if (j < TK) {
+          float pj = exp2f(sv[jj] - m_use);
+          lsum += pj;
+          sP[r * PP + j] = Tr<T>::t(pj);
+        }
+      }
+      lsum = warp_sum(lsum);
+      __syncwarp();
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_use);
+        sA[r] = alpha;
+        sM[r] = m_new;
+        sL[r] = sL[r] * alpha + lsum;
+      }
+    }
+    __syncthreads();
+
+    // ---- phase 3: O = alpha * O + P V
+    {
+      const T* tV = sV + stage * TK * VP;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float a_lo = sA[m * 16 + g8], a_hi = sA[m * 16 + g8 + 8];
+#pragma unroll
+        for (int n = 0; n < C::NPW3; ++n) {
+          acc[m][n][0] *= a_lo;
+          acc[m][n][1] *= a_lo;
+          acc[m][n][2] *= a_hi;
+          acc[m][n][3] *= a_hi;
+        }
+      }
+      if constexpr (Tr<T>::kMma) {
+#pragma unroll
+        for (int kk = 0; kk < TK / 16; ++kk) {
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+            ldsm_x4(a[m], sP + (m * 16 + (lane & 15)) * PP + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int n = 0; n < C::NPW3; ++n) {
+            const int nt = warp * C::NPW3 + n;
+            if (C::NT3 % C::NW == 0 || nt < C::NT3) {
+              uint32_t bf[2];
+              ldsm_x2_t(bf, tV + (kk * 16 + (lane & 15)) * VP + nt * 8);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][n], a[m], bf);
+            }
+          }
+        }
+      } else {
+        for (int j = 0; j < TK; ++j) {
+#pragma unroll
+          for (int n = 0; n < C::NPW3; ++n) {
+            const int nt = warp * C::NPW3 + n;
+            if (C::NT3 % C::NW == 0 || nt < C::NT3) {
+              const float2 vv = *reinterpret_cast<const float2*>(tV + j * VP + nt * 8 + 2 * t4);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                const float plo = sP[(m * 16 + g8) * PP + j];
+                const float phi = sP[(m * 16 + g8 + 8) * PP + j];
+                acc[m][n][0] += plo * vv.x;
+                acc[m][n][1] += plo * vv.y;
+                acc[m][n][2] += phi * vv.x;
+                acc[m][n][3] += phi * vv.y;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- epilogue
+  const int Hq = p.q_heads;
+  if constexpr (SPLIT) {
+    const int S = p.num_splits;
+    for (int r = tid; r < MB; r += NT) {
+      const int rr = row0 + r;
+      if (rr < R) {
+        const int g = rr / Lq, i = rr - g * Lq;
+        const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+        maxs[row * S + split] = sM[r];
+        sums[row * S + split] = sL[r];
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = m * 16 + g8 + 8 * h;
+      const int rr = row0 + r;
+      if (rr >= R) continue;
+      const int g = rr / Lq, i = rr - g * Lq;
+      const int head = kvh * G + g;
+      const long long row = ((long long)b * Hq + head) * Lq + i;
+      float f = 1.f;
+      if constexpr (!SPLIT) {
+        const float mr = sM[r], lr = sL[r];
+        if (p.has_sinks) {
+          const float sk = Tr<T>::f(sinks[head]) * kLog2e;
+          const float m2 = fmaxf(mr, sk);
+          const float fac = exp2f(mr - m2);
+          f = fac / (lr * fac + exp2f(sk - m2));
+        } else {
+          f = 1.f / lr;
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < C::NPW3; ++n) {
+        const int nt = warp * C::NPW3 + n;
+        if (C::NT3 % C::NW == 0 || nt < C::NT3) {
+          const int col = nt * 8 + 2 * t4;
+          const float x0 = acc[m][n][2 * h] * f, x1 = acc[m][n][2 * h + 1] * f;
+          if constexpr (SPLIT) {
+            *reinterpret_cast<float2*>(partials + (row * p.num_splits + split) * V + col) =
+                make_float2(x0, x1);
+          } else {
+            out[row * V + col] = Tr<T>::t(x0);
+            out[row * V + col + 1] = Tr<T>::t(x1);
+          }
+        }
+      }
+    }
+}
+
+template <typename T, int D, int V, bool SPLIT>
+__device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
+                                           const T* sinks, T* out, float* partials, float* maxs,
+                                           float* sums, const Params& p) {
+  extern __shared__ __align__(16) char aotc_smem[];
+  uint32_t dyn;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX ||
+      dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles) || blockDim.x != Cfg<T, D, V>::NT) {
+    __trap();  // the plan and this header disagree
+  }
+  switch (p.m_tiles) {
+    case 1:
+      sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+      break;
+    case 2:
+      sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+      break;
+    default:
+      if constexpr (Cfg<T, D, V>::MT_MAX >= 4)
+        sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                      aotc_smem);
+      break;
+  }
+}
+
+// Combine the key splits: one block per query row, weights in shared memory.
+template <typename T, int V>
+__device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
+                                              const float* __restrict__ maxs,
+                                              const float* __restrict__ sums,
+                                              const T* __restrict__ sinks, T* __restrict__ out,
+                                              const CombineParams& p) {
+  extern __shared__ __align__(16) char aotc_smem[];
+  float* w = reinterpret_cast<float*>(aotc_smem);
+  __shared__ float red[32];
+  __shared__ float stat[2];
+  const long long row = blockIdx.x;
+  const int S = p.num_splits;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const float* mrow = maxs + row * S;
+  const float* lrow = sums + row * S;
+  float mx = -INFINITY;
+  for (int s = tid; s < S; s += nt) mx = fmaxf(mx, mrow[s]);
+  mx = warp_max(mx);
+  if ((tid & 31) == 0) red[tid >> 5] = mx;
+  __syncthreads();
+  if (tid < 32) {
+    float x = tid < (nt >> 5) ? red[tid] : -INFINITY;
+    x = warp_max(x);
+    float sk = -INFINITY;
+    if (p.has_sinks) {
+      const int head = (int)((row / p.q_len) % p.q_heads);
+      sk = Tr<T>::f(sinks[head]) * kLog2e;
+      x = fmaxf(x, sk);
+    }
+    if (tid == 0) {
+      stat[0] = x == -INFINITY ? 0.f : x;
+      stat[1] = sk;
+    }
+  }
+  __syncthreads();
+  const float m_use = stat[0];
+  float l = 0.f;
+  for (int s = tid; s < S; s += nt) {
+    const float ws = exp2f(mrow[s] - m_use);
+    w[s] = ws;
+    l += ws * lrow[s];
+  }
+  l = warp_sum(l);
+  __syncthreads();
+  if ((tid & 31) == 0) red[tid >> 5] = l;
+  __syncthreads();
+  float L = 0.f;
+  for (int i = 0; i < (nt >> 5); ++i) L += red[i];
+  if (p.has_sinks) L += exp2f(stat[1] - m_use);
+  const float inv = 1.f / L;
+  // Threads = column groups (4 floats) x split groups; partial sums meet in shared memory.
+  constexpr int CG = V / 4;
+  const int sg_count = nt >= CG ? nt / CG : 1;
+  const int sg = tid / CG;
+  const float* prow = partials + row * S * V;
+  float4* part = reinterpret_cast<float4*>(w + ((S + 3) & ~3));  // sg_count * CG float4
+  for (int c4 = tid % CG; c4 < CG && sg < sg_count; c4 += (nt >= CG ? CG : nt)) {
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = sg; s < S; s += sg_count) {
+      const float ws = w[s];
+      const float4 x = *reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4);
+      a.x += ws * x.x;
+      a.y += ws * x.y;
+      a.z += ws * x.z;
+      a.w += ws * x.w;
+    }
+    if (sg_count == 1) {
+      T* o = out + row * V + c4 * 4;
+      o[0] = Tr<T>::t(a.x * inv);
+      o[1] = Tr<T>::t(a.y * inv);
+      o[2] = Tr<T>::t(a.z * inv);
+      o[3] = Tr<T>::t(a.w * inv);
+    } else {
+      part[sg * CG + c4] = a;
+    }
+  }
+  if (sg_count > 1) {
+    __syncthreads();
+    for (int c4 = tid; c4 < CG; c4 += nt) {
+      float4 a = part[c4];
+      for (int g = 1; g < sg_count; ++g) {
+        const float4 x = part[g * CG + c4];
+        a.x += x.x;
+        a.y += x.y;
+        a.z += x.z;
+        a.w += x.w;
+      }
+      T* o = out + row * V + c4 * 4;
+      o[0] = Tr<T>::t(a.x * inv);
+      o[1] = Tr<T>::t(a.y * inv);
+      o[2] = Tr<T>::t(a.z * inv);
+      o[3] = Tr<T>::t(a.w * inv);
+    }
+  }
+}
+
+}  // namespace aotc_sdpa
+
+#define AOTC_SDPA_VECTOR(TN, T, D, V)                                                           \
+  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT)                     \
+      sdpa_vector_##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,        \
+                                   const T* sinks, T* out, const aotc_sdpa::Params p) {         \
+    aotc_sdpa::sdpa_entry<T, D, V, false>(q, k, v, mask, sinks, out, nullptr, nullptr, nullptr, \
+                                          p);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT)                     \
+      sdpa_vector_2pass_1_##TN##_##D##_##V(const T* q, const T* k, const T* v,                  \
+                                           const void* mask, const T* sinks, float* partials,   \
+                                           float* maxs, float* sums,                            \
+                                           const aotc_sdpa::Params p) {                         \
+    aotc_sdpa::sdpa_entry<T, D, V, true>(q, k, v, mask, sinks, nullptr, partials, maxs, sums,   \
+                                         p);                                                    \
+  }
+
+#define AOTC_SDPA_VECTOR_AGGREGATE(TN, T, V)                                               \
+  extern "C" __global__ void __launch_bounds__(256) sdpa_vector_2pass_2_##TN##_##V(        \
+      const float* partials, const float* maxs, const float* sums, const T* sinks, T* out, \
+      const aotc_sdpa::CombineParams p) {                                                  \
+    aotc_sdpa::combine_entry<T, V>(partials, maxs, sums, sinks, out, p);                   \
+  }

@@ -1,0 +1,161 @@
+"""aotc's CUDA sdpa_vector kernels against a float64 reference of MLX's semantics (torch harness).
+
+Needs a CUDA GPU, torch and nvcc (the fatbins are built once per session, or taken from
+`$AOTC_HARNESS_DIR/current` / `.gpu/sdpa/current` when prebuilt).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+PAIRS = [(576, 512), (192, 128), (256, 128), (96, 64), (320, 256)]
+DTYPES = ["float16", "bfloat16", "float32"]
+TOL = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 2e-5}
+
+
+@pytest.fixture(scope="session")
+def lib():
+    from bench import cuda_harness as h
+
+    for folder in (os.environ.get("AOTC_HARNESS_DIR"), REPO / ".gpu" / "sdpa"):
+        if folder and (Path(folder) / "current").exists():
+            listing = Path(folder) / (Path(folder) / "current").read_text().strip()
+            if listing.exists():
+                break
+    else:
+        if shutil.which("nvcc") is None:
+            pytest.skip("nvcc is not on PATH and no prebuilt harness fatbin exists")
+        from bench.build_harness import PAIRS as ALL_PAIRS
+
+        listing = h.build_fatbin(ALL_PAIRS)
+    library = h.Library(listing)
+    library.poison = True
+    return library
+
+
+def _rand(shape, dtype, gen):
+    return torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def check(
+    lib,
+    *,
+    b=1,
+    hq=8,
+    hkv=1,
+    lq=1,
+    n=100,
+    d=192,
+    v=128,
+    dtype="bfloat16",
+    mask=None,
+    sinks=False,
+    strided=False,
+    num_splits=None,
+    seed=0,
+    view_of_k=False,
+):
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = h.DTYPES[dtype]
+    q = _rand((b, hq, lq, d), dt, gen)
+    if strided:
+        # Slices of a preallocated cache (B, Hkv, Nmax, D) and a transposed-layout query.
+        kc = _rand((b, hkv, n + 37, d), dt, gen)
+        vc = _rand((b, hkv, n + 37, v + 16), dt, gen)
+        k, vv = kc[:, :, 5 : 5 + n], vc[:, :, 3 : 3 + n, 16:]
+        q = _rand((b, lq, hq, d), dt, gen).transpose(1, 2)
+    elif view_of_k:
+        k = _rand((b, hkv, n, d), dt, gen)
+        vv = k[..., :v]
+    else:
+        k = _rand((b, hkv, n, d), dt, gen)
+        vv = _rand((b, hkv, n, v), dt, gen)
+    m = None
+    if mask == "causal":
+        m = "causal"
+    elif mask == "bool":
+        m = torch.rand((b, 1, lq, n), generator=gen, device="cuda") < 0.7
+    elif mask == "bool_full":
+        m = torch.rand((1, hq, lq, n), generator=gen, device="cuda") < 0.5
+        m[..., : n // 2] = False  # some rows keep only a few keys
+    elif mask == "additive":
+        m = _rand((lq, n), dt, gen) * 2
+    s = _rand((hq,), dt, gen) * 2 if sinks else None
+    scale = 1.0 / d**0.5
+    out = h.run(lib, q, k, vv, m, s, scale=scale, num_splits=num_splits)
+    torch.cuda.synchronize()
+    ref = h.reference(q, k, vv, m, s, scale=scale)
+    assert out.shape == ref.shape
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten or bad arithmetic)"
+    err = h.rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}x{p[1]}")
+def test_pairs_and_dtypes(lib, dtype, pair):
+    d, v = pair
+    check(lib, d=d, v=v, dtype=dtype, hq=8, hkv=2, n=1000)
+    check(lib, d=d, v=v, dtype=dtype, hq=8, hkv=2, n=1000, num_splits=5, seed=1)
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("lq", [1, 3, 8])
+def test_gqa_and_query_tokens(lib, gqa, lq):
+    check(lib, hq=2 * gqa, hkv=2, lq=lq, n=333)
+    check(lib, hq=2 * gqa, hkv=2, lq=lq, n=333, num_splits=3, mask="causal", seed=2)
+
+
+@pytest.mark.parametrize("lq", range(1, 9))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal(lib, lq, dtype):
+    check(lib, lq=lq, n=70, mask="causal", dtype=dtype, d=256, v=128)
+    check(lib, lq=lq, n=lq, mask="causal", dtype=dtype, d=96, v=64)  # first query sees 1 key
+
+
+@pytest.mark.parametrize("mask", ["bool", "bool_full", "additive"])
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masks(lib, mask, splits, dtype):
+    check(lib, hq=16, hkv=4, lq=4, n=500, mask=mask, num_splits=splits, dtype=dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 6])
+@pytest.mark.parametrize("mask", [None, "causal", "bool"])
+def test_sinks(lib, splits, mask):
+    check(lib, hq=8, hkv=2, lq=2, n=300, sinks=True, mask=mask, num_splits=splits)
+    check(lib, hq=8, hkv=2, lq=2, n=300, sinks=True, num_splits=splits, dtype="float32", d=96, v=64)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4096, 65537])
+@pytest.mark.parametrize("pair", [(192, 128), (576, 512)], ids=lambda p: f"{p[0]}x{p[1]}")
+def test_kv_lengths(lib, n, pair):
+    d, v = pair
+    check(lib, hq=16, hkv=2, n=n, d=d, v=v)  # planned split count
+    check(lib, hq=16, hkv=2, n=n, d=d, v=v, lq=2, mask="causal", dtype="float16", seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [None, 1])
+def test_strided_cache_slices(lib, dtype, splits):
+    check(lib, b=2, hq=8, hkv=2, lq=3, n=777, strided=True, dtype=dtype, num_splits=splits)
+    check(lib, b=2, hq=8, hkv=2, lq=3, n=777, strided=True, dtype=dtype, mask="causal", d=96, v=64)
+
+
+def test_mla_decode_value_view_of_keys(lib):
+    check(lib, b=2, hq=128, hkv=1, n=2000, d=576, v=512, view_of_k=True)
+    check(lib, b=1, hq=128, hkv=1, lq=2, n=300, d=576, v=512, view_of_k=True, mask="causal")

@@ -1,0 +1,194 @@
+"""The CUDA launch plan of sdpa_vector: kernel choice, splits, grids and the Params layout."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aotc.families.sdpa_vector.cuda import (
+    COMBINE_SIZE,
+    PARAMS_SIZE,
+    Launch,
+    kernel_config,
+    plan_cuda,
+    run_cuda,
+    with_scale,
+)
+from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = {
+    f"sdpa_vector{kind}_{t}_{d}_{v}"
+    for t in ("float", "float16_t", "bfloat16_t")
+    for d, v in ((192, 128), (576, 512), (128, 128))
+    for kind in ("", "_2pass_1")
+} | {
+    f"sdpa_vector_2pass_2_{t}_{v}" for t in ("float", "float16_t", "bfloat16_t") for v in (128, 512)
+}
+
+
+def problem(**kw) -> AttentionProblem:
+    base = dict(
+        batch=1,
+        q_heads=32,
+        kv_heads=4,
+        q_len=1,
+        kv_len=4096,
+        qk_dim=192,
+        v_dim=128,
+        dtype="bfloat16",
+        mask="none",
+        mask_shape=None,
+        has_sinks=False,
+    )
+    base.update(kw)
+    return AttentionProblem(**base)
+
+
+def unpack(launch: Launch) -> tuple:
+    return struct.unpack("@f11i", launch.params)
+
+
+def test_short_kv_is_one_pass():
+    (launch,) = plan_cuda(problem(kv_len=31), available=NAMES, sm_count=132)
+    assert launch.kernel == "sdpa_vector_bfloat16_t_192_128"
+    assert launch.inputs == ("q", "k", "v", "q", "q")
+    assert launch.strided_inputs == ("q", "k", "v", "q")
+    assert launch.outputs == (("out", (1, 32, 1, 128), "bfloat16"),)
+    fields = unpack(launch)
+    assert fields[1:9] == (1, 32, 4, 1, 31, 0, 0, 1)  # batch..num_splits
+    assert launch.grid == (4, 1, 1) and launch.block == (128, 1, 1)
+
+
+def test_long_kv_splits_to_fill_the_gpu():
+    first, combine = plan_cuda(problem(), available=NAMES, sm_count=132)
+    assert first.kernel == "sdpa_vector_2pass_1_bfloat16_t_192_128"
+    assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_128"
+    splits, keys_per_split = unpack(first)[8:10]
+    cfg = kernel_config("bfloat16", 192, 128)
+    assert keys_per_split % cfg.key_tile == 0
+    assert (splits - 1) * keys_per_split < 4096 <= splits * keys_per_split
+    assert first.grid[0] == 4 * splits >= 132
+    assert first.outputs[0] == ("partials", (1, 32, 1, splits, 128), "float32")
+    assert combine.inputs == ("partials", "maxs", "sums", "maxs")
+    assert combine.grid == (32, 1, 1) and combine.shared_memory == 4 * (-(-splits // 4) * 4) + 16 * 128
+    assert struct.unpack("@6i", combine.params) == (32, splits, 32, 1, 0, 0)
+
+
+def test_many_blocks_stay_one_pass():
+    launches = plan_cuda(problem(batch=99, kv_heads=4, kv_len=32768), available=NAMES, sm_count=132)
+    assert len(launches) == 1
+
+
+def test_gqa_rows_and_row_groups():
+    (launch,) = plan_cuda(
+        problem(q_heads=128, kv_heads=1, q_len=1, qk_dim=576, v_dim=512, kv_len=64),
+        available=NAMES,
+        sm_count=132,
+        num_splits=1,
+    )
+    m_tiles, row_groups = unpack(launch)[10:12]
+    assert (m_tiles, row_groups) == (2, 4)  # V > 256: at most 32 rows per block
+    (launch,) = plan_cuda(
+        problem(q_heads=32, kv_heads=4, q_len=8), available=NAMES, sm_count=132, num_splits=1
+    )
+    assert unpack(launch)[10:12] == (4, 1)  # 64 rows in one block: K and V read once
+    assert launch.shared_memory == kernel_config("bfloat16", 192, 128).shared_bytes(4)
+
+
+def test_mask_and_sinks_inputs():
+    p = problem(mask="bool", mask_shape=(1, 1, 1, 4096), has_sinks=True)
+    first, combine = plan_cuda(p, available=NAMES, sm_count=132)
+    assert first.inputs == ("q", "k", "v", "mask", "sinks")
+    assert first.strided_inputs == ("q", "k", "v", "mask")
+    assert unpack(first)[6:8] == (2, 1)
+    assert combine.inputs[-1] == "sinks"
+    assert (
+        unpack(plan_cuda(problem(mask="causal", kv_len=8), available=NAMES, sm_count=132)[0])[6]
+        == 1
+    )
+
+
+def test_unsupported():
+    with pytest.raises(Unsupported, match="query tokens"):
+        plan_cuda(problem(q_len=9), available=NAMES, sm_count=132)
+    with pytest.raises(Unsupported, match="no loaded library"):
+        plan_cuda(problem(qk_dim=256), available=NAMES, sm_count=132)
+
+
+def test_scale_repacking():
+    launches = plan_cuda(problem(), available=NAMES, sm_count=132, scale=1.0)
+    rescaled = with_scale(launches, 0.125)
+    assert unpack(rescaled[0])[0] == 0.125
+    assert rescaled[0].params[4:] == launches[0].params[4:]
+    assert rescaled[1] == launches[1]
+
+
+def test_run_cuda_wires_outputs():
+    launches = plan_cuda(problem(), available=NAMES, sm_count=132)
+    calls = []
+
+    def launch_fn(kernel, inputs, shapes, dtypes, grid, block, smem, params, strided):
+        calls.append((kernel, inputs, strided))
+        return [f"{kernel}:{i}" for i in range(len(shapes))]
+
+    out = run_cuda(launches, {"q": "Q", "k": "K", "v": "V"}, launch_fn)
+    assert calls[0][1] == ["Q", "K", "V", "Q", "Q"] and calls[0][2] == [0, 1, 2, 0]
+    first = launches[0].kernel
+    assert calls[1][1] == [f"{first}:0", f"{first}:1", f"{first}:2", f"{first}:1"]
+    assert calls[1][2] == []
+    assert out == f"{launches[1].kernel}:0"
+
+
+PROBE = r"""
+#include <cstdio>
+#include <cstddef>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include "sdpa_vector.cuh"
+using namespace aotc_sdpa;
+template <typename T, int D, int V> void cfg(const char* n) {
+  using C = Cfg<T, D, V>;
+  std::printf("cfg %s %d %d %d %d %d %d %d %d %d\n", n, D, V, C::NW, C::TK, C::STAGES, C::KS,
+              C::MT_MAX, shared_bytes<T, D, V>(1), shared_bytes<T, D, V>(2));
+}
+int main() {
+  std::printf("params %zu %zu %zu %zu\n", sizeof(Params), offsetof(Params, scale),
+              offsetof(Params, row_groups), sizeof(CombineParams));
+  cfg<__nv_bfloat16, 192, 128>("bfloat16"); cfg<__half, 576, 512>("float16");
+  cfg<float, 576, 512>("float32"); cfg<float, 96, 64>("float32"); cfg<__half, 80, 80>("float16");
+  cfg<__nv_bfloat16, 320, 256>("bfloat16"); cfg<float, 256, 128>("float32");
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_header_layout_matches_plan(tmp_path):
+    src = tmp_path / "probe.cu"
+    src.write_text(PROBE)
+    exe = tmp_path / "probe"
+    subprocess.run(
+        ["nvcc", "-std=c++17", f"-I{REPO / 'kernels' / 'cuda'}", "-o", exe, src], check=True
+    )
+    lines = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines()
+    size, scale_off, last_off, combine_size = map(int, lines[0].split()[1:])
+    assert size == PARAMS_SIZE and scale_off == 128 and last_off == PARAMS_SIZE - 4
+    assert combine_size == COMBINE_SIZE
+    for line in lines[1:]:
+        _, dtype, *nums = line.split()
+        d, v, nw, tk, stages, ks, mt_max, smem1, smem2 = map(int, nums)
+        cfg = kernel_config(dtype, d, v)
+        got = (
+            cfg.warps,
+            cfg.key_tile,
+            cfg.stages,
+            cfg.k_splits,
+            cfg.max_m_tiles,
+            cfg.shared_bytes(1),
+            cfg.shared_bytes(2),
+        )
+        assert got == (nw, tk, stages, ks, mt_max, smem1, smem2), line
