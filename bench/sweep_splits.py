@@ -28,7 +28,7 @@ for b, hq, hkv, n, d, v in [
     for splits in (None, 1, 4, 8, 16, 32, 64, 128):
         plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
         fns = [
-            (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
+            (lambda s=s, p=p, sc=scale: h.run(lib, *s, scale=sc, launches=p))
             for s, p in zip(sets, plans, strict=True)
         ]
         t = time_graph(fns)
