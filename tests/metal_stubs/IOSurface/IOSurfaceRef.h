@@ -1,0 +1,3 @@
+// Stand-in for Apple's <IOSurface/IOSurfaceRef.h>.
+#pragma once
+typedef struct __IOSurface* IOSurfaceRef;
