@@ -1,0 +1,1 @@
+"""Pure-Python readers for compiled kernel containers: Metal libraries and CUDA fatbins."""

@@ -1,0 +1,339 @@
+"""Reader for CUDA fat binaries (``nvcc -fatbin`` / ``fatbinary --create``), and a way to cut
+one kernel's image out of them.
+
+Layout (little-endian), as written by CUDA 13's ``fatbinary``:
+
+* a 16-byte container header: magic ``0xBA55ED50``, version (u16, 1), header size (u16, 16),
+  size of everything after the header (u64);
+* entries back to back, each a header followed by its payload:
+
+  ======  ====  ==========================================================================
+  offset  type  field
+  ======  ====  ==========================================================================
+  0       u16   kind: 1 = PTX, 2 = ELF (cubin)
+  2       u16   (0x0101)
+  4       u32   header size: 64, 80 (PTX) or 112 (sm_100+ cubins)
+  8       u64   payload size, padded to 8 bytes
+  16      u32   compressed size (0 when not compressed)
+  24      u16   minor version of the payload (ELF 1.8, PTX 9.0)
+  26      u16   major version
+  28      u32   SM number, e.g. 90
+  40      u64   flags: 0x1 64-bit, 0x2 debug, 0x10 Linux, 0x8000 compressed (zstd),
+                0x100000 arch-specific ("sm_90a"), 0x200000 family-specific ("sm_100f")
+  56      u64   uncompressed size (when compressed)
+  ======  ====  ==========================================================================
+
+CUDA 13 compresses PTX entries with zstd by default (``fatbinary --compress=true``); cubins
+only with ``--compress-all``. Zstd payloads are decoded when the ``zstandard`` module is
+installed; otherwise, and for the compressed payloads of older toolkits (flag 0x2000,
+reportedly LZ4), their kernel names are reported as unknown (``None``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = [
+    "Fatbin",
+    "FatbinEntry",
+    "FatbinError",
+    "build_fatbin",
+    "extract_image",
+    "read_fatbin",
+    "select_entry",
+]
+
+MAGIC = 0xBA55ED50
+FLAG_COMPRESSED = 0x8000  # zstd, CUDA 13
+FLAG_COMPRESSED_LZ4 = 0x2000  # older toolkits, reportedly LZ4
+FLAG_ARCH_SPECIFIC = 0x100000
+FLAG_FAMILY_SPECIFIC = 0x200000
+
+_CONTAINER = struct.Struct("<IHHQ")
+_ENTRY = struct.Struct("<HHIQI4xHHI8xQ8xQ")
+_KINDS = {1: "ptx", 2: "elf"}
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_RATIO = 1024  # far above what compiled code compresses by
+
+_ELF_HEADER = struct.Struct("<4sBB")
+# From ELF header offset 0x28: e_shoff, then (at 0x3A) e_shentsize, e_shnum, e_shstrndx.
+_ELF_SECTIONS = struct.Struct("<Q10xHHH")
+_ELF_SECTION = struct.Struct("<4xI16xQQI")  # sh_type, sh_offset, sh_size, sh_link
+_ELF_SYMBOL = struct.Struct("<IBBHQQ")
+_SHT_SYMTAB, _STT_FUNC, _STO_CUDA_ENTRY = 2, 2, 0x10
+_PTX_ENTRY = re.compile(rb"^[ \t]*(?:\.(?:visible|weak)[ \t]+)?\.entry[ \t]+([\w$%]+)", re.M)
+
+
+class FatbinError(ValueError):
+    """The data is not a well-formed fatbin, or holds no image for a request."""
+
+
+@dataclass(frozen=True)
+class FatbinEntry:
+    index: int
+    kind: str  # "elf" (cubin, SASS), "ptx", or "kind<N>" for kinds this reader does not know
+    arch: str  # "sm_90a" for a cubin, "compute_90" for PTX
+    sm: int  # 90
+    variant: str  # "a" (arch-specific), "f" (family-specific) or ""
+    offset: int  # of the entry header in the container
+    header_size: int
+    size: int  # stored payload size, padding included
+    compressed: bool
+    compressed_size: int | None  # of the zstd frame at the payload's start
+    uncompressed_size: int | None
+    version: str  # payload version: ELF "1.8", PTX ISA "9.0"
+    flags: int
+    kernels: frozenset[str] | None  # None: compressed and not decodable here
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + self.header_size
+
+    @property
+    def end(self) -> int:
+        return self.payload_offset + self.size
+
+
+@dataclass(frozen=True)
+class Fatbin:
+    entries: tuple[FatbinEntry, ...]
+    data: bytes = field(repr=False, compare=False)
+
+    def kernels(self) -> set[str]:
+        """Kernel names of every entry whose payload could be read."""
+        return set().union(*(e.kernels for e in self.entries if e.kernels is not None))
+
+    def archs(self) -> list[str]:
+        """Distinct entry archs in file order, e.g. ``["sm_80", "sm_90a", "compute_90"]``."""
+        return list(dict.fromkeys(e.arch for e in self.entries))
+
+    def kernels_by_arch(self) -> dict[str, set[str] | None]:
+        """Kernel names per arch; None for an arch whose entries cannot all be read."""
+        result: dict[str, set[str] | None] = {}
+        for e in self.entries:
+            known = result.setdefault(e.arch, set())
+            result[e.arch] = None if known is None or e.kernels is None else known | e.kernels
+        return result
+
+    def payload(self, entry: FatbinEntry) -> bytes:
+        """The entry's payload, decompressed; FatbinError if no decoder is installed."""
+        if not entry.compressed:
+            return _raw_payload(self.data, entry)
+        decoded = _decompress(self.data, entry)
+        if decoded is None:
+            raise FatbinError(
+                f"offset {entry.payload_offset}: entry #{entry.index} is compressed and cannot "
+                "be decoded here (zstd needs `pip install zstandard`; LZ4 is not supported)"
+            )
+        return decoded
+
+
+def _fail(offset: int, message: str) -> FatbinError:
+    return FatbinError(f"offset {offset}: {message}")
+
+
+def _raw_payload(data: bytes, entry: FatbinEntry) -> bytes:
+    size = entry.size if entry.compressed_size is None else entry.compressed_size
+    return data[entry.payload_offset : entry.payload_offset + size]
+
+
+def _decompress(data: bytes, entry: FatbinEntry) -> bytes | None:
+    """The entry's zstd payload decoded; None for other codecs or without a decoder."""
+    frame, size = _raw_payload(data, entry), entry.uncompressed_size or 0
+    if not frame.startswith(_ZSTD_MAGIC):
+        return None
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    # Bound the output by the header's claim, itself bounded, so no frame can exhaust memory.
+    if size > _MAX_RATIO * len(frame) + (1 << 20):
+        raise _fail(
+            entry.offset + 56, f"implausible uncompressed size {size} for {len(frame)} bytes"
+        )
+    try:
+        out = zstandard.ZstdDecompressor().stream_reader(frame).read(size + 1)
+    except zstandard.ZstdError as e:
+        raise _fail(entry.payload_offset, f"corrupt zstd payload ({e})") from None
+    if len(out) != size:
+        raise _fail(entry.offset + 56, f"the header says {size} bytes, zstd gives {len(out)}")
+    return out
+
+
+def _elf_kernels(elf: bytes, base: int) -> frozenset[str]:
+    """Kernel entry points of a cubin: FUNC symbols marked STO_CUDA_ENTRY in its symtab.
+
+    ``base`` is the ELF's offset in the container, for error messages.
+    """
+
+    def need(offset: int, size: int, what: str) -> None:
+        if offset < 0 or size < 0 or offset + size > len(elf):
+            raise _fail(
+                base + offset,
+                f"expected {what} ({size} bytes) inside the cubin, which ends at offset "
+                f"{base + len(elf)}",
+            )
+
+    need(0, 64, "an ELF header")
+    magic, elf_class, encoding = _ELF_HEADER.unpack_from(elf)
+    if (magic, elf_class, encoding) != (b"\x7fELF", 2, 1):
+        raise _fail(base, "expected a 64-bit little-endian ELF cubin")
+    shoff, shentsize, shnum, _ = _ELF_SECTIONS.unpack_from(elf, 0x28)
+    if shentsize < _ELF_SECTION.size and shnum:
+        raise _fail(base + 0x3A, f"ELF section header size {shentsize} is too small")
+    need(shoff, shnum * shentsize, f"{shnum} ELF section headers")
+    sections = [_ELF_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
+    kernels = set()
+    for sh_type, offset, size, link in sections:
+        if sh_type != _SHT_SYMTAB:
+            continue
+        need(offset, size, "the ELF symbol table")
+        if link >= shnum:
+            raise _fail(base + offset, f"symbol table links to missing section {link}")
+        _, str_offset, str_size, _ = sections[link]
+        need(str_offset, str_size, "the ELF string table")
+        strtab = elf[str_offset : str_offset + str_size]
+        for pos in range(offset, offset + size - _ELF_SYMBOL.size + 1, _ELF_SYMBOL.size):
+            name, info, other, *_ = _ELF_SYMBOL.unpack_from(elf, pos)
+            if info & 0xF == _STT_FUNC and other & _STO_CUDA_ENTRY:
+                end = strtab.find(b"\0", name)
+                if name >= len(strtab) or end < 0:
+                    raise _fail(base + pos, "symbol name is outside the ELF string table")
+                kernels.add(strtab[name:end].decode("utf-8", "replace"))
+    return frozenset(kernels)
+
+
+def _ptx_kernels(ptx: bytes) -> frozenset[str]:
+    return frozenset(m.decode("ascii", "replace") for m in _PTX_ENTRY.findall(ptx))
+
+
+def _read_entry(data: bytes, index: int, offset: int, end: int) -> FatbinEntry:
+    if end - offset < _ENTRY.size:
+        raise _fail(offset, f"expected a {_ENTRY.size}-byte entry header before offset {end}")
+    kind, _, header_size, size, csize, minor, major, sm, flags, usize = _ENTRY.unpack_from(
+        data, offset
+    )
+    if header_size < _ENTRY.size:
+        raise _fail(offset + 4, f"entry header size {header_size} is below {_ENTRY.size}")
+    if header_size + size > end - offset:
+        raise _fail(
+            offset + 8,
+            f"entry #{index} ({header_size}-byte header, {size}-byte payload) runs past the "
+            f"container's end at offset {end}",
+        )
+    compressed = bool(flags & (FLAG_COMPRESSED | FLAG_COMPRESSED_LZ4))
+    if compressed and csize > size:
+        raise _fail(offset + 16, f"compressed size {csize} exceeds the payload size {size}")
+    variant = "a" if flags & FLAG_ARCH_SPECIFIC else "f" if flags & FLAG_FAMILY_SPECIFIC else ""
+    kind_name = _KINDS.get(kind, f"kind{kind}")
+    prefix = "compute" if kind_name == "ptx" else "sm"
+    entry = FatbinEntry(
+        index=index,
+        kind=kind_name,
+        arch=f"{prefix}_{sm}{variant}",
+        sm=sm,
+        variant=variant,
+        offset=offset,
+        header_size=header_size,
+        size=size,
+        compressed=compressed,
+        compressed_size=csize if compressed else None,
+        uncompressed_size=usize if compressed else None,
+        version=f"{major}.{minor}",
+        flags=flags,
+        kernels=None,
+    )
+    return _with_kernels(data, entry)
+
+
+def _with_kernels(data: bytes, entry: FatbinEntry) -> FatbinEntry:
+    if entry.kind not in ("elf", "ptx"):
+        return replace(entry, kernels=frozenset())
+    payload = _decompress(data, entry) if entry.compressed else _raw_payload(data, entry)
+    if payload is None:
+        return entry
+    if entry.kind == "ptx":
+        return replace(entry, kernels=_ptx_kernels(payload))
+    # A decompressed cubin has no container offset; report its errors at the payload start.
+    return replace(entry, kernels=_elf_kernels(payload, entry.payload_offset))
+
+
+def read_fatbin(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> Fatbin:
+    """Parse a fatbin container from a path or its bytes.
+
+    Raises FatbinError for malformed data (OSError only for a path that cannot be read).
+    """
+    data = Path(source).read_bytes() if isinstance(source, str | os.PathLike) else bytes(source)
+    if len(data) < _CONTAINER.size:
+        raise _fail(0, f"expected a {_CONTAINER.size}-byte fatbin header, got {len(data)} bytes")
+    magic, version, header_size, size = _CONTAINER.unpack_from(data)
+    if magic != MAGIC:
+        raise _fail(0, f"expected fatbin magic {MAGIC:#010x}, found {magic:#010x}")
+    if version != 1 or header_size < _CONTAINER.size:
+        raise _fail(4, f"unsupported fatbin version {version} / header size {header_size}")
+    if header_size + size != len(data):
+        raise _fail(
+            8, f"header and payload sizes give {header_size + size} bytes, the data has {len(data)}"
+        )
+    entries, offset = [], header_size
+    while offset < len(data):
+        entry = _read_entry(data, len(entries), offset, len(data))
+        entries.append(entry)
+        offset = entry.end
+    return Fatbin(tuple(entries), data)
+
+
+def _device_sm(arch: str | int) -> int:
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)[af]?", str(arch))
+    if not m:
+        raise FatbinError(f"cannot read a device arch from {arch!r} (expected e.g. 'sm_90')")
+    return int(m.group(1))
+
+
+_VARIANT_RANK = {"a": 2, "f": 1, "": 0}
+
+
+def select_entry(fatbin: Fatbin, kernel: str, arch: str | int) -> FatbinEntry:
+    """The entry to load ``kernel`` from on a device of compute capability ``arch``.
+
+    Rule: a cubin (SASS) built for exactly the device's SM number (preferring "a", then "f",
+    then plain builds, all of which run on that exact device); else the PTX of the highest
+    compute capability not above the device's, arch- or family-specific PTX ("compute_90a")
+    counting only for the device's own SM number. Among equals, the first entry wins.
+    """
+    sm = _device_sm(arch)
+    holders = [e for e in fatbin.entries if e.kernels is not None and kernel in e.kernels]
+    sass = [e for e in holders if e.kind == "elf" and e.sm == sm]
+    ptx = [e for e in holders if e.kind == "ptx" and (e.sm == sm or (e.sm < sm and not e.variant))]
+    if sass:
+        return max(sass, key=lambda e: (_VARIANT_RANK[e.variant], -e.index))
+    if ptx:
+        return max(ptx, key=lambda e: (e.sm, _VARIANT_RANK[e.variant], -e.index))
+    raise FatbinError(_no_match(fatbin, kernel, sm, holders))
+
+
+def _no_match(fatbin: Fatbin, kernel: str, sm: int, holders: list[FatbinEntry]) -> str:
+    where = ", ".join(dict.fromkeys(e.arch for e in holders)) or "no entry"
+    unknown = list(dict.fromkeys(e.arch for e in fatbin.entries if e.kernels is None))
+    note = f"; entries {', '.join(unknown)} could not be read (compressed)" if unknown else ""
+    return f"no image of kernel {kernel!r} can run on sm_{sm}: it is in {where}{note}"
+
+
+def build_fatbin(data: bytes, entries: Iterable[FatbinEntry]) -> bytes:
+    """A new container holding ``entries`` of the fatbin ``data``, copied byte for byte."""
+    body = b"".join(data[e.offset : e.end] for e in entries)
+    return _CONTAINER.pack(MAGIC, 1, _CONTAINER.size, len(body)) + body
+
+
+def extract_image(fatbin: bytes | Fatbin, kernel: str, arch: str | int) -> bytes:
+    """A minimal fatbin holding only the entry that ``select_entry`` picks for ``kernel``.
+
+    Small images matter: MLX hashes the whole image on every evaluation.
+    """
+    parsed = fatbin if isinstance(fatbin, Fatbin) else read_fatbin(fatbin)
+    return build_fatbin(parsed.data, [select_entry(parsed, kernel, arch)])
