@@ -1,0 +1,195 @@
+"""The CUDA build for real: nvcc, nvlink, fatbinary through CMake + Ninja."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aotc.artifact import read_index, sha256_file
+from aotc.build import build_target
+from aotc.errors import BuildFailed
+from aotc.families.base import kernels_dir
+from aotc.formats.fatbin import read_fatbin
+from aotc.manifest import load_manifest
+
+from .conftest import needs_nvcc
+
+pytestmark = [needs_nvcc, pytest.mark.slow]
+
+SMALL = """
+library: tiny_sdpa
+targets:
+  cuda: {archs: [sm_90a], ptx: null}
+kernels:
+  - family: sdpa_vector
+    dtypes: [float16]
+    head_dims: [[192, 128]]
+"""
+
+
+def build(path: Path, tmp_path: Path):
+    return build_target(
+        load_manifest(path), "cuda", out_dir=tmp_path / "dist", build_dir=tmp_path / "build", jobs=2
+    )
+
+
+def compiled(result) -> list[str]:
+    return sorted(step for step in result.compiled if step.startswith("compiling"))
+
+
+def test_build_is_incremental_and_publishes_an_exact_index(write_manifest, tmp_path):
+    path = write_manifest(SMALL)
+    first = build(path, tmp_path)
+    assert compiled(first) == [
+        "compiling sdpa_vector_2pass_2_float16_t_128 for sm_90a",
+        "compiling sdpa_vector_float16_t_192_128 for sm_90a",
+    ]
+    index = read_index(first.index)
+    names = {"sdpa_vector_float16_t_192_128", "sdpa_vector_2pass_1_float16_t_192_128"}
+    names.add("sdpa_vector_2pass_2_float16_t_128")
+    assert index.kernel_names == names
+    assert index.data["artifact"]["sha256"] == sha256_file(first.artifact)
+    assert index.data["toolchain"]["name"] == "nvcc"
+    assert index.data["options"] == {"archs": ["sm_90a"], "ptx": None}
+    fatbin = read_fatbin(first.artifact.read_bytes())
+    assert fatbin.archs() == ["sm_90a"]
+    assert fatbin.kernels() == names
+
+    again = build(path, tmp_path)
+    assert again.compiled == ()
+    assert not again.published
+
+    grown = write_manifest(SMALL.replace("[[192, 128]]", "[[192, 128], [256, 128]]"))
+    third = build(grown, tmp_path)
+    assert compiled(third) == ["compiling sdpa_vector_float16_t_256_128 for sm_90a"]
+    assert any(step.startswith("linking") for step in third.compiled)
+    assert (
+        "sdpa_vector_2pass_1_float16_t_256_128"
+        in read_fatbin(third.artifact.read_bytes()).kernels()
+    )
+
+
+def test_broken_kernel_fails_with_the_compiler_message_and_keeps_artifacts(
+    write_manifest, tmp_path, monkeypatch
+):
+    path = write_manifest(SMALL)
+    good = build(path, tmp_path)
+    before = {p.name: p.read_bytes() for p in (good.artifact, good.index)}
+
+    broken = tmp_path / "kernels"
+    shutil.copytree(kernels_dir(), broken)
+    header = broken / "cuda" / "sdpa_vector.cuh"
+    header.write_text(header.read_text() + '\nstatic_assert(false, "planted by the test");\n')
+    monkeypatch.setenv("AOTC_KERNELS_DIR", str(broken))
+    with pytest.raises(BuildFailed) as info:
+        build(path, tmp_path)
+    message = str(info.value)
+    assert "planted by the test" in message
+    assert (
+        "compiling sdpa_vector_" in message
+        and "manifest.yaml:7: kernels[0].head_dims[0]" in message
+    )
+    after = {p.name: p.read_bytes() for p in (good.artifact, good.index)}
+    assert after == before
+
+
+def test_cli_builds_and_skips_metal_with_a_reason(write_manifest, tmp_path):
+    path = write_manifest(
+        SMALL.replace("targets:\n", 'targets:\n  metal: {deployment_target: "14.0"}\n')
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aotc",
+            "build",
+            str(path),
+            "--out",
+            str(tmp_path / "dist"),
+            "--build-dir",
+            str(tmp_path / "build"),
+            "-j",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "skipping metal" in done.stderr and "xcrun" in done.stderr
+    assert (
+        "[1/" in done.stderr and "compiling sdpa_vector_float16_t_192_128 for sm_90a" in done.stderr
+    )
+    index = json.loads((tmp_path / "dist" / "tiny_sdpa.cuda.json").read_text())
+    assert len(index["kernels"]) == 3
+
+    named = subprocess.run(
+        [sys.executable, "-m", "aotc", "build", str(path), "--target", "metal"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert named.returncode == 3
+    assert "aotc generate" in named.stderr
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "aotc", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_interrupted_build_leaves_previous_artifacts(write_manifest, tmp_path):
+    path = write_manifest(SMALL)
+    good = build(path, tmp_path)
+    before = {p: p.read_bytes() for p in (good.artifact, good.index)}
+    grown = write_manifest(SMALL.replace("[[192, 128]]", "[[192, 128], [256, 128]]"), "grown.yaml")
+    args = [
+        "build",
+        str(grown),
+        "--out",
+        str(tmp_path / "dist"),
+        "--build-dir",
+        str(tmp_path / "build"),
+    ]
+    proc = run_cli(args, tmp_path)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # interrupt while the new unit compiles
+        if "compiling" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list((tmp_path / "dist").glob(".*.tmp"))
+
+
+def test_concurrent_builds_of_one_tree_both_succeed(write_manifest, tmp_path):
+    path = write_manifest(SMALL)
+    args = [
+        "build",
+        str(path),
+        "--out",
+        str(tmp_path / "dist"),
+        "--build-dir",
+        str(tmp_path / "build"),
+    ]
+    procs = [run_cli(args, tmp_path) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    index = read_index(tmp_path / "dist" / "tiny_sdpa.cuda.json")
+    assert sha256_file(index.artifact_path) == index.data["artifact"]["sha256"]
+    # The second build waited for the first and found nothing left to compile.
+    assert sorted("(0 units compiled)" in out for out, _ in outputs) == [False, True]
