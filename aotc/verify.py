@@ -18,15 +18,17 @@ class Verdict(IntEnum):
 
     OK = 0
     NOT_BUILT = 10  # no index or artifact in dist/ for a target of the manifest
-    CORRUPT = 11  # checksum, container or per-function hash mismatch
-    MISSING_KERNELS = 12  # an instantiation of the manifest is not in the artifact
-    MLX_MISMATCH = 13  # built for another MLX version or other MLX headers
-    TARGET_MISMATCH = 14  # another deployment target / platform / GPU archs than the manifest's
+    CORRUPT = 11  # the container does not parse, or a function's module fails its hash
+    CHECKSUM_MISMATCH = 12  # the artifact is not the file its index describes
+    MISSING_KERNELS = 13  # an instantiation of the manifest is not in the artifact or index
+    MLX_MISMATCH = 14  # built for another MLX version or other MLX headers
+    TARGET_MISMATCH = 15  # another platform / minimum OS / GPU archs than the manifest's
 
 
 _SEVERITY = [
     Verdict.NOT_BUILT,
     Verdict.CORRUPT,
+    Verdict.CHECKSUM_MISMATCH,
     Verdict.MISSING_KERNELS,
     Verdict.MLX_MISMATCH,
     Verdict.TARGET_MISMATCH,
@@ -77,7 +79,7 @@ def _verify_target(manifest: Manifest, dist: Path, target: str) -> TargetReport:
     actual = sha256_file(index.artifact_path)
     if actual != index.data["artifact"]["sha256"]:
         report.fail(
-            Verdict.CORRUPT,
+            Verdict.CHECKSUM_MISMATCH,
             f"{index.artifact_path.name} has sha256 {actual[:16]}..., the index says "
             f"{index.data['artifact']['sha256'][:16]}...",
         )
