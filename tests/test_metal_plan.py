@@ -624,3 +624,38 @@ def test_runner_on_the_device_architecture(metal_gpu):
         stream=mx.cpu,
     )  # fmt: skip
     assert mx.allclose(out.astype(mx.float32), expected, atol=3e-3).item()
+
+
+def test_find_library_asks_the_registry_and_checks_the_artifact(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from aotc.runtime import libraries as registry
+
+    asked = []
+    metallib = tmp_path / "extra_sdpa.metallib"
+
+    def artifact_bytes():
+        return b"bytes"
+
+    found = SimpleNamespace(
+        index=SimpleNamespace(artifact_path=metallib), artifact_bytes=artifact_bytes
+    )
+
+    def find(target, names):
+        asked.append((target, list(names)))
+        return found
+
+    monkeypatch.setattr(registry, "find", find)
+    names = plan_attention(problem(), "applegpu_g15s").kernel_names
+    assert metal.find_library(names) == str(metallib)
+    assert asked == [("metal", sorted(names))]
+
+    def corrupt():
+        raise registry.CorruptArtifact("extra_sdpa.metallib: sha256 mismatch")
+
+    found.artifact_bytes = corrupt
+    with pytest.raises(Unsupported, match="sha256 mismatch"):
+        metal.find_library(names)
+    monkeypatch.setattr(registry, "find", lambda target, names: None)
+    with pytest.raises(Unsupported, match="no usable Metal library has"):
+        metal.find_library(names)

@@ -742,3 +742,43 @@ def test_bindings_take_mlx_arrays_and_report_errors(shim):
     with pytest.raises(ValueError, match="function constants are bool, int32 or float32"):
         shim.metal_max_threads("x.metallib", "k", [{"index": 6, "type": "uint64", "value": 1}])
     assert shim.metal_architecture() == "shim"
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout-copy kernel that metal_launch.cpp builds from source when an input needs a copy:
+# parsed and instantiated as C++ (no Metal compiler here), with MLX's instantiation form.
+# ---------------------------------------------------------------------------------------------
+
+METAL_STDLIB_STANDIN = """\
+// C++ stand-in for <metal_stdlib>: address spaces vanish, Metal's short type names exist.
+#pragma once
+#include <cstdint>
+namespace metal {
+using uchar = unsigned char;
+using ushort = unsigned short;
+using uint = unsigned int;
+using ulong = unsigned long;
+}
+#define device
+#define constant
+"""
+
+
+def test_layout_copy_kernel_parses_as_cpp(clangxx, tmp_path):
+    source = (SOURCES_DIR / "metal_launch.cpp").read_text()
+    kernel = re.search(r'R"metal\((.*?)\)metal"', source, re.S).group(1)
+    # MLX's instantiate_kernel (kernels/defines.h): attributes where only Metal allows them.
+    metal_form = "template [[host_name(name)]] [[kernel]] decltype(aotc_strided_copy<type>)"
+    assert metal_form in kernel
+    for n, type_name in ((1, "uchar"), (2, "ushort"), (4, "uint"), (8, "ulong")):
+        assert f'AOTC_COPY("aotc_strided_copy_{n}", {type_name})' in kernel
+    (tmp_path / "metal_stdlib").write_text(METAL_STDLIB_STANDIN)
+    (tmp_path / "copy.cpp").write_text(
+        kernel.replace(metal_form, "template decltype(aotc_strided_copy<type>)")
+    )
+    result = subprocess.run(
+        [clangxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unknown-attributes",
+         "-I", str(tmp_path), str(tmp_path / "copy.cpp")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

@@ -636,13 +636,11 @@ def probe_pipeline_limits(
     """
     if probe is None:
         ext = metal_binding()
-        path = str(library_path)
 
         def probe(path: str, kernel: str, constants: list[dict]) -> int:
             return int(ext.metal_max_threads(path, kernel, constants))
 
-    else:
-        path = str(library_path)
+    path = str(library_path)
     limits: dict[str, int] = {}
     for variant in ("one_pass", "split_pass"):
         *_, dispatches = _build(problem, architecture, variant, blocks_override)
@@ -696,24 +694,19 @@ def env_blocks() -> int | None:
 
 
 def find_library(kernel_names: Iterable[str]) -> str:
-    """The artifact path of a loaded Metal library that has every kernel in `kernel_names`.
+    """The metallib of the first usable loaded Metal library that has every kernel named (the
+    registry's search order: `aotc.load`, `AOTC_PATH`, wheels, app bundles), checksum checked."""
+    from aotc.runtime import libraries as registry
 
-    Uses the loader registry (`aotc.runtime.libraries.libraries()`): each library is expected to
-    say its `target`, its artifact path (`artifact_path`) and its kernels (`kernel_names`).
-    """
-    wanted = set(kernel_names)
+    wanted = sorted(set(kernel_names))
+    library = registry.find("metal", wanted)
+    if library is None:
+        raise Unsupported(f"no usable Metal library has {wanted}")
     try:
-        from aotc.runtime import libraries as registry
-    except ImportError as exc:
-        raise Unsupported(f"no library registry: {exc}") from None
-    for library in registry.libraries():
-        if getattr(library, "target", None) != "metal":
-            continue
-        names = set(getattr(library, "kernel_names", ()) or ())
-        path = getattr(library, "artifact_path", None)
-        if path is not None and wanted <= names:
-            return str(path)
-    raise Unsupported(f"no loaded Metal library has {sorted(wanted)}")
+        library.artifact_bytes()  # checks the sha256 the index records (once per process)
+    except registry.CorruptArtifact as exc:
+        raise Unsupported(str(exc)) from None
+    return str(library.index.artifact_path)
 
 
 def make_runner(problem: AttentionProblem, *, library_path: str | None = None) -> Runner:
@@ -731,7 +724,12 @@ def make_runner(problem: AttentionProblem, *, library_path: str | None = None) -
             *_, dispatches = _build(problem, architecture, variant, override)
             names.update(d.kernel for d in dispatches)
         library_path = find_library(names)
-    limits = probe_pipeline_limits(problem, architecture, library_path, blocks_override=override)
+    try:
+        limits = probe_pipeline_limits(
+            problem, architecture, library_path, blocks_override=override
+        )
+    except (RuntimeError, ValueError) as exc:  # MLX could not load the library or a function
+        raise Unsupported(f"the Metal pipelines could not be built: {exc}") from None
     chosen = plan_attention(
         problem, architecture, pipeline_max_threads=limits, blocks_override=override
     )
