@@ -448,14 +448,20 @@ LAYOUT_CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def layout_report(clangxx, tmp_path_factory) -> dict[str, str]:
+def _installed_mlx_cpp() -> tuple[Path, Path]:
+    """The installed MLX's C++ headers and library folder (the Linux wheel ships both)."""
     from aotc.mlx_info import mlx_include_dir
 
     include = mlx_include_dir()
     lib = include.parent / "lib" if include else None
     if include is None or lib is None or not any(lib.glob("libmlx.*")):
         pytest.skip("MLX's C++ library and headers (mlx/include, mlx/lib) are not installed")
+    return include, lib
+
+
+@pytest.fixture(scope="module")
+def layout_report(clangxx, tmp_path_factory) -> dict[str, str]:
+    include, lib = _installed_mlx_cpp()
     work = tmp_path_factory.mktemp("harness")
     (work / "harness.cpp").write_text(HARNESS)
     binary = work / "harness"
@@ -631,16 +637,11 @@ def _describe(plan, params) -> str:
 
 @pytest.fixture(scope="module")
 def shim(clangxx, tmp_path_factory):
-    from aotc.mlx_info import mlx_include_dir
-
     try:
         import nanobind
     except ImportError:
         pytest.skip("nanobind is not installed")
-    include = mlx_include_dir()
-    lib = include.parent / "lib" if include else None
-    if include is None or lib is None or not any(lib.glob("libmlx.*")):
-        pytest.skip("MLX's C++ library and headers (mlx/include, mlx/lib) are not installed")
+    include, lib = _installed_mlx_cpp()
     python_include = sysconfig.get_paths()["include"]
     if not Path(python_include, "Python.h").is_file():
         pytest.skip(f"Python.h is not in {python_include}")
