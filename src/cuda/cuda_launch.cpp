@@ -1,0 +1,665 @@
+// aotc's CUDA launch primitive (see cuda_launch.h). Compiled only when MLX has
+// a CUDA backend.
+//
+// It uses the CUDA driver API only (libcuda.so.1, which MLX links too): MLX
+// links the CUDA runtime statically, so the runtime's symbols are not there for
+// an extension to share, and a second copy of the runtime is not needed.
+#include "cuda_launch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <shared_mutex>
+#include <typeinfo>
+#include <unordered_map>
+
+#include <cuda.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cuda/cuda.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+#include "mlx/ops.h"
+
+namespace aotc {
+
+namespace mx = mlx::core;
+namespace cu = mlx::core::cu;
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+[[noreturn]] void fail_invalid(const std::string& msg) {
+  throw std::invalid_argument("[aotc.cuda_launch] " + msg);
+}
+
+std::string describe(CUresult r) {
+  const char* name = nullptr;
+  const char* text = nullptr;
+  cuGetErrorName(r, &name);
+  cuGetErrorString(r, &text);
+  return std::string(name ? name : "CUDA error ") + std::to_string(int(r)) +
+      (text ? std::string(": ") + text : std::string());
+}
+
+void check(CUresult r, const char* what) {
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error(
+        std::string("[aotc.cuda_launch] ") + what + " failed: " + describe(r));
+  }
+}
+
+// ------------------------------------------------------------------ modules
+// and kernels
+
+using ParamInfoFn = CUresult (*)(CUfunction, size_t, size_t*, size_t*);
+
+// cuFuncGetParamInfo (driver 12.4+), looked up at run time so that an older
+// driver still loads the extension (it then skips the parameter-list check).
+ParamInfoFn param_info_fn() {
+  static ParamInfoFn fn = []() -> ParamInfoFn {
+#if CUDA_VERSION >= 12000
+    void* p = nullptr;
+    CUdriverProcAddressQueryResult found;
+    if (cuGetProcAddress(
+            "cuFuncGetParamInfo",
+            &p,
+            12040,
+            CU_GET_PROC_ADDRESS_DEFAULT,
+            &found) == CUDA_SUCCESS &&
+        found == CU_GET_PROC_ADDRESS_SUCCESS) {
+      return reinterpret_cast<ParamInfoFn>(p);
+    }
+#endif
+    return nullptr;
+  }();
+  return fn;
+}
+
+struct Kernel {
+  CUfunction func{nullptr};
+  int num_params{-1}; // -1: the driver cannot tell
+  size_t params_size{
+      0}; // bytes of the last parameter (Params) when num_params > 0
+  std::atomic<uint32_t> smem_allowed{
+      0}; // dynamic shared memory opted in so far
+  std::mutex attr_mutex;
+};
+
+struct DeviceModule {
+  CUmodule module{
+      nullptr}; // never unloaded: CUDA graphs may still use its functions
+  std::shared_mutex mutex;
+  std::unordered_map<std::string, std::unique_ptr<Kernel>> kernels;
+};
+
+struct Modules {
+  std::mutex load_mutex;
+  std::array<std::atomic<DeviceModule*>, kMaxDevices> by_device{};
+  ~Modules() {
+    for (auto& m : by_device) {
+      delete m.load();
+    }
+  }
+};
+
+} // namespace
+
+struct CudaImageAccess {
+  static Modules& modules(CudaImage& image) {
+    std::call_once(
+        image.once_, [&] { image.modules_ = std::make_shared<Modules>(); });
+    return *static_cast<Modules*>(image.modules_.get());
+  }
+};
+
+namespace {
+
+DeviceModule& device_module(CudaImage& image, cu::Device& dev) {
+  int d = dev.cuda_device();
+  if (d < 0 || d >= kMaxDevices) {
+    throw std::runtime_error(
+        "[aotc.cuda_launch] CUDA device index out of range");
+  }
+  auto& mods = CudaImageAccess::modules(image);
+  if (auto* m = mods.by_device[d].load(std::memory_order_acquire)) {
+    return *m;
+  }
+  std::lock_guard lock(mods.load_mutex);
+  if (auto* m = mods.by_device[d].load(std::memory_order_acquire)) {
+    return *m;
+  }
+  dev.make_current(); // the device's primary context, as MLX uses it
+  char log[4096] = {};
+  CUjit_option options[] = {
+      CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+  void* values[] = {log, reinterpret_cast<void*>(sizeof(log) - 1)};
+  auto m = std::make_unique<DeviceModule>();
+  CUresult r =
+      cuModuleLoadDataEx(&m->module, image.data().data(), 2, options, values);
+  if (r != CUDA_SUCCESS) {
+    std::string msg = "loading the aotc fatbin (" +
+        std::to_string(image.data().size()) + " bytes) on CUDA device " +
+        std::to_string(d) + " (sm_" +
+        std::to_string(dev.compute_capability_major()) +
+        std::to_string(dev.compute_capability_minor()) +
+        ") failed: " + describe(r);
+    if (r == CUDA_ERROR_NO_BINARY_FOR_GPU) {
+      msg +=
+          " (the fatbin has neither SASS for this GPU nor PTX it can compile)";
+    }
+    if (log[0]) {
+      msg += "; JIT log: " + std::string(log);
+    }
+    throw std::runtime_error("[aotc.cuda_launch] " + msg);
+  }
+  auto* raw = m.release();
+  mods.by_device[d].store(raw, std::memory_order_release);
+  return *raw;
+}
+
+Kernel&
+find_kernel(CudaImage& image, cu::Device& dev, const std::string& name) {
+  auto& dm = device_module(image, dev);
+  {
+    std::shared_lock lock(dm.mutex);
+    if (auto it = dm.kernels.find(name); it != dm.kernels.end()) {
+      return *it->second;
+    }
+  }
+  std::unique_lock lock(dm.mutex);
+  if (auto it = dm.kernels.find(name); it != dm.kernels.end()) {
+    return *it->second;
+  }
+  auto k = std::make_unique<Kernel>();
+  CUresult r = cuModuleGetFunction(&k->func, dm.module, name.c_str());
+  if (r == CUDA_ERROR_NOT_FOUND) {
+    fail_invalid(
+        "the aotc fatbin has no kernel named '" + name +
+        "' (kernels are extern \"C\" entry points named as in the library's index)");
+  }
+  check(r, "cuModuleGetFunction");
+  if (auto info = param_info_fn()) {
+    size_t offset = 0, size = 0;
+    int n = 0;
+    while (info(k->func, n, &offset, &size) == CUDA_SUCCESS) {
+      k->params_size = size;
+      ++n;
+    }
+    k->num_params = n;
+  }
+  return *dm.kernels.emplace(name, std::move(k)).first->second;
+}
+
+// ------------------------------------------------------------------ output
+// buffers
+
+enum AllocMode : int { kPool = 0, kMlx = 1 };
+
+std::atomic<int>& alloc_mode() {
+  static std::atomic<int> mode = [] {
+    const char* env = std::getenv("AOTC_CUDA_ALLOC");
+    return (env && std::string(env) == "mlx") ? kMlx : kPool;
+  }();
+  return mode;
+}
+
+struct Pools {
+  std::mutex mutex;
+  std::array<std::atomic<CUmemoryPool>, kMaxDevices> pool{};
+};
+
+Pools& pools() {
+  static auto* p =
+      new Pools; // leaked: buffers may be freed during interpreter teardown
+  return *p;
+}
+
+CUmemoryPool device_pool(int device) {
+  auto& ps = pools();
+  if (auto p = ps.pool[device].load(std::memory_order_acquire)) {
+    return p;
+  }
+  std::lock_guard lock(ps.mutex);
+  if (auto p = ps.pool[device].load(std::memory_order_acquire)) {
+    return p;
+  }
+  CUmemPoolProps props = {};
+  props.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+  props.handleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  props.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  props.location.id = device;
+  CUmemoryPool p = nullptr;
+  check(cuMemPoolCreate(&p, &props), "cuMemPoolCreate");
+  // Keep freed memory in the pool across synchronizations (the driver's default
+  // releases it at each one, and every decode step would map memory again).
+  cuuint64_t keep = ~cuuint64_t(0);
+  check(
+      cuMemPoolSetAttribute(p, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &keep),
+      "cuMemPoolSetAttribute");
+  ps.pool[device].store(p, std::memory_order_release);
+  return p;
+}
+
+// Output buffers that are no longer used, per device: reused before the pool is
+// asked again, so that a decode step costs no driver call for its outputs. A
+// buffer comes back here only once no array refers to it; eval_gpu registers
+// every output with the encoder as a temporary, so that is after the GPU work
+// that used it has completed, and it can serve any stream.
+struct FreeBuffers {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<void*>> by_size;
+  size_t bytes{0};
+};
+
+std::array<FreeBuffers, kMaxDevices>& free_buffers() {
+  static auto* f =
+      new std::array<FreeBuffers, kMaxDevices>; // leaked, as the pools
+  return *f;
+}
+
+size_t cache_limit() {
+  static size_t limit = [] {
+    const char* env = std::getenv("AOTC_CUDA_CACHE_MB");
+    return size_t(env ? std::strtoull(env, nullptr, 10) : 512) << 20;
+  }();
+  return limit;
+}
+
+// Sizes are rounded as MLX's allocator rounds them, so that buffers are found
+// again.
+size_t rounded_size(size_t n) {
+  constexpr size_t page = 16384;
+  if (n <= page) {
+    size_t p = 256;
+    while (p < n) {
+      p <<= 1;
+    }
+    return p;
+  }
+  return page * ((n + page - 1) / page);
+}
+
+void release_to_pool(int device, void* data) {
+  cu::device(device).make_current();
+  cuMemFreeAsync(reinterpret_cast<CUdeviceptr>(data), CU_STREAM_PER_THREAD);
+}
+
+// The deleter of aotc's output buffers.
+void free_output(mx::allocator::Buffer b) {
+  auto* buf = static_cast<cu::CudaBuffer*>(b.ptr());
+  if (!buf) {
+    return;
+  }
+  if (buf->data) {
+    try {
+      if (buf->device >= 0) {
+        auto& f = free_buffers()[buf->device];
+        std::unique_lock lock(f.mutex);
+        if (f.bytes + buf->size <= cache_limit()) {
+          f.by_size[buf->size].push_back(buf->data);
+          f.bytes += buf->size;
+        } else {
+          lock.unlock();
+          release_to_pool(buf->device, buf->data);
+        }
+      } else {
+        // MLX moved the data to unified memory (a host read of the array, see
+        // CudaAllocator::move_to_unified_memory) and freed our device memory;
+        // free the unified memory the way MLX allocated it.
+        auto ptr = reinterpret_cast<CUdeviceptr>(buf->data);
+        unsigned int managed = 0;
+        cuPointerGetAttribute(&managed, CU_POINTER_ATTRIBUTE_IS_MANAGED, ptr);
+        if (managed) {
+          cuMemFree(ptr);
+        } else {
+          cuMemFreeHost(buf->data);
+        }
+      }
+    } catch (...) {
+      // A deleter must not throw (the process may be shutting down).
+    }
+  }
+  delete buf;
+}
+
+mx::allocator::Data alloc_output(size_t nbytes, cu::CommandEncoder& enc) {
+  auto& dev = enc.device();
+  if (alloc_mode().load(std::memory_order_relaxed) == kMlx ||
+      !dev.memory_pools()) {
+    return mx::allocator::malloc(nbytes);
+  }
+  if (nbytes == 0) {
+    return mx::allocator::Data(
+        mx::allocator::Buffer{new cu::CudaBuffer{nullptr, 0, -1}},
+        &free_output);
+  }
+  const int d = dev.cuda_device();
+  const size_t size = rounded_size(nbytes);
+  void* data = nullptr;
+  {
+    auto& f = free_buffers()[d];
+    std::lock_guard lock(f.mutex);
+    if (auto it = f.by_size.find(size);
+        it != f.by_size.end() && !it->second.empty()) {
+      data = it->second.back();
+      it->second.pop_back();
+      f.bytes -= size;
+    }
+  }
+  if (!data) {
+    // Stream-ordered on MLX's stream: the kernel that writes it runs later on
+    // that stream.
+    CUdeviceptr ptr = 0;
+    auto stream =
+        static_cast<CUstream>(static_cast<cudaStream_t>(enc.stream()));
+    CUresult r = cuMemAllocFromPoolAsync(&ptr, size, device_pool(d), stream);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) {
+      clear_cache();
+      r = cuMemAllocFromPoolAsync(&ptr, size, device_pool(d), stream);
+    }
+    check(r, "cuMemAllocFromPoolAsync");
+    data = reinterpret_cast<void*>(ptr);
+  }
+  return mx::allocator::Data(
+      mx::allocator::Buffer{new cu::CudaBuffer{data, size, d}}, &free_output);
+}
+
+// A small stack buffer for the per-launch pointer and Params arrays.
+template <typename T, size_t N>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : n_(n) {
+    if (n > N) {
+      heap_ = std::make_unique<T[]>(n);
+    }
+  }
+  T* data() {
+    return heap_ ? heap_.get() : local_;
+  }
+
+ private:
+  size_t n_;
+  alignas(16) T local_[N];
+  std::unique_ptr<T[]> heap_;
+};
+
+std::string launch_name(const std::string& kernel) {
+  return "kernel '" + kernel + "'";
+}
+
+} // namespace
+
+// ------------------------------------------------------------------ the
+// primitive
+
+void CudaLaunch::eval_cpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[aotc.CudaLaunch] " + launch_name(kernel_) +
+      " has no CPU implementation: it runs only on MLX's CUDA backend (a GPU stream)");
+}
+
+void CudaLaunch::eval_gpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& s = stream();
+  auto& enc = cu::get_command_encoder(s);
+  auto& dev = enc.device();
+  dev.make_current();
+  Kernel& k = find_kernel(*image_, dev, kernel_);
+
+  const size_t n_in = inputs.size();
+  const size_t n_out = outputs.size();
+  if (k.num_params >= 0 && size_t(k.num_params) != n_in + n_out + 1) {
+    fail_invalid(
+        launch_name(kernel_) + " takes " + std::to_string(k.num_params) +
+        " parameters, but the launch passes " + std::to_string(n_in) +
+        " inputs, " + std::to_string(n_out) + " outputs and Params");
+  }
+
+  // Params: the strides of the strided inputs, then the static bytes; the
+  // kernel's struct may end with padding that Python's struct.pack does not
+  // write.
+  size_t n_strides = 0;
+  for (int i : strided_inputs_) {
+    n_strides += inputs[i].ndim();
+  }
+  const size_t blob = n_strides * sizeof(int64_t) + params_.size();
+  size_t size = (blob + 15) & ~size_t(15);
+  if (k.num_params > 0) {
+    if (blob > k.params_size || k.params_size - blob >= 16) {
+      fail_invalid(
+          launch_name(kernel_) + " takes a " + std::to_string(k.params_size) +
+          "-byte Params, but the launch packs " + std::to_string(blob) +
+          " bytes (" + std::to_string(n_strides) + " strides + " +
+          std::to_string(params_.size()) + " bytes)");
+    }
+    size = std::max(size, (k.params_size + 15) & ~size_t(15));
+  }
+  Scratch<uint64_t, 128> params(size / 8);
+  auto* words = params.data();
+  std::memset(words, 0, size);
+  auto* strides = reinterpret_cast<int64_t*>(words);
+  for (int i : strided_inputs_) {
+    for (auto st : inputs[i].strides()) {
+      *strides++ = st;
+    }
+  }
+  if (!params_.empty()) {
+    std::memcpy(strides, params_.data(), params_.size());
+  }
+
+  // Inputs that get no strides must be row-contiguous (cuda_launch makes them
+  // so).
+  for (size_t i = 0; i < n_in; ++i) {
+    if (!inputs[i].flags().row_contiguous &&
+        std::find(strided_inputs_.begin(), strided_inputs_.end(), int(i)) ==
+            strided_inputs_.end()) {
+      fail_invalid(
+          "input " + std::to_string(i) + " of " + launch_name(kernel_) +
+          " is not row-contiguous and gets no strides");
+    }
+  }
+
+  for (auto& out : outputs) {
+    out.set_data(alloc_output(out.nbytes(), enc));
+  }
+
+  Scratch<void*, 32> ptrs(n_in + n_out);
+  Scratch<void*, 33> args(n_in + n_out + 1);
+  for (size_t i = 0; i < n_in; ++i) {
+    ptrs.data()[i] =
+        inputs[i].buffer().ptr() ? mx::gpu_ptr<void>(inputs[i]) : nullptr;
+    args.data()[i] = &ptrs.data()[i];
+  }
+  for (size_t i = 0; i < n_out; ++i) {
+    ptrs.data()[n_in + i] = mx::gpu_ptr<void>(outputs[i]);
+    args.data()[n_in + i] = &ptrs.data()[n_in + i];
+  }
+  args.data()[n_in + n_out] = words;
+
+  if (shared_memory_ > k.smem_allowed.load(std::memory_order_acquire)) {
+    std::lock_guard lock(k.attr_mutex);
+    if (shared_memory_ > k.smem_allowed.load(std::memory_order_relaxed)) {
+      check(
+          cuFuncSetAttribute(
+              k.func,
+              CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+              int(shared_memory_)),
+          "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
+      k.smem_allowed.store(shared_memory_, std::memory_order_release);
+    }
+  }
+
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+    // Hold the buffer until the GPU work completes, whatever happens to the
+    // array.
+    enc.add_temporary(out);
+  }
+  enc.add_kernel_node_raw(
+      k.func,
+      dim3(grid_[0], grid_[1], grid_[2]),
+      dim3(block_[0], block_[1], block_[2]),
+      {},
+      shared_memory_,
+      args.data());
+}
+
+std::vector<mx::array> CudaLaunch::jvp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::invalid_argument(
+      "[aotc.CudaLaunch] " + launch_name(kernel_) +
+      " has no derivatives (aotc uses MLX's own op when gradients are needed)");
+}
+
+std::vector<mx::array> CudaLaunch::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  throw std::invalid_argument(
+      "[aotc.CudaLaunch] " + launch_name(kernel_) +
+      " has no gradient (aotc uses MLX's own op when gradients are needed)");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> CudaLaunch::vmap(
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::invalid_argument(
+      "[aotc.CudaLaunch] " + launch_name(kernel_) + " cannot be vmapped");
+}
+
+bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
+  if (typeid(other) != typeid(CudaLaunch)) {
+    return false;
+  }
+  auto& o = static_cast<const CudaLaunch&>(other);
+  return image_ == o.image_ && kernel_ == o.kernel_ && grid_ == o.grid_ &&
+      block_ == o.block_ && shared_memory_ == o.shared_memory_ &&
+      params_ == o.params_ && strided_inputs_ == o.strided_inputs_ &&
+      output_shapes_ == o.output_shapes_ && output_dtypes_ == o.output_dtypes_;
+}
+
+// ------------------------------------------------------------------ graph
+// building
+
+std::vector<mx::array> cuda_launch(
+    std::shared_ptr<CudaImage> image,
+    std::string kernel,
+    std::vector<mx::array> inputs,
+    std::vector<mx::Shape> output_shapes,
+    std::vector<mx::Dtype> output_dtypes,
+    std::array<int64_t, 3> grid,
+    std::array<int64_t, 3> block,
+    int64_t shared_memory,
+    std::string params,
+    std::vector<int> strided_inputs,
+    mx::StreamOrDevice s) {
+  if (!image) {
+    fail_invalid("no CUDA image");
+  }
+  auto stream = mx::to_stream(s);
+  check_launch_args(
+      kernel,
+      inputs.size(),
+      output_shapes,
+      output_dtypes,
+      grid,
+      block,
+      shared_memory,
+      strided_inputs,
+      stream);
+
+  // An input that gets no strides must be row-contiguous. Known layouts pass as
+  // they are (evaluated arrays, outputs of this primitive); others go through
+  // mx::contiguous, which shares the buffer when it already is.
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (std::find(strided_inputs.begin(), strided_inputs.end(), int(i)) !=
+        strided_inputs.end()) {
+      continue;
+    }
+    auto& x = inputs[i];
+    bool contiguous = x.status() != mx::array::unscheduled
+        ? bool(x.flags().row_contiguous)
+        : (x.has_primitive() && typeid(x.primitive()) == typeid(CudaLaunch));
+    if (!contiguous) {
+      x = mx::contiguous(x, false, stream);
+    }
+  }
+
+  auto to_dim3 = [](const std::array<int64_t, 3>& a) {
+    return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
+  };
+  auto dtypes = output_dtypes;
+  auto shapes = output_shapes;
+  return mx::array::make_arrays(
+      std::move(output_shapes),
+      dtypes,
+      std::make_shared<CudaLaunch>(
+          stream,
+          std::move(image),
+          std::move(kernel),
+          to_dim3(grid),
+          to_dim3(block),
+          uint32_t(shared_memory),
+          std::move(params),
+          std::move(strided_inputs),
+          std::move(shapes),
+          std::move(output_dtypes)),
+      inputs);
+}
+
+bool cuda_available() {
+  return cu::is_available();
+}
+
+void set_output_allocator(const std::string& name) {
+  if (name == "pool") {
+    alloc_mode().store(kPool);
+  } else if (name == "mlx") {
+    alloc_mode().store(kMlx);
+  } else {
+    throw std::invalid_argument(
+        "[aotc] unknown CUDA output allocator '" + name + "' (pool or mlx)");
+  }
+}
+
+std::string output_allocator() {
+  return alloc_mode().load() == kMlx ? "mlx" : "pool";
+}
+
+void clear_cache() {
+  auto& ps = pools();
+  for (int d = 0; d < kMaxDevices; ++d) {
+    auto pool = ps.pool[d].load();
+    if (!pool) {
+      continue;
+    }
+    std::unordered_map<size_t, std::vector<void*>> buffers;
+    {
+      auto& f = free_buffers()[d];
+      std::lock_guard lock(f.mutex);
+      buffers.swap(f.by_size);
+      f.bytes = 0;
+    }
+    for (auto& [size, list] : buffers) {
+      for (void* data : list) {
+        release_to_pool(d, data);
+      }
+    }
+    cuStreamSynchronize(CU_STREAM_PER_THREAD);
+    cuMemPoolTrimTo(pool, 0);
+  }
+}
+
+} // namespace aotc

@@ -1,0 +1,218 @@
+// aotc's CUDA launch primitive: runs one extern "C" kernel of a prebuilt aotc
+// fatbin as an MLX primitive, so it takes part in MLX's lazy graph and MLX's
+// CUDA graph encoder.
+//
+// The kernel's parameter list is (inputs as const pointers..., outputs as
+// pointers..., const Params p) where Params is a plain struct passed by value:
+// its first bytes are the int64 strides (in elements, every dimension) of the
+// inputs listed in `strided_inputs`, in order, filled in at evaluation time
+// from the arrays MLX hands the primitive; the rest of Params is the `params`
+// bytes given at graph-build time (docs/ARCHITECTURE.md, "The CUDA launch
+// contract").
+//
+// This header needs no CUDA headers: the extension's main file includes it in
+// every build, and only calls cuda_launch() when the extension was built with
+// AOTC_WITH_CUDA.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace aotc {
+
+// The bytes of an aotc fatbin. A CUDA module is loaded from them once per
+// device, on first use (thread-safe), and is never unloaded: MLX's CUDA graph
+// cache may hold kernel nodes that refer to its functions for the rest of the
+// process.
+class CudaImage {
+ public:
+  explicit CudaImage(std::string data) : data_(std::move(data)) {}
+  CudaImage(const CudaImage&) = delete;
+  CudaImage& operator=(const CudaImage&) = delete;
+
+  const std::string& data() const noexcept {
+    return data_;
+  }
+
+ private:
+  friend struct CudaImageAccess; // cuda_launch.cpp
+  std::string data_;
+  std::once_flag once_;
+  std::shared_ptr<void>
+      modules_; // per-device modules, created by the CUDA build
+};
+
+using Dim3 = std::array<uint32_t, 3>;
+
+// Checks what can be checked before evaluation; throws std::invalid_argument
+// with the reason. Shared by the CUDA build and the CPU-only build (whose
+// cuda_launch then reports that it lacks the primitive), so argument errors
+// read the same everywhere.
+inline void check_launch_args(
+    const std::string& kernel,
+    size_t num_inputs,
+    const std::vector<mlx::core::Shape>& output_shapes,
+    const std::vector<mlx::core::Dtype>& output_dtypes,
+    const std::array<int64_t, 3>& grid,
+    const std::array<int64_t, 3>& block,
+    int64_t shared_memory,
+    const std::vector<int>& strided_inputs,
+    const mlx::core::Stream& stream) {
+  auto fail = [](const std::string& msg) {
+    throw std::invalid_argument("[aotc.cuda_launch] " + msg);
+  };
+  if (kernel.empty()) {
+    fail("the kernel name is empty");
+  }
+  if (output_shapes.empty()) {
+    fail("a launch needs at least one output");
+  }
+  if (output_shapes.size() != output_dtypes.size()) {
+    fail(
+        std::to_string(output_shapes.size()) + " output shapes but " +
+        std::to_string(output_dtypes.size()) + " output dtypes");
+  }
+  for (auto& shape : output_shapes) {
+    for (auto d : shape) {
+      if (d < 0) {
+        fail("an output shape has a negative dimension");
+      }
+    }
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (grid[i] < 1 || block[i] < 1) {
+      fail("grid and block dimensions must be >= 1");
+    }
+  }
+  if (grid[0] > 0x7fffffffLL || grid[1] > 65535 || grid[2] > 65535) {
+    fail("the grid is larger than CUDA allows (2^31-1, 65535, 65535 blocks)");
+  }
+  if (block[0] > 1024 || block[1] > 1024 || block[2] > 64 ||
+      block[0] * block[1] * block[2] > 1024) {
+    fail("a block has more than 1024 threads");
+  }
+  if (shared_memory < 0 || shared_memory > (int64_t(1) << 31)) {
+    fail("shared_memory is out of range");
+  }
+  for (int i : strided_inputs) {
+    if (i < 0 || static_cast<size_t>(i) >= num_inputs) {
+      fail(
+          "strided input index " + std::to_string(i) + " is not one of the " +
+          std::to_string(num_inputs) + " inputs");
+    }
+  }
+  if (stream.device.type != mlx::core::Device::gpu) {
+    fail(
+        "needs a GPU stream, got a CPU stream (MLX's device for this call is the CPU): "
+        "aotc's CUDA kernels run only on MLX's CUDA backend");
+  }
+}
+
+// Builds the outputs of one kernel launch (lazy MLX arrays). Arguments as
+// check_launch_args, plus the static Params bytes. Only in builds with
+// AOTC_WITH_CUDA.
+std::vector<mlx::core::array> cuda_launch(
+    std::shared_ptr<CudaImage> image,
+    std::string kernel,
+    std::vector<mlx::core::array> inputs,
+    std::vector<mlx::core::Shape> output_shapes,
+    std::vector<mlx::core::Dtype> output_dtypes,
+    std::array<int64_t, 3> grid,
+    std::array<int64_t, 3> block,
+    int64_t shared_memory,
+    std::string params,
+    std::vector<int> strided_inputs,
+    mlx::core::StreamOrDevice s = {});
+
+// MLX's CUDA backend is usable here (a GPU and a driver).
+bool cuda_available();
+
+// Where output buffers come from: "pool" (default: device memory from a
+// per-device CUDA memory pool, stream-ordered on MLX's stream) or "mlx" (MLX's
+// allocator::malloc: unified memory).
+void set_output_allocator(const std::string& name);
+std::string output_allocator();
+
+// Returns the unused memory of aotc's output pools to the driver.
+void clear_cache();
+
+class CudaLaunch : public mlx::core::Primitive {
+ public:
+  CudaLaunch(
+      mlx::core::Stream stream,
+      std::shared_ptr<CudaImage> image,
+      std::string kernel,
+      Dim3 grid,
+      Dim3 block,
+      uint32_t shared_memory,
+      std::string params,
+      std::vector<int> strided_inputs,
+      std::vector<mlx::core::Shape> output_shapes,
+      std::vector<mlx::core::Dtype> output_dtypes)
+      : mlx::core::Primitive(stream),
+        image_(std::move(image)),
+        kernel_(std::move(kernel)),
+        grid_(grid),
+        block_(block),
+        shared_memory_(shared_memory),
+        params_(std::move(params)),
+        strided_inputs_(std::move(strided_inputs)),
+        output_shapes_(std::move(output_shapes)),
+        output_dtypes_(std::move(output_dtypes)) {}
+
+  void eval_cpu(
+      const std::vector<mlx::core::array>& inputs,
+      std::vector<mlx::core::array>& outputs) override;
+  void eval_gpu(
+      const std::vector<mlx::core::array>& inputs,
+      std::vector<mlx::core::array>& outputs) override;
+
+  std::vector<mlx::core::array> jvp(
+      const std::vector<mlx::core::array>& primals,
+      const std::vector<mlx::core::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mlx::core::array> vjp(
+      const std::vector<mlx::core::array>& primals,
+      const std::vector<mlx::core::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mlx::core::array>& outputs) override;
+  std::pair<std::vector<mlx::core::array>, std::vector<int>> vmap(
+      const std::vector<mlx::core::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  const char* name() const override {
+    return "CudaLaunch";
+  }
+  bool is_equivalent(const mlx::core::Primitive& other) const override;
+  std::vector<mlx::core::Shape> output_shapes(
+      const std::vector<mlx::core::array>& inputs) override {
+    return output_shapes_;
+  }
+
+  const std::string& kernel() const {
+    return kernel_;
+  }
+
+ private:
+  std::shared_ptr<CudaImage> image_;
+  std::string kernel_;
+  Dim3 grid_;
+  Dim3 block_;
+  uint32_t shared_memory_;
+  std::string params_;
+  std::vector<int> strided_inputs_;
+  std::vector<mlx::core::Shape> output_shapes_;
+  std::vector<mlx::core::Dtype> output_dtypes_;
+};
+
+} // namespace aotc
