@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # Run-time names load MLX lazily so that `aotc build` starts fast and never touches a GPU.
 _LAZY = {
     "sdpa_vector": "aotc.families.sdpa_vector.api",
+    "fallback_reason": "aotc.families.sdpa_vector.api",
     "patch": "aotc.families.sdpa_vector.api",
     "unpatch": "aotc.families.sdpa_vector.api",
     "patched": "aotc.families.sdpa_vector.api",
@@ -25,7 +26,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from aotc.families.sdpa_vector.api import patch, patched, sdpa_vector, unpatch
+    from aotc.families.sdpa_vector.api import (
+        fallback_reason,
+        patch,
+        patched,
+        sdpa_vector,
+        unpatch,
+    )
     from aotc.runtime.libraries import Library, libraries
 
 
@@ -47,4 +54,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'aotc' has no attribute {name!r}")
 
 
-__all__ = ["Library", "libraries", "load", "patch", "patched", "sdpa_vector", "unpatch"]
+__all__ = [
+    "Library",
+    "fallback_reason",
+    "libraries",
+    "load",
+    "patch",
+    "patched",
+    "sdpa_vector",
+    "unpatch",
+]

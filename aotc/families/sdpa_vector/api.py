@@ -51,6 +51,20 @@ def sdpa_vector(
     return decision(q, k, v, scale, mask, sinks)
 
 
+def fallback_reason(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    mask: mx.array | str | None = None,
+    sinks: mx.array | None = None,
+    stream: Any = None,
+) -> str | None:
+    """Why `sdpa_vector` would call MLX's own op for these arguments; None when aotc serves them."""
+    decision = _decide(q, k, v, mask, sinks, stream)
+    return decision if isinstance(decision, str) else None
+
+
 def _decide(q, k, v, mask, sinks, stream) -> Runner | str:
     key = _cache_key(q, k, v, mask, sinks, stream)
     decision = _decisions.get(key)
@@ -122,7 +136,13 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
 
     library = _library_for("cuda", problem)
     runner = cuda.make_runner(problem, launch_fn=launcher(library), available=library.kernel_names)
-    return with_mlx_gradient(runner)
+    if problem.mask != "additive":
+        return with_mlx_gradient(runner)
+
+    def cast_mask(q, k, v, scale, mask, sinks):  # MLX casts additive masks to the output type
+        return runner(q, k, v, scale, mask.astype(q.dtype), sinks)
+
+    return with_mlx_gradient(cast_mask)
 
 
 def _library_for(target: str, problem: AttentionProblem):

@@ -1,0 +1,178 @@
+"""aotc.sdpa_vector on MLX's CUDA backend against a float32 reference made of MLX ops.
+
+Runs on the GPU machine with MLX's CUDA build, the extension built, and `dist/` built from the
+repository's manifest.yaml (`aotc build manifest.yaml`); skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import aotc
+from aotc.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+INDEX = REPO / "dist" / "extra_sdpa.cuda.json"
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOL = {"float16": 6e-3, "bfloat16": 3e-2, "float32": 1e-4}
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="MLX has no CUDA GPU here"
+    ),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    from aotc.runtime.cuda import has_cuda, unavailable_reason
+
+    if not has_cuda():
+        pytest.skip(f"aotc's CUDA launch primitive is unavailable: {unavailable_reason()}")
+    if not INDEX.is_file():
+        pytest.skip(f"{INDEX} is missing: run `aotc build manifest.yaml` first")
+    return aotc.load(INDEX)
+
+
+def manifest_cases() -> list[tuple[str, int, int]]:
+    manifest = load_manifest(REPO / "manifest.yaml")
+    return sorted({(i.dtype, i.param("D"), i.param("V")) for i in manifest.for_target("cuda")})
+
+
+def reference(q, k, v, scale, mask, sinks):
+    """MLX's semantics in float32 with plain ops (GQA by grouping, causal aligned to the end)."""
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+    b, hq, lq, _ = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scores = (q * scale).reshape(b, hkv, g, lq, -1) @ k[:, :, None].swapaxes(-1, -2)
+    scores = scores.reshape(b, hq, lq, n)
+    if isinstance(mask, str):
+        rows = mx.arange(n - lq, n)[:, None]
+        scores = mx.where(rows >= mx.arange(n)[None], scores, -math.inf)
+    elif mask is not None and mask.dtype == mx.bool_:
+        scores = mx.where(mask, scores, -math.inf)
+    elif mask is not None:
+        scores = scores + mask.astype(mx.float32)
+    if sinks is not None:
+        column = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (b, hq, lq, 1))
+        scores = mx.concatenate([column, scores], axis=-1)
+    probs = mx.softmax(scores, axis=-1)
+    if sinks is not None:
+        probs = probs[..., 1:]
+    out = probs.reshape(b, hkv, g, lq, n) @ v[:, :, None]
+    return out.reshape(b, hq, lq, -1)
+
+
+def check(
+    *,
+    dtype="bfloat16",
+    d=192,
+    v_dim=128,
+    b=1,
+    hkv=2,
+    gqa=4,
+    lq=1,
+    n=1000,
+    mask=None,
+    sinks=False,
+    cache=0,
+    seed=0,
+):
+    mx.random.seed(seed)
+    t = DTYPES[dtype]
+    hq = hkv * gqa
+    q = mx.random.normal((b, hq, lq, d)).astype(t)
+    if cache:  # K and V as slices of a preallocated cache, as mlx-lm's KVCache returns them
+        k_cache = mx.random.normal((b, hkv, n + cache, d)).astype(t)
+        v_cache = mx.random.normal((b, hkv, n + cache, v_dim)).astype(t)
+        mx.eval(k_cache, v_cache)
+        k, v = k_cache[:, :, :n, :], v_cache[:, :, :n, :]
+    else:
+        k = mx.random.normal((b, hkv, n, d)).astype(t)
+        v = mx.random.normal((b, hkv, n, v_dim)).astype(t)
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(b, 1, lq, n)) > 0.2
+        mask[..., -1] = True  # keep every row non-empty
+    elif mask == "additive":
+        mask = (mx.random.normal((1, hq, lq, n)) * 2).astype(t)
+    sink = (mx.random.normal((hq,)) * 2).astype(t) if sinks else None
+    mx.eval(q, k, v)
+    scale = 1.0 / math.sqrt(d)
+    assert aotc.fallback_reason(q, k, v, mask=mask, sinks=sink) is None
+    got = aotc.sdpa_vector(q, k, v, scale=scale, mask=mask, sinks=sink)
+    want = reference(q, k, v, scale, mask, sink)
+    assert got.shape == (b, hq, lq, v_dim) and got.dtype == t
+    error = mx.abs(got.astype(mx.float32) - want).max().item()
+    assert error <= TOL[dtype] * max(1.0, mx.abs(want).max().item()), error
+
+
+@pytest.mark.parametrize(("dtype", "d", "v_dim"), manifest_cases())
+def test_every_dtype_and_pair_of_the_manifest(dtype, d, v_dim):
+    check(dtype=dtype, d=d, v_dim=v_dim, n=777)
+    check(dtype=dtype, d=d, v_dim=v_dim, n=4096, lq=3, mask="causal")
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8, 16])
+def test_gqa_factors(gqa):
+    check(gqa=gqa, hkv=2, n=1000)
+
+
+@pytest.mark.parametrize("lq", range(1, 9))
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_tokens(lq, causal):
+    check(lq=lq, mask="causal" if causal else None, n=300)
+
+
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_masks(mask):
+    check(mask=mask, lq=2, n=500, b=2)
+
+
+def test_sinks():
+    check(sinks=True, lq=2, n=500, mask="causal")
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4096, 65537])
+def test_kv_lengths(n):
+    check(n=n, dtype="float16")
+
+
+@pytest.mark.parametrize(("d", "v_dim"), [(192, 128), (576, 512)])
+def test_strided_cache_slices(d, v_dim):
+    check(d=d, v_dim=v_dim, cache=256, n=3000, b=2, lq=2, mask="causal")
+
+
+def test_mla_decode_with_v_a_view_of_k():
+    """DeepSeek-style MLA: one latent KV head for 128 query heads; V = K's first 512 columns."""
+    mx.random.seed(1)
+    q = mx.random.normal((1, 128, 1, 576)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 1, 2048, 576)).astype(mx.bfloat16)
+    mx.eval(q, k)
+    v = k[..., :512]
+    assert aotc.fallback_reason(q, k, v) is None
+    got = aotc.sdpa_vector(q, k, v, scale=576**-0.5)
+    want = reference(q, k, v, 576**-0.5, None, None)
+    assert mx.abs(got.astype(mx.float32) - want).max().item() < 3e-2 * mx.abs(want).max().item()
+
+
+def test_patch_serves_mlx_fast_attention():
+    q = mx.random.normal((1, 8, 1, 192)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, 100, 192)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 100, 128)).astype(mx.bfloat16)
+    with aotc.patched():
+        got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07)
+    want = reference(q, k, v, 0.07, None, None)
+    assert mx.abs(got.astype(mx.float32) - want).max().item() < 3e-2
+
+
+def test_unbuilt_pair_falls_back():
+    q = mx.random.normal((1, 8, 1, 80)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, 100, 80)).astype(mx.bfloat16)
+    reason = aotc.fallback_reason(q, k, k)
+    assert reason is not None and "sdpa_vector_bfloat16_t_80_80" in reason
