@@ -1,0 +1,147 @@
+"""Decode attention through MLX on the GPU: aotc.sdpa_vector vs mx.fast SDPA vs torch SDPA.
+
+    python3 -m bench.mlx_sdpa [--index dist/extra_sdpa.cuda.json] [--iters 20]
+
+A benchmark, not a test: one table per run, with the device's copy bandwidth and MLX's
+per-evaluation floor measured in the same run as the ceilings to compare against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+import aotc
+
+# (B, Hq, Hkv, N, D, V, V is a view of K): /work/shared/gpu/README.md's shapes, then MLA decode.
+SHAPES = [
+    (1, 32, 4, 4096, 192, 128, False),
+    (8, 32, 8, 32768, 192, 128, False),
+    (32, 32, 8, 8192, 192, 128, False),
+    (8, 64, 8, 16384, 576, 512, False),
+    (1, 32, 8, 32768, 256, 128, False),
+    (1, 128, 1, 8192, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
+    (8, 128, 1, 32768, 576, 512, True),
+]
+
+
+def seconds_per_call(fn: Callable[[], mx.array], iters: int, chain: int) -> float:
+    """Wall time per call when `chain` calls are evaluated together (1: one eval per call)."""
+    for _ in range(3):
+        mx.eval([fn() for _ in range(chain)])
+    start = time.perf_counter()
+    for _ in range(iters):
+        mx.eval([fn() for _ in range(chain)])
+    return (time.perf_counter() - start) / (iters * chain)
+
+
+def copy_bandwidth() -> float:
+    x = mx.zeros((1 << 28,), dtype=mx.float32)  # 1 GiB read + 1 GiB written per copy
+    mx.eval(x)
+    per = seconds_per_call(lambda: x + 1, 10, 1)
+    return 2 * x.nbytes / per
+
+
+def eval_floor() -> float:
+    x = mx.zeros((16,))
+    mx.eval(x)
+    return seconds_per_call(lambda: x + 1, 200, 1)
+
+
+def torch_sdpa(b, hq, hkv, n, d, v_dim, iters) -> float | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    try:
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, n, v_dim, device="cuda", dtype=torch.bfloat16)
+
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=hkv != hq)
+
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / iters
+    except RuntimeError:  # out of memory, unsupported shape
+        return None
+
+
+def row(shape, iters: int) -> dict:
+    """One table row; its arrays die with the call, so rows do not pile up GPU memory."""
+    b, hq, hkv, n, d, v_dim, v_view = shape
+    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
+    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
+    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
+    mx.eval(q, k, v)
+    scale = d**-0.5
+    kv_bytes = k.nbytes + (0 if v_view else v.nbytes)
+    flops = 2 * b * hq * n * (d + v_dim)
+    result = {"shape": shape, "bytes": kv_bytes, "flops": flops}
+    result["reason"] = aotc.fallback_reason(q, k, v)
+    ours = lambda: aotc.sdpa_vector(q, k, v, scale=scale)  # noqa: E731
+    theirs = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+    result["aotc_eval"] = seconds_per_call(ours, iters, 1)
+    result["aotc"] = seconds_per_call(ours, iters, 8)
+    try:
+        result["mlx"] = seconds_per_call(theirs, max(2, iters // 4), 8)
+    except RuntimeError:
+        result["mlx"] = None
+    result["torch"] = torch_sdpa(b, hq, hkv, n, d, v_dim, iters)
+    if result["torch"] is not None:
+        import torch
+
+        torch.cuda.empty_cache()
+    return result
+
+
+def fmt_us(seconds: float | None) -> str:
+    return "failed" if seconds is None else f"{seconds * 1e6:9.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    aotc.load(args.index)
+    copy, floor = copy_bandwidth(), eval_floor()
+    print(f"device: {mx.device_info().get('device_name', mx.default_device())}")
+    print(
+        f"copy bandwidth {copy / 1e12:.2f} TB/s (read+write); MLX eval floor {floor * 1e6:.1f} us"
+    )
+    print(
+        "  B   Hq Hkv      N    D    V | aotc us/eval | aotc us/call  rate            | "
+        "mx.fast us | torch us"
+    )
+    for shape in SHAPES:
+        r = row(shape, args.iters)
+        mx.clear_cache()
+        b, hq, hkv, n, d, v_dim, v_view = shape
+        if hkv == 1 and hq >= 64:  # MLA decode is compute-bound: report TFLOP/s
+            rate = f"{r['flops'] / r['aotc'] / 1e12:6.1f} TFLOP/s"
+        else:
+            tbs = r["bytes"] / r["aotc"]
+            rate = f"{tbs / 1e12:5.2f} TB/s {100 * tbs / copy:3.0f}%"
+        note = "" if r["reason"] is None else f"  (fallback: {r['reason']})"
+        print(
+            f"{b:3d} {hq:4d} {hkv:3d} {n:6d} {d:4d} {v_dim:4d} | {fmt_us(r['aotc_eval'])}    | "
+            f"{fmt_us(r['aotc'])}    {rate:15s} | {fmt_us(r['mlx'])}  | {fmt_us(r['torch'])}{note}"
+        )
+
+
+if __name__ == "__main__":
+    main()
