@@ -130,7 +130,7 @@ def main() -> None:
     for shape in SHAPES:
         r = row(shape, args.iters)
         mx.clear_cache()
-        b, hq, hkv, n, d, v_dim, v_view = shape
+        b, hq, hkv, n, d, v_dim, _ = shape
         if hkv == 1 and hq >= 64:  # MLA decode is compute-bound: report TFLOP/s
             rate = f"{r['flops'] / r['aotc'] / 1e12:6.1f} TFLOP/s"
         else:
