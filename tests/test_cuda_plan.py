@@ -50,7 +50,7 @@ def problem(**kw) -> AttentionProblem:
 
 
 def unpack(launch: Launch) -> tuple:
-    return struct.unpack("@f11i", launch.params)
+    return struct.unpack("@f13i", launch.params)
 
 
 def test_short_kv_is_one_pass():
@@ -92,12 +92,17 @@ def test_gqa_rows_and_row_groups():
         sm_count=132,
         num_splits=1,
     )
-    m_tiles, row_groups = unpack(launch)[10:12]
-    assert (m_tiles, row_groups) == (2, 4)  # V > 256: at most 32 rows per block
+    m_tiles, row_groups, stages = unpack(launch)[10:13]
+    assert (m_tiles, row_groups) == (4, 2)  # 64 rows per block: K read twice for 128 heads
+    cfg = kernel_config("bfloat16", 576, 512)
+    # One 8-warp block per SM: as many stages as fit the 227 KB opt-in.
+    assert cfg.stages < stages <= cfg.max_stages
+    assert cfg.shared_bytes(4, stages) <= 232448 < cfg.shared_bytes(4, stages + 1)
+    assert launch.shared_memory == cfg.shared_bytes(4, stages)
     (launch,) = plan_cuda(
         problem(q_heads=32, kv_heads=4, q_len=8), available=NAMES, sm_count=132, num_splits=1
     )
-    assert unpack(launch)[10:12] == (4, 1)  # 64 rows in one block: K and V read once
+    assert unpack(launch)[10:13] == (4, 1, 3)  # 64 rows in one block: K and V read once
     assert launch.shared_memory == kernel_config("bfloat16", 192, 128).shared_bytes(4)
 
 
@@ -154,12 +159,13 @@ PROBE = r"""
 using namespace aotc_sdpa;
 template <typename T, int D, int V> void cfg(const char* n) {
   using C = Cfg<T, D, V>;
-  std::printf("cfg %s %d %d %d %d %d %d %d %d %d\n", n, D, V, C::NW, C::TK, C::STAGES, C::KS,
-              C::MT_MAX, shared_bytes<T, D, V>(1), shared_bytes<T, D, V>(2));
+  std::printf("cfg %s %d %d %d %d %d %d %d %d %d %d %d\n", n, D, V, C::NW, C::TK, C::STAGES,
+              C::MAX_STAGES, C::KS, C::MT_MAX, shared_bytes<T, D, V>(1, C::STAGES),
+              shared_bytes<T, D, V>(2, C::STAGES), shared_bytes<T, D, V>(4, C::MAX_STAGES));
 }
 int main() {
   std::printf("params %zu %zu %zu %zu\n", sizeof(Params), offsetof(Params, scale),
-              offsetof(Params, row_groups), sizeof(CombineParams));
+              offsetof(Params, reserved), sizeof(CombineParams));
   cfg<__nv_bfloat16, 192, 128>("bfloat16"); cfg<__half, 576, 512>("float16");
   cfg<float, 576, 512>("float32"); cfg<float, 96, 64>("float32"); cfg<__half, 80, 80>("float16");
   cfg<__nv_bfloat16, 320, 256>("bfloat16"); cfg<float, 256, 128>("float32");
@@ -181,15 +187,17 @@ def test_header_layout_matches_plan(tmp_path):
     assert combine_size == COMBINE_SIZE
     for line in lines[1:]:
         _, dtype, *nums = line.split()
-        d, v, nw, tk, stages, ks, mt_max, smem1, smem2 = map(int, nums)
+        d, v, nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4 = map(int, nums)
         cfg = kernel_config(dtype, d, v)
         got = (
             cfg.warps,
             cfg.key_tile,
             cfg.stages,
+            cfg.max_stages,
             cfg.k_splits,
             cfg.max_m_tiles,
             cfg.shared_bytes(1),
             cfg.shared_bytes(2),
+            cfg.shared_bytes(4, cfg.max_stages),
         )
-        assert got == (nw, tk, stages, ks, mt_max, smem1, smem2), line
+        assert got == (nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4), line

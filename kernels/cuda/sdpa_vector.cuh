@@ -41,6 +41,8 @@ struct Params {
   int keys_per_split;  // multiple of Cfg::TK
   int m_tiles;         // 16-row tiles per block: 1, 2 or 4 (<= Cfg::MT_MAX)
   int row_groups;      // blocks along the query rows of one KV head
+  int stages;          // K+V tile stages in shared memory: 2..Cfg::MAX_STAGES (plan: fill smem)
+  int reserved;
 };
 
 struct CombineParams {
@@ -85,6 +87,7 @@ struct Cfg {
   static constexpr int TS = sizeof(T);
   static constexpr int NW = (D > 256 || V > 256) ? 8 : 4;  // warps per block
   static constexpr int NT = NW * 32;
+  static constexpr int MIN_BLOCKS = NW == 4 ? 3 : 1;  // the plan counts 3 blocks of 4 warps
   // Keys per tile: about 24 KB of K and V per stage; three stages when they fit 72 KB (three
   // blocks of 4 warps per SM, the register limit, keep six tiles in flight), else two.
   static constexpr int TK = (D + V) * TS * 64 <= 24 * 1024 ? 64
@@ -94,7 +97,12 @@ struct Cfg {
   static constexpr int DP = D + PAD;
   static constexpr int VP = V + PAD;
   static constexpr int STAGE_BYTES = TK * (DP + VP) * TS;
+  // Default stage count (three 4-warp blocks per SM); the plan passes Params::stages, up to
+  // MAX_STAGES, to fill shared memory when one 8-warp block owns the SM.
   static constexpr int STAGES = 3 * STAGE_BYTES <= 72 * 1024 ? 3 : 2;
+  static constexpr int MAX_STAGES = 6;
+  // When V is K's prefix (same rows in memory), tiles hold K alone: more of them fit.
+  static constexpr int MAX_RING = 8;
   static constexpr int SP = TK + 4;  // fp32 score row pitch
   static constexpr int PP = TK + PAD;
   static constexpr int NT1 = TK / 8;  // key n-tiles in S
@@ -104,14 +112,14 @@ struct Cfg {
   static constexpr int KCHUNK = cdiv(KSTEPS, KS);
   static constexpr int NT3 = V / 8;  // value n-tiles in O
   static constexpr int NPW3 = cdiv(NT3, NW);
-  static constexpr int MT_MAX = V > 256 ? 2 : 4;
+  static constexpr int MT_MAX = 4;
   static_assert(D % 16 == 0 && V % 16 == 0, "head dims must be multiples of 16");
 };
 
 template <typename T, int D, int V>
-__host__ __device__ constexpr int shared_bytes(int mt) {
+__host__ __device__ constexpr int shared_bytes(int mt, int stages) {
   using C = Cfg<T, D, V>;
-  return C::TS * (C::STAGES * C::TK * (C::DP + C::VP) + 16 * mt * C::DP + 16 * mt * C::PP) +
+  return C::TS * (stages * C::TK * (C::DP + C::VP) + 16 * mt * C::DP + 16 * mt * C::PP) +
          4 * (C::KS * 16 * mt * C::SP + 3 * 16 * mt);
 }
 
@@ -127,6 +135,18 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// wait_group takes an immediate: dispatch a run-time count (0..6).
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    default: cp_async_wait<6>(); break;
+  }
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -232,9 +252,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int ntiles = cdiv(key_end - key_begin, TK);
   const float scale2 = p.scale * kLog2e;
 
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + C::STAGES * TK * DP;
-  T* sQ = sV + C::STAGES * TK * VP;
+  const int stages = p.stages;
+  T* sRing = reinterpret_cast<T*>(smem);  // stages * TK * (DP + VP) elements
+  T* sQ = sRing + stages * TK * (DP + VP);
   T* sP = sQ + MB * DP;
   float* sS = reinterpret_cast<float*>(sP + MB * PP);
   float* sM = sS + C::KS * MB * SP;
@@ -245,13 +265,22 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
   const bool kvec = vec_ok(kbase, p.k_strides);
   const bool vvec = vec_ok(vbase, p.v_strides);
+  // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: then a tile
+  // holds K alone and P V reads V from the K tile (no second load, more tiles in flight).
+  const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
+                      p.v_strides[3] == p.k_strides[3];
+  const int tile_elems = v_in_k ? TK * DP : TK * (DP + VP);
+  const int ring = v_in_k ? min(C::MAX_RING, stages * (DP + VP) / DP) : stages;
+  const int vpitch = v_in_k ? DP : VP;
+  const int voff = v_in_k ? 0 : TK * DP;  // V's offset inside a tile
 
-  auto load_tile = [&](int stage, int k0) {
-    load_rows<T, D, NT>(sK + stage * TK * DP, DP, kbase, p.k_strides, kvec, k0, TK, key_end, tid);
-    load_rows<T, V, NT>(sV + stage * TK * VP, VP, vbase, p.v_strides, vvec, k0, TK, key_end, tid);
+  auto load_tile = [&](int slot, int k0) {
+    T* dst = sRing + slot * tile_elems;
+    load_rows<T, D, NT>(dst, DP, kbase, p.k_strides, kvec, k0, TK, key_end, tid);
+    if (!v_in_k)
+      load_rows<T, V, NT>(dst + TK * DP, VP, vbase, p.v_strides, vvec, k0, TK, key_end, tid);
   };
-#pragma unroll
-  for (int s = 0; s < C::STAGES - 1; ++s) {
+  for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) load_tile(s, key_begin + s * TK);
     cp_async_commit();
   }
@@ -288,19 +317,21 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[m][n][c] = 0.f;
 
+  int stage = 0, next = ring - 1;
   for (int t = 0; t < ntiles; ++t) {
-    const int stage = t % C::STAGES;
     const int k0 = key_begin + t * TK;
-    cp_async_wait<C::STAGES - 2>();
+    cp_async_wait_dyn(ring - 2);
     __syncthreads();
-    // The stage of tile t - 1 is free: every thread passed phase 3 of t - 1.
-    if (t + C::STAGES - 1 < ntiles)
-      load_tile((t + C::STAGES - 1) % C::STAGES, k0 + (C::STAGES - 1) * TK);
+    // The slot of tile t - 1 is free: every thread passed phase 3 of t - 1.
+    if (t + ring - 1 < ntiles) load_tile(next, k0 + (ring - 1) * TK);
     cp_async_commit();
+    next = next + 1 == ring ? 0 : next + 1;
+    const T* tile = sRing + stage * tile_elems;
+    stage = stage + 1 == ring ? 0 : stage + 1;
 
     // ---- phase 1: S[ks] = Q[:, kchunk] K[:, kchunk]^T
     {
-      const T* tK = sK + stage * TK * DP;
+      const T* tK = tile;
       const int nt_first = C::NW >= C::NT1 ? warp % C::NT1 : warp * C::NPW1;
       const int ks = C::NW >= C::NT1 ? warp / C::NT1 : 0;
       const bool active = ks < C::KS;
@@ -315,7 +346,10 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
           for (int c = 0; c < 4; ++c) s[m][n][c] = 0.f;
       if (active) {
         if constexpr (Tr<T>::kMma) {
-          for (int kk = kb; kk < ke; ++kk) {
+#pragma unroll
+          for (int kc = 0; kc < C::KCHUNK; ++kc) {
+            const int kk = kb + kc;
+            if (C::KSTEPS % C::KS != 0 && kk >= ke) break;
             uint32_t a[MT][4];
 #pragma unroll
             for (int m = 0; m < MT; ++m)
@@ -363,25 +397,31 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     }
     __syncthreads();
 
-    // ---- phase 2: online softmax of the tile, one warp per row
-    for (int r = warp; r < rows_here; r += C::NW) {
-      const int rr = row0 + r;
-      const int g = rr / Lq, i = rr - g * Lq;
-      const int head = kvh * G + g;
-      const long long mrow = (long long)b * p.mask_strides[0] +
-                             (long long)head * p.mask_strides[1] +
-                             (long long)i * p.mask_strides[2];
-      const int causal_last = N - Lq + i;
-      constexpr int JJ = cdiv(TK, 32);
-      float sv[JJ];
-      float tmax = -INFINITY;
+    // ---- phase 2: online softmax of the tile. LPR lanes per row: 32 (one row per warp) when
+    // the rows fit the warps, else 8 (4 rows per warp at once: shorter reductions, fewer passes).
+    auto softmax_rows = [&](auto lpr_tag) {
+      constexpr int LPR = decltype(lpr_tag)::value;
+      constexpr int RPW = 32 / LPR;                  // rows per warp pass
+      constexpr int KPL = TK >= LPR ? TK / LPR : 1;  // keys per lane, contiguous
+      const int sub = lane / LPR, sl = lane % LPR;
+      for (int rb = warp * RPW; rb < rows_here; rb += C::NW * RPW) {
+        const int r = rb + sub;  // < MB: rb < rows_here <= MB, MB a multiple of RPW
+        const bool rv = r < rows_here;
+        const int rr = row0 + r;
+        const int g = rr / Lq, i = rr - g * Lq;
+        const int head = kvh * G + g;
+        const long long mrow = (long long)b * p.mask_strides[0] +
+                               (long long)head * p.mask_strides[1] +
+                               (long long)i * p.mask_strides[2];
+        const int causal_last = N - Lq + i;
+        float sv[KPL];
+        float tmax = -INFINITY;
 #pragma unroll
-      for (int jj = 0; jj < JJ; ++jj) {
-        const int j = lane + 32 * jj;
-        float x = -INFINITY;
-        if (j < TK) {
+        for (int u = 0; u < KPL; ++u) {
+          const int j = sl * KPL + u;
           const int key = k0 + j;
-          if (key < key_end) {
+          float x = -INFINITY;
+          if (rv && j < TK && key < key_end) {
             float dot = 0.f;
 #pragma unroll
             for (int ks = 0; ks < C::KS; ++ks) dot += sS[ks * MB * SP + r * SP + j];
@@ -396,38 +436,40 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
                    kLog2e;
             }
           }
+          sv[u] = x;
+          tmax = fmaxf(tmax, x);
         }
-        sv[jj] = x;
-        tmax = fmaxf(tmax, x);
-      }
-      tmax = warp_max(tmax);
-      const float m_old = sM[r];
-      const float m_new = fmaxf(m_old, tmax);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      float lsum = 0.f;
 #pragma unroll
-      for (int jj = 0; jj < JJ; ++jj) {
-        const int j = lane + 32 * jj;
-        if (j < TK) {
-          float pj = exp2f(sv[jj] - m_use);
+        for (int o = LPR / 2; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        const float m_old = sM[r];
+        const float m_new = fmaxf(m_old, tmax);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        float lsum = 0.f;
+#pragma unroll
+        for (int u = 0; u < KPL; ++u) {
+          const float pj = exp2f(sv[u] - m_use);
           lsum += pj;
-          sP[r * PP + j] = Tr<T>::t(pj);
+          if (rv && sl * KPL + u < TK) sP[r * PP + sl * KPL + u] = Tr<T>::t(pj);
+        }
+#pragma unroll
+        for (int o = LPR / 2; o > 0; o >>= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
+        if (rv && sl == 0) {
+          const float alpha = exp2f(m_old - m_use);
+          sA[r] = alpha;
+          sM[r] = m_new;
+          sL[r] = sL[r] * alpha + lsum;
         }
       }
-      lsum = warp_sum(lsum);
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - m_use);
-        sA[r] = alpha;
-        sM[r] = m_new;
-        sL[r] = sL[r] * alpha + lsum;
-      }
-    }
+    };
+    if (rows_here <= C::NW)
+      softmax_rows(std::integral_constant<int, 32>());
+    else
+      softmax_rows(std::integral_constant<int, 8>());
     __syncthreads();
 
     // ---- phase 3: O = alpha * O + P V
     {
-      const T* tV = sV + stage * TK * VP;
+      const T* tV = tile + voff;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const float a_lo = sA[m * 16 + g8], a_hi = sA[m * 16 + g8 + 8];
@@ -451,7 +493,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
               uint32_t bf[2];
-              ldsm_x2_t(bf, tV + (kk * 16 + (lane & 15)) * VP + nt * 8);
+              ldsm_x2_t(bf, tV + (kk * 16 + (lane & 15)) * vpitch + nt * 8);
 #pragma unroll
               for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][n], a[m], bf);
             }
@@ -463,7 +505,8 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
           for (int n = 0; n < C::NPW3; ++n) {
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
-              const float2 vv = *reinterpret_cast<const float2*>(tV + j * VP + nt * 8 + 2 * t4);
+              const float2 vv =
+                  *reinterpret_cast<const float2*>(tV + j * vpitch + nt * 8 + 2 * t4);
 #pragma unroll
               for (int m = 0; m < MT; ++m) {
                 const float plo = sP[(m * 16 + g8) * PP + j];
@@ -542,8 +585,10 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   extern __shared__ __align__(16) char aotc_smem[];
   uint32_t dyn;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX ||
-      dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles) || blockDim.x != Cfg<T, D, V>::NT) {
+  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
+      p.stages > Cfg<T, D, V>::MAX_STAGES ||
+      dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles, p.stages) ||
+      blockDim.x != Cfg<T, D, V>::NT) {
     __trap();  // the plan and this header disagree
   }
   switch (p.m_tiles) {
@@ -662,13 +707,15 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
 }  // namespace aotc_sdpa
 
 #define AOTC_SDPA_VECTOR(TN, T, D, V)                                                           \
-  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT)                     \
+  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
+                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
       sdpa_vector_##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,        \
                                    const T* sinks, T* out, const aotc_sdpa::Params p) {         \
     aotc_sdpa::sdpa_entry<T, D, V, false>(q, k, v, mask, sinks, out, nullptr, nullptr, nullptr, \
                                           p);                                                   \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT)                     \
+  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
+                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
       sdpa_vector_2pass_1_##TN##_##D##_##V(const T* q, const T* k, const T* v,                  \
                                            const void* mask, const T* sinks, float* partials,   \
                                            float* maxs, float* sums,                            \

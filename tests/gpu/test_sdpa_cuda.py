@@ -159,3 +159,25 @@ def test_strided_cache_slices(lib, dtype, splits):
 def test_mla_decode_value_view_of_keys(lib):
     check(lib, b=2, hq=128, hkv=1, n=2000, d=576, v=512, view_of_k=True)
     check(lib, b=1, hq=128, hkv=1, lq=2, n=300, d=576, v=512, view_of_k=True, mask="causal")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 33, 1000, 9000])
+def test_value_view_of_keys_in_shared_memory(lib, dtype, n):
+    # V read from the K tile in shared memory (v's pointer and strides are K's prefix).
+    check(lib, b=2, hq=16, hkv=2, n=n, d=576, v=512, view_of_k=True, dtype=dtype)
+    check(lib, b=1, hq=64, hkv=1, n=n, d=576, v=512, view_of_k=True, dtype=dtype, num_splits=3)
+    check(lib, hq=8, hkv=2, lq=3, n=n, d=128, v=128, view_of_k=True, dtype=dtype, mask="causal")
+
+
+def test_value_view_off_the_prefix_is_loaded(lib):
+    # Same strides as K but not its first columns: V must be loaded from its own address.
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = _rand((1, 32, 1, 576), torch.bfloat16, gen)
+    k = _rand((1, 2, 700, 576), torch.bfloat16, gen)
+    vv = k[..., 64:]
+    out = h.run(lib, q, k, vv, None, None, scale=576**-0.5)
+    ref = h.reference(q, k, vv, None, None, scale=576**-0.5)
+    assert h.rel_err(out, ref) < TOL["bfloat16"]

@@ -24,8 +24,8 @@ from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 # Strided inputs of the attention kernels, in Params order; absent mask -> q's strides.
 ATTENTION_STRIDED = ("q", "k", "v", "mask")
 STRIDE_BYTES = 4 * 8  # four int64 strides per strided input
-# Params after the strides: scale, then 11 ints; CombineParams: 6 ints.
-PARAMS_FORMAT = "@f11i"
+# Params after the strides: scale, then 13 ints (the last reserved); CombineParams: 6 ints.
+PARAMS_FORMAT = "@f13i"
 COMBINE_FORMAT = "@6i"
 PARAMS_SIZE = len(ATTENTION_STRIDED) * STRIDE_BYTES + struct.calcsize(PARAMS_FORMAT)
 COMBINE_SIZE = struct.calcsize(COMBINE_FORMAT)
@@ -57,7 +57,8 @@ class KernelConfig:
 
     warps: int
     key_tile: int
-    stages: int
+    stages: int  # default (three 4-warp blocks per SM); 8-warp blocks take up to max_stages
+    max_stages: int
     pad: int
     k_splits: int
     max_m_tiles: int
@@ -69,10 +70,11 @@ class KernelConfig:
     def threads(self) -> int:
         return self.warps * 32
 
-    def shared_bytes(self, m_tiles: int) -> int:
+    def shared_bytes(self, m_tiles: int, stages: int | None = None) -> int:
         ts, tk, rows = self.dtype_size, self.key_tile, 16 * m_tiles
         dp, vp, pp, sp = self.d + self.pad, self.v + self.pad, tk + self.pad, tk + 4
-        return ts * (self.stages * tk * (dp + vp) + rows * dp + rows * pp) + 4 * (
+        stages = self.stages if stages is None else stages
+        return ts * (stages * tk * (dp + vp) + rows * dp + rows * pp) + 4 * (
             self.k_splits * rows * sp + 3 * rows
         )
 
@@ -89,9 +91,10 @@ def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
         warps=warps,
         key_tile=tk,
         stages=stages,
+        max_stages=6,
         pad=pad,
         k_splits=warps // n_tiles if warps > n_tiles else 1,
-        max_m_tiles=2 if v > 256 else 4,
+        max_m_tiles=4,
         dtype_size=ts,
         d=d,
         v=v,
@@ -106,6 +109,7 @@ def pack_params(
     keys_per_split: int,
     m_tiles: int,
     row_groups: int,
+    stages: int,
 ) -> bytes:
     p = problem
     return struct.pack(
@@ -122,6 +126,8 @@ def pack_params(
         keys_per_split,
         m_tiles,
         row_groups,
+        stages,
+        0,
     )
 
 
@@ -142,6 +148,18 @@ def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
             f"over this GPU's {max_shared}"
         )
     return m_tiles
+
+
+def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int) -> int:
+    """Key-tile stages: the default for 4-warp blocks (three share an SM); an 8-warp block owns
+    its SM, so it takes as many stages as shared memory holds (more bytes in flight)."""
+    if cfg.warps == 4:
+        return cfg.stages
+    best = cfg.stages
+    for stages in range(cfg.stages, cfg.max_stages + 1):
+        if cfg.shared_bytes(m_tiles, stages) <= max_shared:
+            best = stages
+    return best
 
 
 def _split_count(base_blocks: int, wave: int, tiles: int) -> int:
@@ -192,7 +210,8 @@ def plan_cuda(
     rows = p.gqa_factor * p.q_len
     m_tiles = _m_tiles(rows, cfg, max_shared)
     row_groups = -(-rows // (16 * m_tiles))
-    smem = cfg.shared_bytes(m_tiles)
+    stages = _stages(cfg, m_tiles, max_shared)
+    smem = cfg.shared_bytes(m_tiles, stages)
     base_blocks = p.batch * p.kv_heads * row_groups
     tiles = -(-p.kv_len // cfg.key_tile)
 
@@ -224,6 +243,7 @@ def plan_cuda(
         keys_per_split=keys_per_split,
         m_tiles=m_tiles,
         row_groups=row_groups,
+        stages=stages,
     )
     grid = (base_blocks * num_splits, 1, 1)
     block = (cfg.threads, 1, 1)
