@@ -6,6 +6,7 @@ import configparser
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -116,7 +117,20 @@ def venv(tmp_path_factory) -> Path:
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(folder)],
         check=True,
     )
-    return folder / "bin" / "python"
+    # --system-site-packages shows the *base* interpreter's packages; when this interpreter is
+    # itself a venv (as on the GPU machine), its own site-packages (mlx) must be added too.
+    python = folder / "bin" / "python"
+    site_dir = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # addsitedir (not a bare path) so the parent's own .pth files run too: an editable aotc
+    # installs its import hook that way.
+    lines = [f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()]
+    Path(site_dir, "_aotc_test_parent.pth").write_text("\n".join(lines) + "\n")
+    return python
 
 
 def pip_install(python: Path, wheel: Path) -> None:

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -94,24 +95,58 @@ def _make_decision(q, k, v, mask, sinks, stream) -> Runner | str:
 
 
 def with_mlx_gradient(forward: Runner) -> Runner:
-    """`forward` for the values, MLX's own op for the gradients (aotc kernels have no backward)."""
+    """`forward` for the values, MLX's own op for the gradients (aotc kernels have no backward).
 
-    @mx.custom_function
-    def attention(q, k, v, *, scale, mask, sinks):
-        return forward(q, k, v, scale, mask, sinks)
-
-    @attention.vjp
-    def attention_vjp(primals, cotangent, output, *, scale, mask, sinks):
-        def reference(q, k, v):
-            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
-
-        _, grads = mx.vjp(reference, list(primals), [cotangent])
-        return tuple(grads)
+    One `mx.custom_function` per (scale, mask mode, sinks), taking arrays positionally: its
+    per-call cost is about a microsecond, where keyword arguments cost tens.
+    """
+    functions: dict[tuple, Callable[..., mx.array]] = {}
 
     def run(q, k, v, scale, mask, sinks):
-        return attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        array_mask = mask is not None and not isinstance(mask, str)
+        key = (scale, None if array_mask else mask, array_mask, sinks is not None)
+        function = functions.get(key)
+        if function is None:
+            function = functions.setdefault(key, _differentiable(forward, *key))
+        arrays = [q, k, v]
+        if array_mask:
+            arrays.append(mask)
+        if sinks is not None:
+            arrays.append(sinks)
+        return function(*arrays)
 
     return run
+
+
+def _differentiable(forward: Runner, scale, mask_mode, array_mask, has_sinks):
+    def unpack(arrays):
+        q, k, v, *rest = arrays
+        mask = rest.pop(0) if array_mask else mask_mode
+        sinks = rest.pop(0) if has_sinks else None
+        return q, k, v, mask, sinks
+
+    @mx.custom_function
+    def attention(*arrays):
+        return forward(*unpack(arrays)[:3], scale, *unpack(arrays)[3:])
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output):
+        q, k, v, mask, sinks = unpack(primals)
+
+        def reference(q, k, v, *maybe_sinks):
+            sinks = maybe_sinks[0] if maybe_sinks else None
+            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+        differentiable = [q, k, v] + ([sinks] if has_sinks else [])
+        _, grads = mx.vjp(reference, differentiable, [cotangent])
+        result = list(grads[:3])
+        if array_mask:
+            result.append(mx.zeros_like(mask))
+        if has_sinks:
+            result.append(grads[3])
+        return tuple(result)
+
+    return attention
 
 
 def _backend(stream: Any) -> str:
@@ -132,10 +167,15 @@ def _available(backend: str) -> bool:
 
 def _cuda_runner(problem: AttentionProblem) -> Runner:
     from aotc.families.sdpa_vector import cuda
-    from aotc.runtime.cuda import launcher
+    from aotc.runtime.cuda import extension, has_cuda, load_image, unavailable_reason
 
+    if not has_cuda():
+        raise Unsupported(f"aotc's CUDA launch primitive is unavailable: {unavailable_reason()}")
     library = _library_for("cuda", problem)
-    runner = cuda.make_runner(problem, launch_fn=launcher(library), available=library.kernel_names)
+    launch = partial(extension().cuda_launch, load_image(library))
+    runner = cuda.make_runner(
+        problem, launch_fn=launch, available=library.kernel_names, dtype=partial(getattr, mx)
+    )
     if problem.mask != "additive":
         return with_mlx_gradient(runner)
 

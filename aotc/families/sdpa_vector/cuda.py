@@ -293,6 +293,71 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 
 LaunchFn = Callable[..., Sequence[Any]]
+_ARGUMENTS = ("q", "k", "v", "mask", "sinks")
+
+
+@dataclass(frozen=True)
+class Step:
+    """A Launch lowered for the hot path: array names resolved to slots once, not per call."""
+
+    kernel: str
+    input_slots: tuple[int, ...]
+    output_slots: tuple[int, ...]
+    output_shapes: list[tuple[int, ...]]
+    output_dtypes: list[Any]
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_memory: int
+    params: bytes
+    strided_indices: list[int]
+
+
+def compile_steps(
+    launches: Sequence[Launch], dtype: Callable[[str], Any] = lambda name: name
+) -> tuple[list[Step], int]:
+    """Steps and the slot of "out"; slots 0-4 hold q, k, v, mask, sinks."""
+    slots = {name: i for i, name in enumerate(_ARGUMENTS)}
+    steps = []
+    for launch in launches:
+        for name, _, _ in launch.outputs:
+            slots.setdefault(name, len(slots))
+        steps.append(
+            Step(
+                kernel=launch.kernel,
+                input_slots=tuple(slots[name] for name in launch.inputs),
+                output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
+                output_shapes=[shape for _, shape, _ in launch.outputs],
+                output_dtypes=[dtype(name) for _, _, name in launch.outputs],
+                grid=launch.grid,
+                block=launch.block,
+                shared_memory=launch.shared_memory,
+                params=launch.params,
+                strided_indices=[launch.inputs.index(name) for name in launch.strided_inputs],
+            )
+        )
+    return steps, slots["out"]
+
+
+def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any], launch_fn: LaunchFn) -> Any:
+    """`env` starts as [q, k, v, mask, sinks] (None where absent) and collects the outputs."""
+    env = env + [None] * (out_slot + 1 - len(env))
+    for step in steps:
+        results = launch_fn(
+            step.kernel,
+            [env[slot] for slot in step.input_slots],
+            step.output_shapes,
+            step.output_dtypes,
+            step.grid,
+            step.block,
+            step.shared_memory,
+            step.params,
+            step.strided_indices,
+        )
+        for slot, result in zip(step.output_slots, results, strict=True):
+            if slot >= len(env):
+                env.extend([None] * (slot + 1 - len(env)))
+            env[slot] = result
+    return env[out_slot]
 
 
 def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: LaunchFn) -> Any:
@@ -302,24 +367,9 @@ def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: L
     `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid, block, shared_memory, params,
     strided_input_indices) -> list of outputs`.
     """
-    env = dict(arrays)
-    for launch in launches:
-        inputs = [env[name] for name in launch.inputs]
-        indices = [launch.inputs.index(name) for name in launch.strided_inputs]
-        results = launch_fn(
-            launch.kernel,
-            inputs,
-            [shape for _, shape, _ in launch.outputs],
-            [dtype for _, _, dtype in launch.outputs],
-            launch.grid,
-            launch.block,
-            launch.shared_memory,
-            launch.params,
-            indices,
-        )
-        for (name, _, _), result in zip(launch.outputs, results, strict=True):
-            env[name] = result
-    return env["out"]
+    steps, out_slot = compile_steps(launches)
+    env = [arrays.get(name) for name in _ARGUMENTS]
+    return run_steps(steps, out_slot, env, launch_fn)
 
 
 def device_facts() -> tuple[int, str]:
@@ -339,38 +389,31 @@ def device_facts() -> tuple[int, str]:
 def make_runner(
     problem: AttentionProblem,
     *,
-    launch_fn: LaunchFn | None = None,
-    available: set[str] | frozenset[str] | None = None,
+    launch_fn: LaunchFn,
+    available: set[str] | frozenset[str],
+    dtype: Callable[[str], Any] = lambda name: name,
 ) -> Callable[..., Any]:
     """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
 
-    `launch_fn` and `available` default to the loaded CUDA library of `aotc.runtime`
-    (`aotc.runtime.cuda_kernels()` -> (launch_fn, names)) when the caller gives none.
+    The plan is made once; per softmax scale the launches are lowered to Steps once, so a call
+    costs two list builds and the launches. `dtype` maps dtype names to what `launch_fn` takes.
     """
     import mlx.core as mx
 
-    if launch_fn is None or available is None:
-        try:
-            from aotc.runtime import cuda_kernels  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise Unsupported(f"no CUDA aotc library is loaded ({exc})") from exc
-        found_fn, found_names = cuda_kernels()
-        launch_fn = launch_fn or found_fn
-        available = available if available is not None else set(found_names)
     sm_count, arch = device_facts()
     base = plan_cuda(problem, available=available, sm_count=sm_count, arch=arch, scale=1.0)
-    by_scale: dict[float, list[Launch]] = {}
+    by_scale: dict[float, tuple[list[Step], int]] = {}
     scores_shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)
+    array_mask = problem.mask in ("bool", "additive")
 
     def run(q, k, v, scale, mask, sinks):
-        launches = by_scale.get(scale)
-        if launches is None:
-            launches = by_scale.setdefault(scale, with_scale(base, scale))
-        arrays = {"q": q, "k": k, "v": v}
-        if problem.mask in ("bool", "additive"):
-            arrays["mask"] = mx.broadcast_to(mask, scores_shape)
-        if problem.has_sinks:
-            arrays["sinks"] = sinks.astype(q.dtype)
-        return run_cuda(launches, arrays, launch_fn)
+        compiled = by_scale.get(scale)
+        if compiled is None:
+            compiled = by_scale.setdefault(scale, compile_steps(with_scale(base, scale), dtype))
+        if array_mask:
+            mask = mx.broadcast_to(mask, scores_shape)
+        if sinks is not None and sinks.dtype != q.dtype:
+            sinks = sinks.astype(q.dtype)
+        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], launch_fn)
 
     return run
