@@ -1,4 +1,7 @@
-"""The run-time API where MLX has no GPU (this machine, CI): every call falls back, correctly."""
+"""The run-time API on MLX's CPU stream: every call falls back to MLX's op, exactly.
+
+The calls name `stream=mx.cpu`, so the fallback is what runs on any machine, a GPU one included.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ def test_fallback_matches_mlx(qkv, mask):
     elif mask == "additive":
         mask = mx.random.normal((2, 1, 3, 40)).astype(mx.float16)
     sinks = mx.random.normal((8,)).astype(mx.float16)
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1, mask=mask, sinks=sinks)
-    got = aotc.sdpa_vector(q, k, v, scale=0.1, mask=mask, sinks=sinks)
+    expected = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.1, mask=mask, sinks=sinks, stream=mx.cpu
+    )
+    got = aotc.sdpa_vector(q, k, v, scale=0.1, mask=mask, sinks=sinks, stream=mx.cpu)
     assert mx.array_equal(got, expected).item()
 
 
@@ -38,7 +43,7 @@ def test_fallback_reason_is_logged(qkv, caplog):
     q, k, v = qkv
     api.clear_cache()
     with caplog.at_level(logging.DEBUG, logger="aotc"):
-        aotc.sdpa_vector(q, k, v, scale=0.1)
+        aotc.sdpa_vector(q, k, v, scale=0.1, stream=mx.cpu)
     assert any(
         "falls back to MLX" in r.message and "not a GPU" in r.message for r in caplog.records
     )
@@ -54,10 +59,10 @@ def test_patch_routes_mlx_fast_attention_through_aotc(qkv, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(api, "sdpa_vector", spy)
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, stream=mx.cpu)
     with aotc.patched():
         assert mx.fast.scaled_dot_product_attention is not api._MLX_SDPA
-        got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5)
+        got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, stream=mx.cpu)
     assert mx.fast.scaled_dot_product_attention is api._MLX_SDPA
     assert seen == [0.5]
     assert mx.array_equal(got, expected).item()

@@ -150,14 +150,26 @@ def _differentiable(forward: Runner, scale, mask_mode, array_mask, has_sinks):
 
 
 def _backend(stream: Any) -> str:
-    device = mx.default_device() if stream is None else getattr(stream, "device", stream)
-    if getattr(device, "type", None) != mx.gpu:
-        raise Unsupported(f"the call runs on {device}, not a GPU")
+    """The GPU backend serving the call; aotc launches go to the default GPU stream."""
+    device = _device_of(stream)
+    if device != mx.gpu:
+        raise Unsupported(f"the call runs on {stream or mx.default_device()}, not a GPU")
+    if isinstance(stream, mx.Stream) and stream != mx.default_stream(mx.default_device()):
+        raise Unsupported(f"aotc launches on the default GPU stream, not {stream}")
     if _available("cuda"):
         return "cuda"
     if _available("metal"):
         return "metal"
     raise Unsupported("this MLX has neither a CUDA nor a Metal GPU backend")
+
+
+def _device_of(stream: Any) -> Any:
+    """The DeviceType of `stream` as MLX's `stream=` argument allows it (None, type, device)."""
+    if stream is None:
+        return mx.default_device().type
+    if isinstance(stream, mx.DeviceType):
+        return stream
+    return getattr(stream, "device", stream).type
 
 
 def _available(backend: str) -> bool:
