@@ -44,6 +44,28 @@ struct PyCudaImage {
   std::shared_ptr<aotc::CudaImage> image;
 };
 
+// A Python callable as a Gradient. Primitives may be released on threads that
+// do not hold the GIL, so the reference is dropped under the GIL (and leaked
+// once the interpreter is gone).
+aotc::Gradient wrap_gradient(nb::object fn) {
+  if (fn.is_none()) {
+    return {};
+  }
+  std::shared_ptr<nb::object> holder(
+      new nb::object(std::move(fn)), [](nb::object* p) {
+        if (Py_IsInitialized()) {
+          nb::gil_scoped_acquire gil;
+          delete p;
+        }
+      });
+  return [holder](
+             const std::vector<mx::array>& primals,
+             const std::vector<mx::array>& cotangents) {
+    nb::gil_scoped_acquire gil;
+    return nb::cast<std::vector<mx::array>>((*holder)(primals, cotangents));
+  };
+}
+
 std::vector<mx::array> cuda_launch(
     const PyCudaImage& image,
     std::string kernel,
@@ -55,6 +77,8 @@ std::vector<mx::array> cuda_launch(
     int64_t shared_memory,
     const nb::bytes& params,
     std::vector<int> strided_inputs,
+    std::vector<mx::array> gradient_inputs,
+    nb::object gradient,
     mx::StreamOrDevice s) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
@@ -74,6 +98,8 @@ std::vector<mx::array> cuda_launch(
       shared_memory,
       std::move(param_bytes),
       std::move(strided_inputs),
+      std::move(gradient_inputs),
+      wrap_gradient(std::move(gradient)),
       s);
 #else
   aotc::check_launch_args(
@@ -137,6 +163,8 @@ NB_MODULE(_ext, m) {
       "params"_a,
       "strided_inputs"_a,
       nb::kw_only(),
+      "gradient_inputs"_a = std::vector<mx::array>{},
+      "gradient"_a = nb::none(),
       "stream"_a = nb::none(),
       R"(Launch kernel `kernel` of `image` on MLX's CUDA backend; returns the outputs (lazy).
 
@@ -144,7 +172,11 @@ The kernel's parameters are (inputs as const pointers..., outputs as pointers...
 value). Params is the int64 strides (elements, all dimensions) of the inputs at the indices
 `strided_inputs`, in that order, filled in at evaluation, followed by the bytes `params`.
 Inputs not in `strided_inputs` are passed row-contiguous. `grid` counts blocks. Raises
-ValueError for a CPU stream or malformed arguments, RuntimeError without the CUDA primitive.)");
+ValueError for a CPU stream or malformed arguments, RuntimeError without the CUDA primitive.
+
+`gradient_inputs` are further inputs of the primitive that the kernel does not see, and
+`gradient(primals, cotangents) -> cotangents of all inputs` its gradient; without one, asking
+for a gradient raises.)");
 
   m.def(
       "has_cuda",

@@ -412,7 +412,7 @@ void CudaLaunch::eval_gpu(
   dev.make_current();
   Kernel& k = find_kernel(*image_, dev, kernel_);
 
-  const size_t n_in = inputs.size();
+  const size_t n_in = kernel_inputs_;
   const size_t n_out = outputs.size();
   if (k.num_params >= 0 && size_t(k.num_params) != n_in + n_out + 1) {
     fail_invalid(
@@ -523,13 +523,28 @@ std::vector<mx::array> CudaLaunch::jvp(
 }
 
 std::vector<mx::array> CudaLaunch::vjp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&,
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(kernel_) +
-      " has no gradient (aotc uses MLX's own op when gradients are needed)");
+  if (!gradient_) {
+    throw std::invalid_argument(
+        "[aotc.CudaLaunch] " + launch_name(kernel_) +
+        " has no gradient (aotc uses MLX's own op when gradients are needed)");
+  }
+  auto all = gradient_(primals, cotangents);
+  if (all.size() != primals.size()) {
+    throw std::runtime_error(
+        "[aotc.CudaLaunch] the gradient of " + launch_name(kernel_) +
+        " returned " + std::to_string(all.size()) + " cotangents for " +
+        std::to_string(primals.size()) + " inputs");
+  }
+  std::vector<mx::array> result;
+  result.reserve(argnums.size());
+  for (int i : argnums) {
+    result.push_back(all[i]);
+  }
+  return result;
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> CudaLaunch::vmap(
@@ -547,7 +562,8 @@ bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
   return image_ == o.image_ && kernel_ == o.kernel_ && grid_ == o.grid_ &&
       block_ == o.block_ && shared_memory_ == o.shared_memory_ &&
       params_ == o.params_ && strided_inputs_ == o.strided_inputs_ &&
-      output_shapes_ == o.output_shapes_ && output_dtypes_ == o.output_dtypes_;
+      output_shapes_ == o.output_shapes_ && output_dtypes_ == o.output_dtypes_ &&
+      kernel_inputs_ == o.kernel_inputs_ && bool(gradient_) == bool(o.gradient_);
 }
 
 // ------------------------------------------------------------------ graph
@@ -564,6 +580,8 @@ std::vector<mx::array> cuda_launch(
     int64_t shared_memory,
     std::string params,
     std::vector<int> strided_inputs,
+    std::vector<mx::array> gradient_inputs,
+    Gradient gradient,
     mx::StreamOrDevice s) {
   if (!image) {
     fail_invalid("no CUDA image");
@@ -602,6 +620,8 @@ std::vector<mx::array> cuda_launch(
   };
   auto dtypes = output_dtypes;
   auto shapes = output_shapes;
+  const size_t kernel_inputs = inputs.size();
+  inputs.insert(inputs.end(), gradient_inputs.begin(), gradient_inputs.end());
   return mx::array::make_arrays(
       std::move(output_shapes),
       dtypes,
@@ -615,7 +635,9 @@ std::vector<mx::array> cuda_launch(
           std::move(params),
           std::move(strided_inputs),
           std::move(shapes),
-          std::move(output_dtypes)),
+          std::move(output_dtypes),
+          kernel_inputs,
+          std::move(gradient)),
       inputs);
 }
 

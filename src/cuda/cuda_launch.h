@@ -16,6 +16,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -53,6 +54,13 @@ class CudaImage {
 };
 
 using Dim3 = std::array<uint32_t, 3>;
+
+// The gradient of a launch, supplied by the caller (aotc computes it with
+// MLX's own ops): given the primitive's inputs and the cotangents of its
+// outputs, the cotangents of every input.
+using Gradient = std::function<std::vector<mlx::core::array>(
+    const std::vector<mlx::core::array>& primals,
+    const std::vector<mlx::core::array>& cotangents)>;
 
 // Checks what can be checked before evaluation; throws std::invalid_argument
 // with the reason. Shared by the CUDA build and the CPU-only build (whose
@@ -132,6 +140,8 @@ std::vector<mlx::core::array> cuda_launch(
     int64_t shared_memory,
     std::string params,
     std::vector<int> strided_inputs,
+    std::vector<mlx::core::array> gradient_inputs = {},
+    Gradient gradient = {},
     mlx::core::StreamOrDevice s = {});
 
 // MLX's CUDA backend is usable here (a GPU and a driver).
@@ -158,7 +168,9 @@ class CudaLaunch : public mlx::core::Primitive {
       std::string params,
       std::vector<int> strided_inputs,
       std::vector<mlx::core::Shape> output_shapes,
-      std::vector<mlx::core::Dtype> output_dtypes)
+      std::vector<mlx::core::Dtype> output_dtypes,
+      size_t kernel_inputs,
+      Gradient gradient)
       : mlx::core::Primitive(stream),
         image_(std::move(image)),
         kernel_(std::move(kernel)),
@@ -168,7 +180,9 @@ class CudaLaunch : public mlx::core::Primitive {
         params_(std::move(params)),
         strided_inputs_(std::move(strided_inputs)),
         output_shapes_(std::move(output_shapes)),
-        output_dtypes_(std::move(output_dtypes)) {}
+        output_dtypes_(std::move(output_dtypes)),
+        kernel_inputs_(kernel_inputs),
+        gradient_(std::move(gradient)) {}
 
   void eval_cpu(
       const std::vector<mlx::core::array>& inputs,
@@ -213,6 +227,10 @@ class CudaLaunch : public mlx::core::Primitive {
   std::vector<int> strided_inputs_;
   std::vector<mlx::core::Shape> output_shapes_;
   std::vector<mlx::core::Dtype> output_dtypes_;
+  // Inputs past the first kernel_inputs_ are not passed to the kernel: they
+  // are there so that gradient_ can differentiate with respect to them.
+  size_t kernel_inputs_;
+  Gradient gradient_;
 };
 
 } // namespace aotc

@@ -176,3 +176,26 @@ def test_unbuilt_pair_falls_back():
     k = mx.random.normal((1, 2, 100, 80)).astype(mx.bfloat16)
     reason = aotc.fallback_reason(q, k, k)
     assert reason is not None and "sdpa_vector_bfloat16_t_80_80" in reason
+
+
+@pytest.mark.parametrize(
+    ("n", "mask", "sinks"), [(64, None, False), (5000, "causal", True), (3000, "bool", False)]
+)
+def test_gradients_fall_back_to_mlx(n, mask, sinks):
+    """The kernels have no backward: gradients through aotc equal those through MLX's op."""
+    mx.random.seed(3)
+    q = mx.random.normal((1, 8, 2, 192))
+    k = mx.random.normal((1, 2, n, 192))
+    v = mx.random.normal((1, 2, n, 128))
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(2, n)) > 0.3
+    s = mx.random.normal((8,)) if sinks else None
+    assert aotc.fallback_reason(q, k, v, mask=mask, sinks=s) is None
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, scale=0.1, mask=mask, sinks=s) ** 2).sum()
+
+    ours = mx.grad(loss(aotc.sdpa_vector), argnums=(0, 1, 2))(q, k, v)
+    theirs = mx.grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, theirs, strict=True):
+        assert mx.allclose(a, b, atol=1e-4, rtol=1e-3).item()

@@ -186,15 +186,52 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
     library = _library_for("cuda", problem)
     launch = partial(extension().cuda_launch, load_image(library))
     runner = cuda.make_runner(
-        problem, launch_fn=launch, available=library.kernel_names, dtype=partial(getattr, mx)
+        problem,
+        launch_fn=launch,
+        available=library.kernel_names,
+        dtype=partial(getattr, mx),
+        gradient=mlx_gradients,
     )
     if problem.mask != "additive":
-        return with_mlx_gradient(runner)
+        return runner
 
     def cast_mask(q, k, v, scale, mask, sinks):  # MLX casts additive masks to the output type
         return runner(q, k, v, scale, mask.astype(q.dtype), sinks)
 
-    return with_mlx_gradient(cast_mask)
+    return cast_mask
+
+
+def mlx_gradients(scale: float, mask_mode: str | None, array_mask: bool, has_sinks: bool):
+    """Gradients of a launched call, computed by MLX's own op: (last launch, other launches).
+
+    The last launch carries q, k, v (the mask, the sinks) as gradient-only inputs and returns
+    the whole call's gradient for them; every launch returns zeros for its kernel inputs, so
+    the intermediates of a split pass add nothing.
+    """
+    extras = 3 + array_mask + has_sinks
+
+    def last(primals, cotangents):
+        kernel_inputs, (q, k, v, *rest) = primals[:-extras], primals[-extras:]
+        mask = rest.pop(0) if array_mask else mask_mode
+        sinks = rest.pop(0) if has_sinks else None
+
+        def reference(q, k, v, *maybe_sinks):
+            sinks = maybe_sinks[0] if maybe_sinks else None
+            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+        differentiable = [q, k, v] + ([sinks] if has_sinks else [])
+        _, grads = mx.vjp(reference, differentiable, cotangents[:1])
+        result = [mx.zeros_like(x) for x in kernel_inputs] + list(grads[:3])
+        if array_mask:
+            result.append(mx.zeros_like(mask))
+        if has_sinks:
+            result.append(grads[3])
+        return result
+
+    def others(primals, cotangents):
+        return [mx.zeros_like(x) for x in primals]
+
+    return last, others
 
 
 def _library_for(target: str, problem: AttentionProblem):

@@ -338,10 +338,29 @@ def compile_steps(
     return steps, slots["out"]
 
 
-def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any], launch_fn: LaunchFn) -> Any:
-    """`env` starts as [q, k, v, mask, sinks] (None where absent) and collects the outputs."""
+def run_steps(
+    steps: Sequence[Step],
+    out_slot: int,
+    env: list[Any],
+    launch_fn: LaunchFn,
+    gradient: tuple[list[Any], Callable, Callable] | None = None,
+) -> Any:
+    """`env` starts as [q, k, v, mask, sinks] (None where absent) and collects the outputs.
+
+    `gradient`: (arrays, gradient of the last launch, gradient of the others), passed to
+    `launch_fn` as `gradient_inputs=` / `gradient=` keywords (see `aotc._ext.cuda_launch`).
+    """
     env = env + [None] * (out_slot + 1 - len(env))
-    for step in steps:
+    last = len(steps) - 1
+    for i, step in enumerate(steps):
+        extra = {}
+        if gradient is not None:
+            arrays, final, others = gradient
+            extra = (
+                {"gradient_inputs": arrays, "gradient": final}
+                if i == last
+                else {"gradient": others}
+            )
         results = launch_fn(
             step.kernel,
             [env[slot] for slot in step.input_slots],
@@ -352,6 +371,7 @@ def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any], launch_fn: L
             step.shared_memory,
             step.params,
             step.strided_indices,
+            **extra,
         )
         for slot, result in zip(step.output_slots, results, strict=True):
             if slot >= len(env):
@@ -392,17 +412,22 @@ def make_runner(
     launch_fn: LaunchFn,
     available: set[str] | frozenset[str],
     dtype: Callable[[str], Any] = lambda name: name,
+    gradient: Callable[..., tuple[Callable, Callable]] | None = None,
 ) -> Callable[..., Any]:
     """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
 
     The plan is made once; per softmax scale the launches are lowered to Steps once, so a call
     costs two list builds and the launches. `dtype` maps dtype names to what `launch_fn` takes.
+    `gradient(scale, mask mode, array mask?, sinks?)`, when given, returns the gradients of
+    (the last launch, the others), made once per key: the last launch differentiates the whole
+    call with respect to q, k, v (mask, sinks), appended as its gradient-only inputs.
     """
     import mlx.core as mx
 
     sm_count, arch = device_facts()
     base = plan_cuda(problem, available=available, sm_count=sm_count, arch=arch, scale=1.0)
     by_scale: dict[float, tuple[list[Step], int]] = {}
+    gradients: dict[tuple, tuple[Callable, Callable]] = {}
     scores_shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)
     array_mask = problem.mask in ("bool", "additive")
 
@@ -410,10 +435,20 @@ def make_runner(
         compiled = by_scale.get(scale)
         if compiled is None:
             compiled = by_scale.setdefault(scale, compile_steps(with_scale(base, scale), dtype))
+        grad = None
+        if gradient is not None:
+            key = (scale, None if array_mask else mask, array_mask, sinks is not None)
+            functions = gradients.get(key)
+            if functions is None:
+                functions = gradients.setdefault(key, gradient(*key))
+            arrays = (
+                [q, k, v] + ([mask] if array_mask else []) + ([sinks] if sinks is not None else [])
+            )
+            grad = (arrays, *functions)
         if array_mask:
             mask = mx.broadcast_to(mask, scores_shape)
         if sinks is not None and sinks.dtype != q.dtype:
             sinks = sinks.astype(q.dtype)
-        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], launch_fn)
+        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], launch_fn, grad)
 
     return run
