@@ -139,10 +139,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     aotc.load(args.index)
-    copy, floor = copy_bandwidth(), eval_floor()
+    (copy, how), floor = copy_bandwidth(), eval_floor()
     print(f"device: {mx.device_info().get('device_name', mx.default_device())}")
     print(
-        f"copy bandwidth {copy / 1e12:.2f} TB/s (read+write); MLX eval floor {floor * 1e6:.1f} us"
+        f"copy bandwidth {copy / 1e12:.2f} TB/s (read+write, {how}); "
+        f"MLX eval floor {floor * 1e6:.1f} us"
     )
     print(
         "  B   Hq Hkv      N    D    V | aotc us/eval | aotc us/call  rate            | "
