@@ -57,7 +57,7 @@ def main() -> None:
         "mx.add (tiny)": lambda: tiny + 1,
         "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
-        "aotc runner (no custom_function)": lambda: runner(q, k, v, 0.07, None, None),
+        "aotc runner (no lookup, no grad wiring)": lambda: runner(q, k, v, 0.07, None, None),
     }
     print(f"{'':34s} {'build us':>9s} {'per eval us':>12s}")
     for name, fn in cases.items():
