@@ -107,6 +107,33 @@ def bench_harness(lib, sets, scale):
     return time_graph(fns), plans[0]
 
 
+def bench_first_launch(lib, sets, scale):
+    """Seconds per call of the plan's first launch alone (the split pass of a 2-launch plan): the
+    most that fusing the combine into it could save is the whole call minus this."""
+    from bench import cuda_harness as h
+
+    def first(q, k, v, launch):
+        arrays = {"q": q, "k": k, "v": v}
+        return lib.launch_fn(
+            launch.kernel,
+            [arrays[name] for name in launch.inputs],
+            [shape for _, shape, _ in launch.outputs],
+            [dt for _, _, dt in launch.outputs],
+            launch.grid,
+            launch.block,
+            launch.shared_memory,
+            launch.params,
+            [launch.inputs.index(name) for name in launch.strided_inputs],
+        )
+
+    plans = [h.plan_for(lib, q, k, v, scale=scale) for q, k, v in sets]
+    fns = [
+        (lambda q=q, k=k, v=v, p=p: first(q, k, v, p[0]))
+        for (q, k, v), p in zip(sets, plans, strict=True)
+    ]
+    return time_graph(fns)
+
+
 def bench_torch(sets, scale):
     import torch.nn.functional as F
 
@@ -168,9 +195,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--via", choices=["harness", "mlx"], default="harness")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--quick", action="store_true", help="first 3 shapes and MLA B=1 only")
+    ap.add_argument("--quick", action="store_true", help="first 5 shapes and MLA B=1 only")
     ap.add_argument("--no-mlx", action="store_true", help="skip mx.fast SDPA")
     ap.add_argument("--no-torch", action="store_true", help="skip torch SDPA")
+    ap.add_argument(
+        "--split-cost", action="store_true", help="also time the first launch of 2-launch plans"
+    )
     args = ap.parse_args()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype
@@ -196,7 +226,7 @@ def main() -> None:
         folder = Path(".gpu/sdpa")
         listing = folder / (folder / "current").read_text().strip()
         lib = h.Library(listing)
-    shapes = SHAPES if not args.quick else SHAPES[:3] + SHAPES[6:7]
+    shapes = SHAPES if not args.quick else SHAPES[:5] + SHAPES[6:7]
     rows = []
     for b, hq, hkv, n, d, v, view in shapes:
         nbytes = kv_bytes(b, hkv, n, d, v, view, es)
@@ -210,6 +240,10 @@ def main() -> None:
         if args.via == "harness":
             t_a, plan = bench_harness(lib, sets, scale)
             plan_desc = f"{len(plan)}L g{plan[0].grid[0]}"
+            if args.split_cost and len(plan) > 1:
+                t_1 = bench_first_launch(lib, sets, scale)
+                if t_1:
+                    print(f"  first launch alone {t_1 * 1e6:.1f} us", flush=True)
         else:
             t_a = bench_mlx("aotc", sets, scale, view, v)[1]
         t_m = None

@@ -280,22 +280,38 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     if (!v_in_k)
       load_rows<T, V, NT>(dst + TK * DP, VP, vbase, p.v_strides, vvec, k0, TK, key_end, tid);
   };
+  // Query rows (row r of the block = global row row0 + r = g * Lq + i), zero past R. Contiguous,
+  // 16-byte aligned rows go by cp.async in the first tile's group (the first wait covers them):
+  // a split block of a short-KV call does only a few tiles, so Q's latency must overlap K's.
+  if (vec_ok(q, p.q_strides)) {
+    constexpr int E = 16 / sizeof(T), CH = D / E;
+    for (int c = tid; c < MB * CH; c += NT) {
+      const int r = c / CH, cc = c - r * CH;
+      const int rr = row0 + r;
+      const T* src = q;
+      if (rr < R) {
+        const int g = rr / Lq, i = rr - g * Lq;
+        src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+              (long long)i * p.q_strides[2] + cc * E;
+      }
+      cp_async16(sQ + r * DP + cc * E, src, rr < R ? 16 : 0);
+    }
+  } else {
+    for (int e = tid; e < MB * D; e += NT) {
+      int r = e / D, d = e - r * D;
+      int rr = row0 + r;
+      T val = Tr<T>::t(0.f);
+      if (rr < R) {
+        int g = rr / Lq, i = rr - g * Lq;
+        val = q[(long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+                (long long)i * p.q_strides[2] + (long long)d * p.q_strides[3]];
+      }
+      sQ[r * DP + d] = val;
+    }
+  }
   for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) load_tile(s, key_begin + s * TK);
     cp_async_commit();
-  }
-
-  // Query rows (row r of the block = global row row0 + r = g * Lq + i), zero past R.
-  for (int e = tid; e < MB * D; e += NT) {
-    int r = e / D, d = e - r * D;
-    int rr = row0 + r;
-    T val = Tr<T>::t(0.f);
-    if (rr < R) {
-      int g = rr / Lq, i = rr - g * Lq;
-      val = q[(long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
-              (long long)i * p.q_strides[2] + (long long)d * p.q_strides[3]];
-    }
-    sQ[r * DP + d] = val;
   }
   for (int r = tid; r < MB; r += NT) {
     sM[r] = -INFINITY;
@@ -606,7 +622,11 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   }
 }
 
-// Combine the key splits: one block per query row, weights in shared memory.
+// Combine the key splits: one block per query row. Threads = column groups (4 floats) x split
+// groups; each thread issues the loads of 8 splits (max, sum, 4 partial columns) at once and
+// merges them online, so a call waits for about one global round trip per 8 splits instead of
+// three dependent ones (maxs, then weights and sums, then partials). Split groups meet in shared
+// memory.
 template <typename T, int V>
 __device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
                                               const float* __restrict__ maxs,
@@ -614,92 +634,100 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                               const T* __restrict__ sinks, T* __restrict__ out,
                                               const CombineParams& p) {
   extern __shared__ __align__(16) char aotc_smem[];
-  float* w = reinterpret_cast<float*>(aotc_smem);
-  __shared__ float red[32];
-  __shared__ float stat[2];
+  constexpr int CG = V / 4;
+  constexpr int U = 8;  // splits in flight per thread
+  constexpr int MAX_GROUPS = 64;
+  float4* part = reinterpret_cast<float4*>(aotc_smem);  // sg_count * CG (<= blockDim.x) float4
+  __shared__ float gm[MAX_GROUPS], gl[MAX_GROUPS];
   const long long row = blockIdx.x;
   const int S = p.num_splits;
   const int tid = threadIdx.x, nt = blockDim.x;
+  const int sg_count = nt >= CG ? min(nt / CG, MAX_GROUPS) : 1;
+  const int sg = tid / CG;
   const float* mrow = maxs + row * S;
   const float* lrow = sums + row * S;
-  float mx = -INFINITY;
-  for (int s = tid; s < S; s += nt) mx = fmaxf(mx, mrow[s]);
-  mx = warp_max(mx);
-  if ((tid & 31) == 0) red[tid >> 5] = mx;
-  __syncthreads();
-  if (tid < 32) {
-    float x = tid < (nt >> 5) ? red[tid] : -INFINITY;
-    x = warp_max(x);
-    float sk = -INFINITY;
-    if (p.has_sinks) {
-      const int head = (int)((row / p.q_len) % p.q_heads);
-      sk = Tr<T>::f(sinks[head]) * kLog2e;
-      x = fmaxf(x, sk);
-    }
-    if (tid == 0) {
-      stat[0] = x == -INFINITY ? 0.f : x;
-      stat[1] = sk;
-    }
-  }
-  __syncthreads();
-  const float m_use = stat[0];
-  float l = 0.f;
-  for (int s = tid; s < S; s += nt) {
-    const float ws = exp2f(mrow[s] - m_use);
-    w[s] = ws;
-    l += ws * lrow[s];
-  }
-  l = warp_sum(l);
-  __syncthreads();
-  if ((tid & 31) == 0) red[tid >> 5] = l;
-  __syncthreads();
-  float L = 0.f;
-  for (int i = 0; i < (nt >> 5); ++i) L += red[i];
-  if (p.has_sinks) L += exp2f(stat[1] - m_use);
-  const float inv = 1.f / L;
-  // Threads = column groups (4 floats) x split groups; partial sums meet in shared memory.
-  constexpr int CG = V / 4;
-  const int sg_count = nt >= CG ? nt / CG : 1;
-  const int sg = tid / CG;
   const float* prow = partials + row * S * V;
-  float4* part = reinterpret_cast<float4*>(w + ((S + 3) & ~3));  // sg_count * CG float4
-  for (int c4 = tid % CG; c4 < CG && sg < sg_count; c4 += (nt >= CG ? CG : nt)) {
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = sg; s < S; s += sg_count) {
-      const float ws = w[s];
-      const float4 x = *reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4);
-      a.x += ws * x.x;
-      a.y += ws * x.y;
-      a.z += ws * x.z;
-      a.w += ws * x.w;
-    }
-    if (sg_count == 1) {
-      T* o = out + row * V + c4 * 4;
-      o[0] = Tr<T>::t(a.x * inv);
-      o[1] = Tr<T>::t(a.y * inv);
-      o[2] = Tr<T>::t(a.z * inv);
-      o[3] = Tr<T>::t(a.w * inv);
-    } else {
-      part[sg * CG + c4] = a;
+  float sk = -INFINITY;
+  if (p.has_sinks) sk = Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e;
+
+  auto store = [&](int c4, float4 a, float inv) {
+    T* o = out + row * V + c4 * 4;
+    o[0] = Tr<T>::t(a.x * inv);
+    o[1] = Tr<T>::t(a.y * inv);
+    o[2] = Tr<T>::t(a.z * inv);
+    o[3] = Tr<T>::t(a.w * inv);
+  };
+  if (sg < sg_count) {
+    for (int c4 = tid % CG; c4 < CG; c4 += (nt >= CG ? CG : nt)) {
+      float m = -INFINITY, l = 0.f;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s0 = sg; s0 < S; s0 += U * sg_count) {
+        float ms[U], ls[U];
+        float4 xs[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int s = s0 + u * sg_count;
+          const bool ok = s < S;
+          ms[u] = ok ? mrow[s] : -INFINITY;
+          ls[u] = ok ? lrow[s] : 0.f;
+          xs[u] = ok ? *reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        float cm = m;
+#pragma unroll
+        for (int u = 0; u < U; ++u) cm = fmaxf(cm, ms[u]);
+        const float cu = cm == -INFINITY ? 0.f : cm;
+        const float r = exp2f(m - cu);
+        l *= r;
+        a.x *= r;
+        a.y *= r;
+        a.z *= r;
+        a.w *= r;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const float w = exp2f(ms[u] - cu);
+          l += w * ls[u];
+          a.x += w * xs[u].x;
+          a.y += w * xs[u].y;
+          a.z += w * xs[u].z;
+          a.w += w * xs[u].w;
+        }
+        m = cm;
+      }
+      if (sg_count == 1) {
+        const float mx = fmaxf(m, sk);
+        const float mu = mx == -INFINITY ? 0.f : mx;
+        const float f = exp2f(m - mu);
+        const float L = l * f + exp2f(sk - mu);
+        store(c4, a, f / L);
+      } else {
+        part[sg * CG + c4] = a;
+        if (c4 == 0) {
+          gm[sg] = m;
+          gl[sg] = l;
+        }
+      }
     }
   }
   if (sg_count > 1) {
     __syncthreads();
+    float mx = sk;
+    for (int g = 0; g < sg_count; ++g) mx = fmaxf(mx, gm[g]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float L = exp2f(sk - mu);
+    for (int g = 0; g < sg_count; ++g) L += exp2f(gm[g] - mu) * gl[g];
+    const float inv = 1.f / L;
     for (int c4 = tid; c4 < CG; c4 += nt) {
-      float4 a = part[c4];
-      for (int g = 1; g < sg_count; ++g) {
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int g = 0; g < sg_count; ++g) {
+        const float w = exp2f(gm[g] - mu);
         const float4 x = part[g * CG + c4];
-        a.x += x.x;
-        a.y += x.y;
-        a.z += x.z;
-        a.w += x.w;
+        a.x += w * x.x;
+        a.y += w * x.y;
+        a.z += w * x.z;
+        a.w += w * x.w;
       }
-      T* o = out + row * V + c4 * 4;
-      o[0] = Tr<T>::t(a.x * inv);
-      o[1] = Tr<T>::t(a.y * inv);
-      o[2] = Tr<T>::t(a.z * inv);
-      o[3] = Tr<T>::t(a.w * inv);
+      store(c4, a, inv);
     }
   }
 }
