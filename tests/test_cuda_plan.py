@@ -76,7 +76,7 @@ def test_long_kv_splits_to_fill_the_gpu():
     assert first.outputs[0] == ("partials", (1, 32, 1, splits, 128), "float32")
     assert combine.inputs == ("partials", "maxs", "sums", "maxs")
     assert combine.grid == (32, 1, 1)
-    assert combine.shared_memory == 4 * (-(-splits // 4) * 4) + 16 * 128
+    assert combine.block == (256, 1, 1) and combine.shared_memory == 16 * 256
     assert struct.unpack("@6i", combine.params) == (32, splits, 32, 1, 0, 0)
 
 

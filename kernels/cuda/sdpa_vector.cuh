@@ -623,8 +623,8 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
 }
 
 // Combine the key splits: one block per query row. Threads = column groups (4 floats) x split
-// groups; each thread issues the loads of 8 splits (max, sum, 4 partial columns) at once and
-// merges them online, so a call waits for about one global round trip per 8 splits instead of
+// groups; each thread issues the loads of U splits (max, sum, 4 partial columns) at once and
+// merges them online, so a call waits for about one global round trip per U splits instead of
 // three dependent ones (maxs, then weights and sums, then partials). Split groups meet in shared
 // memory.
 template <typename T, int V>
@@ -635,7 +635,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                               const CombineParams& p) {
   extern __shared__ __align__(16) char aotc_smem[];
   constexpr int CG = V / 4;
-  constexpr int U = 8;  // splits in flight per thread
+  constexpr int U = V >= 128 ? 16 : 8;  // splits in flight per thread
   constexpr int MAX_GROUPS = 64;
   float4* part = reinterpret_cast<float4*>(aotc_smem);  // sg_count * CG (<= blockDim.x) float4
   __shared__ float gm[MAX_GROUPS], gl[MAX_GROUPS];

@@ -32,11 +32,16 @@ COMBINE_SIZE = struct.calcsize(COMBINE_FORMAT)
 MASK_KINDS = {"none": 0, "causal": 1, "bool": 2, "additive": 3}
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 MAX_QUERY_TOKENS = 8
-COMBINE_THREADS = 128
 DEFAULT_SM_COUNT = 132
 # Per-block dynamic shared memory opt-in limit and per-SM shared memory (H100/H200: 227 KB and
 # 228 KB; A100: 163 KB and 164 KB).
 SHARED_LIMITS = {"sm_80": (166912, 167936), "sm_90": (232448, 233472)}
+
+
+# Combine block size by V (<= the combine's __launch_bounds__ of 256): V >= 128 takes 256 threads
+# (more split groups, 16 splits in flight each), smaller V 128 (H200, round 3 of bench/NOTES.md).
+def combine_threads(v_dim: int) -> int:
+    return 256 if v_dim >= 128 else 128
 
 
 @dataclass(frozen=True)
@@ -274,8 +279,8 @@ def plan_cuda(
             ("partials", "maxs", "sums", "sinks" if p.has_sinks else "maxs"),
             (("out", out_shape, p.dtype),),
             (p.batch * p.q_heads * p.q_len, 1, 1),
-            (COMBINE_THREADS, 1, 1),
-            4 * (-(-num_splits // 4) * 4) + 16 * COMBINE_THREADS,
+            (combine_threads(p.v_dim), 1, 1),
+            16 * combine_threads(p.v_dim),  # one float4 per thread: split groups' partial sums
             pack_combine_params(p, num_splits),
             (),
         ),
