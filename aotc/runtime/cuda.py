@@ -152,3 +152,27 @@ class CudaLauncher:
 def launcher(source: str | os.PathLike[str] | Any, stream: Any = None) -> CudaLauncher:
     """A `launch_fn` for the fatbin at `source` (a path or a Library)."""
     return CudaLauncher(load_image(source), stream)
+
+
+def sass_runs_on(sass: str, device: str) -> bool:
+    """Whether a cubin for `sass` (e.g. "sm_90a", "sm_80") runs on a `device` like "sm_90".
+
+    Arch-specific builds ("a") run only on their exact SM; others on the same major version
+    with an equal or newer minor (an sm_80 cubin runs on sm_86).
+    """
+    build, dev = _sm(sass), _sm(device)
+    if build is None or dev is None:
+        return False
+    (major, minor, suffix), (dev_major, dev_minor, _) = build, dev
+    if suffix == "a":
+        return (major, minor) == (dev_major, dev_minor)
+    return major == dev_major and minor <= dev_minor
+
+
+def _sm(arch: str) -> tuple[int, int, str] | None:
+    digits = arch.removeprefix("sm_")
+    suffix = digits[-1] if digits[-1:].isalpha() else ""
+    digits = digits.removesuffix(suffix)
+    if not digits.isdigit() or len(digits) < 2:
+        return None
+    return int(digits[:-1]), int(digits[-1]), suffix

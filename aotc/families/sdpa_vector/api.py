@@ -179,11 +179,22 @@ def _available(backend: str) -> bool:
 
 def _cuda_runner(problem: AttentionProblem) -> Runner:
     from aotc.families.sdpa_vector import cuda
-    from aotc.runtime.cuda import extension, has_cuda, load_image, unavailable_reason
+    from aotc.runtime.cuda import (
+        extension,
+        has_cuda,
+        load_image,
+        sass_runs_on,
+        unavailable_reason,
+    )
 
     if not has_cuda():
         raise Unsupported(f"aotc's CUDA launch primitive is unavailable: {unavailable_reason()}")
     library = _library_for("cuda", problem)
+    device = str(mx.device_info().get("architecture", ""))
+    archs = library.index.data.get("options", {}).get("archs", [])
+    if not any(sass_runs_on(arch, device) for arch in archs):
+        # The fatbin's PTX is one image per unit; the driver would JIT only one of them.
+        raise Unsupported(f"{library.name} has SASS for {', '.join(archs)}, none for {device}")
     launch = partial(extension().cuda_launch, load_image(library))
     runner = cuda.make_runner(
         problem,
