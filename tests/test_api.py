@@ -113,3 +113,39 @@ def test_describe_reads_gqa_and_masks():
     assert (problem.gqa_factor, problem.mask, problem.mask_shape) == (4, "bool", (4, 100))
     assert problem.output_shape == (2, 32, 4, 128)
     assert describe(q, k, v, "causal").mask == "causal"
+
+
+def test_an_unusable_library_with_the_kernel_warns_and_falls_back(tmp_path, write_manifest):
+    from aotc.artifact import make_index, publish
+    from aotc.runtime import libraries as registry
+
+    artifact = tmp_path / "built" / "stale.fatbin"
+    artifact.parent.mkdir()
+    artifact.write_bytes(b"not used: the library is refused before its bytes are read")
+    kernel = {"name": "sdpa_vector_float16_t_192_128", "family": "sdpa_vector"}
+    index = make_index(
+        library="stale",
+        target="cuda",
+        artifact=artifact,
+        kernels=[{**kernel, "dtype": "float16", "params": {"D": 192, "V": 128}, "variant": "x"}],
+        options={"archs": ["sm_90a"], "ptx": None},
+        toolchain={"name": "nvcc", "version": "13.0"},
+        flags=[],
+        mlx_version="0.31.0",
+        headers_sha256={},
+    )
+    _, index_path = publish(artifact, index, tmp_path / "dist")
+    registry.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="built for MLX 0.31.0"):
+            aotc.load(index_path)
+        q = mx.zeros((1, 8, 1, 192), dtype=mx.float16)
+        k = mx.zeros((1, 2, 10, 192), dtype=mx.float16)
+        v = mx.zeros((1, 2, 10, 128), dtype=mx.float16)
+        with (
+            pytest.warns(RuntimeWarning, match="falls back to MLX for sdpa_vector_float16_t_192"),
+            pytest.raises(Unsupported, match="no usable cuda library"),
+        ):
+            api._library_for("cuda", describe(q, k, v))
+    finally:
+        registry.reset()

@@ -15,6 +15,9 @@ from aotc.mlx_info import mlx_version
 from aotc.runtime import libraries as registry
 from aotc.runtime.libraries import CorruptArtifact, describe, find, libraries, load, render
 
+# These tests load unusable libraries on purpose; load() warns about each (tested in test_api).
+pytestmark = pytest.mark.filterwarnings("ignore:aotc.*cannot be used here:RuntimeWarning")
+
 MLX = mlx_version()
 K1 = "sdpa_vector_float16_t_192_128"
 K2 = "sdpa_vector_2pass_1_float16_t_192_128"

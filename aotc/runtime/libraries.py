@@ -198,7 +198,11 @@ def load(path: str | os.PathLike[str]) -> Library:
         _explicit_unreadable.extend(item for item in bad if item not in _explicit_unreadable)
     for item in bad:
         log.warning("aotc: %s: %s", item.path, item.problem)
-    return next((library for library in found if library.usable), found[0])
+    chosen = next((library for library in found if library.usable), found[0])
+    if not chosen.usable:  # asked for by name: say why it will not serve any call
+        problems = "; ".join(chosen.problems)
+        warnings.warn(f"aotc: {chosen.path} cannot be used here: {problems}", RuntimeWarning, 2)
+    return chosen
 
 
 def libraries(*, refresh: bool = False) -> list[Library]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -249,11 +250,15 @@ def _library_for(target: str, problem: AttentionProblem):
     """The first usable library (search order) with this instantiation's one-pass kernel."""
     from aotc.families.base import KERNEL_TYPE_NAMES
     from aotc.families.sdpa_vector import one_pass_name
-    from aotc.runtime.libraries import find
+    from aotc.runtime.libraries import find, libraries
 
     name = one_pass_name(KERNEL_TYPE_NAMES[problem.dtype], problem.qk_dim, problem.v_dim)
     library = find(target, [name])
     if library is None:
+        unusable = [lib for lib in libraries() if lib.target == target and name in lib.kernel_names]
+        if unusable:  # built for this call, but not for this MLX or machine: worth a warning
+            why = "; ".join(f"{lib.path}: {', '.join(lib.problems)}" for lib in unusable)
+            warnings.warn(f"aotc falls back to MLX for {name}: {why}", RuntimeWarning, 2)
         raise Unsupported(f"no usable {target} library has {name}")
     return library
 
