@@ -33,3 +33,18 @@ def write_manifest(tmp_path: Path) -> Callable[[str], Path]:
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+
+
+def cuobjdump() -> str | None:
+    """NVIDIA's cuobjdump: on PATH, or from the `nvidia-cuda-cuobjdump` wheel (a test extra)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for candidate in sorted(Path(root).glob("cu*/bin/cuobjdump"), reverse=True):
+            return str(candidate)
+    return None

@@ -18,7 +18,7 @@ from aotc.families.base import kernels_dir
 from aotc.formats.fatbin import read_fatbin
 from aotc.manifest import load_manifest
 
-from .conftest import needs_nvcc
+from .conftest import cuobjdump, needs_nvcc
 
 pytestmark = [needs_nvcc, pytest.mark.slow]
 
@@ -193,3 +193,27 @@ def test_concurrent_builds_of_one_tree_both_succeed(write_manifest, tmp_path):
     assert sha256_file(index.artifact_path) == index.data["artifact"]["sha256"]
     # The second build waited for the first and found nothing left to compile.
     assert sorted("(0 units compiled)" in out for out, _ in outputs) == [False, True]
+
+
+def entry_kernels_by_arch(fatbin: Path) -> dict[str, set[str]]:
+    """What NVIDIA's cuobjdump lists: the entry (kernel) symbols of each SASS image."""
+    listing = subprocess.run(
+        [cuobjdump(), "-symbols", str(fatbin)], capture_output=True, text=True, check=True
+    ).stdout
+    kernels: dict[str, set[str]] = {}
+    arch = None
+    for line in listing.splitlines():
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+            kernels.setdefault(arch, set())
+        elif arch and line.split()[:4] == ["FUNC", "GLOBAL", "DEFAULT", "ENTRY"]:
+            kernels[arch].add(line.split()[-1])
+    return kernels
+
+
+@pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump is neither on PATH nor installed")
+def test_cuobjdump_sees_exactly_the_indexed_kernels_for_every_arch(write_manifest, tmp_path):
+    path = write_manifest(SMALL.replace("archs: [sm_90a]", "archs: [sm_80, sm_90a]"))
+    result = build(path, tmp_path)
+    names = read_index(result.index).kernel_names
+    assert entry_kernels_by_arch(result.artifact) == {"sm_80": names, "sm_90a": names}

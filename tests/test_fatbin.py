@@ -24,6 +24,8 @@ from aotc.formats.fatbin import (
 )
 from aotc.inspect import inspect_file, render_inspection
 
+from .conftest import cuobjdump
+
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 HAVE_ZSTD = importlib.util.find_spec("zstandard") is not None
 
@@ -159,12 +161,12 @@ def test_flags_name_arch_and_family_specific_builds(built: dict[str, Path]) -> N
     assert read_fatbin(bytes(data)).archs()[:2] == ["sm_90f", "compute_90a"]
 
 
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump is not on PATH")
+@pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump is neither on PATH nor installed")
 def test_cuobjdump_lists_the_same_images(built: dict[str, Path]) -> None:
     fb = read_fatbin(built["nvcc_plain"])
     for kind, option in (("elf", "--list-elf"), ("ptx", "--list-ptx")):
         listed = subprocess.run(
-            ["cuobjdump", option, str(built["nvcc_plain"])], capture_output=True, text=True
+            [cuobjdump(), option, str(built["nvcc_plain"])], capture_output=True, text=True
         ).stdout
         lines = [line for line in listed.splitlines() if line.startswith(f"{kind.upper()} file")]
         assert len(lines) == sum(e.kind == kind for e in fb.entries)
