@@ -18,19 +18,8 @@ from pathlib import Path
 
 import torch
 
-# (B, Hq, Hkv, N, D, V, V is a view of K)
-SHAPES = [
-    (1, 32, 4, 4096, 192, 128, False),
-    (8, 32, 8, 32768, 192, 128, False),
-    (8, 32, 8, 32768, 128, 128, False),
-    (8, 64, 8, 16384, 576, 512, False),
-    (1, 16, 16, 8192, 80, 80, False),
-    (32, 32, 8, 8192, 192, 128, False),
-    (1, 128, 1, 8192, 576, 512, True),
-    (8, 128, 1, 8192, 576, 512, True),
-    (1, 128, 1, 32768, 576, 512, True),
-    (8, 128, 1, 32768, 576, 512, True),
-]
+from bench.shapes import SHAPES
+
 L2_BYTES = 50 * 2**20
 
 

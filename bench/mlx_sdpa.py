@@ -15,18 +15,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-
-# (B, Hq, Hkv, N, D, V, V is a view of K): /work/shared/gpu/README.md's shapes, then MLA decode.
-SHAPES = [
-    (1, 32, 4, 4096, 192, 128, False),
-    (8, 32, 8, 32768, 192, 128, False),
-    (32, 32, 8, 8192, 192, 128, False),
-    (8, 64, 8, 16384, 576, 512, False),
-    (1, 32, 8, 32768, 256, 128, False),
-    (1, 128, 1, 8192, 576, 512, True),
-    (8, 128, 1, 8192, 576, 512, True),
-    (8, 128, 1, 32768, 576, 512, True),
-]
+from bench.shapes import SHAPES
 
 
 def seconds_per_call(fn: Callable[[], mx.array], iters: int, chain: int) -> float:

@@ -1,0 +1,19 @@
+"""The decode-attention shapes every benchmark here reports, so their tables line up.
+
+(B, Hq, Hkv, N, D, V, V is a view of K): the shapes of the team's GPU baselines, then DeepSeek
+style MLA decode (one latent KV head for 128 query heads, V = K's first 512 columns).
+"""
+
+SHAPES = [
+    (1, 32, 4, 4096, 192, 128, False),
+    (8, 32, 8, 32768, 192, 128, False),
+    (8, 32, 8, 32768, 128, 128, False),
+    (8, 64, 8, 16384, 576, 512, False),
+    (1, 16, 16, 8192, 80, 80, False),
+    (32, 32, 8, 8192, 192, 128, False),
+    (1, 128, 1, 8192, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
+    (1, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 32768, 576, 512, True),
+    (1, 32, 8, 32768, 256, 128, False),
+]
