@@ -16,21 +16,31 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aotc.families.base import KERNEL_TYPE_NAMES
-from aotc.families.sdpa_vector import CUDA_VALUE_TYPES, combine_name, one_pass_name, split_pass_name
+from aotc.families.sdpa_vector import (
+    CUDA_VALUE_TYPES,
+    combine_name,
+    one_pass_name,
+    split_pass_name,
+    wgmma_name,
+    wgmma_supported,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
 ALL_DTYPES = ("float16", "bfloat16", "float32")
+HEADERS = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh")
 PAIRS = [(576, 512), (192, 128), (256, 128), (96, 64), (320, 256), (128, 128), (80, 80)]
 
 
 def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> str:
-    lines = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", '#include "sdpa_vector.cuh"']
+    lines = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", '#include "sdpa_vector_wgmma.cuh"']
     pairs = sorted(set(pairs))
     for dtype in dtypes:
         tn, t = KERNEL_TYPE_NAMES[dtype], CUDA_VALUE_TYPES[dtype]
         for d, v in pairs:
             lines.append(f"AOTC_SDPA_VECTOR({tn}, {t}, {d}, {v})")
+            if wgmma_supported(dtype, d, v):
+                lines.append(f"AOTC_SDPA_VECTOR_WGMMA({tn}, {t}, {d}, {v})")
         for v in sorted({v for _, v in pairs}):
             lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({tn}, {t}, {v})")
     return "\n".join(lines) + "\n"
@@ -42,6 +52,8 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
         tn = KERNEL_TYPE_NAMES[dtype]
         for d, v in pairs:
             names |= {one_pass_name(tn, d, v), split_pass_name(tn, d, v), combine_name(tn, v)}
+            if wgmma_supported(dtype, d, v):
+                names.add(wgmma_name(tn, d, v))
     return names
 
 
@@ -56,7 +68,7 @@ def build_fatbin(
     """Compile (cached by source hash) one cubin per dtype in parallel and link a fatbin."""
     out_dir = Path(out_dir or os.environ.get("AOTC_HARNESS_DIR", tempfile.gettempdir()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = (KERNELS / "sdpa_vector.cuh").read_bytes()
+    header = b"".join((KERNELS / name).read_bytes() for name in HEADERS)
     gencode = []
     for arch in archs:
         num = arch.removeprefix("sm_")

@@ -42,6 +42,7 @@ class Library:
             self._check(self.cuda.cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
             self.modules.append((module, data))
         self._smem_set: dict[str, int] = {}
+        self.wgmma_ok = True  # False: plan without the wgmma kernel (baselines, comparisons)
         self.poison = False  # fill outputs with NaN before each launch (tests)
 
     def _check(self, rc: int, what: str) -> None:
@@ -161,8 +162,15 @@ def plan_for(
     if sm_count is None:
         sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     names = lib.names() or set(lib.functions)
+    # The harness builds sm_90a only (build_harness.build_fatbin): wgmma runs on any sm_90 GPU.
+    wgmma = torch.cuda.get_device_capability(0) == (9, 0) and lib.wgmma_ok
     return plan_cuda(
-        problem, available=names, sm_count=sm_count, scale=scale, num_splits=num_splits
+        problem,
+        available=names,
+        sm_count=sm_count,
+        scale=scale,
+        num_splits=num_splits,
+        wgmma=wgmma,
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from aotc.families.sdpa_vector import wgmma_supported
 from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
     PARAMS_SIZE,
@@ -16,6 +17,7 @@ from aotc.families.sdpa_vector.cuda import (
     kernel_config,
     plan_cuda,
     run_cuda,
+    wgmma_shared_bytes,
     with_scale,
 )
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
@@ -155,8 +157,12 @@ PROBE = r"""
 #include <cstddef>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include "sdpa_vector.cuh"
+#include "sdpa_vector_wgmma.cuh"
 using namespace aotc_sdpa;
+template <typename T, int D, int V> void wcfg(const char* n) {
+  std::printf("wgmma %s %d %d %d %d\n", n, D, V, (int)wg::supported<T, D, V>(),
+              wg::WCfg<D, V>::SMEM);
+}
 template <typename T, int D, int V> void cfg(const char* n) {
   using C = Cfg<T, D, V>;
   std::printf("cfg %s %d %d %d %d %d %d %d %d %d %d %d\n", n, D, V, C::NW, C::TK, C::STAGES,
@@ -186,7 +192,12 @@ def test_header_layout_matches_plan(tmp_path):
     assert size == PARAMS_SIZE and scale_off == 128 and last_off == PARAMS_SIZE - 4
     assert combine_size == COMBINE_SIZE
     for line in lines[1:]:
-        _, dtype, *nums = line.split()
+        kind, dtype, *nums = line.split()
+        if kind == "wgmma":
+            d, v, supported, smem = map(int, nums)
+            assert wgmma_supported(dtype, d, v) == bool(supported), line
+            assert wgmma_shared_bytes(d, v) == smem, line
+            continue
         d, v, nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4 = map(int, nums)
         cfg = kernel_config(dtype, d, v)
         got = (
@@ -201,3 +212,78 @@ def test_header_layout_matches_plan(tmp_path):
             cfg.shared_bytes(4, cfg.max_stages),
         )
         assert got == (nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4), line
+
+
+WG_NAMES = NAMES | {f"sdpa_vector_wgmma_{t}_576_512" for t in ("float16_t", "bfloat16_t")}
+
+
+def mla(**kw) -> AttentionProblem:
+    base = dict(q_heads=128, kv_heads=1, qk_dim=576, v_dim=512, kv_len=32768, batch=8)
+    base.update(kw)
+    return problem(**base)
+
+
+def test_wgmma_serves_mla_when_the_image_has_it():
+    first, combine = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert first.kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
+    assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_512"
+    assert first.block == (256, 1, 1)
+    assert first.shared_memory == wgmma_shared_bytes(576, 512) <= 232448
+    (*_, splits, keys_per_split, m_tiles, row_groups, stages, _) = unpack(first)
+    assert (m_tiles, row_groups, stages) == (4, 2, 2)
+    assert keys_per_split % 64 == 0 and splits * keys_per_split >= 32768
+    assert first.grid == (8 * 2 * splits, 1, 1)
+    assert first.outputs[0][1] == (8, 128, 1, splits, 512)
+
+
+def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
+    plain = plan_cuda(mla(), available=WG_NAMES, sm_count=132)
+    assert plain[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    missing = plan_cuda(mla(), available=NAMES, sm_count=132, wgmma=True)
+    assert missing[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    few_rows = plan_cuda(mla(q_heads=16), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert few_rows[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    f32 = plan_cuda(mla(dtype="float32"), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert f32[0].kernel == "sdpa_vector_2pass_1_float_576_512"
+
+
+def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
+    launches = plan_cuda(
+        mla(q_heads=96, q_len=3, kv_len=50), available=WG_NAMES, sm_count=132, wgmma=True
+    )
+    assert [launch.kernel.split("_")[2] for launch in launches] == ["wgmma", "2pass"]
+    (*_, splits, keys_per_split, _, row_groups, _, _) = unpack(launches[0])
+    assert (splits, keys_per_split, row_groups) == (1, 64, 5)  # 288 rows in groups of 64
+    assert launches[0].grid == (8 * 5, 1, 1)
+
+
+def test_wgmma_splits_keep_whole_tiles():
+    for kv_len, forced in ((8192, None), (8192, 7), (1000, 64), (65537, None)):
+        first, _ = plan_cuda(
+            mla(batch=1, kv_len=kv_len),
+            available=WG_NAMES,
+            sm_count=132,
+            wgmma=True,
+            num_splits=forced,
+        )
+        (*_, splits, keys_per_split, _, _, _, _) = unpack(first)
+        assert keys_per_split % 64 == 0
+        assert (splits - 1) * keys_per_split < kv_len <= splits * keys_per_split
+        if forced is None:
+            assert keys_per_split >= 4 * 64 or splits == 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "v", "ok"),
+    [
+        ("bfloat16", 576, 512, True),
+        ("float16", 192, 128, True),
+        ("float16", 320, 256, True),
+        ("float32", 576, 512, False),
+        ("bfloat16", 96, 64, False),
+        ("bfloat16", 576, 448, False),
+        ("bfloat16", 1024, 512, False),  # shared memory
+    ],
+)
+def test_wgmma_supported_pairs(dtype, d, v, ok):
+    assert wgmma_supported(dtype, d, v) is ok

@@ -169,6 +169,12 @@ def sass_runs_on(sass: str, device: str) -> bool:
     return major == dev_major and minor <= dev_minor
 
 
+def wgmma_runs(archs: list[str] | tuple[str, ...], device: str) -> bool:
+    """Whether the driver loads sm_90a SASS (with warpgroup MMAs) from a fatbin of `archs` on
+    `device`: only an sm_90 GPU, and only when no plain sm_90 image competes with it."""
+    return device == "sm_90" and "sm_90a" in archs and "sm_90" not in archs
+
+
 def _sm(arch: str) -> tuple[int, int, str] | None:
     digits = arch.removeprefix("sm_")
     suffix = digits[-1] if digits[-1:].isalpha() else ""

@@ -181,3 +181,78 @@ def test_value_view_off_the_prefix_is_loaded(lib):
     out = h.run(lib, q, k, vv, None, None, scale=576**-0.5)
     ref = h.reference(q, k, vv, None, None, scale=576**-0.5)
     assert h.rel_err(out, ref) < TOL["bfloat16"]
+
+
+# ---- the wgmma kernel (sm_90a): 64+ query rows per KV head on an sm_90 GPU
+WGMMA_PAIRS = [(576, 512), (192, 128), (256, 128), (320, 256)]
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability(0) != (9, 0),
+    reason="the wgmma kernel runs on sm_90 GPUs only (H100, H200)",
+)
+
+
+def _first_kernel(lib, **shape):
+    from bench import cuda_harness as h
+
+    b, hq, hkv, lq, n = (
+        shape.get(x, y) for x, y in (("b", 1), ("hq", 128), ("hkv", 1), ("lq", 1), ("n", 100))
+    )
+    d, v = shape.get("d", 576), shape.get("v", 512)
+    dt = h.DTYPES[shape.get("dtype", "bfloat16")]
+    q = torch.empty((b, hq, lq, d), dtype=dt, device="cuda")
+    k = torch.empty((b, hkv, n, d), dtype=dt, device="cuda")
+    vv = torch.empty((b, hkv, n, v), dtype=dt, device="cuda")
+    return h.plan_for(lib, q, k, vv, scale=1.0)[0].kernel
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("pair", WGMMA_PAIRS, ids=lambda p: f"{p[0]}x{p[1]}")
+@pytest.mark.parametrize("view", [False, True], ids=["own_v", "v_of_k"])
+def test_wgmma_pairs(lib, dtype, pair, view):
+    d, v = pair
+    assert _first_kernel(lib, d=d, v=v, dtype=dtype).startswith("sdpa_vector_wgmma_")
+    check(lib, b=2, hq=128, hkv=1, n=1000, d=d, v=v, dtype=dtype, view_of_k=view)
+
+
+@needs_sm90
+@pytest.mark.parametrize("n", [1, 33, 64, 65, 4096, 65537])
+@pytest.mark.parametrize("view", [False, True], ids=["own_v", "v_of_k"])
+def test_wgmma_kv_lengths(lib, n, view):
+    check(lib, hq=128, hkv=1, n=n, d=576, v=512, view_of_k=view)
+
+
+@needs_sm90
+@pytest.mark.parametrize("lq", [1, 2, 5, 8])
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+def test_wgmma_masks_and_query_tokens(lib, lq, mask):
+    # 96 and 128 heads: row groups of 64 with padding rows past G * Lq.
+    check(lib, hq=96, hkv=1, lq=lq, n=300, d=576, v=512, mask=mask, view_of_k=True)
+    check(lib, b=2, hq=64, hkv=2, lq=lq, n=200, d=192, v=128, mask=mask, dtype="float16")
+
+
+@needs_sm90
+@pytest.mark.parametrize("splits", [1, 5])
+def test_wgmma_sinks_and_forced_splits(lib, splits):
+    check(lib, hq=128, hkv=1, n=1500, d=576, v=512, sinks=True, view_of_k=True, num_splits=splits)
+    check(
+        lib, hq=128, hkv=2, n=700, d=256, v=128, sinks=True, mask="causal", lq=2, num_splits=splits
+    )
+
+
+@needs_sm90
+def test_wgmma_strided_and_scalar_paths(lib):
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    dt = torch.bfloat16
+    # Cache slices (16-byte path) and K with a non-unit column stride (element path).
+    kc = _rand((1, 1, 1100, 576), dt, gen)
+    k = kc[:, :, 7:1007]
+    vv = k[..., :512]
+    q = _rand((1, 2, 128, 576), dt, gen).transpose(1, 2)
+    kt = _rand((1, 1, 576, 1000), dt, gen).transpose(-1, -2)
+    for keys, values in ((k, vv), (kt, kt[..., :512]), (k, _rand((1, 1, 1000, 512), dt, gen))):
+        out = h.run(lib, q, keys, values, None, None, scale=576**-0.5)
+        ref = h.reference(q, keys, values, None, None, scale=576**-0.5)
+        assert h.rel_err(out, ref) < TOL["bfloat16"]

@@ -41,6 +41,33 @@ def combine_name(type_name: str, v: int) -> str:
     return f"sdpa_vector_2pass_2_{type_name}_{v}"
 
 
+def wgmma_name(type_name: str, d: int, v: int) -> str:
+    """The split pass on Hopper's warpgroup MMAs (sdpa_vector_wgmma.cuh), CUDA only."""
+    return f"sdpa_vector_wgmma_{type_name}_{d}_{v}"
+
+
+# Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
+# rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
+# (Q, two K/V slots, P, rescale factors, alignment) within Hopper's 227 KB opt-in.
+WGMMA_DTYPES = ("float16", "bfloat16")
+WGMMA_MAX_SHARED = 232448
+
+
+def wgmma_shared_bytes(d: int, v: int) -> int:
+    atom = 64 * 128
+    return (d // 64) * atom + 2 * max(d // 64, v // 64) * atom + atom + 64 * 4 + 1024
+
+
+def wgmma_supported(dtype: str, d: int, v: int) -> bool:
+    return (
+        dtype in WGMMA_DTYPES
+        and d % 64 == 0
+        and v % 128 == 0
+        and v <= 512
+        and wgmma_shared_bytes(d, v) <= WGMMA_MAX_SHARED
+    )
+
+
 class SdpaVectorFamily:
     name = NAME
     dtypes = ("float16", "bfloat16", "float32")
@@ -64,7 +91,7 @@ class SdpaVectorFamily:
         self, target: str, insts: Sequence[Instantiation]
     ) -> list[TranslationUnit]:
         render = _render_metal if target == "metal" else _render_cuda
-        units = [_pair_unit(inst, render) for inst in insts]
+        units = [_pair_unit(inst, render, target) for inst in insts]
         combines: dict[tuple[str, int], list[Instantiation]] = {}
         for inst in insts:
             combines.setdefault((inst.dtype, inst.param("V")), []).append(inst)
@@ -79,7 +106,8 @@ class SdpaVectorFamily:
                 raise FileNotFoundError("MLX's headers were not found: is mlx installed?")
             files = ("mlx/backend/metal/kernels/utils.h", "mlx/backend/metal/kernels/sdpa_vector.h")
             return [IncludeRoot(include, files, "mlx")]
-        return [IncludeRoot(kernels_dir() / "cuda", ("sdpa_vector.cuh",), "aotc")]
+        headers = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh")
+        return [IncludeRoot(kernels_dir() / "cuda", headers, "aotc")]
 
 
 def _parse_pair(node: Node) -> Params:
@@ -94,13 +122,16 @@ def _parse_pair(node: Node) -> Params:
     return (("D", d), ("V", v))
 
 
-def _pair_unit(inst: Instantiation, render) -> TranslationUnit:
+def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     type_name = KERNEL_TYPE_NAMES[inst.dtype]
     d, v = inst.param("D"), inst.param("V")
     kernels = (
         _symbol(one_pass_name(type_name, d, v), inst.dtype, inst.params, "one_pass"),
         _symbol(split_pass_name(type_name, d, v), inst.dtype, inst.params, "split_pass"),
     )
+    if target == "cuda" and wgmma_supported(inst.dtype, d, v):
+        wgmma = _symbol(wgmma_name(type_name, d, v), inst.dtype, inst.params, "split_pass_wgmma")
+        kernels = (*kernels, wgmma)
     return TranslationUnit(
         stem=one_pass_name(type_name, d, v),
         source=render(inst.dtype, [("pair", d, v)]),
@@ -161,13 +192,15 @@ def _render_cuda(dtype: str, items: list[tuple]) -> str:
         "#include <cuda_fp16.h>",
         "#include <cuda_bf16.h>",
         "",
-        '#include "sdpa_vector.cuh"',
+        '#include "sdpa_vector_wgmma.cuh"',
         "",
     ]
     for item in items:
         if item[0] == "pair":
             _, d, v = item
             lines.append(f"AOTC_SDPA_VECTOR({type_name}, {value_type}, {d}, {v})")
+            if wgmma_supported(dtype, d, v):
+                lines.append(f"AOTC_SDPA_VECTOR_WGMMA({type_name}, {value_type}, {d}, {v})")
         else:
             _, v = item
             lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({type_name}, {value_type}, {v})")

@@ -186,6 +186,7 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
         load_image,
         sass_runs_on,
         unavailable_reason,
+        wgmma_runs,
     )
 
     if not has_cuda():
@@ -203,6 +204,7 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
         available=library.kernel_names,
         dtype=partial(getattr, mx),
         gradient=mlx_gradients,
+        wgmma=wgmma_runs(archs, device),
     )
     if problem.mask != "additive":
         return runner

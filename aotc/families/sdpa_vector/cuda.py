@@ -18,7 +18,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aotc.families.base import KERNEL_TYPE_NAMES
-from aotc.families.sdpa_vector import combine_name, one_pass_name, split_pass_name
+from aotc.families.sdpa_vector import (
+    combine_name,
+    one_pass_name,
+    split_pass_name,
+    wgmma_name,
+    wgmma_shared_bytes,
+    wgmma_supported,
+)
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 
 # Strided inputs of the attention kernels, in Params order; absent mask -> q's strides.
@@ -42,6 +49,15 @@ SHARED_LIMITS = {"sm_80": (166912, 167936), "sm_90": (232448, 233472)}
 # (more split groups, 16 splits in flight each), smaller V 128 (H200, round 3 of bench/NOTES.md).
 def combine_threads(v_dim: int) -> int:
     return 256 if v_dim >= 128 else 128
+
+
+# The wgmma kernel (sm_90a): 64 query rows and 64 keys per step, two warpgroups, one block per
+# SM. It pays off where the rows sharing a KV head fill its 64-row MMAs (MLA's 128 heads).
+WGMMA_ROWS = 64
+WGMMA_KEYS = 64
+WGMMA_THREADS = 256
+WGMMA_MIN_ROWS = 64
+WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 
 
 @dataclass(frozen=True)
@@ -167,10 +183,11 @@ def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int) -> int:
     return best
 
 
-def _split_count(base_blocks: int, wave: int, tiles: int) -> int:
+def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) -> int:
     """Fewest key splits (of whole key tiles) whose blocks fill the waves of resident blocks
-    best (>= 90% of the best fill, up to 4 waves); 1 when the base grid fills the GPU well."""
-    cap = max(1, min(tiles, -(-4 * wave // base_blocks)))
+    best (>= 90% of the best fill, up to 4 waves); 1 when the base grid fills the GPU well.
+    Each split keeps at least `min_tiles` tiles."""
+    cap = max(1, min(tiles // min_tiles, -(-4 * wave // base_blocks)))
     counts = sorted({-(-tiles // -(-tiles // s)) for s in range(1, cap + 1)})
 
     def fill(s: int) -> float:
@@ -189,10 +206,12 @@ def plan_cuda(
     scale: float | None = None,
     arch: str = "sm_90",
     num_splits: int | None = None,
+    wgmma: bool = False,
 ) -> list[Launch]:
     """The launches computing `problem`; raises Unsupported (with the reason) otherwise.
 
     `num_splits` forces the key split count (tests); by default it comes from `sm_count`.
+    `wgmma`: the loaded image is sm_90a SASS on an sm_90 GPU, so the wgmma kernel can run.
     """
     p = problem
     if p.q_len < 1 or p.q_len > MAX_QUERY_TOKENS:
@@ -209,6 +228,14 @@ def plan_cuda(
         raise Unsupported(f"no loaded library has {one}")
     if scale is None:
         scale = 1.0 / math.sqrt(p.qk_dim)
+    wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
+    if (
+        wgmma
+        and p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS
+        and wgmma_supported(p.dtype, p.qk_dim, p.v_dim)
+        and {wg_kernel, combine} <= set(available)
+    ):
+        return _plan_wgmma(p, wg_kernel, combine, scale, sm_count, num_splits)
     max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
 
     cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
@@ -233,13 +260,7 @@ def plan_cuda(
     if num_splits > 1 and (first not in available or combine not in available):
         num_splits, keys_per_split = 1, tiles * cfg.key_tile
 
-    inputs = (
-        "q",
-        "k",
-        "v",
-        "mask" if p.mask in ("bool", "additive") else "q",
-        "sinks" if p.has_sinks else "q",
-    )
+    inputs = _attention_inputs(p)
     strided = (*inputs[:3], inputs[3])
     params = pack_params(
         scale=scale,
@@ -257,6 +278,31 @@ def plan_cuda(
         return [
             Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
         ]
+    return _split_launches(p, first, combine, num_splits, grid, block, smem, params)
+
+
+def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
+    return (
+        "q",
+        "k",
+        "v",
+        "mask" if p.mask in ("bool", "additive") else "q",
+        "sinks" if p.has_sinks else "q",
+    )
+
+
+def _split_launches(
+    p: AttentionProblem,
+    first: str,
+    combine: str,
+    num_splits: int,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    smem: int,
+    params: bytes,
+) -> list[Launch]:
+    """A split pass writing (partials, maxs, sums) and the combine that merges them."""
+    inputs = _attention_inputs(p)
     stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
     part_shape = (*stat_shape, p.v_dim)
     return [
@@ -272,12 +318,12 @@ def plan_cuda(
             block,
             smem,
             params,
-            strided,
+            (*inputs[:3], inputs[3]),
         ),
         Launch(
             combine,
             ("partials", "maxs", "sums", "sinks" if p.has_sinks else "maxs"),
-            (("out", out_shape, p.dtype),),
+            (("out", p.output_shape, p.dtype),),
             (p.batch * p.q_heads * p.q_len, 1, 1),
             (combine_threads(p.v_dim), 1, 1),
             16 * combine_threads(p.v_dim),  # one float4 per thread: split groups' partial sums
@@ -285,6 +331,39 @@ def plan_cuda(
             (),
         ),
     ]
+
+
+def _plan_wgmma(
+    p: AttentionProblem,
+    kernel: str,
+    combine: str,
+    scale: float,
+    sm_count: int,
+    num_splits: int | None,
+) -> list[Launch]:
+    """The wgmma split pass (one block per SM) and the combine, also for a single split."""
+    rows = p.gqa_factor * p.q_len
+    row_groups = -(-rows // WGMMA_ROWS)
+    base_blocks = p.batch * p.kv_heads * row_groups
+    tiles = -(-p.kv_len // WGMMA_KEYS)
+    if num_splits is None:
+        num_splits = _split_count(base_blocks, sm_count, tiles, WGMMA_MIN_TILES)
+    num_splits = max(1, min(num_splits, tiles))
+    keys_per_split = -(-tiles // num_splits) * WGMMA_KEYS
+    num_splits = -(-p.kv_len // keys_per_split)
+    params = pack_params(
+        scale=scale,
+        problem=p,
+        num_splits=num_splits,
+        keys_per_split=keys_per_split,
+        m_tiles=WGMMA_ROWS // 16,
+        row_groups=row_groups,
+        stages=2,
+    )
+    grid = (base_blocks * num_splits, 1, 1)
+    block = (WGMMA_THREADS, 1, 1)
+    smem = wgmma_shared_bytes(p.qk_dim, p.v_dim)
+    return _split_launches(p, kernel, combine, num_splits, grid, block, smem, params)
 
 
 def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
@@ -418,19 +497,23 @@ def make_runner(
     available: set[str] | frozenset[str],
     dtype: Callable[[str], Any] = lambda name: name,
     gradient: Callable[..., tuple[Callable, Callable]] | None = None,
+    wgmma: bool = False,
 ) -> Callable[..., Any]:
     """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
 
     The plan is made once; per softmax scale the launches are lowered to Steps once, so a call
     costs two list builds and the launches. `dtype` maps dtype names to what `launch_fn` takes.
-    `gradient(scale, mask mode, array mask?, sinks?)`, when given, returns the gradients of
-    (the last launch, the others), made once per key: the last launch differentiates the whole
-    call with respect to q, k, v (mask, sinks), appended as its gradient-only inputs.
+    `wgmma`: as for `plan_cuda`. `gradient(scale, mask mode, array mask?, sinks?)`, when given,
+    returns the gradients of (the last launch, the others), made once per key: the last launch
+    differentiates the whole call with respect to q, k, v (mask, sinks), appended as its
+    gradient-only inputs.
     """
     import mlx.core as mx
 
     sm_count, arch = device_facts()
-    base = plan_cuda(problem, available=available, sm_count=sm_count, arch=arch, scale=1.0)
+    base = plan_cuda(
+        problem, available=available, sm_count=sm_count, arch=arch, scale=1.0, wgmma=wgmma
+    )
     by_scale: dict[float, tuple[list[Step], int]] = {}
     gradients: dict[tuple, tuple[Callable, Callable]] = {}
     scores_shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)

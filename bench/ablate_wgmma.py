@@ -1,0 +1,82 @@
+"""Where the wgmma kernel's time goes: time it with parts skipped (a profiling build).
+
+    python3 -m bench.ablate_wgmma build DIR     (here: nvcc, -DAOTC_SDPA_ABLATE, bf16 576/512)
+    python3 -m bench.ablate_wgmma run DIR      (on the GPU)
+
+Bits of Params::reserved: 1 skips S = Q K^T, 2 skips O += P V, 4 skips the K loads after the
+first tile. Results are wrong by design; only the times mean something.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from bench.build_harness import KERNELS, translation_unit
+
+MODES = {
+    0: "all",
+    1: "no S",
+    2: "no PV",
+    4: "no loads",
+    3: "no S/PV",
+    5: "no S/loads",
+    6: "no PV/loads",
+    7: "softmax+barriers",
+}
+SHAPES = [(8, 128, 1, 32768, 576, 512, True), (1, 128, 1, 32768, 576, 512, True)]
+
+
+def build(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "ablate.cu"
+    src.write_text(translation_unit([(576, 512)], ["bfloat16"]))
+    cmd = [
+        "nvcc",
+        "-O3",
+        "-std=c++17",
+        "-DAOTC_SDPA_ABLATE",
+        f"-I{KERNELS}",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-fatbin",
+        "-o",
+        out / "ablate.fatbin",
+        src,
+    ]
+    subprocess.run(cmd, check=True)
+    (out / "list").write_text("ablate.fatbin")
+
+
+def run(out: Path) -> None:
+    import torch
+
+    from bench import cuda_harness as h
+    from bench.bench_sdpa import make_sets, time_graph
+
+    lib = h.Library(out / "list")
+    for b, hq, hkv, n, d, v, view in SHAPES:
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 2)
+        scale = 1 / math.sqrt(d)
+        base = [h.plan_for(lib, *s, scale=scale) for s in sets]
+        cells = []
+        for mode, name in MODES.items():
+            plans = [
+                [replace(p[0], params=p[0].params[:-4] + struct.pack("@i", mode)), *p[1:]]
+                for p in base
+            ]
+            fns = [
+                (lambda s=s, p=p, sc=scale: h.run(lib, *s, scale=sc, launches=p))
+                for s, p in zip(sets, plans, strict=True)
+            ]
+            fns[0]()
+            torch.cuda.synchronize()
+            cells.append(f"{name} {time_graph(fns) * 1e6:.1f}")
+        print((b, hq, hkv, n, d, v), f"g{base[0][0].grid[0]}", " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    {"build": build, "run": run}[sys.argv[1]](Path(sys.argv[2]))

@@ -1,0 +1,68 @@
+"""MLA-style shapes: the mma.sync split pass vs the wgmma kernel, and wgmma's split counts.
+
+python3 -m bench.sweep_wgmma   (harness fatbin in .gpu/sdpa, an sm_90 GPU)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from bench import cuda_harness as h
+from bench.bench_sdpa import make_sets, time_graph
+
+SHAPES = [  # (B, Hq, Hkv, N, D, V, V a view of K)
+    (1, 128, 1, 8192, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
+    (1, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, False),
+    (4, 64, 1, 16384, 192, 128, False),
+]
+SPLITS = (None, 1, 2, 4, 8, 16, 32, 64)
+
+
+def timed(lib, sets, scale, splits=None):
+    plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
+    fns = [
+        (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
+        for s, p in zip(sets, plans, strict=True)
+    ]
+    fns[0]()
+    torch.cuda.synchronize()
+    return time_graph(fns), plans[0]
+
+
+def main() -> None:
+    folder = Path(".gpu/sdpa")
+    lib = h.Library(folder / (folder / "current").read_text().strip())
+    for b, hq, hkv, n, d, v, view in SHAPES:
+        nbytes = b * hkv * n * (d + (0 if view else v)) * 2
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, max(1, min(8, 2**28 // nbytes)))
+        scale = 1 / math.sqrt(d)
+        flops = 2 * b * hq * n * (d + v)
+        cells = []
+        lib.wgmma_ok = False
+        t, plan = timed(lib, sets, scale)
+        cells.append(f"mma.sync {t * 1e6:.1f}us {flops / t / 1e12:.0f}TF")
+        lib.wgmma_ok = True
+        for splits in SPLITS:
+            try:
+                t, plan = timed(lib, sets, scale, splits)
+            except Exception as exc:
+                cells.append(f"{splits}: {type(exc).__name__} {str(exc)[:60]}")
+                continue
+            tag = "wg" if plan[0].kernel.startswith("sdpa_vector_wgmma") else "old"
+            cells.append(
+                f"{tag} s={splits or 'plan'}/g{plan[0].grid[0]} {t * 1e6:.1f}us "
+                f"{flops / t / 1e12:.0f}TF"
+            )
+        print((b, hq, hkv, n, d, v, view), " | ".join(cells), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

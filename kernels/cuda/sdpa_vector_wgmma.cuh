@@ -1,0 +1,573 @@
+// aotc: decode attention on Hopper tensor cores (wgmma), for many query rows per KV head.
+//
+// MLA decode (128 query heads on one latent KV head, D=576, V=512) does about 2 x 128 FLOP per
+// byte of K and V: it is bound by the tensor cores, not by memory. This kernel serves such
+// shapes with warpgroup MMAs (sm_90a): a block is 64 query rows (one wgmma M) of one
+// (batch, KV head, key split) and two warpgroups.
+//   - Q (64 x D) stays in shared memory for the whole split; K tiles of 64 keys are staged by
+//     16-byte cp.async into the 128-byte-swizzled layout wgmma reads, two slots deep.
+//   - Warpgroup 0 computes S = Q K^T (64 x 64, fp32) on the tensor cores, the online softmax
+//     in registers, and writes P (T) and the row rescale factors to shared memory.
+//   - Both warpgroups then accumulate O += P V, each for half of V's columns (V/2 <= 256
+//     fp32 columns per thread group: 128 registers), so O never leaves registers.
+//   - When V is K's prefix (MLA's v = k[..., :V], detected from pointers and strides), V is
+//     read from the K tile: the latent is loaded once. Otherwise slot 1 holds the V tile,
+//     loaded while S is computed, and the next K tile is loaded during P V.
+// Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
+// merges the splits and applies sinks.
+//
+// Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
+// with Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them).
+// Compiled for every arch so that each image has the same symbols; only sm_90a has the body.
+#pragma once
+
+#include "sdpa_vector.cuh"
+
+namespace aotc_sdpa {
+namespace wg {
+
+constexpr int kRows = 64;     // query rows per block
+constexpr int kKeys = 64;     // keys per tile
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kAtom = 64 * 128;  // 64 rows of one 128-byte (64-element) column atom
+
+// Mirrored by wgmma_config() in aotc/families/sdpa_vector/cuda.py.
+template <int D, int V>
+struct WCfg {
+  static constexpr int DA = D / 64;  // column atoms of a Q / K row
+  static constexpr int VA = V / 64;
+  static constexpr int NV = V / 2;  // output columns per warpgroup
+  static constexpr int Q_BYTES = DA * kAtom;
+  static constexpr int SLOT_BYTES = cmax(DA, VA) * kAtom;
+  static constexpr int SMEM = Q_BYTES + 2 * SLOT_BYTES + kAtom + kRows * 4 + 1024;
+};
+
+template <typename T, int D, int V>
+__host__ __device__ constexpr bool supported() {
+  return !std::is_same<T, float>::value && D % 64 == 0 && V % 128 == 0 && V <= 512 &&
+         WCfg<D, V>::SMEM <= 232448;
+}
+
+// ---------------------------------------------------------------- wgmma helpers
+// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands: SBO = 1024 (8 rows of
+// 128 bytes), LBO unused; MN-major (V as B, transposed): LBO = next 64-column atom.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+         ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keep the compiler from moving accumulator accesses across wgmma issue and wait.
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Operand lists of m64nNk16 with f32 accumulators (N/2 registers a thread); generated.
+#define AOTC_WG_REGS32 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+  "}"
+#define AOTC_WG_OUTS32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+#define AOTC_WG_REGS64 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+  "}"
+#define AOTC_WG_OUTS64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+#define AOTC_WG_REGS96 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
+  "}"
+#define AOTC_WG_OUTS96 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+
+#define AOTC_WG_REGS128 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+  "}"
+#define AOTC_WG_OUTS128 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+
+#define AOTC_WGMMA_FN(N, R, IA, IB, IS, IT)                                                  \
+  template <bool BF16, int TB>                                                               \
+  __device__ __forceinline__ void wgmma_m64n##N##k16(float(&d)[R], uint64_t da, uint64_t db, \
+                                                     int accumulate) {                       \
+    if constexpr (BF16) {                                                                    \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                         \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " AOTC_WG_REGS##R \
+                   ", %" #IA ", %" #IB ", p, 1, 1, 0, %" #IT ";\n}\n"                        \
+                   : AOTC_WG_OUTS##R                                                         \
+                   : "l"(da), "l"(db), "r"(accumulate), "n"(TB));                            \
+    } else {                                                                                 \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                         \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 " AOTC_WG_REGS##R \
+                   ", %" #IA ", %" #IB ", p, 1, 1, 0, %" #IT ";\n}\n"                        \
+                   : AOTC_WG_OUTS##R                                                         \
+                   : "l"(da), "l"(db), "r"(accumulate), "n"(TB));                            \
+    }                                                                                        \
+  }
+AOTC_WGMMA_FN(64, 32, 32, 33, 34, 35)
+AOTC_WGMMA_FN(128, 64, 64, 65, 66, 67)
+AOTC_WGMMA_FN(192, 96, 96, 97, 98, 99)
+AOTC_WGMMA_FN(256, 128, 128, 129, 130, 131)
+#undef AOTC_WGMMA_FN
+
+// O (64 x NV) += A (64 x 16, K-major) B (16 x NV, MN-major) for NV in {64, 128, 192, 256}.
+template <bool BF16, int NV>
+__device__ __forceinline__ void wgmma_pv(float (&d)[NV / 2], uint64_t da, uint64_t db) {
+  if constexpr (NV == 64) wgmma_m64n64k16<BF16, 1>(d, da, db, 1);
+  else if constexpr (NV == 128) wgmma_m64n128k16<BF16, 1>(d, da, db, 1);
+  else if constexpr (NV == 192) wgmma_m64n192k16<BF16, 1>(d, da, db, 1);
+  else wgmma_m64n256k16<BF16, 1>(d, da, db, 1);
+}
+
+// Profiling builds (-DAOTC_SDPA_ABLATE, bench/ablate_wgmma.py) skip parts of the block chosen by
+// bits of Params::reserved, to time the others; wrong results by design, never shipped.
+#ifdef AOTC_SDPA_ABLATE
+#define AOTC_SKIP(bit) (((p.reserved >> (bit)) & 1) != 0)
+#else
+#define AOTC_SKIP(bit) false
+#endif
+
+// ---------------------------------------------------------------- staging
+// Byte offset of row `row`, 16-byte chunk `chunk` of a 64-row operand in 128-byte-swizzled
+// column atoms (the layout wgmma's SW128 descriptors read). Atoms are 1024-byte aligned.
+__device__ __forceinline__ uint32_t sw_offset(int row, int chunk) {
+  return (chunk >> 3) * kAtom + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void bar_sync_p_ready() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// Keys [k0, k0 + 64) of one KV head (rows of DIM elements) into the atoms at `dst` (`gdst` is
+// the same place as a generic pointer), by the 128 threads of one warpgroup (`wt` = 0..127).
+// Keys at or past key_end are zero-filled. The 16-byte path gives each warp whole rows (rows
+// w, w + 4, ...) and each lane fixed chunks (lane, lane + 32, ...), so the swizzled offsets are
+// computed once: the loop is a row pointer, a predicate and a cp.async per chunk. This loop
+// competes for issue slots with the MMA warps, so its instruction count matters.
+template <typename T, int DIM>
+__device__ __forceinline__ void stage_keys(uint32_t dst, char* gdst, const T* base,
+                                           const long long* st, bool vec, int k0, int key_end,
+                                           int wt) {
+  constexpr int CH = DIM / 8;          // 16-byte chunks per row
+  constexpr int PER = cdiv(CH, 32);    // chunks per lane per row
+  if (vec) {
+    const int warp = wt >> 5, lane = wt & 31;
+    uint32_t off[2][PER];  // by row parity: rows w + 8i and w + 4 + 8i share (row & 7)
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int cc = lane + 32 * u;
+#pragma unroll
+      for (int par = 0; par < 2; ++par)
+        off[par][u] = (cc >> 3) * kAtom + (((cc & 7) ^ (warp + 4 * par)) << 4);
+    }
+    const long long row_stride = st[2];
+#pragma unroll 2
+    for (int j = warp; j < kKeys; j += 4) {
+      const int key = k0 + j;
+      const bool ok = key < key_end;
+      const T* src = base + (long long)(ok ? key : k0) * row_stride + lane * 8;
+      const uint32_t row = dst + j * 128;
+      const int par = (j >> 2) & 1;
+#pragma unroll
+      for (int u = 0; u < PER; ++u)
+        if (CH % 32 == 0 || lane + 32 * u < CH)
+          cp_async16_to(row + (par ? off[1][u] : off[0][u]), src + 256 * u, ok ? 16 : 0);
+    }
+  } else {
+    for (int e = wt; e < kKeys * DIM; e += 128) {
+      const int j = e / DIM, d = e - j * DIM;
+      const int key = k0 + j;
+      T val = Tr<T>::t(0.f);
+      if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
+      *reinterpret_cast<T*>(gdst + sw_offset(j, d >> 3) + (d & 7) * 2) = val;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// O rows (wrow, wrow + 8) *= (a0, a1). Once the running max settles (most tiles of a long
+// split) every factor is exactly 1: the warp skips its NV / 2 multiplies.
+template <int NV>
+__device__ __forceinline__ void rescale(float (&o)[NV / 2], float a0, float a1) {
+  if (!__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) return;
+#pragma unroll
+  for (int n = 0; n < NV / 8; ++n) {
+    o[4 * n] *= a0;
+    o[4 * n + 1] *= a0;
+    o[4 * n + 2] *= a1;
+    o[4 * n + 3] *= a1;
+  }
+}
+
+// 2^x on the SFU (inputs here are <= 0 or -inf: no range handling needed).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A thread's two query rows (r and r + 8): the mask row offset and the last key causal
+// attention keeps; dead rows (padding past R) are never masked.
+struct RowFacts {
+  long long mask_row[2];
+  int causal_last[2];
+  bool live[2];
+};
+
+__device__ __forceinline__ RowFacts row_facts(const Params& p, int b, int kvh, int rr, int R) {
+  RowFacts f;
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = rr + 8 * h;
+    f.live[h] = row < R;
+    const int g = f.live[h] ? row / Lq : 0, i = f.live[h] ? row - g * Lq : 0;
+    f.mask_row[h] = (long long)b * p.mask_strides[0] + (long long)(kvh * G + g) * p.mask_strides[1] +
+                    (long long)i * p.mask_strides[2];
+    f.causal_last[h] = p.kv_len - Lq + i;
+  }
+  return f;
+}
+
+// Scores of a tile with a mask or past the split's last key, into the log2 domain: the slow
+// path (per-element tests and mask loads). `key0` is this thread's first key column.
+template <typename T>
+__device__ __forceinline__ void mask_scores(float (&s)[32], const Params& p, const void* mask,
+                                            const RowFacts& rows, int key0, int key_end,
+                                            float scale2) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = key0 + n * 8 + c;
+        float x = s[4 * n + 2 * h + c] * scale2;
+        if (key >= key_end) {
+          x = -INFINITY;
+        } else if (rows.live[h] && p.mask_kind == 1) {
+          if (key > rows.causal_last[h]) x = kMasked;
+        } else if (rows.live[h] && p.mask_kind == 2) {
+          if (!reinterpret_cast<const bool*>(mask)[rows.mask_row[h] + key * p.mask_strides[3]])
+            x = kMasked;
+        } else if (rows.live[h] && p.mask_kind == 3) {
+          x += Tr<T>::f(reinterpret_cast<const T*>(
+                   mask)[rows.mask_row[h] + key * p.mask_strides[3]]) *
+               kLog2e;
+        }
+        s[4 * n + 2 * h + c] = x;
+      }
+}
+
+// ---------------------------------------------------------------- the block
+template <typename T, int D, int V>
+__device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
+                                            const T* __restrict__ v, const void* __restrict__ mask,
+                                            float* __restrict__ partials,
+                                            float* __restrict__ maxs, float* __restrict__ sums,
+                                            const Params& p, char* smem_raw) {
+  using C = WCfg<D, V>;
+  static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
+  constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int NV = C::NV;
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31;
+  const int quad = lane & 3;
+  const int wrow = (wt >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow and wrow + 8
+
+  int bid = blockIdx.x;
+  const int rg = bid % p.row_groups;
+  bid /= p.row_groups;
+  const int split = bid % p.num_splits;
+  bid /= p.num_splits;
+  const int kvh = bid % p.kv_heads;
+  const int b = bid / p.kv_heads;
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
+  const int R = G * Lq;
+  const int row0 = rg * kRows;
+  const int key_begin = split * p.keys_per_split;
+  const int key_end = min(N, key_begin + p.keys_per_split);
+  const int ntiles = cdiv(key_end - key_begin, kKeys);
+  const float scale2 = p.scale * kLog2e;
+
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sQ = (raw + 1023) & ~1023u;
+  char* const gQ = smem_raw + (sQ - raw);
+  const uint32_t slot0 = sQ + C::Q_BYTES, slot1 = slot0 + C::SLOT_BYTES;
+  const uint32_t sP = slot1 + C::SLOT_BYTES;
+  char* const gP = gQ + (sP - sQ);
+  float* const sAlpha = reinterpret_cast<float*>(gP + kAtom);
+  auto generic = [&](uint32_t a) { return gQ + (a - sQ); };
+
+  const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
+  const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
+  const bool kvec = vec_ok(kbase, p.k_strides);
+  const bool vvec = vec_ok(vbase, p.v_strides);
+  const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
+                      p.v_strides[3] == p.k_strides[3];
+
+  // Q rows (row r = g * Lq + i of this KV head's group), zero past R; then K of the first tile.
+  {
+    constexpr int CH = D / 8;
+    const bool qvec = vec_ok(q, p.q_strides);
+    for (int c = tid; c < kRows * (qvec ? CH : D); c += kThreads) {
+      const int per = qvec ? CH : D;
+      const int r = c / per, x = c - r * per;
+      const int rr = row0 + r;
+      const T* src = q;
+      if (rr < R) {
+        const int g = rr / Lq, i = rr - g * Lq;
+        src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+              (long long)i * p.q_strides[2];
+      }
+      if (qvec) {
+        cp_async16_to(sQ + sw_offset(r, x), src + x * 8, rr < R ? 16 : 0);
+      } else {
+        const T val = rr < R ? src[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);
+        *reinterpret_cast<T*>(gQ + sw_offset(r, x >> 3) + (x & 7) * 2) = val;
+      }
+    }
+  }
+  if (wg == 1)
+    stage_keys<T, D>(slot0, generic(slot0), kbase, p.k_strides, kvec, key_begin, key_end, wt);
+  cp_async_commit();
+
+  const RowFacts rows = row_facts(p, b, kvh, row0 + wrow, R);
+  float o[NV / 2];
+#pragma unroll
+  for (int i = 0; i < NV / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int k0 = key_begin + t * kKeys;
+    const uint32_t kslot = v_in_k && (t & 1) ? slot1 : slot0;
+    const uint32_t vslot = v_in_k ? kslot : slot1;
+    cp_async_wait<0>();
+    fence_async_shared();
+    __syncthreads();  // K(t) landed; every thread is done with tile t - 1
+    if (wg == 1) {
+      // Producer: V(t) into slot 1, or (MLA) the next K tile into the other slot.
+      if (!v_in_k) {
+        stage_keys<T, V>(slot1, generic(slot1), vbase, p.v_strides, vvec, k0, key_end, wt);
+      } else if (t + 1 < ntiles && !AOTC_SKIP(2)) {
+        const uint32_t next = kslot == slot0 ? slot1 : slot0;
+        stage_keys<T, D>(next, generic(next), kbase, p.k_strides, kvec, k0 + kKeys, key_end, wt);
+      }
+      cp_async_commit();
+    } else {
+      // S = Q K^T for 64 rows x 64 keys, then the online softmax in registers.
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      wgmma_fence();
+      const uint64_t qd = sw128_desc(sQ, 16, 1024), kd = sw128_desc(kslot, 16, 1024);
+      if (!AOTC_SKIP(0)) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint64_t off = ((kk >> 2) * kAtom + (kk & 3) * 32) >> 4;
+          wgmma_m64n64k16<BF16, 0>(s, qd + off, kd + off, 1);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_regs(s);
+      // Scores in the log2 domain; masks and the key end only where they apply (uniform test).
+      if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
+#pragma unroll
+        for (int e = 0; e < 32; ++e) s[e] *= scale2;
+      } else {
+        mask_scores<T>(s, p, mask, rows, k0 + quad * 2, key_end, scale2);
+      }
+      float alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          mx[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
+                        fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
+        float rmax = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+        const float m_new = fmaxf(m[h], rmax);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[h] = fast_exp2(m[h] - m_use);
+        m[h] = m_new;
+        const int r = wrow + 8 * h;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const float p0 = fast_exp2(s[4 * n + 2 * h] - m_use);
+          const float p1 = fast_exp2(s[4 * n + 2 * h + 1] - m_use);
+          sum += p0 + p1;
+          // P row r, keys 8n + 2 quad + {0, 1}: chunk n of the swizzled 128-byte row.
+          *reinterpret_cast<uint32_t*>(gP + r * 128 + ((n ^ (r & 7)) << 4) + quad * 4) =
+              pack2<T>(p0, p1);
+        }
+        l[h] = l[h] * alpha[h] + sum;  // this thread's keys; the quad is summed at the end
+      }
+      if (quad == 0) {
+        sAlpha[wrow] = alpha[0];
+        sAlpha[wrow + 8] = alpha[1];
+      }
+      rescale<NV>(o, alpha[0], alpha[1]);
+      fence_async_shared();
+    }
+    if (wg == 1 && !v_in_k) {
+      cp_async_wait<0>();  // V(t)
+      fence_async_shared();
+    }
+    bar_sync_p_ready();
+    if (wg == 1) {
+      rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
+    }
+    // O[:, wg half] += P V: A = P (64 x 64 keys, K-major), B = V rows (MN-major, transposed).
+    wgmma_fence();
+    const uint64_t pd = sw128_desc(sP, 16, 1024);
+    const uint64_t vd = sw128_desc(vslot + wg * (NV / 64) * kAtom, kAtom, 1024);
+    if (!AOTC_SKIP(1)) {
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk)
+        wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 16 * 128) >> 4));
+    }
+    wgmma_commit();
+    if (wg == 1 && !v_in_k && t + 1 < ntiles) {
+      // Slot 0 is free (S(t) finished before the barrier): the next K loads during P V.
+      stage_keys<T, D>(slot0, generic(slot0), kbase, p.k_strides, kvec, k0 + kKeys, key_end, wt);
+      cp_async_commit();
+    }
+    wgmma_wait_all();
+    fence_regs(o);
+  }
+
+  // ---- epilogue: unnormalised partial O, row max (log2 domain) and row sum per split.
+  const int Hq = p.q_heads, S = p.num_splits;
+  if (wg == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rr = row0 + wrow + 8 * h;
+    if (rr >= R) continue;
+    const int g = rr / Lq, i = rr - g * Lq;
+    const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+    if (wg == 0 && quad == 0) {
+      maxs[row * S + split] = m[h];
+      sums[row * S + split] = l[h];
+    }
+    float* dst = partials + (row * S + split) * V + wg * NV + 2 * quad;
+#pragma unroll
+    for (int n = 0; n < NV / 8; ++n)
+      *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+  }
+}
+
+template <typename T, int D, int V>
+__device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
+                                            float* partials, float* maxs, float* sums,
+                                            const Params& p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (supported<T, D, V>()) {
+    extern __shared__ __align__(1024) char aotc_wg_smem[];
+    uint32_t dyn;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (uint32_t)WCfg<D, V>::SMEM || blockDim.x != kThreads) __trap();
+    wgmma_block<T, D, V>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
+    return;
+  }
+#endif
+  __trap();  // no wgmma here: the plan only picks this kernel from an sm_90a image
+}
+
+}  // namespace wg
+}  // namespace aotc_sdpa
+#undef AOTC_SKIP
+
+#define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V)                                                  \
+  extern "C" __global__ void __launch_bounds__(256, 1) sdpa_vector_wgmma_##TN##_##D##_##V(  \
+      const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
+      float* maxs, float* sums, const aotc_sdpa::Params p) {                                 \
+    aotc_sdpa::wg::wgmma_entry<T, D, V>(q, k, v, mask, partials, maxs, sums, p);             \
+  }
