@@ -2,6 +2,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "sdpa_vector.cuh"
+#include "sdpa_vector_wgmma.cuh"
 
 AOTC_SDPA_VECTOR_AGGREGATE(bfloat16_t, __nv_bfloat16, 128)

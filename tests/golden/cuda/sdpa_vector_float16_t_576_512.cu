@@ -2,6 +2,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "sdpa_vector.cuh"
+#include "sdpa_vector_wgmma.cuh"
 
 AOTC_SDPA_VECTOR(float16_t, __half, 576, 512)
+AOTC_SDPA_VECTOR_WGMMA(float16_t, __half, 576, 512)
