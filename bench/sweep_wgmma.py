@@ -6,10 +6,12 @@ python3 -m bench.sweep_wgmma   (harness fatbin in .gpu/sdpa, an sm_90 GPU)
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
 
+from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
 from bench.bench_sdpa import make_sets, time_graph
 
@@ -20,6 +22,11 @@ SHAPES = [  # (B, Hq, Hkv, N, D, V, V a view of K)
     (8, 128, 1, 32768, 576, 512, True),
     (8, 128, 1, 8192, 576, 512, False),
     (4, 64, 1, 16384, 192, 128, False),
+]
+FEW_ROWS = [
+    (8, 64, 8, 16384, 576, 512, False),
+    (8, 32, 8, 32768, 192, 128, False),
+    (8, 32, 8, 32768, 256, 128, False),
 ]
 SPLITS = (None, 1, 2, 4, 8, 16, 32, 64)
 
@@ -38,27 +45,31 @@ def timed(lib, sets, scale, splits=None):
 def main() -> None:
     folder = Path(".gpu/sdpa")
     lib = h.Library(folder / (folder / "current").read_text().strip())
-    for b, hq, hkv, n, d, v, view in SHAPES:
+    shapes, splits_list = SHAPES, SPLITS
+    if "--few-rows" in sys.argv:
+        cuda_plan.WGMMA_MIN_ROWS = 1
+        shapes, splits_list = FEW_ROWS, (None, 2, 4)
+    for b, hq, hkv, n, d, v, view in shapes:
         nbytes = b * hkv * n * (d + (0 if view else v)) * 2
+
+        def rate(t, flops=2 * b * hq * n * (d + v), nbytes=nbytes):
+            return f"{flops / t / 1e12:.0f}TF {nbytes / t / 1e12:.2f}TB/s"
+
         sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, max(1, min(8, 2**28 // nbytes)))
         scale = 1 / math.sqrt(d)
-        flops = 2 * b * hq * n * (d + v)
         cells = []
         lib.wgmma_ok = False
         t, plan = timed(lib, sets, scale)
-        cells.append(f"mma.sync {t * 1e6:.1f}us {flops / t / 1e12:.0f}TF")
+        cells.append(f"mma.sync {t * 1e6:.1f}us {rate(t)}")
         lib.wgmma_ok = True
-        for splits in SPLITS:
+        for splits in splits_list:
             try:
                 t, plan = timed(lib, sets, scale, splits)
             except Exception as exc:
                 cells.append(f"{splits}: {type(exc).__name__} {str(exc)[:60]}")
                 continue
             tag = "wg" if plan[0].kernel.startswith("sdpa_vector_wgmma") else "old"
-            cells.append(
-                f"{tag} s={splits or 'plan'}/g{plan[0].grid[0]} {t * 1e6:.1f}us "
-                f"{flops / t / 1e12:.0f}TF"
-            )
+            cells.append(f"{tag} s={splits or 'plan'}/g{plan[0].grid[0]} {t * 1e6:.1f}us {rate(t)}")
         print((b, hq, hkv, n, d, v, view), " | ".join(cells), flush=True)
         del sets
         torch.cuda.empty_cache()

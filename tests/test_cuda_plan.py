@@ -241,8 +241,16 @@ def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
     assert plain[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
     missing = plan_cuda(mla(), available=NAMES, sm_count=132, wgmma=True)
     assert missing[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
-    few_rows = plan_cuda(mla(q_heads=16), available=WG_NAMES, sm_count=132, wgmma=True)
-    assert few_rows[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    few_rows = plan_cuda(
+        mla(q_heads=16, qk_dim=192, v_dim=128),
+        available=WG_NAMES | {"sdpa_vector_wgmma_bfloat16_t_192_128"},
+        sm_count=132,
+        wgmma=True,
+    )
+    assert few_rows[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_192_128"
+    # Wide heads (D + V >= 1024) take wgmma even with few rows (memory-bound GQA 8).
+    wide = plan_cuda(mla(q_heads=8), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert wide[0].kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
     f32 = plan_cuda(mla(dtype="float32"), available=WG_NAMES, sm_count=132, wgmma=True)
     assert f32[0].kernel == "sdpa_vector_2pass_1_float_576_512"
 

@@ -200,3 +200,44 @@ def test_gradients_fall_back_to_mlx(n, mask, sinks):
     for a, b in zip(ours, theirs, strict=True):
         # The cotangent is 2 * out, and aotc's out differs from MLX's in the last bits.
         assert mx.allclose(a, b, atol=2e-3, rtol=1e-2).item()
+
+
+def test_mla_plans_the_wgmma_kernel_on_hopper(library):
+    """On an sm_90 GPU the manifest's sm_90a image serves 64+ rows per KV head with wgmma."""
+    from aotc.families.sdpa_vector.cuda import plan_cuda
+    from aotc.families.sdpa_vector.problem import describe
+    from aotc.runtime.cuda import wgmma_runs
+
+    arch = str(mx.device_info().get("architecture", ""))
+    if arch != "sm_90":
+        pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
+    assert wgmma_runs(library.index.data["options"]["archs"], arch)
+    q = mx.zeros((1, 128, 1, 576), dtype=mx.bfloat16)
+    k = mx.zeros((1, 1, 4096, 576), dtype=mx.bfloat16)
+    launches = plan_cuda(describe(q, k, k[..., :512]), available=library.kernel_names, wgmma=True)
+    assert launches[0].kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("lq", "mask", "sinks"), [(1, None, False), (3, "causal", True)])
+def test_mla_shapes_with_their_own_values(dtype, lq, mask, sinks):
+    check(dtype=dtype, d=576, v_dim=512, hkv=1, gqa=128, lq=lq, n=3000, mask=mask, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [2, 65, 5000])
+def test_mla_value_view_in_a_cache(dtype, n):
+    """V = K's first 512 columns, K a slice of a preallocated latent cache (mlx-lm's layout).
+    n >= 2 query tokens: with fewer keys than queries, causal leaves a row with no key and the
+    -inf reference turns it into NaN (MLX's kernels keep such rows uniform instead)."""
+    mx.random.seed(n)
+    t = DTYPES[dtype]
+    q = mx.random.normal((2, 128, 2, 576)).astype(t)
+    cache = mx.random.normal((2, 1, n + 100, 576)).astype(t)
+    mx.eval(q, cache)
+    k = cache[:, :, :n]
+    v = k[..., :512]
+    got = aotc.sdpa_vector(q, k, v, scale=576**-0.5, mask="causal")
+    want = reference(q, k, v, 576**-0.5, "causal", None)
+    error = mx.abs(got.astype(mx.float32) - want).max().item()
+    assert error <= TOL[dtype] * max(1.0, mx.abs(want).max().item()), error

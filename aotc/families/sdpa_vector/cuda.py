@@ -57,6 +57,9 @@ WGMMA_ROWS = 64
 WGMMA_KEYS = 64
 WGMMA_THREADS = 256
 WGMMA_MIN_ROWS = 64
+# ... and where K and V rows are wide (576/512 with GQA 8: 8 rows, memory-bound), the mma.sync
+# kernel's one 8-warp block per SM lags: wgmma 752 vs 804 us on an H100 (bench/NOTES.md).
+WGMMA_WIDE_HEADS = 1024  # D + V
 WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 
 
@@ -231,7 +234,7 @@ def plan_cuda(
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
     if (
         wgmma
-        and p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS
+        and (p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS or p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS)
         and wgmma_supported(p.dtype, p.qk_dim, p.v_dim)
         and {wg_kernel, combine} <= set(available)
     ):

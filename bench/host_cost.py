@@ -1,0 +1,84 @@
+"""Host time of aotc calls on MLX's CUDA backend: graph building vs evaluation, per call.
+
+    python3 -m bench.host_cost [--index dist/extra_sdpa.cuda.json]
+
+For batch-1 decode the GPU work is ~15 us, so a call's wall time is host time: this splits it
+into building the graph (Python, nanobind, array creation) and evaluating 8 calls at once
+(MLX's eval: primitives' eval_gpu, graph nodes, launch, sync), against mx.add and mx.fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import mlx.core as mx
+
+import aotc
+from aotc.families.sdpa_vector import cuda
+from aotc.families.sdpa_vector.problem import describe
+from aotc.runtime.cuda import extension, load_image
+from aotc.runtime.libraries import find
+
+CHAIN = 8
+
+
+def split_us(make, iters: int = 300) -> tuple[float, float]:
+    """(build us, eval us) per call, best of 5 rounds of `iters` groups of CHAIN calls."""
+    best_b = best_e = float("inf")
+    for _ in range(5):
+        tb = te = 0.0
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            outs = [make() for _ in range(CHAIN)]
+            t1 = time.perf_counter()
+            mx.eval(outs)
+            t2 = time.perf_counter()
+            tb, te = tb + t1 - t0, te + t2 - t1
+        best_b = min(best_b, tb / iters / CHAIN * 1e6)
+        best_e = min(best_e, te / iters / CHAIN * 1e6)
+    return best_b, best_e
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
+    args = parser.parse_args()
+    aotc.load(args.index)
+    q = mx.random.normal((1, 32, 1, 192)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 4, 4096, 192)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 4, 4096, 128)).astype(mx.bfloat16)
+    tiny = mx.zeros((16,))
+    mx.eval(q, k, v, tiny)
+    library = find("cuda", ["sdpa_vector_bfloat16_t_192_128"])
+    launch = partial(extension().cuda_launch, load_image(library))
+    runner = cuda.make_runner(
+        describe(q, k, v), launch_fn=launch, available=library.kernel_names,
+        dtype=partial(getattr, mx),
+    )  # fmt: skip
+    plan = cuda.plan_cuda(describe(q, k, v), available=library.kernel_names, scale=0.07)
+    first = cuda.compile_steps(plan, partial(getattr, mx))[0][0]
+
+    def split_only():
+        return launch(
+            first.kernel, [q, k, v, q, q], first.output_shapes, first.output_dtypes, first.grid,
+            first.block, first.shared_memory, first.params, first.strided_indices,
+        )[0]  # fmt: skip
+
+    cases = {
+        "mx.add (tiny)": lambda: tiny + 1,
+        "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07),
+        "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
+        "runner (2 launches)": lambda: runner(q, k, v, 0.07, None, None),
+        "split pass alone (1 launch)": split_only,
+    }
+    print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
+    print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s}")
+    for name, make in cases.items():
+        b, e = split_us(make)
+        print(f"{name:30s} {b:7.1f} {e:7.1f} {b + e:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
