@@ -28,7 +28,11 @@ MODES = {
     6: "no PV/loads",
     7: "softmax+barriers",
 }
-SHAPES = [(8, 128, 1, 32768, 576, 512, True), (1, 128, 1, 32768, 576, 512, True)]
+SHAPES = [
+    (8, 128, 1, 32768, 576, 512, True),
+    (8, 64, 1, 32768, 576, 512, True),  # one row group: each K tile read once from L2
+    (1, 128, 1, 32768, 576, 512, True),
+]
 
 
 def build(out: Path) -> None:

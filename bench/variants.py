@@ -1,0 +1,86 @@
+"""Compile-time variants of the kernels, timed side by side on the same card.
+
+    python3 -m bench.variants build DIR NAME=-DMACRO=VALUE[,-DOTHER=..] ...   (here, nvcc)
+    python3 -m bench.variants run DIR                                          (on the GPU)
+
+Each variant is a bf16 fatbin of the pairs below; `run` times the shapes below for each (CUDA
+graph replays through the harness, default plan) and prints one row per shape.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.build_harness import KERNELS, translation_unit
+
+PAIRS = [(576, 512)]
+SHAPES = [  # (B, Hq, Hkv, N, D, V, V a view of K)
+    (8, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
+    (1, 128, 1, 32768, 576, 512, True),
+    (8, 64, 8, 16384, 576, 512, False),
+]
+
+
+def build(out: Path, specs: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "variant.cu"
+    src.write_text(translation_unit(PAIRS, ["bfloat16"]))
+
+    def one(spec: str) -> None:
+        name, _, defines = spec.partition("=")
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        flags = [d for d in defines.split(",") if d]
+        cmd = ["nvcc", "-O3", "-std=c++17", *flags, f"-I{KERNELS}",
+               "-gencode=arch=compute_90a,code=sm_90a", "-fatbin", "-o",
+               folder / "v.fatbin", src]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        (folder / "list").write_text("v.fatbin")
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, specs))
+    (out / "names").write_text("\n".join(s.partition("=")[0] for s in specs))
+
+
+def run(out: Path) -> None:
+    import torch
+
+    from bench import cuda_harness as h
+    from bench.bench_sdpa import make_sets, time_graph
+
+    names = (out / "names").read_text().split()
+    libs = {name: h.Library(out / name / "list") for name in names}
+    print("shape | " + " | ".join(names))
+    for b, hq, hkv, n, d, v, view in SHAPES:
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
+        scale = 1 / math.sqrt(d)
+        flops = 2 * b * hq * n * (d + v)
+        nbytes = b * hkv * n * (d + (0 if view else v)) * 2
+        cells = []
+        for name, lib in libs.items():
+            plans = [h.plan_for(lib, *s, scale=scale) for s in sets]
+            fns = [
+                (lambda s=s, p=p, lib=lib, sc=scale: h.run(lib, *s, scale=sc, launches=p))
+                for s, p in zip(sets, plans, strict=True)
+            ]
+            fns[0]()
+            torch.cuda.synchronize()
+            t = time_graph(fns)
+            cells.append(
+                f"{name} {t * 1e6:.1f}us {flops / t / 1e12:.0f}TF {nbytes / t / 1e12:.2f}TB/s"
+            )
+        print((b, hq, hkv, n, d, v, view), " | ".join(cells), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "build":
+        build(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        run(Path(sys.argv[2]))
