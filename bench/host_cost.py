@@ -57,8 +57,14 @@ def main() -> None:
         describe(q, k, v), launch_fn=launch, available=library.kernel_names,
         dtype=partial(getattr, mx),
     )  # fmt: skip
+    prepare = partial(extension().PreparedLaunch, load_image(library))
+    prepared_runner = cuda.make_runner(
+        describe(q, k, v), launch_fn=launch, available=library.kernel_names,
+        dtype=partial(getattr, mx), prepare=prepare,
+    )  # fmt: skip
     plan = cuda.plan_cuda(describe(q, k, v), available=library.kernel_names, scale=0.07)
     first = cuda.compile_steps(plan, partial(getattr, mx))[0][0]
+    first_call = cuda.compile_steps(plan, partial(getattr, mx), prepare)[0][0].call
 
     def split_only():
         return launch(
@@ -71,7 +77,9 @@ def main() -> None:
         "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
         "runner (2 launches)": lambda: runner(q, k, v, 0.07, None, None),
+        "runner, prepared launches": lambda: prepared_runner(q, k, v, 0.07, None, None),
         "split pass alone (1 launch)": split_only,
+        "split pass alone, prepared": lambda: first_call([q, k, v, q, q])[0],
     }
     print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
     print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s}")

@@ -66,6 +66,85 @@ aotc::Gradient wrap_gradient(nb::object fn) {
   };
 }
 
+// Everything of a launch but its inputs: made once per plan step, so that a call converts only
+// the input list from Python (a decode step's host time is mostly argument conversion).
+struct LaunchSpec {
+  std::shared_ptr<aotc::CudaImage> image;
+  std::string kernel;
+  std::vector<mx::Shape> output_shapes;
+  std::vector<mx::Dtype> output_dtypes;
+  std::array<int64_t, 3> grid;
+  std::array<int64_t, 3> block;
+  int64_t shared_memory;
+  std::string params;
+  std::vector<int> strided_inputs;
+};
+
+LaunchSpec make_spec(
+    const PyCudaImage& image,
+    std::string kernel,
+    const std::vector<std::vector<int>>& output_shapes,
+    std::vector<mx::Dtype> output_dtypes,
+    std::array<int64_t, 3> grid,
+    std::array<int64_t, 3> block,
+    int64_t shared_memory,
+    const nb::bytes& params,
+    std::vector<int> strided_inputs) {
+  std::vector<mx::Shape> shapes;
+  shapes.reserve(output_shapes.size());
+  for (auto& shape : output_shapes) {
+    shapes.emplace_back(shape.begin(), shape.end());
+  }
+  return LaunchSpec{
+      image.image,
+      std::move(kernel),
+      std::move(shapes),
+      std::move(output_dtypes),
+      grid,
+      block,
+      shared_memory,
+      std::string(params.c_str(), params.size()),
+      std::move(strided_inputs)};
+}
+
+std::vector<mx::array> launch(
+    const LaunchSpec& spec,
+    std::vector<mx::array> inputs,
+    std::vector<mx::array> gradient_inputs,
+    nb::object gradient,
+    mx::StreamOrDevice s) {
+#ifdef AOTC_WITH_CUDA
+  return aotc::cuda_launch(
+      spec.image,
+      spec.kernel,
+      std::move(inputs),
+      spec.output_shapes,
+      spec.output_dtypes,
+      spec.grid,
+      spec.block,
+      spec.shared_memory,
+      spec.params,
+      spec.strided_inputs,
+      std::move(gradient_inputs),
+      wrap_gradient(std::move(gradient)),
+      s);
+#else
+  aotc::check_launch_args(
+      spec.kernel,
+      inputs.size(),
+      spec.output_shapes,
+      spec.output_dtypes,
+      spec.grid,
+      spec.block,
+      spec.shared_memory,
+      spec.strided_inputs,
+      mx::to_stream(s));
+  throw std::runtime_error(
+      "[aotc.cuda_launch] this aotc._ext was built without the CUDA primitive: the MLX it "
+      "was built against has no CUDA backend");
+#endif
+}
+
 std::vector<mx::array> cuda_launch(
     const PyCudaImage& image,
     std::string kernel,
@@ -80,42 +159,18 @@ std::vector<mx::array> cuda_launch(
     std::vector<mx::array> gradient_inputs,
     nb::object gradient,
     mx::StreamOrDevice s) {
-  std::vector<mx::Shape> shapes;
-  shapes.reserve(output_shapes.size());
-  for (auto& shape : output_shapes) {
-    shapes.emplace_back(shape.begin(), shape.end());
-  }
-  std::string param_bytes(params.c_str(), params.size());
-#ifdef AOTC_WITH_CUDA
-  return aotc::cuda_launch(
-      image.image,
+  auto spec = make_spec(
+      image,
       std::move(kernel),
-      std::move(inputs),
-      std::move(shapes),
+      output_shapes,
       std::move(output_dtypes),
       grid,
       block,
       shared_memory,
-      std::move(param_bytes),
-      std::move(strided_inputs),
-      std::move(gradient_inputs),
-      wrap_gradient(std::move(gradient)),
-      s);
-#else
-  aotc::check_launch_args(
-      kernel,
-      inputs.size(),
-      shapes,
-      output_dtypes,
-      grid,
-      block,
-      shared_memory,
-      strided_inputs,
-      mx::to_stream(s));
-  throw std::runtime_error(
-      "[aotc.cuda_launch] this aotc._ext was built without the CUDA primitive: the MLX it "
-      "was built against has no CUDA backend");
-#endif
+      params,
+      std::move(strided_inputs));
+  return launch(
+      spec, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
 
 } // namespace
@@ -177,6 +232,54 @@ ValueError for a CPU stream or malformed arguments, RuntimeError without the CUD
 `gradient_inputs` are further inputs of the primitive that the kernel does not see, and
 `gradient(primals, cotangents) -> cotangents of all inputs` its gradient; without one, asking
 for a gradient raises.)");
+
+  nb::class_<LaunchSpec>(
+      m,
+      "PreparedLaunch",
+      "A cuda_launch with everything but its inputs fixed: calling it costs converting the "
+      "inputs only.")
+      .def(
+          "__init__",
+          [](LaunchSpec* self,
+             const PyCudaImage& image,
+             std::string kernel,
+             const std::vector<std::vector<int>>& output_shapes,
+             std::vector<mx::Dtype> output_dtypes,
+             std::array<int64_t, 3> grid,
+             std::array<int64_t, 3> block,
+             int64_t shared_memory,
+             const nb::bytes& params,
+             std::vector<int> strided_inputs) {
+            new (self) LaunchSpec(make_spec(
+                image,
+                std::move(kernel),
+                output_shapes,
+                std::move(output_dtypes),
+                grid,
+                block,
+                shared_memory,
+                params,
+                std::move(strided_inputs)));
+          },
+          "image"_a,
+          "kernel"_a,
+          "output_shapes"_a,
+          "output_dtypes"_a,
+          "grid"_a,
+          "block"_a,
+          "shared_memory"_a,
+          "params"_a,
+          "strided_inputs"_a)
+      .def(
+          "__call__",
+          &launch,
+          "inputs"_a,
+          "gradient_inputs"_a = std::vector<mx::array>{},
+          "gradient"_a = nb::none(),
+          "stream"_a = nb::none(),
+          "cuda_launch(image, kernel, inputs, ...) with this launch's fixed arguments; "
+          "gradient_inputs and gradient may be passed positionally.")
+      .def_prop_ro("kernel", [](const LaunchSpec& self) { return self.kernel; });
 
   m.def(
       "has_cuda",

@@ -52,7 +52,7 @@ def test_build_is_incremental_and_publishes_an_exact_index(write_manifest, tmp_p
     ]
     index = read_index(first.index)
     names = {"sdpa_vector_float16_t_192_128", "sdpa_vector_2pass_1_float16_t_192_128"}
-    names.add("sdpa_vector_2pass_2_float16_t_128")
+    names |= {"sdpa_vector_wgmma_float16_t_192_128", "sdpa_vector_2pass_2_float16_t_128"}
     assert index.kernel_names == names
     assert index.data["artifact"]["sha256"] == sha256_file(first.artifact)
     assert index.data["toolchain"]["name"] == "nvcc"
@@ -128,7 +128,7 @@ def test_cli_builds_and_skips_metal_with_a_reason(write_manifest, tmp_path):
         "[1/" in done.stderr and "compiling sdpa_vector_float16_t_192_128 for sm_90a" in done.stderr
     )
     index = json.loads((tmp_path / "dist" / "tiny_sdpa.cuda.json").read_text())
-    assert len(index["kernels"]) == 3
+    assert len(index["kernels"]) == 4  # one pass, split pass, wgmma split pass, combine
 
     named = subprocess.run(
         [sys.executable, "-m", "aotc", "build", str(path), "--target", "metal"],

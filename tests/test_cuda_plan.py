@@ -14,9 +14,11 @@ from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
     PARAMS_SIZE,
     Launch,
+    compile_steps,
     kernel_config,
     plan_cuda,
     run_cuda,
+    run_steps,
     wgmma_shared_bytes,
     with_scale,
 )
@@ -150,6 +152,33 @@ def test_run_cuda_wires_outputs():
     assert calls[1][1] == [f"{first}:0", f"{first}:1", f"{first}:2", f"{first}:1"]
     assert calls[1][2] == []
     assert out == f"{launches[1].kernel}:0"
+
+
+def test_prepared_steps_bind_once_and_take_gradients_positionally():
+    launches = plan_cuda(problem(), available=NAMES, sm_count=132)
+    prepared, calls = [], []
+
+    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided):
+        prepared.append((kernel, grid, params, strided))
+
+        def call(inputs, *gradient):
+            calls.append((kernel, inputs, gradient))
+            return [f"{kernel}:{i}" for i in range(len(shapes))]
+
+        return call
+
+    def launch_fn(*args, **kwargs):
+        raise AssertionError("prepared steps must not go through launch_fn")
+
+    steps, out_slot = compile_steps(launches, prepare=prepare)
+    assert [p[0] for p in prepared] == [launch.kernel for launch in launches]
+    assert prepared[0][1:] == (launches[0].grid, launches[0].params, [0, 1, 2, 0])
+    grads = (["dq"], "final", "others")
+    out = run_steps(steps, out_slot, ["Q", "K", "V", None, None], launch_fn, grads)
+    assert out == f"{launches[1].kernel}:0"
+    assert calls[0][2] == ([], "others") and calls[1][2] == (["dq"], "final")
+    run_steps(steps, out_slot, ["Q", "K", "V", None, None], launch_fn)
+    assert calls[2][2] == () and calls[2][1] == ["Q", "K", "V", "Q", "Q"]
 
 
 PROBE = r"""

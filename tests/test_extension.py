@@ -88,6 +88,24 @@ def test_launch_arguments_are_checked(ext, override, message):
         ext.cuda_launch(image, **_args(mx.arange(4.0), **override), stream=mx.cpu)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({}, "needs a GPU stream"),
+        ({"strided_inputs": [3]}, "strided input index 3"),
+        ({"block": (2048, 1, 1)}, "more than 1024 threads"),
+    ],
+)
+def test_prepared_launch_checks_like_cuda_launch(ext, override, message):
+    """PreparedLaunch binds all but the inputs once; a call is checked as cuda_launch is."""
+    args = _args(mx.arange(4.0), **override)
+    inputs = args.pop("inputs")
+    prepared = ext.PreparedLaunch(ext.CudaImage(b"\x00" * 16), **args)
+    assert prepared.kernel == "k"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepared(inputs, [], None, mx.cpu)  # gradient arguments positionally, as run_steps does
+
+
 def test_launcher_maps_dtype_names(ext):
     from aotc.runtime.cuda import CudaLauncher
 

@@ -361,6 +361,7 @@ def test_downstream_example_builds_its_kernels_into_its_wheel(tmp_path, venv):
     assert {k["name"] for k in index["kernels"]} == {
         "sdpa_vector_float16_t_192_128",
         "sdpa_vector_2pass_1_float16_t_192_128",
+        "sdpa_vector_wgmma_float16_t_192_128",
         "sdpa_vector_2pass_2_float16_t_128",
     }
     assert "downstream_sdpa/__init__.py" in files

@@ -83,6 +83,7 @@ def _cache_key(q, k, v, mask, sinks, stream) -> tuple:
     mask_key = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
     sinks_key = None if sinks is None else (sinks.shape, sinks.dtype)
     device = mx.default_device() if stream is None else stream
+    # str: MLX's Device and Stream compare by value but hash by identity
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, mask_key, sinks_key, str(device))
 
 
@@ -197,14 +198,15 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
     if not any(sass_runs_on(arch, device) for arch in archs):
         # The fatbin's PTX is one image per unit; the driver would JIT only one of them.
         raise Unsupported(f"{library.name} has SASS for {', '.join(archs)}, none for {device}")
-    launch = partial(extension().cuda_launch, load_image(library))
+    image = load_image(library)
     runner = cuda.make_runner(
         problem,
-        launch_fn=launch,
+        launch_fn=partial(extension().cuda_launch, image),
         available=library.kernel_names,
         dtype=partial(getattr, mx),
         gradient=mlx_gradients,
         wgmma=wgmma_runs(archs, device),
+        prepare=partial(extension().PreparedLaunch, image),
     )
     if problem.mask != "additive":
         return runner

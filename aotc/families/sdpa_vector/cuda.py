@@ -380,12 +380,16 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 
 LaunchFn = Callable[..., Sequence[Any]]
+# prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
+# strided_input_indices) -> call(inputs[, gradient_inputs, gradient]) (aotc._ext.PreparedLaunch)
+PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 _ARGUMENTS = ("q", "k", "v", "mask", "sinks")
 
 
 @dataclass(frozen=True)
 class Step:
-    """A Launch lowered for the hot path: array names resolved to slots once, not per call."""
+    """A Launch lowered for the hot path: array names resolved to slots once, not per call;
+    `call`, when a `prepare` was given, has every argument but the inputs bound already."""
 
     kernel: str
     input_slots: tuple[int, ...]
@@ -397,10 +401,13 @@ class Step:
     shared_memory: int
     params: bytes
     strided_indices: list[int]
+    call: Callable[..., Sequence[Any]] | None = None
 
 
 def compile_steps(
-    launches: Sequence[Launch], dtype: Callable[[str], Any] = lambda name: name
+    launches: Sequence[Launch],
+    dtype: Callable[[str], Any] = lambda name: name,
+    prepare: PrepareFn | None = None,
 ) -> tuple[list[Step], int]:
     """Steps and the slot of "out"; slots 0-4 hold q, k, v, mask, sinks."""
     slots = {name: i for i, name in enumerate(_ARGUMENTS)}
@@ -408,21 +415,36 @@ def compile_steps(
     for launch in launches:
         for name, _, _ in launch.outputs:
             slots.setdefault(name, len(slots))
-        steps.append(
-            Step(
-                kernel=launch.kernel,
-                input_slots=tuple(slots[name] for name in launch.inputs),
-                output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
-                output_shapes=[shape for _, shape, _ in launch.outputs],
-                output_dtypes=[dtype(name) for _, _, name in launch.outputs],
-                grid=launch.grid,
-                block=launch.block,
-                shared_memory=launch.shared_memory,
-                params=launch.params,
-                strided_indices=[launch.inputs.index(name) for name in launch.strided_inputs],
-            )
+        step = Step(
+            kernel=launch.kernel,
+            input_slots=tuple(slots[name] for name in launch.inputs),
+            output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
+            output_shapes=[shape for _, shape, _ in launch.outputs],
+            output_dtypes=[dtype(name) for _, _, name in launch.outputs],
+            grid=launch.grid,
+            block=launch.block,
+            shared_memory=launch.shared_memory,
+            params=launch.params,
+            strided_indices=[launch.inputs.index(name) for name in launch.strided_inputs],
         )
+        if prepare is not None:
+            step = replace(step, call=prepare(*_launch_arguments(step)))
+        steps.append(step)
     return steps, slots["out"]
+
+
+def _launch_arguments(step: Step) -> tuple:
+    """The arguments of a launch after its inputs, in `LaunchFn` / `PrepareFn` order."""
+    return (
+        step.kernel,
+        step.output_shapes,
+        step.output_dtypes,
+        step.grid,
+        step.block,
+        step.shared_memory,
+        step.params,
+        step.strided_indices,
+    )
 
 
 def run_steps(
@@ -440,26 +462,24 @@ def run_steps(
     env = env + [None] * (out_slot + 1 - len(env))
     last = len(steps) - 1
     for i, step in enumerate(steps):
-        extra = {}
-        if gradient is not None:
-            arrays, final, others = gradient
-            extra = (
-                {"gradient_inputs": arrays, "gradient": final}
-                if i == last
-                else {"gradient": others}
-            )
-        results = launch_fn(
-            step.kernel,
-            [env[slot] for slot in step.input_slots],
-            step.output_shapes,
-            step.output_dtypes,
-            step.grid,
-            step.block,
-            step.shared_memory,
-            step.params,
-            step.strided_indices,
-            **extra,
-        )
+        inputs = [env[slot] for slot in step.input_slots]
+        if step.call is not None:  # prepared: gradient arguments go positionally (cheaper)
+            if gradient is None:
+                results = step.call(inputs)
+            else:
+                arrays, final, others = gradient
+                results = step.call(inputs, *((arrays, final) if i == last else ([], others)))
+        else:
+            extra = {}
+            if gradient is not None:
+                arrays, final, others = gradient
+                extra = (
+                    {"gradient_inputs": arrays, "gradient": final}
+                    if i == last
+                    else {"gradient": others}
+                )
+            args = _launch_arguments(step)
+            results = launch_fn(args[0], inputs, *args[1:], **extra)
         for slot, result in zip(step.output_slots, results, strict=True):
             if slot >= len(env):
                 env.extend([None] * (slot + 1 - len(env)))
@@ -501,12 +521,15 @@ def make_runner(
     dtype: Callable[[str], Any] = lambda name: name,
     gradient: Callable[..., tuple[Callable, Callable]] | None = None,
     wgmma: bool = False,
+    prepare: PrepareFn | None = None,
 ) -> Callable[..., Any]:
     """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
 
     The plan is made once; per softmax scale the launches are lowered to Steps once, so a call
     costs two list builds and the launches. `dtype` maps dtype names to what `launch_fn` takes.
-    `wgmma`: as for `plan_cuda`. `gradient(scale, mask mode, array mask?, sinks?)`, when given,
+    `prepare`, when given, binds each step's fixed arguments once (`aotc._ext.PreparedLaunch`):
+    a call then converts only its inputs. `wgmma`: as for `plan_cuda`.
+    `gradient(scale, mask mode, array mask?, sinks?)`, when given,
     returns the gradients of (the last launch, the others), made once per key: the last launch
     differentiates the whole call with respect to q, k, v (mask, sinks), appended as its
     gradient-only inputs.
@@ -525,7 +548,9 @@ def make_runner(
     def run(q, k, v, scale, mask, sinks):
         compiled = by_scale.get(scale)
         if compiled is None:
-            compiled = by_scale.setdefault(scale, compile_steps(with_scale(base, scale), dtype))
+            compiled = by_scale.setdefault(
+                scale, compile_steps(with_scale(base, scale), dtype, prepare)
+            )
         grad = None
         if gradient is not None:
             key = (scale, None if array_mask else mask, array_mask, sinks is not None)
