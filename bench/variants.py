@@ -17,12 +17,14 @@ from pathlib import Path
 
 from bench.build_harness import KERNELS, translation_unit
 
-PAIRS = [(576, 512)]
+PAIRS = [(576, 512), (192, 128), (256, 128), (128, 128)]
 SHAPES = [  # (B, Hq, Hkv, N, D, V, V a view of K)
     (8, 128, 1, 32768, 576, 512, True),
-    (8, 128, 1, 8192, 576, 512, True),
-    (1, 128, 1, 32768, 576, 512, True),
     (8, 64, 8, 16384, 576, 512, False),
+    (8, 32, 8, 32768, 192, 128, False),
+    (8, 32, 8, 32768, 128, 128, False),
+    (1, 32, 8, 32768, 256, 128, False),
+    (1, 32, 4, 4096, 192, 128, False),
 ]
 
 
