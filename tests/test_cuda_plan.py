@@ -256,7 +256,7 @@ def test_wgmma_serves_mla_when_the_image_has_it():
     first, combine = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
     assert first.kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
     assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_512"
-    assert first.block == (256, 1, 1)
+    assert first.block == (384, 1, 1)
     assert first.shared_memory == wgmma_shared_bytes(576, 512) <= 232448
     (*_, splits, keys_per_split, m_tiles, row_groups, stages, _) = unpack(first)
     assert (m_tiles, row_groups, stages) == (4, 2, 2)

@@ -1,18 +1,20 @@
 // aotc: decode attention on Hopper tensor cores (wgmma), for many query rows per KV head.
 //
 // MLA decode (128 query heads on one latent KV head, D=576, V=512) does about 2 x 128 FLOP per
-// byte of K and V: it is bound by the tensor cores, not by memory. This kernel serves such
-// shapes with warpgroup MMAs (sm_90a): a block is 64 query rows (one wgmma M) of one
-// (batch, KV head, key split) and two warpgroups.
-//   - Q (64 x D) stays in shared memory for the whole split; K tiles of 64 keys are staged by
-//     16-byte cp.async into the 128-byte-swizzled layout wgmma reads, two slots deep.
-//   - Warpgroup 0 computes S = Q K^T (64 x 64, fp32) on the tensor cores, the online softmax
-//     in registers, and writes P (T) and the row rescale factors to shared memory.
-//   - Both warpgroups then accumulate O += P V, each for half of V's columns (V/2 <= 256
-//     fp32 columns per thread group: 128 registers), so O never leaves registers.
+// byte of K and V: tensor-core work, fed by a stream of K tiles. A block is 64 query rows (one
+// wgmma M) of one (batch, KV head, key split) and three warpgroups (sm_90a):
+//   - Warpgroup 0 computes S = Q K^T (64 rows x 64 keys, fp32; Q and K tiles in shared memory
+//     in the 128-byte-swizzled layout wgmma reads), the online softmax in registers, and hands
+//     P (in T) and the rows' rescale factors over in shared memory.
+//   - Warpgroups 1 and 2 each own half of O (V/2 fp32 columns a row: 128 registers at V=512),
+//     accumulate O += P V, and stage K (and V) tiles with 16-byte cp.async, two slots deep.
+//   - While 1 and 2 multiply P(t) V(t), warpgroup 0 computes S(t+1) and its softmax: the
+//     tensor cores are not idle while the softmax runs, as they were with two warpgroups.
 //   - When V is K's prefix (MLA's v = k[..., :V], detected from pointers and strides), V is
-//     read from the K tile: the latent is loaded once. Otherwise slot 1 holds the V tile,
-//     loaded while S is computed, and the next K tile is loaded during P V.
+//     read from the K tile: the latent is loaded once. Otherwise slot 0 holds K and slot 1 V.
+// Named barriers hand tiles over: 1 = P ready (0 -> 1, 2), 2 = K ready (1, 2 -> 0), 3 = P free
+// (1, 2 -> 0), 4 = warpgroups 1 and 2 among themselves. Each is used strictly alternately
+// (an arrival for tile t + 1 always follows the wait for tile t), so counts never mix.
 // Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
 // merges the splits and applies sinks.
 //
@@ -26,9 +28,10 @@
 namespace aotc_sdpa {
 namespace wg {
 
-constexpr int kRows = 64;     // query rows per block
-constexpr int kKeys = 64;     // keys per tile
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kRows = 64;        // query rows per block
+constexpr int kKeys = 64;        // keys per tile
+constexpr int kThreads = 384;    // three warpgroups
+constexpr int kSlots = 2;        // K / V tile slots
 constexpr int kAtom = 64 * 128;  // 64 rows of one 128-byte (64-element) column atom
 
 // Mirrored by wgmma_config() in aotc/families/sdpa_vector/cuda.py.
@@ -39,7 +42,7 @@ struct WCfg {
   static constexpr int NV = V / 2;  // output columns per warpgroup
   static constexpr int Q_BYTES = DA * kAtom;
   static constexpr int SLOT_BYTES = cmax(DA, VA) * kAtom;
-  static constexpr int SMEM = Q_BYTES + 2 * SLOT_BYTES + kAtom + kRows * 4 + 1024;
+  static constexpr int SMEM = Q_BYTES + kSlots * SLOT_BYTES + kAtom + kRows * 4 + 1024;
 };
 
 template <typename T, int D, int V>
@@ -195,6 +198,20 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[NV / 2], uint64_t da, uint64
 #define AOTC_SKIP(bit) false
 #endif
 
+
+// ---------------------------------------------------------------- synchronisation
+// Named barriers between warpgroups: `arrive` signals without waiting, `sync` waits for the
+// signal (the arrivals and the waiters add up to `count` threads).
+template <int ID, int COUNT>
+__device__ __forceinline__ void bar_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
+}
+template <int ID, int COUNT>
+__device__ __forceinline__ void bar_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
+}
+constexpr int kBarPReady = 1, kBarKReady = 2, kBarPFree = 3, kBarPV = 4;
+
 // ---------------------------------------------------------------- staging
 // Byte offset of row `row`, 16-byte chunk `chunk` of a 64-row operand in 128-byte-swizzled
 // column atoms (the layout wgmma's SW128 descriptors read). Atoms are 1024-byte aligned.
@@ -205,45 +222,41 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-__device__ __forceinline__ void bar_sync_p_ready() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
 // Keys [k0, k0 + 64) of one KV head (rows of DIM elements) into the atoms at `dst` (`gdst` is
-// the same place as a generic pointer), by the 128 threads of one warpgroup (`wt` = 0..127).
-// Keys at or past key_end are zero-filled. The 16-byte path gives each warp whole rows (rows
-// w, w + 4, ...) and each lane fixed chunks (lane, lane + 32, ...), so the swizzled offsets are
-// computed once: the loop is a row pointer, a predicate and a cp.async per chunk. This loop
-// competes for issue slots with the MMA warps, so its instruction count matters.
+// the same place as a generic pointer), by the 256 threads of warpgroups 1 and 2 (`lt` =
+// 0..255). Keys at or past key_end are zero-filled. The 16-byte path gives warp w the rows
+// w, w + 8, ... (all with row & 7 == w) and each lane fixed chunks (lane, lane + 32, ...), so
+// the swizzled offsets are computed once: the loop is a row pointer, a predicate and a cp.async
+// per chunk. These threads also issue the P V MMAs, so the loop's instruction count matters.
 template <typename T, int DIM>
 __device__ __forceinline__ void stage_keys(uint32_t dst, char* gdst, const T* base,
                                            const long long* st, bool vec, int k0, int key_end,
-                                           int wt) {
-  constexpr int CH = DIM / 8;          // 16-byte chunks per row
-  constexpr int PER = cdiv(CH, 32);    // chunks per lane per row
+                                           int lt) {
+  constexpr int CH = DIM / 8;        // 16-byte chunks per row
+  constexpr int PER = cdiv(CH, 32);  // chunks per lane per row
   if (vec) {
-    const int warp = wt >> 5, lane = wt & 31;
-    uint32_t off[2][PER];  // by row parity: rows w + 8i and w + 4 + 8i share (row & 7)
+    const int warp = lt >> 5, lane = lt & 31;
+    uint32_t off[PER];
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int cc = lane + 32 * u;
-#pragma unroll
-      for (int par = 0; par < 2; ++par)
-        off[par][u] = (cc >> 3) * kAtom + (((cc & 7) ^ (warp + 4 * par)) << 4);
+      off[u] = (cc >> 3) * kAtom + (((cc & 7) ^ warp) << 4);
     }
     const long long row_stride = st[2];
 #pragma unroll 2
-    for (int j = warp; j < kKeys; j += 4) {
+    for (int j = warp; j < kKeys; j += 8) {
       const int key = k0 + j;
       const bool ok = key < key_end;
       const T* src = base + (long long)(ok ? key : k0) * row_stride + lane * 8;
       const uint32_t row = dst + j * 128;
-      const int par = (j >> 2) & 1;
 #pragma unroll
       for (int u = 0; u < PER; ++u)
         if (CH % 32 == 0 || lane + 32 * u < CH)
-          cp_async16_to(row + (par ? off[1][u] : off[0][u]), src + 256 * u, ok ? 16 : 0);
+          cp_async16_to(row + off[u], src + 256 * u, ok ? 16 : 0);
     }
   } else {
-    for (int e = wt; e < kKeys * DIM; e += 128) {
+    for (int e = lt; e < kKeys * DIM; e += 256) {
       const int j = e / DIM, d = e - j * DIM;
       const int key = k0 + j;
       T val = Tr<T>::t(0.f);
@@ -253,6 +266,7 @@ __device__ __forceinline__ void stage_keys(uint32_t dst, char* gdst, const T* ba
   }
 }
 
+// ---------------------------------------------------------------- softmax pieces
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -264,8 +278,8 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// O rows (wrow, wrow + 8) *= (a0, a1). Once the running max settles (most tiles of a long
-// split) every factor is exactly 1: the warp skips its NV / 2 multiplies.
+// O rows (r, r + 8) *= (a0, a1). Once the running max settles (most tiles of a long split)
+// every factor is exactly 1: the warp skips its NV / 2 multiplies.
 template <int NV>
 __device__ __forceinline__ void rescale(float (&o)[NV / 2], float a0, float a1) {
   if (!__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) return;
@@ -301,7 +315,8 @@ __device__ __forceinline__ RowFacts row_facts(const Params& p, int b, int kvh, i
     const int row = rr + 8 * h;
     f.live[h] = row < R;
     const int g = f.live[h] ? row / Lq : 0, i = f.live[h] ? row - g * Lq : 0;
-    f.mask_row[h] = (long long)b * p.mask_strides[0] + (long long)(kvh * G + g) * p.mask_strides[1] +
+    f.mask_row[h] = (long long)b * p.mask_strides[0] +
+                    (long long)(kvh * G + g) * p.mask_strides[1] +
                     (long long)i * p.mask_strides[2];
     f.causal_last[h] = p.kv_len - Lq + i;
   }
@@ -339,6 +354,33 @@ __device__ __forceinline__ void mask_scores(float (&s)[32], const Params& p, con
 }
 
 // ---------------------------------------------------------------- the block
+// Q rows (row r = g * Lq + i of this KV head's group) into the atoms at `dst`, zero past R; by
+// all threads of the block.
+template <typename T, int D>
+__device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, const Params& p,
+                                        int b, int kvh, int row0, int R) {
+  constexpr int CH = D / 8;
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
+  const bool qvec = vec_ok(q, p.q_strides);
+  const int per = qvec ? CH : D;
+  for (int c = threadIdx.x; c < kRows * per; c += kThreads) {
+    const int r = c / per, x = c - r * per;
+    const int rr = row0 + r;
+    const T* src = q;
+    if (rr < R) {
+      const int g = rr / Lq, i = rr - g * Lq;
+      src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+            (long long)i * p.q_strides[2];
+    }
+    if (qvec) {
+      cp_async16_to(dst + sw_offset(r, x), src + x * 8, rr < R ? 16 : 0);
+    } else {
+      const T val = rr < R ? src[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);
+      *reinterpret_cast<T*>(gdst + sw_offset(r, x >> 3) + (x & 7) * 2) = val;
+    }
+  }
+}
+
 template <typename T, int D, int V>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
@@ -349,9 +391,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr int NV = C::NV;
-  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const int quad = lane & 3;
-  const int wrow = (wt >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow and wrow + 8
+  const int wrow = ((tid & 127) >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow, wrow + 8
 
   int bid = blockIdx.x;
   const int rg = bid % p.row_groups;
@@ -360,85 +402,68 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   bid /= p.num_splits;
   const int kvh = bid % p.kv_heads;
   const int b = bid / p.kv_heads;
-  const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
   const int R = G * Lq;
   const int row0 = rg * kRows;
   const int key_begin = split * p.keys_per_split;
-  const int key_end = min(N, key_begin + p.keys_per_split);
+  const int key_end = min(p.kv_len, key_begin + p.keys_per_split);
   const int ntiles = cdiv(key_end - key_begin, kKeys);
-  const float scale2 = p.scale * kLog2e;
+  const int Hq = p.q_heads, S = p.num_splits;
 
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023) & ~1023u;
   char* const gQ = smem_raw + (sQ - raw);
-  const uint32_t slot0 = sQ + C::Q_BYTES, slot1 = slot0 + C::SLOT_BYTES;
-  const uint32_t sP = slot1 + C::SLOT_BYTES;
+  const uint32_t slots = sQ + C::Q_BYTES;
+  const uint32_t sP = slots + kSlots * C::SLOT_BYTES;
   char* const gP = gQ + (sP - sQ);
   float* const sAlpha = reinterpret_cast<float*>(gP + kAtom);
-  auto generic = [&](uint32_t a) { return gQ + (a - sQ); };
 
   const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
   const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
-  const bool kvec = vec_ok(kbase, p.k_strides);
-  const bool vvec = vec_ok(vbase, p.v_strides);
+  // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: slots then
+  // hold K tiles only, tile t in slot t % 2; else slot 0 holds K(t) and slot 1 V(t).
   const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
                       p.v_strides[3] == p.k_strides[3];
+  auto kslot = [&](int t) { return slots + (v_in_k ? (t & 1) : 0) * C::SLOT_BYTES; };
+  auto vslot = [&](int t) { return v_in_k ? kslot(t) : slots + C::SLOT_BYTES; };
+  auto stage_k = [&](int t, int lt) {
+    const uint32_t dst = kslot(t);
+    stage_keys<T, D>(dst, gQ + (dst - sQ), kbase, p.k_strides, vec_ok(kbase, p.k_strides),
+                     key_begin + t * kKeys, key_end, lt);
+  };
+  auto stage_v = [&](int t, int lt) {
+    const uint32_t dst = vslot(t);
+    stage_keys<T, V>(dst, gQ + (dst - sQ), vbase, p.v_strides, vec_ok(vbase, p.v_strides),
+                     key_begin + t * kKeys, key_end, lt);
+  };
 
-  // Q rows (row r = g * Lq + i of this KV head's group), zero past R; then K of the first tile.
-  {
-    constexpr int CH = D / 8;
-    const bool qvec = vec_ok(q, p.q_strides);
-    for (int c = tid; c < kRows * (qvec ? CH : D); c += kThreads) {
-      const int per = qvec ? CH : D;
-      const int r = c / per, x = c - r * per;
-      const int rr = row0 + r;
-      const T* src = q;
-      if (rr < R) {
-        const int g = rr / Lq, i = rr - g * Lq;
-        src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
-              (long long)i * p.q_strides[2];
-      }
-      if (qvec) {
-        cp_async16_to(sQ + sw_offset(r, x), src + x * 8, rr < R ? 16 : 0);
-      } else {
-        const T val = rr < R ? src[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);
-        *reinterpret_cast<T*>(gQ + sw_offset(r, x >> 3) + (x & 7) * 2) = val;
-      }
-    }
+  // Prologue, one commit group: Q (all threads) and the first tiles (warpgroups 1, 2): K(0)
+  // and K(1), or K(0) and V(0).
+  stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
+  if (wg > 0) {
+    stage_k(0, tid - 128);
+    if (!v_in_k) stage_v(0, tid - 128);
+    else if (ntiles > 1) stage_k(1, tid - 128);
   }
-  if (wg == 1)
-    stage_keys<T, D>(slot0, generic(slot0), kbase, p.k_strides, kvec, key_begin, key_end, wt);
   cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
 
-  const RowFacts rows = row_facts(p, b, kvh, row0 + wrow, R);
-  float o[NV / 2];
-#pragma unroll
-  for (int i = 0; i < NV / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  for (int t = 0; t < ntiles; ++t) {
-    const int k0 = key_begin + t * kKeys;
-    const uint32_t kslot = v_in_k && (t & 1) ? slot1 : slot0;
-    const uint32_t vslot = v_in_k ? kslot : slot1;
-    cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();  // K(t) landed; every thread is done with tile t - 1
-    if (wg == 1) {
-      // Producer: V(t) into slot 1, or (MLA) the next K tile into the other slot.
-      if (!v_in_k) {
-        stage_keys<T, V>(slot1, generic(slot1), vbase, p.v_strides, vvec, k0, key_end, wt);
-      } else if (t + 1 < ntiles && !AOTC_SKIP(2)) {
-        const uint32_t next = kslot == slot0 ? slot1 : slot0;
-        stage_keys<T, D>(next, generic(next), kbase, p.k_strides, kvec, k0 + kKeys, key_end, wt);
-      }
-      cp_async_commit();
-    } else {
-      // S = Q K^T for 64 rows x 64 keys, then the online softmax in registers.
+  if (wg == 0) {
+    // ---- S and the softmax; P and the rescale factors out through shared memory.
+    const RowFacts rows = row_facts(p, b, kvh, row0 + wrow, R);
+    const float scale2 = p.scale * kLog2e;
+    const uint64_t qd = sw128_desc(sQ, 16, 1024);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    for (int t = 0; t < ntiles; ++t) {
+      const int k0 = key_begin + t * kKeys;
+      if (t > 0) bar_sync<kBarKReady, kThreads>();  // K(t) landed (K(0) came with Q)
       float s[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) s[i] = 0.f;
       wgmma_fence();
-      const uint64_t qd = sw128_desc(sQ, 16, 1024), kd = sw128_desc(kslot, 16, 1024);
+      const uint64_t kd = sw128_desc(kslot(t), 16, 1024);
       if (!AOTC_SKIP(0)) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -471,76 +496,107 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         alpha[h] = fast_exp2(m[h] - m_use);
         m[h] = m_new;
-        const int r = wrow + 8 * h;
         float sum = 0.f;
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          const float p0 = fast_exp2(s[4 * n + 2 * h] - m_use);
-          const float p1 = fast_exp2(s[4 * n + 2 * h + 1] - m_use);
-          sum += p0 + p1;
-          // P row r, keys 8n + 2 quad + {0, 1}: chunk n of the swizzled 128-byte row.
-          *reinterpret_cast<uint32_t*>(gP + r * 128 + ((n ^ (r & 7)) << 4) + quad * 4) =
-              pack2<T>(p0, p1);
+        for (int n = 0; n < 16; ++n) {
+          const int e = 4 * (n >> 1) + 2 * h + (n & 1);
+          s[e] = fast_exp2(s[e] - m_use);
+          sum += s[e];
         }
         l[h] = l[h] * alpha[h] + sum;  // this thread's keys; the quad is summed at the end
+      }
+      if (t > 0) bar_sync<kBarPFree, kThreads>();  // P V of tile t - 1 is done with P
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wrow + 8 * h;
+        // P row r, keys 8n + 2 quad + {0, 1}: chunk n of the swizzled 128-byte row.
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          *reinterpret_cast<uint32_t*>(gP + r * 128 + ((n ^ (r & 7)) << 4) + quad * 4) =
+              pack2<T>(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]);
       }
       if (quad == 0) {
         sAlpha[wrow] = alpha[0];
         sAlpha[wrow + 8] = alpha[1];
       }
-      rescale<NV>(o, alpha[0], alpha[1]);
       fence_async_shared();
+      bar_arrive<kBarPReady, kThreads>();
     }
-    if (wg == 1 && !v_in_k) {
-      cp_async_wait<0>();  // V(t)
-      fence_async_shared();
-    }
-    bar_sync_p_ready();
-    if (wg == 1) {
-      rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
-    }
-    // O[:, wg half] += P V: A = P (64 x 64 keys, K-major), B = V rows (MN-major, transposed).
-    wgmma_fence();
-    const uint64_t pd = sw128_desc(sP, 16, 1024);
-    const uint64_t vd = sw128_desc(vslot + wg * (NV / 64) * kAtom, kAtom, 1024);
-    if (!AOTC_SKIP(1)) {
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk)
-        wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 16 * 128) >> 4));
-    }
-    wgmma_commit();
-    if (wg == 1 && !v_in_k && t + 1 < ntiles) {
-      // Slot 0 is free (S(t) finished before the barrier): the next K loads during P V.
-      stage_keys<T, D>(slot0, generic(slot0), kbase, p.k_strides, kvec, k0 + kKeys, key_end, wt);
-      cp_async_commit();
-    }
-    wgmma_wait_all();
-    fence_regs(o);
-  }
-
-  // ---- epilogue: unnormalised partial O, row max (log2 domain) and row sum per split.
-  const int Hq = p.q_heads, S = p.num_splits;
-  if (wg == 0) {
+    // ---- row statistics of the split (log2 domain), for the combine
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+      const int rr = row0 + wrow + 8 * h;
+      if (rr < R && quad == 0) {
+        const int g = rr / Lq, i = rr - g * Lq;
+        const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+        maxs[row * S + split] = m[h];
+        sums[row * S + split] = l[h];
+      }
     }
-  }
+  } else {
+    // ---- O += P V for half of V's columns; both warpgroups stage the tiles.
+    const int lt = tid - 128, half = wg - 1;
+    float o[NV / 2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int rr = row0 + wrow + 8 * h;
-    if (rr >= R) continue;
-    const int g = rr / Lq, i = rr - g * Lq;
-    const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
-    if (wg == 0 && quad == 0) {
-      maxs[row * S + split] = m[h];
-      sums[row * S + split] = l[h];
+    for (int i = 0; i < NV / 2; ++i) o[i] = 0.f;
+    auto landed = [&]() {  // this thread's copies are done and visible to wgmma
+      cp_async_wait<0>();
+      fence_async_shared();
+    };
+    for (int t = 0; t < ntiles; ++t) {
+      const bool more = t + 1 < ntiles;
+      bar_sync<kBarPReady, kThreads>();  // P(t), alpha(t); S(t) is done with K(t)
+      if (!v_in_k && more && !AOTC_SKIP(2)) {
+        stage_k(t + 1, lt);  // slot 0 is free: the next K loads during P V
+        cp_async_commit();
+      }
+      rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
+      wgmma_fence();
+      const uint64_t pd = sw128_desc(sP, 16, 1024);
+      const uint64_t vd = sw128_desc(vslot(t) + half * (NV / 64) * kAtom, kAtom, 1024);
+      if (!AOTC_SKIP(1)) {
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+          wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 16 * 128) >> 4));
+      }
+      wgmma_commit();
+      if (more) {
+        landed();  // K(t + 1): both warpgroups staged it, each waits for its own copies
+        bar_arrive<kBarKReady, kThreads>();
+      }
+      wgmma_wait_all();
+      fence_regs(o);
+      if (more) bar_arrive<kBarPFree, kThreads>();
+      bar_sync<kBarPV, 256>();  // both halves are done with tile t's slots
+      if (more && !AOTC_SKIP(2)) {
+        // The slot P V(t) read is free: V(t + 1), or (MLA) K(t + 2) into tile t's slot.
+        if (!v_in_k) {
+          stage_v(t + 1, lt);
+        } else if (t + 2 < ntiles) {
+          stage_k(t + 2, lt);
+        }
+        cp_async_commit();
+        if (!v_in_k) {
+          landed();  // V(t + 1) before P V(t + 1); the next barrier shares it
+          bar_sync<kBarPV, 256>();
+        }
+      }
     }
-    float* dst = partials + (row * S + split) * V + wg * NV + 2 * quad;
+    // ---- unnormalised partial O of the split
 #pragma unroll
-    for (int n = 0; n < NV / 8; ++n)
-      *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+    for (int h = 0; h < 2; ++h) {
+      const int rr = row0 + wrow + 8 * h;
+      if (rr >= R) continue;
+      const int g = rr / Lq, i = rr - g * Lq;
+      const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+      float* dst = partials + (row * S + split) * V + half * NV + 2 * quad;
+#pragma unroll
+      for (int n = 0; n < NV / 8; ++n)
+        *reinterpret_cast<float2*>(dst + 8 * n) =
+            make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+    }
   }
 }
 
@@ -566,7 +622,7 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 #undef AOTC_SKIP
 
 #define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V)                                                  \
-  extern "C" __global__ void __launch_bounds__(256, 1) sdpa_vector_wgmma_##TN##_##D##_##V(  \
+  extern "C" __global__ void __launch_bounds__(384, 1) sdpa_vector_wgmma_##TN##_##D##_##V(  \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
       float* maxs, float* sums, const aotc_sdpa::Params p) {                                 \
     aotc_sdpa::wg::wgmma_entry<T, D, V>(q, k, v, mask, partials, maxs, sums, p);             \

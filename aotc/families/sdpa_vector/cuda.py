@@ -51,11 +51,11 @@ def combine_threads(v_dim: int) -> int:
     return 256 if v_dim >= 128 else 128
 
 
-# The wgmma kernel (sm_90a): 64 query rows and 64 keys per step, two warpgroups, one block per
+# The wgmma kernel (sm_90a): 64 query rows and 64 keys per step, three warpgroups, one block per
 # SM. It pays off where the rows sharing a KV head fill its 64-row MMAs (MLA's 128 heads).
 WGMMA_ROWS = 64
 WGMMA_KEYS = 64
-WGMMA_THREADS = 256
+WGMMA_THREADS = 384
 WGMMA_MIN_ROWS = 64
 # ... and where K and V rows are wide (576/512 with GQA 8: 8 rows, memory-bound), the mma.sync
 # kernel's one 8-warp block per SM lags: wgmma 752 vs 804 us on an H100 (bench/NOTES.md).
