@@ -4,7 +4,8 @@
 
 For batch-1 decode the GPU work is ~15 us, so a call's wall time is host time: this splits it
 into building the graph (Python, nanobind, array creation) and evaluating 8 calls at once
-(MLX's eval: primitives' eval_gpu, graph nodes, launch, sync), against mx.add and mx.fast.
+(MLX's eval: primitives' eval_gpu, graph nodes, launch, sync), against mx.add and mx.fast; the
+last column is a call evaluated on its own (MLX's per-evaluation floor is mx.add's).
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from aotc.runtime.libraries import find
 CHAIN = 8
 
 
-def split_us(make, iters: int = 300) -> tuple[float, float]:
-    """(build us, eval us) per call, best of 5 rounds of `iters` groups of CHAIN calls."""
+def split_us(make, iters: int = 300, chain: int = CHAIN) -> tuple[float, float]:
+    """(build us, eval us) per call, best of 5 rounds of `iters` groups of `chain` calls."""
     best_b = best_e = float("inf")
     for _ in range(5):
         tb = te = 0.0
         for _ in range(iters):
             t0 = time.perf_counter()
-            outs = [make() for _ in range(CHAIN)]
+            outs = [make() for _ in range(chain)]
             t1 = time.perf_counter()
             mx.eval(outs)
             t2 = time.perf_counter()
             tb, te = tb + t1 - t0, te + t2 - t1
-        best_b = min(best_b, tb / iters / CHAIN * 1e6)
-        best_e = min(best_e, te / iters / CHAIN * 1e6)
+        best_b = min(best_b, tb / iters / chain * 1e6)
+        best_e = min(best_e, te / iters / chain * 1e6)
     return best_b, best_e
 
 
@@ -82,10 +83,11 @@ def main() -> None:
         "split pass alone, prepared": lambda: first_call([q, k, v, q, q])[0],
     }
     print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
-    print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s}")
+    print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s} | one call per eval")
     for name, make in cases.items():
         b, e = split_us(make)
-        print(f"{name:30s} {b:7.1f} {e:7.1f} {b + e:7.1f}", flush=True)
+        single = sum(split_us(make, chain=1))
+        print(f"{name:30s} {b:7.1f} {e:7.1f} {b + e:7.1f} | {single:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,14 @@ import torch
 from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
 from bench.bench_sdpa import make_sets, time_graph
+from bench.shapes import SHAPES as ALL_SHAPES
 
-SHAPES = [  # (B, Hq, Hkv, N, D, V, V a view of K)
-    (1, 128, 1, 8192, 576, 512, True),
-    (8, 128, 1, 8192, 576, 512, True),
-    (1, 128, 1, 32768, 576, 512, True),
-    (8, 128, 1, 32768, 576, 512, True),
+# MLA rows of the shared list, then MLA with its own V and a 192/128 shape with 64 rows a head.
+SHAPES = [s for s in ALL_SHAPES if s[6]] + [
     (8, 128, 1, 8192, 576, 512, False),
     (4, 64, 1, 16384, 192, 128, False),
 ]
-FEW_ROWS = [
-    (8, 64, 8, 16384, 576, 512, False),
-    (8, 32, 8, 32768, 192, 128, False),
-    (8, 32, 8, 32768, 256, 128, False),
-]
+FEW_ROWS = [ALL_SHAPES[3], ALL_SHAPES[1], (8, 32, 8, 32768, 256, 128, False)]
 SPLITS = (None, 1, 2, 4, 8, 16, 32, 64)
 
 

@@ -239,28 +239,7 @@ for a gradient raises.)");
       "A cuda_launch with everything but its inputs fixed: calling it costs converting the "
       "inputs only.")
       .def(
-          "__init__",
-          [](LaunchSpec* self,
-             const PyCudaImage& image,
-             std::string kernel,
-             const std::vector<std::vector<int>>& output_shapes,
-             std::vector<mx::Dtype> output_dtypes,
-             std::array<int64_t, 3> grid,
-             std::array<int64_t, 3> block,
-             int64_t shared_memory,
-             const nb::bytes& params,
-             std::vector<int> strided_inputs) {
-            new (self) LaunchSpec(make_spec(
-                image,
-                std::move(kernel),
-                output_shapes,
-                std::move(output_dtypes),
-                grid,
-                block,
-                shared_memory,
-                params,
-                std::move(strided_inputs)));
-          },
+          nb::new_(&make_spec),
           "image"_a,
           "kernel"_a,
           "output_shapes"_a,

@@ -218,6 +218,34 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
   }
 }
 
+// This block's place in the grid the plan lays out (row group fastest, then key split, KV head,
+// batch) and its keys [key_begin, key_end).
+struct BlockWork {
+  int rg, split, kvh, b, key_begin, key_end;
+};
+
+__device__ __forceinline__ BlockWork block_work(const Params& p) {
+  int bid = blockIdx.x;
+  BlockWork w;
+  w.rg = bid % p.row_groups;
+  bid /= p.row_groups;
+  w.split = bid % p.num_splits;
+  bid /= p.num_splits;
+  w.kvh = bid % p.kv_heads;
+  w.b = bid / p.kv_heads;
+  w.key_begin = w.split * p.keys_per_split;
+  w.key_end = min(p.kv_len, w.key_begin + p.keys_per_split);
+  return w;
+}
+
+// Query row rr of KV head kvh's group (rr = g * Lq + i: head kvh * G + g, token i), element 0.
+template <typename T>
+__device__ __forceinline__ const T* q_row(const T* q, const Params& p, int b, int kvh, int rr) {
+  const int G = p.q_heads / p.kv_heads, g = rr / p.q_len, i = rr - g * p.q_len;
+  return q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
+         (long long)i * p.q_strides[2];
+}
+
 template <typename T>
 __device__ __forceinline__ bool vec_ok(const T* base, const long long* st) {
   constexpr int E = 16 / sizeof(T);
@@ -237,18 +265,12 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
 
-  int bid = blockIdx.x;
-  const int rg = bid % p.row_groups;
-  bid /= p.row_groups;
-  const int split = bid % p.num_splits;
-  bid /= p.num_splits;
-  const int kvh = bid % p.kv_heads;
-  const int b = bid / p.kv_heads;
+  const BlockWork w = block_work(p);
+  const int rg = w.rg, split = w.split, kvh = w.kvh, b = w.b;
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
   const int R = G * Lq;
   const int row0 = rg * MB;
-  const int key_begin = split * p.keys_per_split;
-  const int key_end = min(N, key_begin + p.keys_per_split);
+  const int key_begin = w.key_begin, key_end = w.key_end;
   const int ntiles = cdiv(key_end - key_begin, TK);
   const float scale2 = p.scale * kLog2e;
 
@@ -288,25 +310,15 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     for (int c = tid; c < MB * CH; c += NT) {
       const int r = c / CH, cc = c - r * CH;
       const int rr = row0 + r;
-      const T* src = q;
-      if (rr < R) {
-        const int g = rr / Lq, i = rr - g * Lq;
-        src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
-              (long long)i * p.q_strides[2] + cc * E;
-      }
+      const T* src = rr < R ? q_row(q, p, b, kvh, rr) + cc * E : q;
       cp_async16(sQ + r * DP + cc * E, src, rr < R ? 16 : 0);
     }
   } else {
     for (int e = tid; e < MB * D; e += NT) {
       int r = e / D, d = e - r * D;
       int rr = row0 + r;
-      T val = Tr<T>::t(0.f);
-      if (rr < R) {
-        int g = rr / Lq, i = rr - g * Lq;
-        val = q[(long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
-                (long long)i * p.q_strides[2] + (long long)d * p.q_strides[3]];
-      }
-      sQ[r * DP + d] = val;
+      sQ[r * DP + d] =
+          rr < R ? q_row(q, p, b, kvh, rr)[(long long)d * p.q_strides[3]] : Tr<T>::t(0.f);
     }
   }
   for (int s = 0; s < ring - 1; ++s) {

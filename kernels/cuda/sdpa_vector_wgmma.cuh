@@ -360,18 +360,12 @@ template <typename T, int D>
 __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, const Params& p,
                                         int b, int kvh, int row0, int R) {
   constexpr int CH = D / 8;
-  const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
   const bool qvec = vec_ok(q, p.q_strides);
   const int per = qvec ? CH : D;
   for (int c = threadIdx.x; c < kRows * per; c += kThreads) {
     const int r = c / per, x = c - r * per;
     const int rr = row0 + r;
-    const T* src = q;
-    if (rr < R) {
-      const int g = rr / Lq, i = rr - g * Lq;
-      src = q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
-            (long long)i * p.q_strides[2];
-    }
+    const T* src = rr < R ? q_row(q, p, b, kvh, rr) : q;
     if (qvec) {
       cp_async16_to(dst + sw_offset(r, x), src + x * 8, rr < R ? 16 : 0);
     } else {
@@ -395,18 +389,12 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const int quad = lane & 3;
   const int wrow = ((tid & 127) >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow, wrow + 8
 
-  int bid = blockIdx.x;
-  const int rg = bid % p.row_groups;
-  bid /= p.row_groups;
-  const int split = bid % p.num_splits;
-  bid /= p.num_splits;
-  const int kvh = bid % p.kv_heads;
-  const int b = bid / p.kv_heads;
+  const BlockWork w = block_work(p);
+  const int split = w.split, kvh = w.kvh, b = w.b;
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
   const int R = G * Lq;
-  const int row0 = rg * kRows;
-  const int key_begin = split * p.keys_per_split;
-  const int key_end = min(p.kv_len, key_begin + p.keys_per_split);
+  const int row0 = w.rg * kRows;
+  const int key_begin = w.key_begin, key_end = w.key_end;
   const int ntiles = cdiv(key_end - key_begin, kKeys);
   const int Hq = p.q_heads, S = p.num_splits;
 
