@@ -53,25 +53,18 @@ def main() -> None:
     tiny = mx.zeros((16,))
     mx.eval(q, k, v, tiny)
     library = find("cuda", ["sdpa_vector_bfloat16_t_192_128"])
-    launch = partial(extension().cuda_launch, load_image(library))
-    runner = cuda.make_runner(
-        describe(q, k, v), launch_fn=launch, available=library.kernel_names,
-        dtype=partial(getattr, mx),
-    )  # fmt: skip
-    prepare = partial(extension().PreparedLaunch, load_image(library))
-    prepared_runner = cuda.make_runner(
-        describe(q, k, v), launch_fn=launch, available=library.kernel_names,
-        dtype=partial(getattr, mx), prepare=prepare,
-    )  # fmt: skip
-    plan = cuda.plan_cuda(describe(q, k, v), available=library.kernel_names, scale=0.07)
-    first = cuda.compile_steps(plan, partial(getattr, mx))[0][0]
-    first_call = cuda.compile_steps(plan, partial(getattr, mx), prepare)[0][0].call
-
-    def split_only():
-        return launch(
-            first.kernel, [q, k, v, q, q], first.output_shapes, first.output_dtypes, first.grid,
-            first.block, first.shared_memory, first.params, first.strided_indices,
-        )[0]  # fmt: skip
+    image = load_image(library)
+    plain = cuda.preparer(partial(extension().cuda_launch, image))
+    prepared = partial(extension().PreparedLaunch, image)
+    problem, mx_dtype = describe(q, k, v), partial(getattr, mx)
+    runner, prepared_runner = (
+        cuda.make_runner(problem, prepare=p, available=library.kernel_names, dtype=mx_dtype)
+        for p in (plain, prepared)
+    )
+    plan = cuda.plan_cuda(problem, available=library.kernel_names, scale=0.07)
+    split_only, split_prepared = (
+        cuda.compile_steps(plan, p, mx_dtype)[0][0].call for p in (plain, prepared)
+    )
 
     cases = {
         "mx.add (tiny)": lambda: tiny + 1,
@@ -79,8 +72,8 @@ def main() -> None:
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
         "runner (2 launches)": lambda: runner(q, k, v, 0.07, None, None),
         "runner, prepared launches": lambda: prepared_runner(q, k, v, 0.07, None, None),
-        "split pass alone (1 launch)": split_only,
-        "split pass alone, prepared": lambda: first_call([q, k, v, q, q])[0],
+        "split pass alone (1 launch)": lambda: split_only([q, k, v, q, q])[0],
+        "split pass alone, prepared": lambda: split_prepared([q, k, v, q, q])[0],
     }
     print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
     print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s} | one call per eval")

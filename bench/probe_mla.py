@@ -45,7 +45,8 @@ def main() -> None:
         )  # fmt: skip
         desc = " + ".join(f"{launch.kernel}[g{launch.grid[0]}]" for launch in plan)
         bare = cuda.make_runner(
-            describe(q, k, view), launch_fn=partial(extension().cuda_launch, load_image(library)),
+            describe(q, k, view),
+            prepare=partial(extension().PreparedLaunch, load_image(library)),
             available=library.kernel_names, dtype=partial(getattr, mx), wgmma=True,
         )  # fmt: skip
         t = per_call_us(lambda q=q, k=k, v=view, r=bare: r(q, k, v, 0.04, None, None))

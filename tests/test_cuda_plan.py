@@ -167,17 +167,14 @@ def test_prepared_steps_bind_once_and_take_gradients_positionally():
 
         return call
 
-    def launch_fn(*args, **kwargs):
-        raise AssertionError("prepared steps must not go through launch_fn")
-
-    steps, out_slot = compile_steps(launches, prepare=prepare)
+    steps, out_slot = compile_steps(launches, prepare)
     assert [p[0] for p in prepared] == [launch.kernel for launch in launches]
     assert prepared[0][1:] == (launches[0].grid, launches[0].params, [0, 1, 2, 0])
     grads = (["dq"], "final", "others")
-    out = run_steps(steps, out_slot, ["Q", "K", "V", None, None], launch_fn, grads)
+    out = run_steps(steps, out_slot, ["Q", "K", "V", None, None], grads)
     assert out == f"{launches[1].kernel}:0"
     assert calls[0][2] == ([], "others") and calls[1][2] == (["dq"], "final")
-    run_steps(steps, out_slot, ["Q", "K", "V", None, None], launch_fn)
+    run_steps(steps, out_slot, ["Q", "K", "V", None, None])
     assert calls[2][2] == () and calls[2][1] == ["Q", "K", "V", "Q", "Q"]
 
 

@@ -198,15 +198,13 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
     if not any(sass_runs_on(arch, device) for arch in archs):
         # The fatbin's PTX is one image per unit; the driver would JIT only one of them.
         raise Unsupported(f"{library.name} has SASS for {', '.join(archs)}, none for {device}")
-    image = load_image(library)
     runner = cuda.make_runner(
         problem,
-        launch_fn=partial(extension().cuda_launch, image),
+        prepare=partial(extension().PreparedLaunch, load_image(library)),
         available=library.kernel_names,
         dtype=partial(getattr, mx),
         gradient=mlx_gradients,
         wgmma=wgmma_runs(archs, device),
-        prepare=partial(extension().PreparedLaunch, image),
     )
     if problem.mask != "additive":
         return runner

@@ -386,103 +386,86 @@ PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 _ARGUMENTS = ("q", "k", "v", "mask", "sinks")
 
 
+def preparer(launch_fn: LaunchFn) -> PrepareFn:
+    """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
+    block, shared_memory, params, strided_input_indices, *, gradient_inputs, gradient)`."""
+
+    def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
+        def call(inputs, gradient_inputs=(), gradient=None):
+            extra: dict[str, Any] = {} if gradient is None else {"gradient": gradient}
+            if gradient_inputs:
+                extra["gradient_inputs"] = gradient_inputs
+            return launch_fn(kernel, inputs, *fixed, **extra)
+
+        return call
+
+    return prepare
+
+
 @dataclass(frozen=True)
 class Step:
     """A Launch lowered for the hot path: array names resolved to slots once, not per call;
-    `call`, when a `prepare` was given, has every argument but the inputs bound already."""
+    `call(inputs[, gradient_inputs, gradient])` has every other argument bound already."""
 
     kernel: str
     input_slots: tuple[int, ...]
     output_slots: tuple[int, ...]
-    output_shapes: list[tuple[int, ...]]
-    output_dtypes: list[Any]
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    shared_memory: int
-    params: bytes
-    strided_indices: list[int]
-    call: Callable[..., Sequence[Any]] | None = None
+    call: Callable[..., Sequence[Any]]
 
 
 def compile_steps(
-    launches: Sequence[Launch],
-    dtype: Callable[[str], Any] = lambda name: name,
-    prepare: PrepareFn | None = None,
+    launches: Sequence[Launch], prepare: PrepareFn, dtype: Callable[[str], Any] = lambda n: n
 ) -> tuple[list[Step], int]:
-    """Steps and the slot of "out"; slots 0-4 hold q, k, v, mask, sinks."""
+    """Steps and the slot of "out" (the last launch's output: the highest slot); slots 0-4
+    hold q, k, v, mask, sinks. `dtype` maps dtype names to what `prepare` takes."""
     slots = {name: i for i, name in enumerate(_ARGUMENTS)}
     steps = []
     for launch in launches:
         for name, _, _ in launch.outputs:
             slots.setdefault(name, len(slots))
-        step = Step(
-            kernel=launch.kernel,
-            input_slots=tuple(slots[name] for name in launch.inputs),
-            output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
-            output_shapes=[shape for _, shape, _ in launch.outputs],
-            output_dtypes=[dtype(name) for _, _, name in launch.outputs],
-            grid=launch.grid,
-            block=launch.block,
-            shared_memory=launch.shared_memory,
-            params=launch.params,
-            strided_indices=[launch.inputs.index(name) for name in launch.strided_inputs],
+        call = prepare(
+            launch.kernel,
+            [shape for _, shape, _ in launch.outputs],
+            [dtype(name) for _, _, name in launch.outputs],
+            launch.grid,
+            launch.block,
+            launch.shared_memory,
+            launch.params,
+            [launch.inputs.index(name) for name in launch.strided_inputs],
         )
-        if prepare is not None:
-            step = replace(step, call=prepare(*_launch_arguments(step)))
-        steps.append(step)
+        steps.append(
+            Step(
+                kernel=launch.kernel,
+                input_slots=tuple(slots[name] for name in launch.inputs),
+                output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
+                call=call,
+            )
+        )
     return steps, slots["out"]
-
-
-def _launch_arguments(step: Step) -> tuple:
-    """The arguments of a launch after its inputs, in `LaunchFn` / `PrepareFn` order."""
-    return (
-        step.kernel,
-        step.output_shapes,
-        step.output_dtypes,
-        step.grid,
-        step.block,
-        step.shared_memory,
-        step.params,
-        step.strided_indices,
-    )
 
 
 def run_steps(
     steps: Sequence[Step],
     out_slot: int,
     env: list[Any],
-    launch_fn: LaunchFn,
     gradient: tuple[list[Any], Callable, Callable] | None = None,
 ) -> Any:
     """`env` starts as [q, k, v, mask, sinks] (None where absent) and collects the outputs.
 
-    `gradient`: (arrays, gradient of the last launch, gradient of the others), passed to
-    `launch_fn` as `gradient_inputs=` / `gradient=` keywords (see `aotc._ext.cuda_launch`).
+    `gradient`: (arrays, gradient of the last launch, gradient of the others): the last step
+    gets the arrays as gradient-only inputs (see `aotc._ext.cuda_launch`). Passed positionally,
+    which costs less than keywords through nanobind.
     """
     env = env + [None] * (out_slot + 1 - len(env))
     last = len(steps) - 1
     for i, step in enumerate(steps):
         inputs = [env[slot] for slot in step.input_slots]
-        if step.call is not None:  # prepared: gradient arguments go positionally (cheaper)
-            if gradient is None:
-                results = step.call(inputs)
-            else:
-                arrays, final, others = gradient
-                results = step.call(inputs, *((arrays, final) if i == last else ([], others)))
+        if gradient is None:
+            results = step.call(inputs)
         else:
-            extra = {}
-            if gradient is not None:
-                arrays, final, others = gradient
-                extra = (
-                    {"gradient_inputs": arrays, "gradient": final}
-                    if i == last
-                    else {"gradient": others}
-                )
-            args = _launch_arguments(step)
-            results = launch_fn(args[0], inputs, *args[1:], **extra)
+            arrays, final, others = gradient
+            results = step.call(inputs, *((arrays, final) if i == last else ([], others)))
         for slot, result in zip(step.output_slots, results, strict=True):
-            if slot >= len(env):
-                env.extend([None] * (slot + 1 - len(env)))
             env[slot] = result
     return env[out_slot]
 
@@ -494,9 +477,8 @@ def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: L
     `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid, block, shared_memory, params,
     strided_input_indices) -> list of outputs`.
     """
-    steps, out_slot = compile_steps(launches)
-    env = [arrays.get(name) for name in _ARGUMENTS]
-    return run_steps(steps, out_slot, env, launch_fn)
+    steps, out_slot = compile_steps(launches, preparer(launch_fn))
+    return run_steps(steps, out_slot, [arrays.get(name) for name in _ARGUMENTS])
 
 
 def device_facts() -> tuple[int, str]:
@@ -516,19 +498,17 @@ def device_facts() -> tuple[int, str]:
 def make_runner(
     problem: AttentionProblem,
     *,
-    launch_fn: LaunchFn,
+    prepare: PrepareFn,
     available: set[str] | frozenset[str],
     dtype: Callable[[str], Any] = lambda name: name,
     gradient: Callable[..., tuple[Callable, Callable]] | None = None,
     wgmma: bool = False,
-    prepare: PrepareFn | None = None,
 ) -> Callable[..., Any]:
     """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
 
-    The plan is made once; per softmax scale the launches are lowered to Steps once, so a call
-    costs two list builds and the launches. `dtype` maps dtype names to what `launch_fn` takes.
-    `prepare`, when given, binds each step's fixed arguments once (`aotc._ext.PreparedLaunch`):
-    a call then converts only its inputs. `wgmma`: as for `plan_cuda`.
+    The plan is made once; per softmax scale its launches are prepared once (`prepare`:
+    `aotc._ext.PreparedLaunch`, or `preparer(launch_fn)`), so a call converts only its inputs.
+    `dtype` maps dtype names to what `prepare` takes. `wgmma`: as for `plan_cuda`.
     `gradient(scale, mask mode, array mask?, sinks?)`, when given,
     returns the gradients of (the last launch, the others), made once per key: the last launch
     differentiates the whole call with respect to q, k, v (mask, sinks), appended as its
@@ -549,7 +529,7 @@ def make_runner(
         compiled = by_scale.get(scale)
         if compiled is None:
             compiled = by_scale.setdefault(
-                scale, compile_steps(with_scale(base, scale), dtype, prepare)
+                scale, compile_steps(with_scale(base, scale), prepare, dtype)
             )
         grad = None
         if gradient is not None:
@@ -565,6 +545,6 @@ def make_runner(
             mask = mx.broadcast_to(mask, scores_shape)
         if sinks is not None and sinks.dtype != q.dtype:
             sinks = sinks.astype(q.dtype)
-        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], launch_fn, grad)
+        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], grad)
 
     return run
