@@ -127,9 +127,13 @@ __host__ __device__ constexpr int shared_bytes(int mt, int stages) {
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+// 16 bytes global -> shared (`dst` a shared-window address); bytes past src_bytes are zeroed.
+__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  cp_async16_to(smem_u32(dst), src, src_bytes);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -244,6 +248,12 @@ __device__ __forceinline__ const T* q_row(const T* q, const Params& p, int b, in
   const int G = p.q_heads / p.kv_heads, g = rr / p.q_len, i = rr - g * p.q_len;
   return q + (long long)b * p.q_strides[0] + (long long)(kvh * G + g) * p.q_strides[1] +
          (long long)i * p.q_strides[2];
+}
+
+// Output row (b, head, token) of query row rr of KV head kvh's group, in (B, Hq, Lq) order.
+__device__ __forceinline__ long long out_row(const Params& p, int b, int kvh, int rr) {
+  const int G = p.q_heads / p.kv_heads, g = rr / p.q_len, i = rr - g * p.q_len;
+  return ((long long)b * p.q_heads + kvh * G + g) * p.q_len + i;
 }
 
 template <typename T>
@@ -559,8 +569,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     for (int r = tid; r < MB; r += NT) {
       const int rr = row0 + r;
       if (rr < R) {
-        const int g = rr / Lq, i = rr - g * Lq;
-        const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+        const long long row = out_row(p, b, kvh, rr);
         maxs[row * S + split] = sM[r];
         sums[row * S + split] = sL[r];
       }

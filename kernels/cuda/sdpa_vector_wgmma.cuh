@@ -218,10 +218,6 @@ constexpr int kBarPReady = 1, kBarKReady = 2, kBarPFree = 3, kBarPV = 4;
 __device__ __forceinline__ uint32_t sw_offset(int row, int chunk) {
   return (chunk >> 3) * kAtom + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
-__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
 
 // Keys [k0, k0 + 64) of one KV head (rows of DIM elements) into the atoms at `dst` (`gdst` is
 // the same place as a generic pointer), by the 256 threads of warpgroups 1 and 2 (`lt` =
@@ -391,12 +387,11 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 
   const BlockWork w = block_work(p);
   const int split = w.split, kvh = w.kvh, b = w.b;
-  const int G = p.q_heads / p.kv_heads, Lq = p.q_len;
-  const int R = G * Lq;
+  const int R = p.q_heads / p.kv_heads * p.q_len;  // query rows of the KV head
   const int row0 = w.rg * kRows;
   const int key_begin = w.key_begin, key_end = w.key_end;
   const int ntiles = cdiv(key_end - key_begin, kKeys);
-  const int Hq = p.q_heads, S = p.num_splits;
+  const int S = p.num_splits;
 
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023) & ~1023u;
@@ -517,8 +512,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
       const int rr = row0 + wrow + 8 * h;
       if (rr < R && quad == 0) {
-        const int g = rr / Lq, i = rr - g * Lq;
-        const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+        const long long row = out_row(p, b, kvh, rr);
         maxs[row * S + split] = m[h];
         sums[row * S + split] = l[h];
       }
@@ -577,8 +571,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     for (int h = 0; h < 2; ++h) {
       const int rr = row0 + wrow + 8 * h;
       if (rr >= R) continue;
-      const int g = rr / Lq, i = rr - g * Lq;
-      const long long row = ((long long)b * Hq + kvh * G + g) * Lq + i;
+      const long long row = out_row(p, b, kvh, rr);
       float* dst = partials + (row * S + split) * V + half * NV + 2 * quad;
 #pragma unroll
       for (int n = 0; n < NV / 8; ++n)
