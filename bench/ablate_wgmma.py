@@ -59,7 +59,7 @@ def run(out: Path) -> None:
     import torch
 
     from bench import cuda_harness as h
-    from bench.bench_sdpa import make_sets, time_graph
+    from bench.bench_sdpa import make_sets, time_plans
 
     lib = h.Library(out / "list")
     for b, hq, hkv, n, d, v, view in SHAPES:
@@ -72,13 +72,7 @@ def run(out: Path) -> None:
                 [replace(p[0], params=p[0].params[:-4] + struct.pack("@i", mode)), *p[1:]]
                 for p in base
             ]
-            fns = [
-                (lambda s=s, p=p, sc=scale: h.run(lib, *s, scale=sc, launches=p))
-                for s, p in zip(sets, plans, strict=True)
-            ]
-            fns[0]()
-            torch.cuda.synchronize()
-            cells.append(f"{name} {time_graph(fns) * 1e6:.1f}")
+            cells.append(f"{name} {time_plans(lib, sets, plans, scale) * 1e6:.1f}")
         print((b, hq, hkv, n, d, v), f"g{base[0][0].grid[0]}", " | ".join(cells), flush=True)
 
 

@@ -83,17 +83,25 @@ def kv_bytes(b, hkv, n, d, v, view, es):
     return b * hkv * n * (d + (0 if view else v)) * es
 
 
-def bench_harness(lib, sets, scale):
+def time_plans(lib, sets, plans, scale) -> float | None:
+    """Seconds per call of `plans` (one per input set) through the harness, as graph replays."""
     from bench import cuda_harness as h
 
-    plans = [h.plan_for(lib, q, k, v, scale=scale) for q, k, v in sets]
     fns = [
-        (lambda q=q, k=k, v=v, p=p: h.run(lib, q, k, v, scale=scale, launches=p))
-        for (q, k, v), p in zip(sets, plans, strict=True)
+        (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
+        for s, p in zip(sets, plans, strict=True)
     ]
     fns[0]()
     torch.cuda.synchronize()
-    return time_graph(fns), plans[0]
+    return time_graph(fns)
+
+
+def bench_harness(lib, sets, scale, num_splits=None):
+    """(seconds per call, the first set's plan) of the default plan, or `num_splits` forced."""
+    from bench import cuda_harness as h
+
+    plans = [h.plan_for(lib, *s, scale=scale, num_splits=num_splits) for s in sets]
+    return time_plans(lib, sets, plans, scale), plans[0]
 
 
 def bench_first_launch(lib, sets, scale):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import time_graph
+from bench.bench_sdpa import bench_harness
 
 folder = Path(".gpu/sdpa")
 lib = h.Library(folder / (folder / "current").read_text().strip())
@@ -26,11 +26,6 @@ for b, hq, hkv, n, d, v in [
     row = []
     planned = h.plan_for(lib, *sets[0], scale=scale)
     for splits in (None, 1, 4, 8, 16, 32, 64, 128):
-        plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
-        fns = [
-            (lambda s=s, p=p, sc=scale: h.run(lib, *s, scale=sc, launches=p))
-            for s, p in zip(sets, plans, strict=True)
-        ]
-        t = time_graph(fns)
-        row.append(f"{splits or 'plan'}:{len(plans[0])}L/g{plans[0][0].grid[0]}={t * 1e6:.1f}us")
+        t, plan = bench_harness(lib, sets, scale, splits)
+        row.append(f"{splits or 'plan'}:{len(plan)}L/g{plan[0].grid[0]}={t * 1e6:.1f}us")
     print((b, hq, hkv, n, d, v), " ".join(row), flush=True)

@@ -15,7 +15,7 @@ import torch
 
 from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
-from bench.bench_sdpa import kv_bytes, make_sets, time_graph
+from bench.bench_sdpa import kv_bytes, make_sets, time_plans
 from bench.shapes import SHAPES
 
 ROWS = [SHAPES[i] for i in (10, 1, 2, 0, 4, 5)]  # 256/128 B=1, 192/128 and 128/128 B=8, B=1 rows
@@ -38,13 +38,7 @@ def main() -> None:
             except Exception as exc:
                 cells.append(f"{stages}: {type(exc).__name__}")
                 continue
-            fns = [
-                (lambda s=s, p=p, sc=scale: h.run(lib, *s, scale=sc, launches=p))
-                for s, p in zip(sets, plans, strict=True)
-            ]
-            fns[0]()
-            torch.cuda.synchronize()
-            t = time_graph(fns)
+            t = time_plans(lib, sets, plans, scale)
             first = plans[0][0]
             cells.append(
                 f"{stages or 'plan'}/g{first.grid[0]}/smem{first.shared_memory // 1024}K "

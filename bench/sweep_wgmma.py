@@ -13,7 +13,7 @@ import torch
 
 from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
-from bench.bench_sdpa import make_sets, time_graph
+from bench.bench_sdpa import bench_harness, make_sets
 from bench.shapes import SHAPES as ALL_SHAPES
 
 # MLA rows of the shared list, then MLA with its own V and a 192/128 shape with 64 rows a head.
@@ -23,17 +23,6 @@ SHAPES = [s for s in ALL_SHAPES if s[6]] + [
 ]
 FEW_ROWS = [ALL_SHAPES[3], ALL_SHAPES[1], (8, 32, 8, 32768, 256, 128, False)]
 SPLITS = (None, 1, 2, 4, 8, 16, 32, 64)
-
-
-def timed(lib, sets, scale, splits=None):
-    plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
-    fns = [
-        (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
-        for s, p in zip(sets, plans, strict=True)
-    ]
-    fns[0]()
-    torch.cuda.synchronize()
-    return time_graph(fns), plans[0]
 
 
 def main() -> None:
@@ -53,12 +42,12 @@ def main() -> None:
         scale = 1 / math.sqrt(d)
         cells = []
         lib.wgmma_ok = False
-        t, plan = timed(lib, sets, scale)
+        t, plan = bench_harness(lib, sets, scale)
         cells.append(f"mma.sync {t * 1e6:.1f}us {rate(t)}")
         lib.wgmma_ok = True
         for splits in splits_list:
             try:
-                t, plan = timed(lib, sets, scale, splits)
+                t, plan = bench_harness(lib, sets, scale, splits)
             except Exception as exc:
                 cells.append(f"{splits}: {type(exc).__name__} {str(exc)[:60]}")
                 continue

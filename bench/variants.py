@@ -48,7 +48,7 @@ def run(out: Path) -> None:
     import torch
 
     from bench import cuda_harness as h
-    from bench.bench_sdpa import make_sets, time_graph
+    from bench.bench_sdpa import bench_harness, make_sets
 
     names = (out / "names").read_text().split()
     libs = {name: h.Library(out / name / "list") for name in names}
@@ -60,14 +60,7 @@ def run(out: Path) -> None:
         nbytes = b * hkv * n * (d + (0 if view else v)) * 2
         cells = []
         for name, lib in libs.items():
-            plans = [h.plan_for(lib, *s, scale=scale) for s in sets]
-            fns = [
-                (lambda s=s, p=p, lib=lib, sc=scale: h.run(lib, *s, scale=sc, launches=p))
-                for s, p in zip(sets, plans, strict=True)
-            ]
-            fns[0]()
-            torch.cuda.synchronize()
-            t = time_graph(fns)
+            t, _ = bench_harness(lib, sets, scale)
             cells.append(
                 f"{name} {t * 1e6:.1f}us {flops / t / 1e12:.0f}TF {nbytes / t / 1e12:.2f}TB/s"
             )
