@@ -25,7 +25,7 @@ from aotc.manifest import load_manifest
 from aotc.mlx_info import mlx_version
 from aotc.packaging import PackagingError, platform_tags
 from aotc.packaging.bundle import lay_bundle
-from aotc.packaging.wheel import build_wheels
+from aotc.packaging.wheel import build_wheels, hatchling_build
 from aotc.runtime import libraries as registry
 
 from .conftest import needs_nvcc
@@ -295,30 +295,17 @@ def hatch_project(tmp_path: Path, manifest_path: Path, dist: Path, entry_points:
     return project
 
 
-def hatchling_wheel(project: Path, out: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from hatchling.build import build_wheel; print(build_wheel(sys.argv[1]))"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-c", code, str(out)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 def test_build_hook_ships_prebuilt_artifacts_and_checks_the_entry_point(manifest_path, tmp_path):
     dist = tmp_path / "dist"
     publish_library(manifest_path, dist, "cuda", b"fatbin bytes")
     project = hatch_project(tmp_path, manifest_path, dist, "")
-    done = hatchling_wheel(project, tmp_path / "out")
+    done = hatchling_build(project, tmp_path / "out")
     assert done.returncode != 0
     assert '`tiny_sdpa = "aotc_lib_tiny_sdpa"`' in done.stderr
 
     entry = '[project.entry-points."aotc.libraries"]\ntiny_sdpa = "aotc_lib_tiny_sdpa"'
     project = hatch_project(tmp_path / "again", manifest_path, dist, entry)
-    done = hatchling_wheel(project, tmp_path / "out")
+    done = hatchling_build(project, tmp_path / "out")
     assert done.returncode == 0, done.stderr
     wheel = tmp_path / "out" / done.stdout.split()[-1]
     assert set(parse_wheel_filename(wheel.name)[3]) == CUDA_TAGS

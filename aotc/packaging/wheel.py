@@ -156,18 +156,14 @@ def _readme(library: str, index: Index, package: str) -> str:
     return "\n".join(lines)
 
 
-def _run_backend(project: Path, out: Path) -> str:
+def hatchling_build(project: Path, out: Path) -> subprocess.CompletedProcess:
     """hatchling's PEP 517 `build_wheel` in a fresh interpreter, as a front end does without
-    isolation; aotc is importable there from where this aotc is."""
-    try:
-        import hatchling  # noqa: F401
-    except ImportError as exc:
-        raise PackagingError("`aotc wheel` needs hatchling: `pip install hatchling`") from exc
+    isolation; aotc is importable there from where this aotc is. stdout ends with the name."""
     aotc_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (aotc_root, env.get("PYTHONPATH", "")) if p)
     code = "import sys; from hatchling.build import build_wheel; print(build_wheel(sys.argv[1]))"
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code, str(out)],
         cwd=project,
         env=env,
@@ -175,6 +171,14 @@ def _run_backend(project: Path, out: Path) -> str:
         text=True,
         check=False,
     )
+
+
+def _run_backend(project: Path, out: Path) -> str:
+    try:
+        import hatchling  # noqa: F401
+    except ImportError as exc:
+        raise PackagingError("`aotc wheel` needs hatchling: `pip install hatchling`") from exc
+    done = hatchling_build(project, out)
     if done.returncode:
         raise PackagingError(f"hatchling could not build the wheel:\n{done.stdout}{done.stderr}")
     return done.stdout.strip().splitlines()[-1]
