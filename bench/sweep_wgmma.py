@@ -1,6 +1,6 @@
 """MLA-style shapes: the mma.sync split pass vs the wgmma kernel, and wgmma's split counts.
 
-python3 -m bench.sweep_wgmma   (harness fatbin in .gpu/sdpa, an sm_90 GPU)
+python3 -m bench.sweep_wgmma [--few-rows] [--plan-only]   (harness fatbin in .gpu/sdpa, sm_90)
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     if "--few-rows" in sys.argv:
         cuda_plan.WGMMA_MIN_ROWS = 1
         shapes, splits_list = FEW_ROWS, (None, 2, 4)
+    if "--plan-only" in sys.argv:
+        splits_list = (None,)
     for b, hq, hkv, n, d, v, view in shapes:
         nbytes = b * hkv * n * (d + (0 if view else v)) * 2
 

@@ -1,15 +1,17 @@
 """Compile-time variants of the kernels, timed side by side on the same card.
 
     python3 -m bench.variants build DIR NAME=-DMACRO=VALUE[,-DOTHER=..] ...   (here, nvcc)
-    python3 -m bench.variants run DIR                                          (on the GPU)
+    python3 -m bench.variants run DIR [--mla]                                  (on the GPU)
 
-Each variant is a bf16 fatbin of the pairs below; `run` times the shapes below for each (CUDA
-graph replays through the harness, default plan) and prints one row per shape.
+Each variant is a bf16 fatbin of the pairs below; `run` times the shapes below (or, with --mla,
+bench.sweep_wgmma's many-rows shapes) for each (CUDA graph replays through the harness, default
+plan) and prints one row per shape.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +41,12 @@ def build(out: Path, specs: list[str]) -> None:
         subprocess.run(cmd, check=True)
         (folder / "list").write_text("v.fatbin")
 
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         list(pool.map(one, specs))
     (out / "names").write_text("\n".join(s.partition("=")[0] for s in specs))
 
 
-def run(out: Path) -> None:
+def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
     import torch
 
     from bench import cuda_harness as h
@@ -53,7 +55,7 @@ def run(out: Path) -> None:
     names = (out / "names").read_text().split()
     libs = {name: h.Library(out / name / "list") for name in names}
     print("shape | " + " | ".join(names))
-    for b, hq, hkv, n, d, v, view in SHAPES:
+    for b, hq, hkv, n, d, v, view in shapes:
         sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
         scale = 1 / math.sqrt(d)
         flops = 2 * b * hq * n * (d + v)
@@ -72,5 +74,9 @@ def run(out: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]), sys.argv[3:])
+    elif "--mla" in sys.argv:
+        from bench.sweep_wgmma import SHAPES as MLA_SHAPES
+
+        run(Path(sys.argv[2]), MLA_SHAPES)
     else:
         run(Path(sys.argv[2]))

@@ -8,13 +8,18 @@
 //     P (in T) and the rows' rescale factors over in shared memory.
 //   - Warpgroups 1 and 2 each own half of O (V/2 fp32 columns a row: 128 registers at V=512),
 //     accumulate O += P V, and stage K (and V) tiles with 16-byte cp.async, two slots deep.
+//     A tile lands in up to three parts (column ranges: V's two halves, then K's columns past
+//     V), each staged by one warpgroup and tracked by an mbarrier that its copies arrive on
+//     when they land (cp.async.mbarrier.arrive): no thread waits for its own copies, S starts
+//     on a part as soon as it is there, and each warpgroup refills the half of V it reads as
+//     soon as its own P V is done.
 //   - While 1 and 2 multiply P(t) V(t), warpgroup 0 computes S(t+1) and its softmax: the
 //     tensor cores are not idle while the softmax runs, as they were with two warpgroups.
 //   - When V is K's prefix (MLA's v = k[..., :V], detected from pointers and strides), V is
 //     read from the K tile: the latent is loaded once. Otherwise slot 0 holds K and slot 1 V.
-// Named barriers hand tiles over: 1 = P ready (0 -> 1, 2), 2 = K ready (1, 2 -> 0), 3 = P free
-// (1, 2 -> 0), 4 = warpgroups 1 and 2 among themselves. Each is used strictly alternately
-// (an arrival for tile t + 1 always follows the wait for tile t), so counts never mix.
+// Named barriers hand P over: 1 = P ready (0 -> 1, 2), 2 = P free (1, 2 -> 0). Each is used
+// strictly alternately (an arrival for tile t + 1 always follows the wait for tile t), so
+// counts never mix. Tiles are handed over by the parts' mbarriers (phase = fill count & 1).
 // Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
 // merges the splits and applies sinks.
 //
@@ -33,6 +38,9 @@ constexpr int kKeys = 64;        // keys per tile
 constexpr int kThreads = 384;    // three warpgroups
 constexpr int kSlots = 2;        // K / V tile slots
 constexpr int kAtom = 64 * 128;  // 64 rows of one 128-byte (64-element) column atom
+constexpr int kParts = 3;        // a slot's tile lands in up to three parts (column ranges)
+template <int N>
+using Atoms = std::integral_constant<int, N>;
 
 // Mirrored by wgmma_config() in aotc/families/sdpa_vector/cuda.py.
 template <int D, int V>
@@ -42,7 +50,8 @@ struct WCfg {
   static constexpr int NV = V / 2;  // output columns per warpgroup
   static constexpr int Q_BYTES = DA * kAtom;
   static constexpr int SLOT_BYTES = cmax(DA, VA) * kAtom;
-  static constexpr int SMEM = Q_BYTES + kSlots * SLOT_BYTES + kAtom + kRows * 4 + 1024;
+  static constexpr int BAR_BYTES = kSlots * kParts * 8;  // an mbarrier per part of each slot
+  static constexpr int SMEM = Q_BYTES + kSlots * SLOT_BYTES + kAtom + kRows * 4 + BAR_BYTES + 1024;
 };
 
 template <typename T, int D, int V>
@@ -210,7 +219,27 @@ template <int ID, int COUNT>
 __device__ __forceinline__ void bar_arrive() {
   asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
 }
-constexpr int kBarPReady = 1, kBarKReady = 2, kBarPFree = 3, kBarPV = 4;
+constexpr int kBarPReady = 1, kBarPFree = 2;
+
+// mbarriers (shared-window addresses) of the tile atoms.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// An arrival on `bar` once this thread's earlier cp.async copies have landed; does not wait.
+__device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 
 // ---------------------------------------------------------------- staging
 // Byte offset of row `row`, 16-byte chunk `chunk` of a 64-row operand in 128-byte-swizzled
@@ -219,46 +248,59 @@ __device__ __forceinline__ uint32_t sw_offset(int row, int chunk) {
   return (chunk >> 3) * kAtom + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
-// Keys [k0, k0 + 64) of one KV head (rows of DIM elements) into the atoms at `dst` (`gdst` is
-// the same place as a generic pointer), by the 256 threads of warpgroups 1 and 2 (`lt` =
-// 0..255). Keys at or past key_end are zero-filled. The 16-byte path gives warp w the rows
-// w, w + 8, ... (all with row & 7 == w) and each lane fixed chunks (lane, lane + 32, ...), so
-// the swizzled offsets are computed once: the loop is a row pointer, a predicate and a cp.async
-// per chunk. These threads also issue the P V MMAs, so the loop's instruction count matters.
-template <typename T, int DIM>
-__device__ __forceinline__ void stage_keys(uint32_t dst, char* gdst, const T* base,
-                                           const long long* st, bool vec, int k0, int key_end,
-                                           int lt) {
-  constexpr int CH = DIM / 8;        // 16-byte chunks per row
-  constexpr int PER = cdiv(CH, 32);  // chunks per lane per row
-  if (vec) {
+// Atoms [a0, a0 + NA) (columns 64 a0 .. 64 (a0 + NA) - 1) of keys [k0, k0 + 64) of one KV
+// head into the slot at `dst` (`gdst` is the same place as a generic pointer), by the 128
+// threads of one warpgroup (`lt` = 0..127), then one arrival each on `bar` when the data is
+// there. Keys at or past key_end are zero-filled.
+// The 16-byte path: a warp covers whole row pieces (up to 512 contiguous bytes), each lane
+// fixed chunks, so the swizzled offsets are computed once and the loop is a pointer step and a
+// cp.async per chunk. These threads also issue the P V MMAs: the loop's length matters.
+template <typename T, int NA>
+__device__ __forceinline__ void stage_cols(uint32_t dst, char* gdst, const T* base,
+                                           const long long* st, bool vec, int a0, int k0,
+                                           int key_end, int lt, uint32_t bar) {
+  constexpr int CH = NA * 8;                    // 16-byte chunks of a row
+  constexpr int RPW = CH > 0 && CH < 32 && 32 % CH == 0 ? 32 / CH : 1;  // rows a warp covers
+  constexpr int PER = cdiv(CH, 32);             // chunks a lane takes of a row
+  constexpr int PASSES = kKeys / (4 * RPW);
+  if constexpr (NA == 0) {
+    return;
+  } else if (vec) {
     const int warp = lt >> 5, lane = lt & 31;
+    const int r0 = warp * RPW + (RPW > 1 ? lane / CH : 0);  // rows r0 + 4 RPW i
+    const int c0 = RPW > 1 ? lane % CH : lane;              // chunks c0 + 32 u
     uint32_t off[PER];
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
-      const int cc = lane + 32 * u;
-      off[u] = (cc >> 3) * kAtom + (((cc & 7) ^ warp) << 4);
+      const int c = c0 + 32 * u;
+      off[u] = dst + (a0 + (c >> 3)) * kAtom + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
     }
-    const long long row_stride = st[2];
-#pragma unroll 2
-    for (int j = warp; j < kKeys; j += 8) {
-      const int key = k0 + j;
-      const bool ok = key < key_end;
-      const T* src = base + (long long)(ok ? key : k0) * row_stride + lane * 8;
-      const uint32_t row = dst + j * 128;
+    const long long step = 4 * RPW * st[2];
+    const T* src = base + (long long)(k0 + r0) * st[2] + a0 * 64 + c0 * 8;
+    const bool full = k0 + kKeys <= key_end;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i, src += step) {
+      const int row = r0 + 4 * RPW * i;
+      // Row & 7 moves by 4 every other pass when RPW = 1: the swizzle flips bit 6.
+      const uint32_t flip = RPW == 1 ? (uint32_t)((i & 1) << 6) : 0u;
+      const bool ok = full || k0 + row < key_end;
 #pragma unroll
       for (int u = 0; u < PER; ++u)
-        if (CH % 32 == 0 || lane + 32 * u < CH)
-          cp_async16_to(row + off[u], src + 256 * u, ok ? 16 : 0);
+        if (RPW > 1 || CH % 32 == 0 || c0 + 32 * u < CH)
+          cp_async16_to(((off[u] + 4 * RPW * i * 128) ^ flip), ok ? src + 256 * u : base,
+                        ok ? 16 : 0);
     }
+    mbar_arrive_on_copies(bar);
   } else {
-    for (int e = lt; e < kKeys * DIM; e += 256) {
-      const int j = e / DIM, d = e - j * DIM;
+    for (int e = lt; e < kKeys * NA * 64; e += 128) {
+      const int j = e / (NA * 64), d = e - j * (NA * 64) + a0 * 64;
       const int key = k0 + j;
       T val = Tr<T>::t(0.f);
       if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
       *reinterpret_cast<T*>(gdst + sw_offset(j, d >> 3) + (d & 7) * 2) = val;
     }
+    fence_async_shared();
+    mbar_arrive(bar);  // release: the stores above are seen by whoever waits on `bar`
   }
 }
 
@@ -401,35 +443,66 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   char* const gP = gQ + (sP - sQ);
   float* const sAlpha = reinterpret_cast<float*>(gP + kAtom);
 
+  const uint32_t sBars = smem_u32(sAlpha + kRows);  // [slot][part] mbarriers
+
   const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
   const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
+  const bool kvec = vec_ok(kbase, p.k_strides), vvec = vec_ok(vbase, p.v_strides);
   // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: slots then
   // hold K tiles only, tile t in slot t % 2; else slot 0 holds K(t) and slot 1 V(t).
   const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
                       p.v_strides[3] == p.k_strides[3];
-  auto kslot = [&](int t) { return slots + (v_in_k ? (t & 1) : 0) * C::SLOT_BYTES; };
-  auto vslot = [&](int t) { return v_in_k ? kslot(t) : slots + C::SLOT_BYTES; };
-  auto stage_k = [&](int t, int lt) {
-    const uint32_t dst = kslot(t);
-    stage_keys<T, D>(dst, gQ + (dst - sQ), kbase, p.k_strides, vec_ok(kbase, p.k_strides),
-                     key_begin + t * kKeys, key_end, lt);
+  auto kslot = [&](int t) { return v_in_k ? (t & 1) : 0; };
+  auto vslot = [&](int t) { return v_in_k ? (t & 1) : 1; };
+  // Parity of the fill of a slot that holds tile t: slots fill every other tile under MLA.
+  auto parity = [&](int t) { return (v_in_k ? t >> 1 : t) & 1; };
+  auto slot_at = [&](int slot) { return slots + slot * C::SLOT_BYTES; };
+  auto bar = [&](int slot, int part) { return sBars + (slot * kParts + part) * 8; };
+  // A tile lands in parts, each staged by one warpgroup and waited for on its own mbarrier.
+  // V tiles (and K tiles that hold V): the two halves of V, each staged by the warpgroup that
+  // reads it in P V (and refills it once that is done), then (K) the columns past V, by
+  // warpgroup 1. Other K tiles: two halves of the row, by warpgroups 1 and 2.
+  constexpr int KH = (C::DA + 1) / 2, VH = C::VA / 2;
+  // Part `part` of K(t) into `slot`, when this warpgroup stages it.
+  auto stage_k = [&](int t, int slot, int part) {
+    if (wg != (part == 1 ? 2 : 1)) return;
+    const uint32_t dst = slot_at(slot);
+    auto cols = [&](auto atoms, int a0) {
+      stage_cols<T, decltype(atoms)::value>(dst, gQ + (dst - sQ), kbase, p.k_strides, kvec, a0,
+                                            key_begin + t * kKeys, key_end, tid & 127,
+                                            bar(slot, part));
+    };
+    if (AOTC_SKIP(2) && t > 1) mbar_arrive(bar(slot, part));
+    else if (part == 0 && v_in_k) cols(Atoms<VH>{}, 0);
+    else if (part == 0) cols(Atoms<KH>{}, 0);
+    else if (part == 1 && v_in_k) cols(Atoms<VH>{}, VH);
+    else if (part == 1) cols(Atoms<C::DA - KH>{}, KH);
+    else if (v_in_k) cols(Atoms<C::DA - C::VA>{}, C::VA);
   };
-  auto stage_v = [&](int t, int lt) {
-    const uint32_t dst = vslot(t);
-    stage_keys<T, V>(dst, gQ + (dst - sQ), vbase, p.v_strides, vec_ok(vbase, p.v_strides),
-                     key_begin + t * kKeys, key_end, lt);
+  auto stage_k_all = [&](int t, int slot) {
+    for (int part = 0; part < kParts; ++part) stage_k(t, slot, part);
+  };
+  // This warpgroup's half of V(t) into slot 1 (separate V only).
+  auto stage_v = [&](int t) {
+    const uint32_t dst = slot_at(1);
+    if (AOTC_SKIP(2) && t > 0) mbar_arrive(bar(1, wg - 1));
+    else
+      stage_cols<T, VH>(dst, gQ + (dst - sQ), vbase, p.v_strides, vvec, (wg - 1) * VH,
+                        key_begin + t * kKeys, key_end, tid & 127, bar(1, wg - 1));
   };
 
-  // Prologue, one commit group: Q (all threads) and the first tiles (warpgroups 1, 2): K(0)
-  // and K(1), or K(0) and V(0).
+  // Prologue: Q (all threads, waited for here) and the first tiles (warpgroups 1 and 2,
+  // arriving on their parts' mbarriers): K(0) and K(1), or K(0) and V(0).
+  if (tid < kSlots * kParts) mbar_init(sBars + tid * 8, 128);
+  __syncthreads();  // the mbarriers are initialised before any arrival
   stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
-  if (wg > 0) {
-    stage_k(0, tid - 128);
-    if (!v_in_k) stage_v(0, tid - 128);
-    else if (ntiles > 1) stage_k(1, tid - 128);
-  }
   cp_async_commit();
-  cp_async_wait<0>();
+  if (wg > 0) {
+    stage_k_all(0, 0);
+    if (!v_in_k) stage_v(0);
+    else if (ntiles > 1) stage_k_all(1, 1);
+  }
+  cp_async_wait<0>();  // Q's group; the tiles' copies are in no group
   fence_async_shared();
   __syncthreads();
 
@@ -441,20 +514,35 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     for (int t = 0; t < ntiles; ++t) {
       const int k0 = key_begin + t * kKeys;
-      if (t > 0) bar_sync<kBarKReady, kThreads>();  // K(t) landed (K(0) came with Q)
       float s[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) s[i] = 0.f;
-      wgmma_fence();
-      const uint64_t kd = sw128_desc(kslot(t), 16, 1024);
-      if (!AOTC_SKIP(0)) {
+      const int ks = kslot(t), kpar = parity(t);
+      const uint64_t kd = sw128_desc(slot_at(ks), 16, 1024);
+      // Part by part as they land (the layout is fixed per block: one branch, compile-time
+      // parts inside, so the MMAs stay in one straight line).
+      auto qk = [&](auto vik) {
+        constexpr int CUT0 = decltype(vik)::value ? VH : KH;
+        constexpr int CUT1 = decltype(vik)::value ? C::VA : C::DA;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const uint64_t off = ((kk >> 2) * kAtom + (kk & 3) * 32) >> 4;
-          wgmma_m64n64k16<BF16, 0>(s, qd + off, kd + off, 1);
+        for (int a = 0; a < C::DA; ++a) {
+          if (a == 0 || a == CUT0 || a == CUT1) {
+            mbar_wait(bar(ks, a == 0 ? 0 : a == CUT0 ? 1 : 2), kpar);
+            fence_async_shared();
+            wgmma_fence();
+          }
+          if (!AOTC_SKIP(0)) {
+#pragma unroll
+            for (int kk = 4 * a; kk < 4 * a + 4; ++kk) {
+              const uint64_t off = ((kk >> 2) * kAtom + (kk & 3) * 32) >> 4;
+              wgmma_m64n64k16<BF16, 0>(s, qd + off, kd + off, 1);
+            }
+          }
+          if (a + 1 == C::DA || a + 1 == CUT0 || a + 1 == CUT1) wgmma_commit();
         }
-      }
-      wgmma_commit();
+      };
+      if (v_in_k) qk(std::true_type{});
+      else qk(std::false_type{});
       wgmma_wait_all();
       fence_regs(s);
       // Scores in the log2 domain; masks and the key end only where they apply (uniform test).
@@ -519,52 +607,38 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     }
   } else {
     // ---- O += P V for half of V's columns; both warpgroups stage the tiles.
-    const int lt = tid - 128, half = wg - 1;
+    const int half = wg - 1;
     float o[NV / 2];
 #pragma unroll
     for (int i = 0; i < NV / 2; ++i) o[i] = 0.f;
-    auto landed = [&]() {  // this thread's copies are done and visible to wgmma
-      cp_async_wait<0>();
-      fence_async_shared();
-    };
     for (int t = 0; t < ntiles; ++t) {
       const bool more = t + 1 < ntiles;
       bar_sync<kBarPReady, kThreads>();  // P(t), alpha(t); S(t) is done with K(t)
-      if (!v_in_k && more && !AOTC_SKIP(2)) {
-        stage_k(t + 1, lt);  // slot 0 is free: the next K loads during P V
-        cp_async_commit();
+      if (!v_in_k) {
+        mbar_wait(bar(1, half), t & 1);  // this half of V(t) landed
+        fence_async_shared();
       }
+      // Refill what only S reads: K(t + 1) into slot 0, or (MLA) the columns of K(t + 2) past
+      // V into tile t's slot.
+      if (!v_in_k && more) stage_k_all(t + 1, 0);
+      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), 2);
       rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
       wgmma_fence();
       const uint64_t pd = sw128_desc(sP, 16, 1024);
-      const uint64_t vd = sw128_desc(vslot(t) + half * (NV / 64) * kAtom, kAtom, 1024);
+      const uint64_t vd =
+          sw128_desc(slot_at(vslot(t)) + half * (NV / 64) * kAtom, kAtom, 1024);
       if (!AOTC_SKIP(1)) {
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk)
           wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 16 * 128) >> 4));
       }
       wgmma_commit();
-      if (more) {
-        landed();  // K(t + 1): both warpgroups staged it, each waits for its own copies
-        bar_arrive<kBarKReady, kThreads>();
-      }
       wgmma_wait_all();
       fence_regs(o);
       if (more) bar_arrive<kBarPFree, kThreads>();
-      bar_sync<kBarPV, 256>();  // both halves are done with tile t's slots
-      if (more && !AOTC_SKIP(2)) {
-        // The slot P V(t) read is free: V(t + 1), or (MLA) K(t + 2) into tile t's slot.
-        if (!v_in_k) {
-          stage_v(t + 1, lt);
-        } else if (t + 2 < ntiles) {
-          stage_k(t + 2, lt);
-        }
-        cp_async_commit();
-        if (!v_in_k) {
-          landed();  // V(t + 1) before P V(t + 1); the next barrier shares it
-          bar_sync<kBarPV, 256>();
-        }
-      }
+      // This half of tile t's V atoms is free: V(t + 1), or (MLA) K(t + 2)'s V columns.
+      if (!v_in_k && more) stage_v(t + 1);
+      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
     }
     // ---- unnormalised partial O of the split
 #pragma unroll

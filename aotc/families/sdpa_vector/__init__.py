@@ -48,14 +48,15 @@ def wgmma_name(type_name: str, d: int, v: int) -> str:
 
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
-# (Q, two K/V slots, P, rescale factors, alignment) within Hopper's 227 KB opt-in.
+# (Q, two K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
+# 227 KB opt-in.
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_MAX_SHARED = 232448
 
 
 def wgmma_shared_bytes(d: int, v: int) -> int:
-    atom = 64 * 128
-    return (d // 64) * atom + 2 * max(d // 64, v // 64) * atom + atom + 64 * 4 + 1024
+    atom, barriers = 64 * 128, 2 * 3 * 8
+    return (d // 64) * atom + 2 * max(d // 64, v // 64) * atom + atom + 64 * 4 + barriers + 1024
 
 
 def wgmma_supported(dtype: str, d: int, v: int) -> bool:
