@@ -321,3 +321,35 @@ def test_wgmma_splits_keep_whole_tiles():
 )
 def test_wgmma_supported_pairs(dtype, d, v, ok):
     assert wgmma_supported(dtype, d, v) is ok
+
+
+# Pairs whose K and V rows split into differently shaped parts (atoms of 64 columns): 576/512
+# (5 + 4 K atoms, or 4 + 4 V atoms and 1 past V), 320/256 (a 3-atom part: row pieces that are no
+# power of two), 192/128 (2 + 1), 64/128 (a one-atom K row: an empty second part).
+WGMMA_PARTS_PAIRS = [(576, 512), (320, 256), (192, 128), (64, 128)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
+    """Every part shape compiles for sm_90a, and ptxas keeps the MMAs asynchronous: it reports
+    C7520 when it serializes wgmma and C7519 when it injects warpgroup arrives around them."""
+    assert all(wgmma_supported("bfloat16", d, v) for d, v in WGMMA_PARTS_PAIRS)
+    src = tmp_path / "wgmma.cu"
+    src.write_text(
+        '#include "sdpa_vector_wgmma.cuh"\n'
+        + "".join(
+            f"AOTC_SDPA_VECTOR_WGMMA(bfloat16, __nv_bfloat16, {d}, {v})\n"
+            for d, v in WGMMA_PARTS_PAIRS
+        )
+    )
+    result = subprocess.run(
+        ["nvcc", "-O3", "-std=c++17", f"-I{REPO / 'kernels' / 'cuda'}",
+         "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
+         "-o", tmp_path / "wgmma.cubin", src],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    entries = result.stderr.count("Compiling entry function 'sdpa_vector_wgmma_bfloat16_")
+    assert entries == len(WGMMA_PARTS_PAIRS), result.stderr[-4000:]
+    for code in ("C7520", "C7519"):
+        assert code not in result.stderr, result.stderr[-4000:]

@@ -259,8 +259,8 @@ template <typename T, int NA>
 __device__ __forceinline__ void stage_cols(uint32_t dst, char* gdst, const T* base,
                                            const long long* st, bool vec, int a0, int k0,
                                            int key_end, int lt, uint32_t bar) {
-  constexpr int CH = NA * 8;                    // 16-byte chunks of a row
-  constexpr int RPW = CH > 0 && CH < 32 && 32 % CH == 0 ? 32 / CH : 1;  // rows a warp covers
+  constexpr int CH = cmax(NA, 1) * 8;           // 16-byte chunks of a row (NA = 0: no part)
+  constexpr int RPW = CH < 32 && 32 % CH == 0 ? 32 / CH : 1;  // rows a warp covers at once
   constexpr int PER = cdiv(CH, 32);             // chunks a lane takes of a row
   constexpr int PASSES = kKeys / (4 * RPW);
   if constexpr (NA == 0) {
