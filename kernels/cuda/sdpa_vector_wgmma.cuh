@@ -41,6 +41,13 @@ constexpr int kAtom = 64 * 128;  // 64 rows of one 128-byte (64-element) column 
 constexpr int kParts = 3;        // a slot's tile lands in up to three parts (column ranges)
 template <int N>
 using Atoms = std::integral_constant<int, N>;
+// A K tile's parts, in atoms: [0, CUT0), [CUT0, CUT1), [CUT1, DA). When V is K's prefix: V's
+// two halves, then the columns past V; otherwise the row's two halves (the third is empty).
+template <int DA, int VA, bool V_IN_K>
+struct KParts {
+  static constexpr int CUT0 = V_IN_K ? VA / 2 : (DA + 1) / 2;
+  static constexpr int CUT1 = V_IN_K ? VA : DA;
+};
 
 // Mirrored by wgmma_config() in aotc/families/sdpa_vector/cuda.py.
 template <int D, int V>
@@ -407,7 +414,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // V tiles (and K tiles that hold V): the two halves of V, each staged by the warpgroup that
   // reads it in P V (and refills it once that is done), then (K) the columns past V, by
   // warpgroup 1. Other K tiles: two halves of the row, by warpgroups 1 and 2.
-  constexpr int KH = (C::DA + 1) / 2, VH = C::VA / 2;
+  using InK = KParts<C::DA, C::VA, true>;    // V is K's prefix
+  using OwnV = KParts<C::DA, C::VA, false>;  // V has its own tiles
+  constexpr int VH = C::VA / 2;
   // Part `part` of K(t) into `slot`, when this warpgroup stages it.
   auto stage_k = [&](int t, int slot, int part) {
     if (wg != (part == 1 ? 2 : 1)) return;
@@ -418,11 +427,11 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
                                             bar(slot, part));
     };
     if (AOTC_SKIP(2) && t > 1) mbar_arrive(bar(slot, part));
-    else if (part == 0 && v_in_k) cols(Atoms<VH>{}, 0);
-    else if (part == 0) cols(Atoms<KH>{}, 0);
-    else if (part == 1 && v_in_k) cols(Atoms<VH>{}, VH);
-    else if (part == 1) cols(Atoms<C::DA - KH>{}, KH);
-    else if (v_in_k) cols(Atoms<C::DA - C::VA>{}, C::VA);
+    else if (part == 0 && v_in_k) cols(Atoms<InK::CUT0>{}, 0);
+    else if (part == 0) cols(Atoms<OwnV::CUT0>{}, 0);
+    else if (part == 1 && v_in_k) cols(Atoms<InK::CUT1 - InK::CUT0>{}, InK::CUT0);
+    else if (part == 1) cols(Atoms<OwnV::CUT1 - OwnV::CUT0>{}, OwnV::CUT0);
+    else if (v_in_k) cols(Atoms<C::DA - InK::CUT1>{}, InK::CUT1);  // OwnV has no third part
   };
   auto stage_k_all = [&](int t, int slot) {
     for (int part = 0; part < kParts; ++part) stage_k(t, slot, part);
@@ -466,9 +475,8 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       const uint64_t kd = sw128_desc(slot_at(ks), 16, 1024);
       // Part by part as they land (the layout is fixed per block: one branch, compile-time
       // parts inside, so the MMAs stay in one straight line).
-      auto qk = [&](auto vik) {
-        constexpr int CUT0 = decltype(vik)::value ? VH : KH;
-        constexpr int CUT1 = decltype(vik)::value ? C::VA : C::DA;
+      auto qk = [&](auto parts) {
+        constexpr int CUT0 = decltype(parts)::CUT0, CUT1 = decltype(parts)::CUT1;
 #pragma unroll
         for (int a = 0; a < C::DA; ++a) {
           if (a == 0 || a == CUT0 || a == CUT1) {
@@ -486,8 +494,8 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
           if (a + 1 == C::DA || a + 1 == CUT0 || a + 1 == CUT1) wgmma_commit();
         }
       };
-      if (v_in_k) qk(std::true_type{});
-      else qk(std::false_type{});
+      if (v_in_k) qk(InK{});
+      else qk(OwnV{});
       wgmma_wait_all();
       fence_regs(s);
       // Scores in the log2 domain; masks and the key end only where they apply (uniform test).
