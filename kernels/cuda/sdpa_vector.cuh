@@ -185,6 +185,24 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// 2^x on the SFU (inputs here are <= 0 or -inf: no range handling needed).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -196,23 +214,43 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Rows [0, TK) of a (keys x DIM) tile from global memory into shared memory (pitch DIM + PAD).
-// Keys at or past key_end are zero-filled (so that P = 0 times them stays 0).
-template <typename T, int DIM, int NT>
+// Rows [0, ROWS) of a (keys x DIM) tile from global memory into shared memory (pitch DIM +
+// PAD). Keys at or past key_end are zero-filled (so that P = 0 times them stays 0).
+// The 16-byte path gives each lane fixed chunks: a warp covers RPW whole rows a pass (or one
+// row in PER chunks a lane when a row has more than 32), so a pass is a pointer step and a
+// cp.async per chunk. In memory-bound blocks the copies' instructions are most of the issued
+// ones; per-chunk index math (a division, a 64-bit multiply) cost more than the copies.
+template <typename T, int DIM, int NT, int ROWS>
 __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
-                                          bool vec, int k0, int rows, int key_end, int tid) {
+                                          bool vec, int k0, int key_end, int tid) {
   constexpr int E = 16 / sizeof(T);
-  constexpr int CH = DIM / E;
+  constexpr int CH = DIM / E;                      // 16-byte chunks of a row
+  constexpr int RPW = CH <= 32 ? 32 / CH : 1;      // rows a warp covers in a pass
+  constexpr int PER = CH <= 32 ? 1 : cdiv(CH, 32);  // chunks a lane takes of a row
+  constexpr int RPP = NT / 32 * RPW;               // rows a pass covers
+  constexpr int PASSES = cdiv(ROWS, RPP);
   if (vec) {
-    for (int c = tid; c < rows * CH; c += NT) {
-      int j = c / CH, cc = c - j * CH;
-      int key = k0 + j;
-      bool ok = key < key_end;
-      const T* src = base + (long long)(ok ? key : k0) * st[2] + cc * E;
-      cp_async16(dst + j * pitch + cc * E, src, ok ? 16 : 0);
+    const int warp = tid >> 5, lane = tid & 31;
+    const int lrow = CH <= 32 ? lane / CH : 0, lchunk = CH <= 32 ? lane % CH : lane;
+    if (CH <= 32 && 32 % CH != 0 && lane >= RPW * CH) return;  // idle lanes (e.g. CH = 10)
+    const int r0 = warp * RPW + lrow;
+    const long long stride = st[2];
+    const T* src = base + (long long)(k0 + r0) * stride + lchunk * E;
+    const uint32_t sdst = smem_u32(dst + r0 * pitch + lchunk * E);
+    const bool full = k0 + ROWS <= key_end;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i, src += RPP * stride) {
+      const int row = r0 + i * RPP;
+      if (ROWS % RPP != 0 && row >= ROWS) break;
+      const bool ok = full || k0 + row < key_end;
+#pragma unroll
+      for (int u = 0; u < PER; ++u)
+        if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH)
+          cp_async16_to(sdst + (i * RPP * pitch + 32 * u * E) * (int)sizeof(T),
+                        ok ? src + 32 * u * E : base, ok ? 16 : 0);
     }
   } else {
-    for (int e = tid; e < rows * DIM; e += NT) {
+    for (int e = tid; e < ROWS * DIM; e += NT) {
       int j = e / DIM, d = e - j * DIM;
       int key = k0 + j;
       T val = Tr<T>::t(0.f);
@@ -263,6 +301,91 @@ __device__ __forceinline__ bool vec_ok(const T* base, const long long* st) {
          (st[1] % E) == 0 && (st[2] % E) == 0;
 }
 
+// Offset of the mask row of (batch b, query head, token i); the kernels index keys from it.
+__device__ __forceinline__ long long mask_row(const Params& p, int b, int head, int i) {
+  return (long long)b * p.mask_strides[0] + (long long)head * p.mask_strides[1] +
+         (long long)i * p.mask_strides[2];
+}
+
+// Score x (log2 domain) of `key` under the Params' mask; causal is aligned to the keys' end.
+template <typename T>
+__device__ __forceinline__ float apply_mask(float x, const Params& p, const void* mask,
+                                            long long mrow, int key, int causal_last) {
+  if (p.mask_kind == 1) {
+    if (key > causal_last) x = kMasked;
+  } else if (p.mask_kind == 2) {
+    if (!reinterpret_cast<const bool*>(mask)[mrow + key * p.mask_strides[3]]) x = kMasked;
+  } else if (p.mask_kind == 3) {
+    x += Tr<T>::f(reinterpret_cast<const T*>(mask)[mrow + key * p.mask_strides[3]]) * kLog2e;
+  }
+  return x;
+}
+
+// A block's key tiles: where K and V rows come from and the ring of shared-memory slots they
+// land in. When V is K's prefix (MLA: v = k[..., :V]) and this block's V rows are K's rows, a
+// tile holds K alone and P V reads V from the K tile (no second load, more tiles in flight).
+template <typename T, int D, int V>
+struct TileRing {
+  using C = Cfg<T, D, V>;
+  const Params& p;
+  T* slots;
+  const T* kbase;
+  const T* vbase;
+  bool kvec, vvec, v_in_k;
+  int tile_elems, ring, vpitch, voff, key_end;
+
+  __device__ __forceinline__ TileRing(T* smem, const T* k, const T* v, const Params& params,
+                                      const BlockWork& w)
+      : p(params), slots(smem) {
+    kbase = k + (long long)w.b * p.k_strides[0] + (long long)w.kvh * p.k_strides[1];
+    vbase = v + (long long)w.b * p.v_strides[0] + (long long)w.kvh * p.v_strides[1];
+    kvec = vec_ok(kbase, p.k_strides);
+    vvec = vec_ok(vbase, p.v_strides);
+    v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
+             p.v_strides[3] == p.k_strides[3];
+    tile_elems = v_in_k ? C::TK * C::DP : C::TK * (C::DP + C::VP);
+    ring = v_in_k ? min(C::MAX_RING, p.stages * (C::DP + C::VP) / C::DP) : p.stages;
+    vpitch = v_in_k ? C::DP : C::VP;
+    voff = v_in_k ? 0 : C::TK * C::DP;
+    key_end = w.key_end;
+  }
+  // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
+  __device__ __forceinline__ void load(int slot, int k0, int tid) const {
+    T* dst = slots + slot * tile_elems;
+    load_rows<T, D, C::NT, C::TK>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end, tid);
+    if (!v_in_k)
+      load_rows<T, V, C::NT, C::TK>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides, vvec, k0,
+                                    key_end, tid);
+  }
+  __device__ __forceinline__ const T* k_tile(int slot) const { return slots + slot * tile_elems; }
+  __device__ __forceinline__ const T* v_tile(int slot) const { return k_tile(slot) + voff; }
+};
+
+// The block's query rows (row r = global row row0 + r = g * Lq + i) into sQ, zero past R.
+// Contiguous, 16-byte aligned rows go by cp.async in the first tile's group (the first wait
+// covers them): a split block of a short-KV call does only a few tiles, so Q's latency must
+// overlap K's.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void stage_q(T* sQ, int pitch, int rows, const T* q, const Params& p,
+                                        int b, int kvh, int row0, int R, int tid) {
+  if (vec_ok(q, p.q_strides)) {
+    constexpr int E = 16 / sizeof(T), CH = D / E;
+    for (int c = tid; c < rows * CH; c += NT) {
+      const int r = c / CH, cc = c - r * CH;
+      const int rr = row0 + r;
+      const T* src = rr < R ? q_row(q, p, b, kvh, rr) + cc * E : q;
+      cp_async16(sQ + r * pitch + cc * E, src, rr < R ? 16 : 0);
+    }
+  } else {
+    for (int e = tid; e < rows * D; e += NT) {
+      const int r = e / D, d = e - r * D;
+      const int rr = row0 + r;
+      sQ[r * pitch + d] =
+          rr < R ? q_row(q, p, b, kvh, rr)[(long long)d * p.q_strides[3]] : Tr<T>::t(0.f);
+    }
+  }
+}
+
 template <typename T, int D, int V, int MT, bool SPLIT>
 __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const void* __restrict__ mask,
@@ -284,55 +407,19 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int ntiles = cdiv(key_end - key_begin, TK);
   const float scale2 = p.scale * kLog2e;
 
-  const int stages = p.stages;
-  T* sRing = reinterpret_cast<T*>(smem);  // stages * TK * (DP + VP) elements
-  T* sQ = sRing + stages * TK * (DP + VP);
+  T* sRing = reinterpret_cast<T*>(smem);  // p.stages * TK * (DP + VP) elements
+  T* sQ = sRing + p.stages * TK * (DP + VP);
   T* sP = sQ + MB * DP;
   float* sS = reinterpret_cast<float*>(sP + MB * PP);
   float* sM = sS + C::KS * MB * SP;
   float* sL = sM + MB;
   float* sA = sL + MB;
 
-  const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
-  const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
-  const bool kvec = vec_ok(kbase, p.k_strides);
-  const bool vvec = vec_ok(vbase, p.v_strides);
-  // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: then a tile
-  // holds K alone and P V reads V from the K tile (no second load, more tiles in flight).
-  const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
-                      p.v_strides[3] == p.k_strides[3];
-  const int tile_elems = v_in_k ? TK * DP : TK * (DP + VP);
-  const int ring = v_in_k ? min(C::MAX_RING, stages * (DP + VP) / DP) : stages;
-  const int vpitch = v_in_k ? DP : VP;
-  const int voff = v_in_k ? 0 : TK * DP;  // V's offset inside a tile
-
-  auto load_tile = [&](int slot, int k0) {
-    T* dst = sRing + slot * tile_elems;
-    load_rows<T, D, NT>(dst, DP, kbase, p.k_strides, kvec, k0, TK, key_end, tid);
-    if (!v_in_k)
-      load_rows<T, V, NT>(dst + TK * DP, VP, vbase, p.v_strides, vvec, k0, TK, key_end, tid);
-  };
-  // Query rows (row r of the block = global row row0 + r = g * Lq + i), zero past R. Contiguous,
-  // 16-byte aligned rows go by cp.async in the first tile's group (the first wait covers them):
-  // a split block of a short-KV call does only a few tiles, so Q's latency must overlap K's.
-  if (vec_ok(q, p.q_strides)) {
-    constexpr int E = 16 / sizeof(T), CH = D / E;
-    for (int c = tid; c < MB * CH; c += NT) {
-      const int r = c / CH, cc = c - r * CH;
-      const int rr = row0 + r;
-      const T* src = rr < R ? q_row(q, p, b, kvh, rr) + cc * E : q;
-      cp_async16(sQ + r * DP + cc * E, src, rr < R ? 16 : 0);
-    }
-  } else {
-    for (int e = tid; e < MB * D; e += NT) {
-      int r = e / D, d = e - r * D;
-      int rr = row0 + r;
-      sQ[r * DP + d] =
-          rr < R ? q_row(q, p, b, kvh, rr)[(long long)d * p.q_strides[3]] : Tr<T>::t(0.f);
-    }
-  }
+  const TileRing<T, D, V> tiles(sRing, k, v, p, w);
+  const int ring = tiles.ring, vpitch = tiles.vpitch;
+  stage_q<T, D, NT>(sQ, DP, MB, q, p, b, kvh, row0, R, tid);
   for (int s = 0; s < ring - 1; ++s) {
-    if (s < ntiles) load_tile(s, key_begin + s * TK);
+    if (s < ntiles) tiles.load(s, key_begin + s * TK, tid);
     cp_async_commit();
   }
   for (int r = tid; r < MB; r += NT) {
@@ -361,15 +448,15 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     cp_async_wait_dyn(ring - 2);
     __syncthreads();
     // The slot of tile t - 1 is free: every thread passed phase 3 of t - 1.
-    if (t + ring - 1 < ntiles) load_tile(next, k0 + (ring - 1) * TK);
+    if (t + ring - 1 < ntiles) tiles.load(next, k0 + (ring - 1) * TK, tid);
     cp_async_commit();
     next = next + 1 == ring ? 0 : next + 1;
-    const T* tile = sRing + stage * tile_elems;
+    const T* tK = tiles.k_tile(stage);
+    const T* tV = tiles.v_tile(stage);
     stage = stage + 1 == ring ? 0 : stage + 1;
 
     // ---- phase 1: S[ks] = Q[:, kchunk] K[:, kchunk]^T
     {
-      const T* tK = tile;
       const int nt_first = C::NW >= C::NT1 ? warp % C::NT1 : warp * C::NPW1;
       const int ks = C::NW >= C::NT1 ? warp / C::NT1 : 0;
       const bool active = ks < C::KS;
@@ -448,9 +535,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
         const int rr = row0 + r;
         const int g = rr / Lq, i = rr - g * Lq;
         const int head = kvh * G + g;
-        const long long mrow = (long long)b * p.mask_strides[0] +
-                               (long long)head * p.mask_strides[1] +
-                               (long long)i * p.mask_strides[2];
+        const long long mrow = mask_row(p, b, head, i);
         const int causal_last = N - Lq + i;
         float sv[KPL];
         float tmax = -INFINITY;
@@ -463,16 +548,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             float dot = 0.f;
 #pragma unroll
             for (int ks = 0; ks < C::KS; ++ks) dot += sS[ks * MB * SP + r * SP + j];
-            x = dot * scale2;
-            if (p.mask_kind == 1) {
-              if (key > causal_last) x = kMasked;
-            } else if (p.mask_kind == 2) {
-              if (!reinterpret_cast<const bool*>(mask)[mrow + key * p.mask_strides[3]])
-                x = kMasked;
-            } else if (p.mask_kind == 3) {
-              x += Tr<T>::f(reinterpret_cast<const T*>(mask)[mrow + key * p.mask_strides[3]]) *
-                   kLog2e;
-            }
+            x = apply_mask<T>(dot * scale2, p, mask, mrow, key, causal_last);
           }
           sv[u] = x;
           tmax = fmaxf(tmax, x);
@@ -507,7 +583,6 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 
     // ---- phase 3: O = alpha * O + P V
     {
-      const T* tV = tile + voff;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const float a_lo = sA[m * 16 + g8], a_hi = sA[m * 16 + g8 + 8];
@@ -615,6 +690,238 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     }
 }
 
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+// One 16-row m-tile (up to 16 query rows: small GQA groups, decode's common case), fp16/bf16.
+// Each warp owns a 16-key slice of every tile (KG slices) and a share of V's columns (VG
+// shares), and keeps its own online softmax in registers: S's accumulators become P's A
+// fragments and alpha scales O in place, so a tile costs one barrier (the ring) instead of
+// three. Warps with the same key slice compute the same S: decode at small GQA is bound by
+// latency per tile, not by MMAs. The warps' (max, sum, O) merge once, after the last tile.
+template <typename T, int D, int V>
+struct WarpKeysCfg {
+  using C = Cfg<T, D, V>;
+  static constexpr int KG = C::TK / 16;        // key slices per tile
+  static constexpr int VG = C::NW / KG;        // column shares per key slice
+  static constexpr int NT3 = V / 8;            // value n-tiles
+  static constexpr int NTV = cdiv(NT3, VG);    // value n-tiles per warp
+  static_assert(C::NW % KG == 0, "warps must divide into key slices");
+  // The merge's scratch (per slice: row max, row sum, 16 x V of O) reuses the ring.
+  static_assert(KG * 16 * (V + 2) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS, "merge scratch");
+};
+
+template <typename T, int D, int V, bool SPLIT>
+__device__ __forceinline__ void sdpa_block_warp_keys(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const void* __restrict__ mask, const T* __restrict__ sinks, T* __restrict__ out,
+    float* __restrict__ partials, float* __restrict__ maxs, float* __restrict__ sums,
+    const Params& p, char* smem) {
+  using C = Cfg<T, D, V>;
+  using W = WarpKeysCfg<T, D, V>;
+  constexpr int MB = 16, NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g8 = lane >> 2, t4 = lane & 3;
+  const int kg = warp % W::KG, vg = warp / W::KG;
+
+  const BlockWork w = block_work(p);
+  const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
+  const int R = G * Lq, row0 = w.rg * MB;
+  const int ntiles = cdiv(w.key_end - w.key_begin, TK);
+  const float scale2 = p.scale * kLog2e;
+
+  // sdpa_block's layout (ring, then Q): shared_bytes(1, stages) covers it.
+  T* sRing = reinterpret_cast<T*>(smem);
+  T* sQ = sRing + p.stages * TK * (DP + VP);
+  const TileRing<T, D, V> tiles(sRing, k, v, p, w);
+  const int ring = tiles.ring, vpitch = tiles.vpitch;
+  stage_q<T, D, NT>(sQ, DP, MB, q, p, w.b, w.kvh, row0, R, tid);
+  for (int s = 0; s < ring - 1; ++s) {
+    if (s < ntiles) tiles.load(s, w.key_begin + s * TK, tid);
+    cp_async_commit();
+  }
+
+  // This thread's rows: g8 (h = 0) and g8 + 8 (h = 1); their mask facts.
+  long long mrow[2];
+  int causal_last[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rr = min(row0 + g8 + 8 * h, R - 1);
+    const int g = rr / Lq, i = rr - g * Lq;
+    mrow[h] = mask_row(p, w.b, w.kvh * G + g, i);
+    causal_last[h] = N - Lq + i;
+  }
+  float o[W::NTV][4];
+#pragma unroll
+  for (int n = 0; n < W::NTV; ++n)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's keys
+
+  int stage = 0, next = ring - 1;
+  for (int t = 0; t < ntiles; ++t) {
+    const int k0 = w.key_begin + t * TK;
+    cp_async_wait_dyn(ring - 2);
+    __syncthreads();  // tile t landed for all; every warp is past tile t - 1 (its slot is free)
+    if (t + ring - 1 < ntiles) tiles.load(next, k0 + (ring - 1) * TK, tid);
+    cp_async_commit();
+    next = next + 1 == ring ? 0 : next + 1;
+    const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
+    const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
+    stage = stage + 1 == ring ? 0 : stage + 1;
+
+    // S (16 rows x this warp's 16 keys): s[n] is keys n * 8 + [0, 8).
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4], bk[4];
+      ldsm_x4(a, sQ + (lane & 15) * DP + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(bk, tK + ((lane & 7) + ((lane >> 4) << 3)) * DP + kk * 16 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+      mma16816<T>(s[0], a, b0);
+      mma16816<T>(s[1], a, b1);
+    }
+
+    // Online softmax in registers; a row's four lanes (t4) meet by shuffles.
+    const int key0 = k0 + kg * 16 + 2 * t4;
+    const bool plain = p.mask_kind == 0 && k0 + TK <= w.key_end;  // uniform over the block
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1, key = key0 + n * 8 + (c & 1);
+        float x = s[n][c] * scale2;
+        if (!plain) x = key < w.key_end ? apply_mask<T>(x, p, mask, mrow[h], key, causal_last[h])
+                                        : -INFINITY;
+        s[n][c] = x;
+        tmax[h] = fmaxf(tmax[h], x);
+      }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+      const float m_new = fmaxf(m_run[h], tmax[h]);
+      m_use[h] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+      m_run[h] = m_new;
+      l_run[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[n][c] = fast_exp2(s[n][c] - m_use[c >> 1]);
+        l_run[c >> 1] += s[n][c];
+      }
+    // S's accumulator layout is P's A-fragment layout (rows g8 / g8 + 8, keys 2 t4 (+ 8)).
+    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+
+    // O (this warp's column share) = alpha O + P V over the slice's 16 keys.
+    // Once a row's running max settles (most tiles of a long split) alpha is exactly 1.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#pragma unroll
+      for (int n = 0; n < W::NTV; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+#pragma unroll
+    for (int n = 0; n < W::NTV; n += 2) {
+      const int nt = vg * W::NTV + n;
+      if (W::NT3 % W::VG == 0 || nt < W::NT3) {
+        if (n + 1 < W::NTV) {
+          // Two n-tiles at once; past V (odd counts) it reads the row padding, never stored.
+          uint32_t bv[4];
+          ldsm_x4_t(bv, tV + (lane & 15) * vpitch + (nt + (lane >> 4)) * 8);
+          const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+          mma16816<T>(o[n], pa, b0);
+          mma16816<T>(o[n + 1], pa, b1);
+        } else {
+          uint32_t bv[2];
+          ldsm_x2_t(bv, tV + (lane & 15) * vpitch + nt * 8);
+          mma16816<T>(o[n], pa, bv);
+        }
+      }
+    }
+  }
+
+  // ---- merge the key slices. Scratch in the ring (every copy has landed, every warp is done).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* sMax = reinterpret_cast<float*>(sRing);  // [KG][16]
+  float* sSum = sMax + W::KG * MB;                // [KG][16]
+  float* sO = sSum + W::KG * MB;                  // [KG][16][V]
+  if (vg == 0 && t4 == 0)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sMax[kg * MB + g8 + 8 * h] = m_run[h];
+      sSum[kg * MB + g8 + 8 * h] = l_run[h];
+    }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g8 + 8 * h;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
+    const float wgt = fast_exp2(m_run[h] - (mx == -INFINITY ? 0.f : mx));
+#pragma unroll
+    for (int n = 0; n < W::NTV; ++n) {
+      const int nt = vg * W::NTV + n;
+      if (W::NT3 % W::VG == 0 || nt < W::NT3)
+        *reinterpret_cast<float2*>(sO + (kg * MB + r) * V + nt * 8 + 2 * t4) =
+            make_float2(o[n][2 * h] * wgt, o[n][2 * h + 1] * wgt);
+    }
+  }
+  __syncthreads();
+  const int rows_here = min(MB, R - row0);
+  for (int e = tid; e < rows_here * (V / 2); e += NT) {
+    const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float l = 0.f, x0 = 0.f, x1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < W::KG; ++j) {
+      l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
+      const float2 xo = *reinterpret_cast<const float2*>(sO + (j * MB + r) * V + col);
+      x0 += xo.x;
+      x1 += xo.y;
+    }
+    const int rr = row0 + r;
+    const long long row = out_row(p, w.b, w.kvh, rr);
+    if constexpr (SPLIT) {
+      const int S = p.num_splits;
+      *reinterpret_cast<float2*>(partials + (row * S + w.split) * V + col) = make_float2(x0, x1);
+      if (col == 0) {
+        maxs[row * S + w.split] = mx;
+        sums[row * S + w.split] = l;
+      }
+    } else {
+      float f = 1.f / l;
+      if (p.has_sinks) {
+        const float sk = Tr<T>::f(sinks[(int)((row / Lq) % p.q_heads)]) * kLog2e;
+        const float m2 = fmaxf(mx, sk);
+        const float fac = fast_exp2(mx - m2);
+        f = fac / (l * fac + fast_exp2(sk - m2));
+      }
+      *reinterpret_cast<uint32_t*>(out + row * V + col) = pack2<T>(x0 * f, x1 * f);
+    }
+  }
+}
+
 template <typename T, int D, int V, bool SPLIT>
 __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
                                            const T* sinks, T* out, float* partials, float* maxs,
@@ -630,7 +937,12 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   }
   switch (p.m_tiles) {
     case 1:
-      sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+      if constexpr (Tr<T>::kMma)
+        sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                             aotc_smem);
+      else
+        sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                      aotc_smem);
       break;
     case 2:
       sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);

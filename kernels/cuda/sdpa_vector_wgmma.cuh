@@ -257,17 +257,6 @@ __device__ __forceinline__ void stage_cols(uint32_t dst, char* gdst, const T* ba
 }
 
 // ---------------------------------------------------------------- softmax pieces
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
 // O rows (r, r + 8) *= (a0, a1). Once the running max settles (most tiles of a long split)
 // every factor is exactly 1: the warp skips its NV / 2 multiplies.
 template <int NV>
@@ -280,13 +269,6 @@ __device__ __forceinline__ void rescale(float (&o)[NV / 2], float a0, float a1) 
     o[4 * n + 2] *= a1;
     o[4 * n + 3] *= a1;
   }
-}
-
-// 2^x on the SFU (inputs here are <= 0 or -inf: no range handling needed).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // A thread's two query rows (r and r + 8): the mask row offset and the last key causal
