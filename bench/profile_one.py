@@ -1,5 +1,6 @@
 """Run one bench shape a few times (for ncu): python3 -m bench.profile_one B HQ HKV N D V
-[view] [--torch]; --torch runs torch's SDPA on the same inputs instead of aotc's kernels."""
+[view] [--torch | --lib=FATBIN_LIST]; --torch runs torch's SDPA on the same inputs instead of
+aotc's kernels, --lib takes the kernels from another fatbin list (bench.variants builds)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ if "--torch" in sys.argv:
         F.scaled_dot_product_attention(q, k, vv, scale=scale, enable_gqa=True)
 else:
     folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    libs = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--lib=")]
+    lib = h.Library(Path(libs[0]) if libs else folder / (folder / "current").read_text().strip())
     plan = h.plan_for(lib, q, k, vv, scale=scale)
     print(plan[0].grid, plan[0].shared_memory, [p.kernel for p in plan])
     for _ in range(3):

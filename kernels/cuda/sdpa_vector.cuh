@@ -81,6 +81,16 @@ struct Tr<__nv_bfloat16> {
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Element offset of (row, col) in a key tile with row pitch `pitch`: with SW, the 16-byte
+// chunk (E elements) of col is XOR-ed with row & 7 (rows are whole 128-byte lines then).
+template <bool SW, int E>
+__device__ __forceinline__ int tile_off(int row, int col, int pitch) {
+  if constexpr (SW)
+    return row * pitch + (((col / E) ^ (row & 7)) * E) + (col % E);
+  else
+    return row * pitch + col;
+}
+
 // Tile configuration; mirrored by kernel_config() in cuda.py.
 template <typename T, int D, int V>
 struct Cfg {
@@ -94,8 +104,14 @@ struct Cfg {
                             : (D + V) * TS * 32 <= 24 * 1024 ? 32
                                                              : 16;
   static constexpr int PAD = 16 / TS;  // one 16-byte vector per row: conflict-free ldmatrix
-  static constexpr int DP = D + PAD;
-  static constexpr int VP = V + PAD;
+  // K and V tiles whose rows are whole 128-byte lines are stored unpadded with their 16-byte
+  // chunks XOR-swizzled by row (conflict-free ldmatrix too): a padded row starts mid-line, and
+  // cp.async then splits a warp's global lines into more L2 requests, reading some sectors
+  // twice (ncu, H200: 1.5x the L2 sectors of the bytes, and reads capped near 3.9 TB/s).
+  static constexpr bool SW = (D * TS) % 128 == 0 && (V * TS) % 128 == 0;
+  static constexpr int DP = SW ? D : D + PAD;  // K tile row pitch (elements)
+  static constexpr int VP = SW ? V : V + PAD;  // V tile row pitch
+  static constexpr int QP = D + PAD;           // Q row pitch (staged once: padded)
   static constexpr int STAGE_BYTES = TK * (DP + VP) * TS;
   // Default stage count (three 4-warp blocks per SM); the plan passes Params::stages, up to
   // MAX_STAGES, to fill shared memory when one 8-warp block owns the SM.
@@ -119,7 +135,7 @@ struct Cfg {
 template <typename T, int D, int V>
 __host__ __device__ constexpr int shared_bytes(int mt, int stages) {
   using C = Cfg<T, D, V>;
-  return C::TS * (stages * C::TK * (C::DP + C::VP) + 16 * mt * C::DP + 16 * mt * C::PP) +
+  return C::TS * (stages * C::TK * (C::DP + C::VP) + 16 * mt * C::QP + 16 * mt * C::PP) +
          4 * (C::KS * 16 * mt * C::SP + 3 * 16 * mt);
 }
 
@@ -131,6 +147,21 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
+}
+// The same for a whole chunk. AOTC_CP_FULL_FORM picks the instruction form (measurements).
+#ifndef AOTC_CP_FULL_FORM
+#define AOTC_CP_FULL_FORM 0
+#endif
+__device__ __forceinline__ void cp_async16_full(uint32_t dst, const void* src) {
+#if AOTC_CP_FULL_FORM == 1
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#elif AOTC_CP_FULL_FORM == 2
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#elif AOTC_CP_FULL_FORM == 3
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#else
+  cp_async16_to(dst, src, 16);
+#endif
 }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   cp_async16_to(smem_u32(dst), src, src_bytes);
@@ -220,7 +251,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // row in PER chunks a lane when a row has more than 32), so a pass is a pointer step and a
 // cp.async per chunk. In memory-bound blocks the copies' instructions are most of the issued
 // ones; per-chunk index math (a division, a 64-bit multiply) cost more than the copies.
-template <typename T, int DIM, int NT, int ROWS>
+template <typename T, int DIM, int NT, int ROWS, bool SW>
 __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
                                           bool vec, int k0, int key_end, int tid) {
   constexpr int E = 16 / sizeof(T);
@@ -236,18 +267,23 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
     const int r0 = warp * RPW + lrow;
     const long long stride = st[2];
     const T* src = base + (long long)(k0 + r0) * stride + lchunk * E;
-    const uint32_t sdst = smem_u32(dst + r0 * pitch + lchunk * E);
+    const uint32_t srow = smem_u32(dst + r0 * pitch);
     const bool full = k0 + ROWS <= key_end;
 #pragma unroll
     for (int i = 0; i < PASSES; ++i, src += RPP * stride) {
       const int row = r0 + i * RPP;
       if (ROWS % RPP != 0 && row >= ROWS) break;
       const bool ok = full || k0 + row < key_end;
+      const int sw = SW ? row & 7 : 0;
 #pragma unroll
       for (int u = 0; u < PER; ++u)
-        if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH)
-          cp_async16_to(sdst + (i * RPP * pitch + 32 * u * E) * (int)sizeof(T),
-                        ok ? src + 32 * u * E : base, ok ? 16 : 0);
+        if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH) {
+          const uint32_t d = srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
+          if (full)
+            cp_async16_full(d, src + 32 * u * E);
+          else
+            cp_async16_to(d, ok ? src + 32 * u * E : base, ok ? 16 : 0);
+        }
     }
   } else {
     for (int e = tid; e < ROWS * DIM; e += NT) {
@@ -255,7 +291,7 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
       int key = k0 + j;
       T val = Tr<T>::t(0.f);
       if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
-      dst[j * pitch + d] = val;
+      dst[tile_off<SW, E>(j, d, pitch)] = val;
     }
   }
 }
@@ -352,10 +388,11 @@ struct TileRing {
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
     T* dst = slots + slot * tile_elems;
-    load_rows<T, D, C::NT, C::TK>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end, tid);
+    load_rows<T, D, C::NT, C::TK, C::SW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,
+                                         tid);
     if (!v_in_k)
-      load_rows<T, V, C::NT, C::TK>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides, vvec, k0,
-                                    key_end, tid);
+      load_rows<T, V, C::NT, C::TK, C::SW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides, vvec,
+                                           k0, key_end, tid);
   }
   __device__ __forceinline__ const T* k_tile(int slot) const { return slots + slot * tile_elems; }
   __device__ __forceinline__ const T* v_tile(int slot) const { return k_tile(slot) + voff; }
@@ -394,7 +431,8 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
                                            float* __restrict__ sums, const Params& p, char* smem) {
   using C = Cfg<T, D, V>;
   constexpr int MB = 16 * MT;
-  constexpr int NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP, SP = C::SP, PP = C::PP;
+  constexpr int NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP, QP = C::QP, SP = C::SP,
+                PP = C::PP, E = 16 / C::TS;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
 
@@ -409,7 +447,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 
   T* sRing = reinterpret_cast<T*>(smem);  // p.stages * TK * (DP + VP) elements
   T* sQ = sRing + p.stages * TK * (DP + VP);
-  T* sP = sQ + MB * DP;
+  T* sP = sQ + MB * QP;
   float* sS = reinterpret_cast<float*>(sP + MB * PP);
   float* sM = sS + C::KS * MB * SP;
   float* sL = sM + MB;
@@ -417,7 +455,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
-  stage_q<T, D, NT>(sQ, DP, MB, q, p, b, kvh, row0, R, tid);
+  stage_q<T, D, NT>(sQ, QP, MB, q, p, b, kvh, row0, R, tid);
   for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) tiles.load(s, key_begin + s * TK, tid);
     cp_async_commit();
@@ -478,12 +516,12 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             uint32_t a[MT][4];
 #pragma unroll
             for (int m = 0; m < MT; ++m)
-              ldsm_x4(a[m], sQ + (m * 16 + (lane & 15)) * DP + kk * 16 + (lane >> 4) * 8);
+              ldsm_x4(a[m], sQ + (m * 16 + (lane & 15)) * QP + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int n = 0; n < C::NPW1; ++n) {
               uint32_t bf[2];
-              ldsm_x2(bf, tK + ((nt_first + n) * 8 + (lane & 7)) * DP + kk * 16 +
-                              ((lane >> 3) & 1) * 8);
+              ldsm_x2(bf, tK + tile_off<C::SW, E>((nt_first + n) * 8 + (lane & 7),
+                                                  kk * 16 + ((lane >> 3) & 1) * 8, DP));
 #pragma unroll
               for (int m = 0; m < MT; ++m) mma16816<T>(s[m][n], a[m], bf);
             }
@@ -493,12 +531,13 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
             for (int n = 0; n < C::NPW1; ++n) {
               const int key = (nt_first + n) * 8 + 2 * t4;
-              float4 k0v = *reinterpret_cast<const float4*>(tK + key * DP + d);
-              float4 k1v = *reinterpret_cast<const float4*>(tK + (key + 1) * DP + d);
+              float4 k0v = *reinterpret_cast<const float4*>(tK + tile_off<C::SW, E>(key, d, DP));
+              float4 k1v =
+                  *reinterpret_cast<const float4*>(tK + tile_off<C::SW, E>(key + 1, d, DP));
 #pragma unroll
               for (int m = 0; m < MT; ++m) {
-                float4 q0 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8) * DP + d);
-                float4 q1 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8 + 8) * DP + d);
+                float4 q0 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8) * QP + d);
+                float4 q1 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8 + 8) * QP + d);
                 s[m][n][0] += q0.x * k0v.x + q0.y * k0v.y + q0.z * k0v.z + q0.w * k0v.w;
                 s[m][n][1] += q0.x * k1v.x + q0.y * k1v.y + q0.z * k1v.z + q0.w * k1v.w;
                 s[m][n][2] += q1.x * k0v.x + q1.y * k0v.y + q1.z * k0v.z + q1.w * k0v.w;
@@ -606,7 +645,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
               uint32_t bf[2];
-              ldsm_x2_t(bf, tV + (kk * 16 + (lane & 15)) * vpitch + nt * 8);
+              ldsm_x2_t(bf, tV + tile_off<C::SW, E>(kk * 16 + (lane & 15), nt * 8, vpitch));
 #pragma unroll
               for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][n], a[m], bf);
             }
@@ -619,7 +658,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
               const float2 vv =
-                  *reinterpret_cast<const float2*>(tV + j * vpitch + nt * 8 + 2 * t4);
+                  *reinterpret_cast<const float2*>(tV + tile_off<C::SW, E>(j, nt * 8 + 2 * t4, vpitch));
 #pragma unroll
               for (int m = 0; m < MT; ++m) {
                 const float plo = sP[(m * 16 + g8) * PP + j];
@@ -721,7 +760,8 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     const Params& p, char* smem) {
   using C = Cfg<T, D, V>;
   using W = WarpKeysCfg<T, D, V>;
-  constexpr int MB = 16, NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP;
+  constexpr int MB = 16, NT = C::NT, TK = C::TK, DP = C::DP, VP = C::VP, QP = C::QP;
+  constexpr int E = 16 / C::TS;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
   const int kg = warp % W::KG, vg = warp / W::KG;
@@ -737,7 +777,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   T* sQ = sRing + p.stages * TK * (DP + VP);
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
-  stage_q<T, D, NT>(sQ, DP, MB, q, p, w.b, w.kvh, row0, R, tid);
+  stage_q<T, D, NT>(sQ, QP, MB, q, p, w.b, w.kvh, row0, R, tid);
   for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) tiles.load(s, w.key_begin + s * TK, tid);
     cp_async_commit();
@@ -777,8 +817,9 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4], bk[4];
-      ldsm_x4(a, sQ + (lane & 15) * DP + kk * 16 + (lane >> 4) * 8);
-      ldsm_x4(bk, tK + ((lane & 7) + ((lane >> 4) << 3)) * DP + kk * 16 + ((lane >> 3) & 1) * 8);
+      ldsm_x4(a, sQ + (lane & 15) * QP + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(bk, tK + tile_off<C::SW, E>((lane & 7) + ((lane >> 4) << 3),
+                                          kk * 16 + ((lane >> 3) & 1) * 8, DP));
       const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
       mma16816<T>(s[0], a, b0);
       mma16816<T>(s[1], a, b1);
@@ -836,15 +877,16 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
       const int nt = vg * W::NTV + n;
       if (W::NT3 % W::VG == 0 || nt < W::NT3) {
         if (n + 1 < W::NTV) {
-          // Two n-tiles at once; past V (odd counts) it reads the row padding, never stored.
+          // Two n-tiles at once; past V (padded rows only: swizzled V has 8k n-tiles)
+          // it reads the padding, never stored.
           uint32_t bv[4];
-          ldsm_x4_t(bv, tV + (lane & 15) * vpitch + (nt + (lane >> 4)) * 8);
+          ldsm_x4_t(bv, tV + tile_off<C::SW, E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch));
           const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
           mma16816<T>(o[n], pa, b0);
           mma16816<T>(o[n + 1], pa, b1);
         } else {
           uint32_t bv[2];
-          ldsm_x2_t(bv, tV + (lane & 15) * vpitch + nt * 8);
+          ldsm_x2_t(bv, tV + tile_off<C::SW, E>(lane & 15, nt * 8, vpitch));
           mma16816<T>(o[n], pa, bv);
         }
       }

@@ -89,6 +89,7 @@ class KernelConfig:
     dtype_size: int
     d: int
     v: int
+    swizzled: bool  # K and V tile rows unpadded (whole 128-byte lines, chunks XOR-swizzled)
 
     @property
     def threads(self) -> int:
@@ -96,9 +97,11 @@ class KernelConfig:
 
     def shared_bytes(self, m_tiles: int, stages: int | None = None) -> int:
         ts, tk, rows = self.dtype_size, self.key_tile, 16 * m_tiles
-        dp, vp, pp, sp = self.d + self.pad, self.v + self.pad, tk + self.pad, tk + 4
+        tile_pad = 0 if self.swizzled else self.pad
+        dp, vp, qp = self.d + tile_pad, self.v + tile_pad, self.d + self.pad
+        pp, sp = tk + self.pad, tk + 4
         stages = self.stages if stages is None else stages
-        return ts * (stages * tk * (dp + vp) + rows * dp + rows * pp) + 4 * (
+        return ts * (stages * tk * (dp + vp) + rows * qp + rows * pp) + 4 * (
             self.k_splits * rows * sp + 3 * rows
         )
 
@@ -108,7 +111,8 @@ def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
     warps = 8 if d > 256 or v > 256 else 4
     tk = 64 if (d + v) * ts * 64 <= 24 * 1024 else 32 if (d + v) * ts * 32 <= 24 * 1024 else 16
     pad = 16 // ts
-    stage_bytes = tk * (d + v + 2 * pad) * ts
+    swizzled = (d * ts) % 128 == 0 and (v * ts) % 128 == 0
+    stage_bytes = tk * (d + v + (0 if swizzled else 2 * pad)) * ts
     stages = 3 if 3 * stage_bytes <= 72 * 1024 else 2
     n_tiles = tk // 8
     return KernelConfig(
@@ -122,6 +126,7 @@ def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
         dtype_size=ts,
         d=d,
         v=v,
+        swizzled=swizzled,
     )
 
 
@@ -174,11 +179,13 @@ def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
     return m_tiles
 
 
-def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int) -> int:
-    """Key-tile stages: the default for 4-warp blocks (three share an SM); an 8-warp block owns
-    its SM, so it takes as many stages as shared memory holds (more bytes in flight)."""
+def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int, sm_shared: int) -> int:
+    """Key-tile stages: the default for 4-warp blocks, down to 2 when three blocks would not
+    share an SM otherwise (the split counts assume three); an 8-warp block owns its SM, so it
+    takes as many stages as shared memory holds (more bytes in flight)."""
     if cfg.warps == 4:
-        return cfg.stages
+        fits = 3 * (cfg.shared_bytes(m_tiles, cfg.stages) + 1024) <= sm_shared
+        return cfg.stages if fits else 2
     best = cfg.stages
     for stages in range(cfg.stages, cfg.max_stages + 1):
         if cfg.shared_bytes(m_tiles, stages) <= max_shared:
@@ -245,7 +252,7 @@ def plan_cuda(
     rows = p.gqa_factor * p.q_len
     m_tiles = _m_tiles(rows, cfg, max_shared)
     row_groups = -(-rows // (16 * m_tiles))
-    stages = _stages(cfg, m_tiles, max_shared)
+    stages = _stages(cfg, m_tiles, max_shared, sm_shared)
     smem = cfg.shared_bytes(m_tiles, stages)
     base_blocks = p.batch * p.kv_heads * row_groups
     tiles = -(-p.kv_len // cfg.key_tile)
