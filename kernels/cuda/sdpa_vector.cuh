@@ -81,14 +81,11 @@ struct Tr<__nv_bfloat16> {
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
-// Element offset of (row, col) in a key tile with row pitch `pitch`: with SW, the 16-byte
-// chunk (E elements) of col is XOR-ed with row & 7 (rows are whole 128-byte lines then).
-template <bool SW, int E>
-__device__ __forceinline__ int tile_off(int row, int col, int pitch) {
-  if constexpr (SW)
-    return row * pitch + (((col / E) ^ (row & 7)) * E) + (col % E);
-  else
-    return row * pitch + col;
+// Element offset of (row, col) in a key tile with row pitch `pitch`: when swizzled, the
+// 16-byte chunk (E elements) of col is XOR-ed with row & 7 (rows are whole 128-byte lines).
+template <int E>
+__device__ __forceinline__ int tile_off(int row, int col, int pitch, bool swizzled) {
+  return row * pitch + (swizzled ? ((col / E) ^ (row & 7)) * E + col % E : col);
 }
 
 // Tile configuration; mirrored by kernel_config() in cuda.py.
@@ -104,14 +101,16 @@ struct Cfg {
                             : (D + V) * TS * 32 <= 24 * 1024 ? 32
                                                              : 16;
   static constexpr int PAD = 16 / TS;  // one 16-byte vector per row: conflict-free ldmatrix
-  // K and V tiles whose rows are whole 128-byte lines are stored unpadded with their 16-byte
-  // chunks XOR-swizzled by row (conflict-free ldmatrix too): a padded row starts mid-line, and
+  // K and V tile rows are unpadded, as in global memory: a padded row starts mid-line, and
   // cp.async then splits a warp's global lines into more L2 requests, reading some sectors
-  // twice (ncu, H200: 1.5x the L2 sectors of the bytes, and reads capped near 3.9 TB/s).
-  static constexpr bool SW = (D * TS) % 128 == 0 && (V * TS) % 128 == 0;
-  static constexpr int DP = SW ? D : D + PAD;  // K tile row pitch (elements)
-  static constexpr int VP = SW ? V : V + PAD;  // V tile row pitch
-  static constexpr int QP = D + PAD;           // Q row pitch (staged once: padded)
+  // twice (ncu, H200: 1.5x the L2 sectors of the bytes, reads capped near 3.9 TB/s). Rows of
+  // whole 128-byte lines get their 16-byte chunks XOR-swizzled by row (conflict-free
+  // ldmatrix); other widths (D = 80: 160 bytes) take 2- to 4-way conflicts instead.
+  static constexpr bool KSW = (D * TS) % 128 == 0;
+  static constexpr bool VSW = (V * TS) % 128 == 0;
+  static constexpr int DP = D;        // K tile row pitch (elements)
+  static constexpr int VP = V;        // V tile row pitch
+  static constexpr int QP = D + PAD;  // Q row pitch (staged once: padded)
   static constexpr int STAGE_BYTES = TK * (DP + VP) * TS;
   // Default stage count (three 4-warp blocks per SM); the plan passes Params::stages, up to
   // MAX_STAGES, to fill shared memory when one 8-warp block owns the SM.
@@ -278,7 +277,8 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
 #pragma unroll
       for (int u = 0; u < PER; ++u)
         if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH) {
-          const uint32_t d = srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
+          const uint32_t d =
+              srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
           if (full)
             cp_async16_full(d, src + 32 * u * E);
           else
@@ -291,7 +291,7 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
       int key = k0 + j;
       T val = Tr<T>::t(0.f);
       if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
-      dst[tile_off<SW, E>(j, d, pitch)] = val;
+      dst[tile_off<E>(j, d, pitch, SW)] = val;
     }
   }
 }
@@ -367,7 +367,7 @@ struct TileRing {
   T* slots;
   const T* kbase;
   const T* vbase;
-  bool kvec, vvec, v_in_k;
+  bool kvec, vvec, v_in_k, vsw;  // vsw: V's rows (K's when V is K's prefix) are swizzled
   int tile_elems, ring, vpitch, voff, key_end;
 
   __device__ __forceinline__ TileRing(T* smem, const T* k, const T* v, const Params& params,
@@ -382,17 +382,18 @@ struct TileRing {
     tile_elems = v_in_k ? C::TK * C::DP : C::TK * (C::DP + C::VP);
     ring = v_in_k ? min(C::MAX_RING, p.stages * (C::DP + C::VP) / C::DP) : p.stages;
     vpitch = v_in_k ? C::DP : C::VP;
+    vsw = C::KSW == C::VSW ? C::KSW : v_in_k ? C::KSW : C::VSW;
     voff = v_in_k ? 0 : C::TK * C::DP;
     key_end = w.key_end;
   }
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
     T* dst = slots + slot * tile_elems;
-    load_rows<T, D, C::NT, C::TK, C::SW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,
-                                         tid);
+    load_rows<T, D, C::NT, C::TK, C::KSW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,
+                                          tid);
     if (!v_in_k)
-      load_rows<T, V, C::NT, C::TK, C::SW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides, vvec,
-                                           k0, key_end, tid);
+      load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
+                                            vvec, k0, key_end, tid);
   }
   __device__ __forceinline__ const T* k_tile(int slot) const { return slots + slot * tile_elems; }
   __device__ __forceinline__ const T* v_tile(int slot) const { return k_tile(slot) + voff; }
@@ -455,6 +456,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
+  const bool vsw = tiles.vsw;
   stage_q<T, D, NT>(sQ, QP, MB, q, p, b, kvh, row0, R, tid);
   for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) tiles.load(s, key_begin + s * TK, tid);
@@ -520,8 +522,8 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
             for (int n = 0; n < C::NPW1; ++n) {
               uint32_t bf[2];
-              ldsm_x2(bf, tK + tile_off<C::SW, E>((nt_first + n) * 8 + (lane & 7),
-                                                  kk * 16 + ((lane >> 3) & 1) * 8, DP));
+              ldsm_x2(bf, tK + tile_off<E>((nt_first + n) * 8 + (lane & 7),
+                                                  kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
 #pragma unroll
               for (int m = 0; m < MT; ++m) mma16816<T>(s[m][n], a[m], bf);
             }
@@ -531,9 +533,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
             for (int n = 0; n < C::NPW1; ++n) {
               const int key = (nt_first + n) * 8 + 2 * t4;
-              float4 k0v = *reinterpret_cast<const float4*>(tK + tile_off<C::SW, E>(key, d, DP));
+              float4 k0v = *reinterpret_cast<const float4*>(tK + tile_off<E>(key, d, DP, C::KSW));
               float4 k1v =
-                  *reinterpret_cast<const float4*>(tK + tile_off<C::SW, E>(key + 1, d, DP));
+                  *reinterpret_cast<const float4*>(tK + tile_off<E>(key + 1, d, DP, C::KSW));
 #pragma unroll
               for (int m = 0; m < MT; ++m) {
                 float4 q0 = *reinterpret_cast<const float4*>(sQ + (m * 16 + g8) * QP + d);
@@ -645,7 +647,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
               uint32_t bf[2];
-              ldsm_x2_t(bf, tV + tile_off<C::SW, E>(kk * 16 + (lane & 15), nt * 8, vpitch));
+              ldsm_x2_t(bf, tV + tile_off<E>(kk * 16 + (lane & 15), nt * 8, vpitch, vsw));
 #pragma unroll
               for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][n], a[m], bf);
             }
@@ -657,8 +659,8 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
           for (int n = 0; n < C::NPW3; ++n) {
             const int nt = warp * C::NPW3 + n;
             if (C::NT3 % C::NW == 0 || nt < C::NT3) {
-              const float2 vv =
-                  *reinterpret_cast<const float2*>(tV + tile_off<C::SW, E>(j, nt * 8 + 2 * t4, vpitch));
+              const float2 vv = *reinterpret_cast<const float2*>(
+                  tV + tile_off<E>(j, nt * 8 + 2 * t4, vpitch, vsw));
 #pragma unroll
               for (int m = 0; m < MT; ++m) {
                 const float plo = sP[(m * 16 + g8) * PP + j];
@@ -777,6 +779,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   T* sQ = sRing + p.stages * TK * (DP + VP);
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
+  const bool vsw = tiles.vsw;
   stage_q<T, D, NT>(sQ, QP, MB, q, p, w.b, w.kvh, row0, R, tid);
   for (int s = 0; s < ring - 1; ++s) {
     if (s < ntiles) tiles.load(s, w.key_begin + s * TK, tid);
@@ -818,8 +821,8 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4], bk[4];
       ldsm_x4(a, sQ + (lane & 15) * QP + kk * 16 + (lane >> 4) * 8);
-      ldsm_x4(bk, tK + tile_off<C::SW, E>((lane & 7) + ((lane >> 4) << 3),
-                                          kk * 16 + ((lane >> 3) & 1) * 8, DP));
+      ldsm_x4(bk, tK + tile_off<E>((lane & 7) + ((lane >> 4) << 3),
+                                          kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
       const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
       mma16816<T>(s[0], a, b0);
       mma16816<T>(s[1], a, b1);
@@ -880,13 +883,13 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
           // Two n-tiles at once; past V (padded rows only: swizzled V has 8k n-tiles)
           // it reads the padding, never stored.
           uint32_t bv[4];
-          ldsm_x4_t(bv, tV + tile_off<C::SW, E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch));
+          ldsm_x4_t(bv, tV + tile_off<E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch, vsw));
           const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
           mma16816<T>(o[n], pa, b0);
           mma16816<T>(o[n + 1], pa, b1);
         } else {
           uint32_t bv[2];
-          ldsm_x2_t(bv, tV + tile_off<C::SW, E>(lane & 15, nt * 8, vpitch));
+          ldsm_x2_t(bv, tV + tile_off<E>(lane & 15, nt * 8, vpitch, vsw));
           mma16816<T>(o[n], pa, bv);
         }
       }

@@ -89,7 +89,6 @@ class KernelConfig:
     dtype_size: int
     d: int
     v: int
-    swizzled: bool  # K and V tile rows unpadded (whole 128-byte lines, chunks XOR-swizzled)
 
     @property
     def threads(self) -> int:
@@ -97,8 +96,7 @@ class KernelConfig:
 
     def shared_bytes(self, m_tiles: int, stages: int | None = None) -> int:
         ts, tk, rows = self.dtype_size, self.key_tile, 16 * m_tiles
-        tile_pad = 0 if self.swizzled else self.pad
-        dp, vp, qp = self.d + tile_pad, self.v + tile_pad, self.d + self.pad
+        dp, vp, qp = self.d, self.v, self.d + self.pad  # K and V tile rows are unpadded
         pp, sp = tk + self.pad, tk + 4
         stages = self.stages if stages is None else stages
         return ts * (stages * tk * (dp + vp) + rows * qp + rows * pp) + 4 * (
@@ -111,8 +109,7 @@ def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
     warps = 8 if d > 256 or v > 256 else 4
     tk = 64 if (d + v) * ts * 64 <= 24 * 1024 else 32 if (d + v) * ts * 32 <= 24 * 1024 else 16
     pad = 16 // ts
-    swizzled = (d * ts) % 128 == 0 and (v * ts) % 128 == 0
-    stage_bytes = tk * (d + v + (0 if swizzled else 2 * pad)) * ts
+    stage_bytes = tk * (d + v) * ts
     stages = 3 if 3 * stage_bytes <= 72 * 1024 else 2
     n_tiles = tk // 8
     return KernelConfig(
@@ -126,7 +123,6 @@ def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
         dtype_size=ts,
         d=d,
         v=v,
-        swizzled=swizzled,
     )
 
 
