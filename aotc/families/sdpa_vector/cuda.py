@@ -107,7 +107,7 @@ class KernelConfig:
 def kernel_config(dtype: str, d: int, v: int) -> KernelConfig:
     ts = DTYPE_SIZES[dtype]
     warps = 8 if d > 256 or v > 256 else 4
-    tk = 64 if (d + v) * ts * 64 <= 24 * 1024 else 32 if (d + v) * ts * 32 <= 24 * 1024 else 16
+    tk = 64 if (d + v) * ts * 64 <= 32 * 1024 else 32 if (d + v) * ts * 32 <= 32 * 1024 else 16
     pad = 16 // ts
     stage_bytes = tk * (d + v) * ts
     stages = 3 if 3 * stage_bytes <= 72 * 1024 else 2
