@@ -1,11 +1,18 @@
 #!/bin/bash
 # One device call: this tree's kernels against the committed ones in .gpu/base (refresh it with
 # `git archive HEAD aotc bench kernels | tar -x -C .gpu/base`; carry .gpu/base), same card:
-# GPU tests, `bench.variants` new and old, each with its own plan (VARIANTS adds more NAME=-DFLAGS builds of this tree,
-# MLA=1 adds the many-rows shapes), then `bench.bench_sdpa --no-mlx` with torch. Logs in $OUT.
+# GPU tests, `bench.variants` new and old, each with its own plan (VARIANTS adds more
+# NAME=-DFLAGS builds of this tree, MLA=1 the many-rows shapes), then `bench.bench_sdpa
+# --no-mlx` with torch. Logs in $OUT.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# An editable install of aotc (its import hook wins over the working directory) would give the
+# base tree this tree's plan: refuse rather than time a mismatched pair.
+if ! (cd .gpu/base && python3 -c "import aotc, sys; sys.exit('.gpu/base' not in aotc.__file__)"); then
+  echo "aotc resolves outside .gpu/base (editable install?): uninstall it first" >&2
+  exit 1
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m bench.build_harness .gpu/sdpa 16 > "$OUT/build.log" 2>&1 || tail -30 "$OUT/build.log"
 (python3 -m bench.variants build /tmp/v new= $VARIANTS > "$OUT/vbuild.log" 2>&1

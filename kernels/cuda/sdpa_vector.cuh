@@ -2,10 +2,13 @@
 //
 // One block handles one (batch, KV head, key split, query-row group). Its query rows are the
 // G = Hq / Hkv heads sharing the KV head times the Lq query tokens (row r = g * Lq + i), so K and
-// V are read once per KV head for the whole GQA group. Key tiles are staged in shared memory with
-// 16-byte cp.async (double buffered); S = Q K^T and O += P V run on tensor cores
-// (mma.sync m16n8k16, fp32 accumulation) for fp16/bf16 and on CUDA cores (same fragment layout)
-// for fp32. Softmax is online, in the log2 domain, in fp32.
+// V are read once per KV head for the whole GQA group. Key tiles land in a ring of shared-memory
+// slots by 16-byte cp.async, in unpadded rows (XOR-swizzled when they are whole 128-byte lines);
+// S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, fp32 accumulation) for
+// fp16/bf16 and on CUDA cores (same fragment layout) for fp32. Softmax is online, in the log2
+// domain, in fp32. Blocks of up to 16 rows (fp16/bf16) split each tile's keys over the warps,
+// which keep S, P and their softmax state in registers (sdpa_block_warp_keys); larger row groups
+// share S and P through shared memory (sdpa_block).
 //
 // Entry points (kernel contract, see docs/ARCHITECTURE.md):
 //   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
