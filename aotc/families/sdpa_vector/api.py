@@ -220,7 +220,8 @@ def mlx_gradients(scale: float, mask_mode: str | None, array_mask: bool, has_sin
 
     The last launch carries q, k, v (the mask, the sinks) as gradient-only inputs and returns
     the whole call's gradient for them; every launch returns zeros for its kernel inputs, so
-    the intermediates of a split pass add nothing.
+    the intermediates of a split pass add nothing. The call's output is the last launch's last
+    output (the fused split pass also returns its partials, statistics and flags before it).
     """
     extras = 3 + array_mask + has_sinks
 
@@ -234,7 +235,7 @@ def mlx_gradients(scale: float, mask_mode: str | None, array_mask: bool, has_sin
             return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
         differentiable = [q, k, v] + ([sinks] if has_sinks else [])
-        _, grads = mx.vjp(reference, differentiable, cotangents[:1])
+        _, grads = mx.vjp(reference, differentiable, cotangents[-1:])
         result = [mx.zeros_like(x) for x in kernel_inputs] + list(grads[:3])
         if array_mask:
             result.append(mx.zeros_like(mask))
