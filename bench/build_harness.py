@@ -19,6 +19,7 @@ from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
     CUDA_VALUE_TYPES,
     combine_name,
+    fused_split_name,
     one_pass_name,
     split_pass_name,
     wgmma_name,
@@ -52,6 +53,7 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
         tn = KERNEL_TYPE_NAMES[dtype]
         for d, v in pairs:
             names |= {one_pass_name(tn, d, v), split_pass_name(tn, d, v), combine_name(tn, v)}
+            names.add(fused_split_name(tn, d, v))
             if wgmma_supported(dtype, d, v):
                 names.add(wgmma_name(tn, d, v))
     return names

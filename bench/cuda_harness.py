@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Output buffers only (the fused split pass's flags): the same bits in a type torch fills.
+OUTPUT_DTYPES = {**DTYPES, "uint32": torch.int32}
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -43,6 +45,7 @@ class Library:
             self.modules.append((module, data))
         self._smem_set: dict[str, int] = {}
         self.wgmma_ok = True  # False: plan without the wgmma kernel (baselines, comparisons)
+        self.fused_ok = True  # False: split plans take the separate combine kernel
         self.poison = False  # fill outputs with NaN before each launch (tests)
 
     def _check(self, rc: int, what: str) -> None:
@@ -100,12 +103,12 @@ class Library:
             )
             self._smem_set[kernel] = shared_memory
         outputs = [
-            torch.empty(shape, dtype=DTYPES[dt], device="cuda")
+            torch.empty(shape, dtype=OUTPUT_DTYPES[dt], device="cuda")
             for shape, dt in zip(output_shapes, output_dtypes, strict=True)
         ]
         if self.poison:
             for out in outputs:
-                out.fill_(float("nan"))
+                out.fill_(float("nan") if out.is_floating_point() else -1)
         strides = b"".join(struct.pack("@4q", *inputs[i].stride()) for i in strided_input_indices)
         blob = strides + params
         buf = ctypes.create_string_buffer(blob, len(blob))
@@ -162,6 +165,8 @@ def plan_for(
     if sm_count is None:
         sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     names = lib.names() or set(lib.functions)
+    if not lib.fused_ok:
+        names = {name for name in names if "_2pass_fused_" not in name}
     # The harness builds sm_90a only (build_harness.build_fatbin): wgmma runs on any sm_90 GPU.
     wgmma = torch.cuda.get_device_capability(0) == (9, 0) and lib.wgmma_ok
     return plan_cuda(

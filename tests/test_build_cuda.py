@@ -128,7 +128,8 @@ def test_cli_builds_and_skips_metal_with_a_reason(write_manifest, tmp_path):
         "[1/" in done.stderr and "compiling sdpa_vector_float16_t_192_128 for sm_90a" in done.stderr
     )
     index = json.loads((tmp_path / "dist" / "tiny_sdpa.cuda.json").read_text())
-    assert len(index["kernels"]) == 4  # one pass, split pass, wgmma split pass, combine
+    # one pass, split pass, fused split pass, wgmma split pass, combine
+    assert len(index["kernels"]) == 5
 
     named = subprocess.run(
         [sys.executable, "-m", "aotc", "build", str(path), "--target", "metal"],

@@ -12,6 +12,7 @@ import pytest
 from aotc.families.sdpa_vector import wgmma_supported
 from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
+    FUSED_MAX_SPLITS,
     PARAMS_SIZE,
     Launch,
     compile_steps,
@@ -82,6 +83,49 @@ def test_long_kv_splits_to_fill_the_gpu():
     assert combine.grid == (32, 1, 1)
     assert combine.block == (256, 1, 1) and combine.shared_memory == 16 * 256
     assert struct.unpack("@6i", combine.params) == (32, splits, 32, 1, 0, 0)
+
+
+def test_split_pass_merges_in_one_launch_when_the_image_has_it():
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    few = problem(batch=8, kv_heads=8, kv_len=32768)  # 6 splits
+    two = plan_cuda(few, available=NAMES, sm_count=132)
+    (launch,) = plan_cuda(few, available=NAMES | {fused}, sm_count=132)
+    assert launch.kernel == fused
+    assert 1 < unpack(launch)[8] <= FUSED_MAX_SPLITS
+    # Same blocks and Params as the two-launch plan's split pass; the merged output comes last
+    # (the highest slot), after a flag slot per block.
+    assert (launch.grid, launch.block, launch.shared_memory, launch.params) == (
+        two[0].grid,
+        two[0].block,
+        two[0].shared_memory,
+        two[0].params,
+    )
+    flags = ("flags", (launch.grid[0],), "uint32")
+    assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
+    # Many splits (batch 1: 64) keep the combine kernel; one split needs no merge at all.
+    many = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
+    assert [x.kernel for x in many] == [x.kernel for x in plan_cuda(problem(), available=NAMES)]
+    assert unpack(many[0])[8] > FUSED_MAX_SPLITS
+    (one,) = plan_cuda(problem(kv_len=31), available=NAMES | {fused}, sm_count=132)
+    assert one.kernel == "sdpa_vector_bfloat16_t_192_128"
+
+
+def test_fused_plan_runs_through_compile_steps():
+    from aotc.families.sdpa_vector.cuda import compile_steps, preparer, run_steps
+
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    few = problem(batch=8, kv_heads=8, kv_len=32768)
+    launches = plan_cuda(few, available=NAMES | {fused}, sm_count=132)
+    seen = []
+
+    def launch_fn(kernel, inputs, shapes, dtypes, *rest):
+        seen.append((kernel, len(inputs), dtypes))
+        return [f"{kernel}:{i}" for i in range(len(shapes))]
+
+    steps, out_slot = compile_steps(launches, preparer(launch_fn))
+    out = run_steps(steps, out_slot, ["q", "k", "v", None, None])
+    assert out == f"{fused}:4"  # "out", after partials, maxs, sums, flags
+    assert seen == [(fused, 5, ["float32", "float32", "float32", "uint32", "bfloat16"])]
 
 
 def test_many_blocks_stay_one_pass():

@@ -13,6 +13,9 @@
 // Entry points (kernel contract, see docs/ARCHITECTURE.md):
 //   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
 //   sdpa_vector_2pass_1_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
+//   sdpa_vector_2pass_fused_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, flags, out,
+//                                        Params): the split pass whose last block per row group
+//                                        also does the combine (one launch instead of two)
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
@@ -971,10 +974,172 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   }
 }
 
-template <typename T, int D, int V, bool SPLIT>
+// Merges splits s0, s0 + step, ... < S of one row's column group c4 (4 floats) into the running
+// (max m, sum l, unnormalised output a), U splits' loads in flight at a time. L2_ONLY: the
+// partials were written by other blocks of this kernel (no stale L1 lines may serve them).
+template <int V, int U, bool L2_ONLY>
+__device__ __forceinline__ void merge_splits(const float* mrow, const float* lrow,
+                                             const float* prow, int c4, int s0, int step, int S,
+                                             float& m, float& l, float4& a) {
+  for (; s0 < S; s0 += U * step) {
+    float ms[U], ls[U];
+    float4 xs[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * step;
+      const bool ok = s < S;
+      const float4* x = reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4);
+      if constexpr (L2_ONLY) {
+        ms[u] = ok ? __ldcg(mrow + s) : -INFINITY;
+        ls[u] = ok ? __ldcg(lrow + s) : 0.f;
+        xs[u] = ok ? __ldcg(x) : make_float4(0.f, 0.f, 0.f, 0.f);
+      } else {
+        ms[u] = ok ? mrow[s] : -INFINITY;
+        ls[u] = ok ? lrow[s] : 0.f;
+        xs[u] = ok ? *x : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    float cm = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) cm = fmaxf(cm, ms[u]);
+    const float cu = cm == -INFINITY ? 0.f : cm;
+    const float r = exp2f(m - cu);
+    l *= r;
+    a.x *= r;
+    a.y *= r;
+    a.z *= r;
+    a.w *= r;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float w = exp2f(ms[u] - cu);
+      l += w * ls[u];
+      a.x += w * xs[u].x;
+      a.y += w * xs[u].y;
+      a.z += w * xs[u].z;
+      a.w += w * xs[u].w;
+    }
+    m = cm;
+  }
+}
+
+// Writes out = a / l for 4 columns, with the sink (log2 domain, -inf when absent) in the sum.
+template <typename T>
+__device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, float sk) {
+  const float mx = fmaxf(m, sk);
+  const float mu = mx == -INFINITY ? 0.f : mx;
+  const float f = exp2f(m - mu);
+  const float inv = f / (l * f + exp2f(sk - mu));
+  o[0] = Tr<T>::t(a.x * inv);
+  o[1] = Tr<T>::t(a.y * inv);
+  o[2] = Tr<T>::t(a.z * inv);
+  o[3] = Tr<T>::t(a.w * inv);
+}
+
+// The fused split pass's end: a block publishes that its splits' partials are written; the last
+// block of its (batch, KV head, row group) to finish merges the group's splits into `out`.
+// "Last" needs no zeroed counter: each block stores a token in its slot of `flags` (a buffer of
+// this call: no call running at the same time shares it), then a sequentially consistent fence,
+// then reads all the group's slots; of the blocks that store, the one whose fence comes last
+// sees every token (more than one may, and they write the same values). The merging blocks
+// reset the slots to 0, so a later call given the same buffer starts clean.
+__device__ __forceinline__ uint32_t flag_token(const uint32_t* flags) {
+  const unsigned long long a = reinterpret_cast<uintptr_t>(flags);
+  return (0x9E3779B9u ^ (uint32_t)(a >> 8) ^ (uint32_t)(a >> 40)) | 1u;
+}
+
+template <typename T, int V, int NT>
+__device__ __forceinline__ void merge_group(const float* partials, const float* maxs,
+                                            const float* sums, uint32_t* flags, const T* sinks,
+                                            T* out, const Params& p, int rows_per_block,
+                                            char* smem) {
+  const BlockWork w = block_work(p);
+  const int S = p.num_splits, tid = threadIdx.x;
+  const int R = p.q_heads / p.kv_heads * p.q_len, row0 = w.rg * rows_per_block;
+  const int rows_here = min(rows_per_block, R - row0);
+  uint32_t* gflags = flags + ((long long)(w.b * p.kv_heads + w.kvh) * p.row_groups + w.rg) * S;
+  int* s_last = reinterpret_cast<int*>(smem);
+  __threadfence();  // this block's partials, before its token
+  __syncthreads();
+  if (tid == 0) {
+    const uint32_t tok = flag_token(flags);
+    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(gflags + w.split), "r"(tok)
+                 : "memory");
+    asm volatile("fence.sc.gpu;" ::: "memory");
+    int seen = 0;
+    for (int s = 0; s < S; ++s) {
+      uint32_t x;
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(gflags + s) : "memory");
+      seen += x == tok;
+    }
+    __threadfence();  // the other blocks' partials, after their tokens
+    *s_last = seen == S;
+  }
+  __syncthreads();
+  if (!*s_last) return;
+
+  // Items are (row, 4-column group); when they are fewer than the threads, split groups share
+  // an item's splits and meet in shared memory.
+  constexpr int CG = V / 4;
+  constexpr int U = 8;
+  const int items = rows_here * CG;
+  const int sg_count = max(1, NT / items), sg = tid / items;
+  float* part = reinterpret_cast<float*>(smem + 16);  // [sg_count][items][6]
+  for (int it = tid % items; sg < sg_count && it < items; it += (sg_count > 1 ? items : NT)) {
+    const int r = it / CG, c4 = it - r * CG;
+    const long long row = out_row(p, w.b, w.kvh, row0 + r);
+    float m = -INFINITY, l = 0.f;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    merge_splits<V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4, sg,
+                             sg_count, S, m, l, a);
+    if (sg_count == 1) {
+      const float sk =
+          p.has_sinks ? Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e : -INFINITY;
+      store_merged(out + row * V + c4 * 4, m, l, a, sk);
+    } else {
+      float* e = part + (sg * items + it) * 6;
+      e[0] = m;
+      e[1] = l;
+      e[2] = a.x;
+      e[3] = a.y;
+      e[4] = a.z;
+      e[5] = a.w;
+    }
+    if (sg_count > 1) break;  // one item per thread when split groups share items
+  }
+  if (sg_count > 1) {
+    __syncthreads();
+    for (int it = tid; it < items; it += NT) {
+      const int r = it / CG, c4 = it - r * CG;
+      const long long row = out_row(p, w.b, w.kvh, row0 + r);
+      float m = -INFINITY;
+      for (int g = 0; g < sg_count; ++g) m = fmaxf(m, part[(g * items + it) * 6]);
+      const float mu = m == -INFINITY ? 0.f : m;
+      float l = 0.f;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int g = 0; g < sg_count; ++g) {
+        const float* e = part + (g * items + it) * 6;
+        const float wgt = exp2f(e[0] - mu);
+        l += wgt * e[1];
+        a.x += wgt * e[2];
+        a.y += wgt * e[3];
+        a.z += wgt * e[4];
+        a.w += wgt * e[5];
+      }
+      const float sk =
+          p.has_sinks ? Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e : -INFINITY;
+      store_merged(out + row * V + c4 * 4, m, l, a, sk);
+    }
+  }
+  __syncthreads();
+  for (int s = tid; s < S; s += NT) gflags[s] = 0u;
+}
+
+// FUSED (a split pass only): the last block of each row group merges the splits (merge_group).
+template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
 __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
                                            const T* sinks, T* out, float* partials, float* maxs,
-                                           float* sums, const Params& p) {
+                                           float* sums, const Params& p,
+                                           uint32_t* flags = nullptr) {
   extern __shared__ __align__(16) char aotc_smem[];
   uint32_t dyn;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
@@ -1002,6 +1167,9 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
                                       aotc_smem);
       break;
   }
+  if constexpr (FUSED)
+    merge_group<T, V, Cfg<T, D, V>::NT>(partials, maxs, sums, flags, sinks, out, p,
+                                        16 * p.m_tiles, aotc_smem);
 }
 
 // Combine the key splits: one block per query row. Threads = column groups (4 floats) x split
@@ -1043,45 +1211,9 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
     for (int c4 = tid % CG; c4 < CG; c4 += (nt >= CG ? CG : nt)) {
       float m = -INFINITY, l = 0.f;
       float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int s0 = sg; s0 < S; s0 += U * sg_count) {
-        float ms[U], ls[U];
-        float4 xs[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int s = s0 + u * sg_count;
-          const bool ok = s < S;
-          ms[u] = ok ? mrow[s] : -INFINITY;
-          ls[u] = ok ? lrow[s] : 0.f;
-          xs[u] = ok ? *reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        float cm = m;
-#pragma unroll
-        for (int u = 0; u < U; ++u) cm = fmaxf(cm, ms[u]);
-        const float cu = cm == -INFINITY ? 0.f : cm;
-        const float r = exp2f(m - cu);
-        l *= r;
-        a.x *= r;
-        a.y *= r;
-        a.z *= r;
-        a.w *= r;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float w = exp2f(ms[u] - cu);
-          l += w * ls[u];
-          a.x += w * xs[u].x;
-          a.y += w * xs[u].y;
-          a.z += w * xs[u].z;
-          a.w += w * xs[u].w;
-        }
-        m = cm;
-      }
+      merge_splits<V, U, false>(mrow, lrow, prow, c4, sg, sg_count, S, m, l, a);
       if (sg_count == 1) {
-        const float mx = fmaxf(m, sk);
-        const float mu = mx == -INFINITY ? 0.f : mx;
-        const float f = exp2f(m - mu);
-        const float L = l * f + exp2f(sk - mu);
-        store(c4, a, f / L);
+        store_merged(out + row * V + c4 * 4, m, l, a, sk);
       } else {
         part[sg * CG + c4] = a;
         if (c4 == 0) {
@@ -1132,6 +1264,14 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                            const aotc_sdpa::Params p) {                         \
     aotc_sdpa::sdpa_entry<T, D, V, true>(q, k, v, mask, sinks, nullptr, partials, maxs, sums,   \
                                          p);                                                    \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
+                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
+      sdpa_vector_2pass_fused_##TN##_##D##_##V(                                                 \
+          const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
+          float* maxs, float* sums, uint32_t* flags, T* out, const aotc_sdpa::Params p) {       \
+    aotc_sdpa::sdpa_entry<T, D, V, true, true>(q, k, v, mask, sinks, out, partials, maxs, sums, \
+                                               p, flags);                                       \
   }
 
 #define AOTC_SDPA_VECTOR_AGGREGATE(TN, T, V)                                               \

@@ -141,6 +141,38 @@ def test_sinks(lib, splits, mask):
     check(lib, hq=8, hkv=2, lq=2, n=300, sinks=True, num_splits=splits, dtype="float32", d=96, v=64)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "combine_kernel"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(b=2, hq=32, hkv=4, n=4096, dtype="float16", num_splits=8),  # 8 rows a group
+        dict(b=1, hq=16, hkv=16, n=3000, d=96, v=64, dtype="float32", sinks=True, num_splits=5),
+        # 2 row groups of 64 rows (the shared-memory softmax path)
+        dict(b=1, hq=128, hkv=2, lq=2, n=2000, dtype="bfloat16", mask="causal", num_splits=3),
+    ],
+    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups"],
+)
+def test_split_merge_in_pass_or_by_combine(lib, fused, case):
+    """The mma.sync split pass's last block per row group merges the splits (fused), or the
+    combine kernel does. Later calls run unpoisoned: the caching allocator hands back the same
+    flag buffer, whose slots the first call's merging blocks must have reset."""
+    from bench import cuda_harness as h
+
+    lib.fused_ok, lib.wgmma_ok = fused, False
+    try:
+        for seed in range(3):
+            lib.poison = seed == 0
+            check(lib, seed=seed, **case)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = _rand((1, 32, 1, 192), torch.bfloat16, gen)
+        k = _rand((1, 4, 4096, 192), torch.bfloat16, gen)
+        kernels = [x.kernel for x in h.plan_for(lib, q, k, k[..., :128], scale=0.1, num_splits=6)]
+    finally:
+        lib.fused_ok, lib.wgmma_ok, lib.poison = True, True, True
+    assert len(kernels) == (1 if fused else 2)
+    assert ("_2pass_fused_" in kernels[0]) == fused
+
+
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4096, 65537])
 @pytest.mark.parametrize("pair", [(192, 128), (576, 512)], ids=lambda p: f"{p[0]}x{p[1]}")
 def test_kv_lengths(lib, n, pair):

@@ -37,6 +37,11 @@ def split_pass_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_2pass_1_{type_name}_{d}_{v}"
 
 
+def fused_split_name(type_name: str, d: int, v: int) -> str:
+    """The split pass that also merges the splits (its last block per row group), CUDA only."""
+    return f"sdpa_vector_2pass_fused_{type_name}_{d}_{v}"
+
+
 def combine_name(type_name: str, v: int) -> str:
     return f"sdpa_vector_2pass_2_{type_name}_{v}"
 
@@ -130,6 +135,9 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
         _symbol(one_pass_name(type_name, d, v), inst.dtype, inst.params, "one_pass"),
         _symbol(split_pass_name(type_name, d, v), inst.dtype, inst.params, "split_pass"),
     )
+    if target == "cuda":
+        fused = _symbol(fused_split_name(type_name, d, v), inst.dtype, inst.params, "split_fused")
+        kernels = (*kernels, fused)
     if target == "cuda" and wgmma_supported(inst.dtype, d, v):
         wgmma = _symbol(wgmma_name(type_name, d, v), inst.dtype, inst.params, "split_pass_wgmma")
         kernels = (*kernels, wgmma)

@@ -20,6 +20,7 @@ from typing import Any
 from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
     combine_name,
+    fused_split_name,
     one_pass_name,
     split_pass_name,
     wgmma_name,
@@ -61,6 +62,10 @@ WGMMA_MIN_ROWS = 64
 # kernel's one 8-warp block per SM lags: wgmma 752 vs 804 us on an H100 (bench/NOTES.md).
 WGMMA_WIDE_HEADS = 1024  # D + V
 WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
+# The fused split pass's last block per row group merges that group's splits alone: worth it for
+# a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many
+# (B=1 192/128, 64 splits x 8 rows: 24.9 us against 13.5 with the combine kernel).
+FUSED_MAX_SPLITS = 8
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,9 @@ def plan_cuda(
         return [
             Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
         ]
+    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
+    if num_splits <= FUSED_MAX_SPLITS and fused in available:
+        return [_fused_launch(p, fused, num_splits, grid, block, smem, params)]
     return _split_launches(p, first, combine, num_splits, grid, block, smem, params)
 
 
@@ -294,6 +302,38 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
         "v",
         "mask" if p.mask in ("bool", "additive") else "q",
         "sinks" if p.has_sinks else "q",
+    )
+
+
+def _fused_launch(
+    p: AttentionProblem,
+    kernel: str,
+    num_splits: int,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    smem: int,
+    params: bytes,
+) -> Launch:
+    """The split pass whose last block per row group merges the splits: one launch, which under
+    MLX's CUDA graphs also saves the second graph node of an evaluation. `flags` holds a token
+    slot per block; "out" comes last (the highest slot, see compile_steps)."""
+    inputs = _attention_inputs(p)
+    stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
+    return Launch(
+        kernel,
+        inputs,
+        (
+            ("partials", (*stat_shape, p.v_dim), "float32"),
+            ("maxs", stat_shape, "float32"),
+            ("sums", stat_shape, "float32"),
+            ("flags", (grid[0],), "uint32"),
+            ("out", p.output_shape, p.dtype),
+        ),
+        grid,
+        block,
+        smem,
+        params,
+        (*inputs[:3], inputs[3]),
     )
 
 
