@@ -289,10 +289,11 @@ def plan_cuda(
         return [
             Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
         ]
+    launches = _split_launches(p, first, combine, num_splits, grid, block, smem, params)
     fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
     if num_splits <= FUSED_MAX_SPLITS and fused in available:
-        return [_fused_launch(p, fused, num_splits, grid, block, smem, params)]
-    return _split_launches(p, first, combine, num_splits, grid, block, smem, params)
+        return [_fused(*launches, fused)]
+    return launches
 
 
 def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
@@ -305,35 +306,13 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
     )
 
 
-def _fused_launch(
-    p: AttentionProblem,
-    kernel: str,
-    num_splits: int,
-    grid: tuple[int, int, int],
-    block: tuple[int, int, int],
-    smem: int,
-    params: bytes,
-) -> Launch:
+def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
     """The split pass whose last block per row group merges the splits: one launch, which under
     MLX's CUDA graphs also saves the second graph node of an evaluation. `flags` holds a token
     slot per block; "out" comes last (the highest slot, see compile_steps)."""
-    inputs = _attention_inputs(p)
-    stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
-    return Launch(
-        kernel,
-        inputs,
-        (
-            ("partials", (*stat_shape, p.v_dim), "float32"),
-            ("maxs", stat_shape, "float32"),
-            ("sums", stat_shape, "float32"),
-            ("flags", (grid[0],), "uint32"),
-            ("out", p.output_shape, p.dtype),
-        ),
-        grid,
-        block,
-        smem,
-        params,
-        (*inputs[:3], inputs[3]),
+    flags = ("flags", (split_pass.grid[0],), "uint32")
+    return replace(
+        split_pass, kernel=kernel, outputs=(*split_pass.outputs, flags, *combine.outputs)
     )
 
 
