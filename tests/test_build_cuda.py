@@ -53,6 +53,7 @@ def test_build_is_incremental_and_publishes_an_exact_index(write_manifest, tmp_p
     index = read_index(first.index)
     names = {"sdpa_vector_float16_t_192_128", "sdpa_vector_2pass_1_float16_t_192_128"}
     names |= {"sdpa_vector_wgmma_float16_t_192_128", "sdpa_vector_2pass_2_float16_t_128"}
+    names |= {"sdpa_vector_2pass_fused_float16_t_192_128"}
     assert index.kernel_names == names
     assert index.data["artifact"]["sha256"] == sha256_file(first.artifact)
     assert index.data["toolchain"]["name"] == "nvcc"
