@@ -154,21 +154,6 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-// The same for a whole chunk. AOTC_CP_FULL_FORM picks the instruction form (measurements).
-#ifndef AOTC_CP_FULL_FORM
-#define AOTC_CP_FULL_FORM 0
-#endif
-__device__ __forceinline__ void cp_async16_full(uint32_t dst, const void* src) {
-#if AOTC_CP_FULL_FORM == 1
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#elif AOTC_CP_FULL_FORM == 2
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#elif AOTC_CP_FULL_FORM == 3
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#else
-  cp_async16_to(dst, src, 16);
-#endif
-}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   cp_async16_to(smem_u32(dst), src, src_bytes);
 }
@@ -286,8 +271,8 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
         if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH) {
           const uint32_t d =
               srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
-          if (full)
-            cp_async16_full(d, src + 32 * u * E);
+          if (full)  // a whole tile: no per-chunk select (the compiler keeps two loops)
+            cp_async16_to(d, src + 32 * u * E, 16);
           else
             cp_async16_to(d, ok ? src + 32 * u * E : base, ok ? 16 : 0);
         }
@@ -389,7 +374,7 @@ struct TileRing {
     tile_elems = v_in_k ? C::TK * C::DP : C::TK * (C::DP + C::VP);
     ring = v_in_k ? min(C::MAX_RING, p.stages * (C::DP + C::VP) / C::DP) : p.stages;
     vpitch = v_in_k ? C::DP : C::VP;
-    vsw = C::KSW == C::VSW ? C::KSW : v_in_k ? C::KSW : C::VSW;
+    vsw = v_in_k ? C::KSW : C::VSW;
     voff = v_in_k ? 0 : C::TK * C::DP;
     key_end = w.key_end;
   }
