@@ -1023,10 +1023,10 @@ __device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, f
 // The fused split pass's end: a block publishes that its splits' partials are written; the last
 // block of its (batch, KV head, row group) to finish merges the group's splits into `out`.
 // "Last" needs no zeroed counter: each block stores a token in its slot of `flags` (a buffer of
-// this call: no call running at the same time shares it), then a sequentially consistent fence,
-// then reads all the group's slots; of the blocks that store, the one whose fence comes last
-// sees every token (more than one may, and they write the same values). The merging blocks
-// reset the slots to 0, so a later call given the same buffer starts clean.
+// this call: no call running at the same time shares it), then its first warp's lanes each run a
+// sequentially consistent fence and read a share of the group's slots; the block whose earliest
+// fence comes last sees every token (more than one may, and they write the same values). The
+// merging blocks reset the slots to 0, so a later call given the same buffer starts clean.
 __device__ __forceinline__ uint32_t flag_token(const uint32_t* flags) {
   const unsigned long long a = reinterpret_cast<uintptr_t>(flags);
   return (0x9E3779B9u ^ (uint32_t)(a >> 8) ^ (uint32_t)(a >> 40)) | 1u;
@@ -1045,19 +1045,23 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
   int* s_last = reinterpret_cast<int*>(smem);
   __threadfence();  // this block's partials, before its token
   __syncthreads();
-  if (tid == 0) {
+  if (tid < 32) {
+    // One warp reads the slots, 32 at a time (one read after another costs a round trip each).
     const uint32_t tok = flag_token(flags);
-    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(gflags + w.split), "r"(tok)
-                 : "memory");
+    if (tid == 0)
+      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(gflags + w.split), "r"(tok)
+                   : "memory");
+    __syncwarp();
     asm volatile("fence.sc.gpu;" ::: "memory");
-    int seen = 0;
-    for (int s = 0; s < S; ++s) {
+    bool seen = true;
+    for (int s = tid; s < S; s += 32) {
       uint32_t x;
       asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(gflags + s) : "memory");
-      seen += x == tok;
+      seen &= x == tok;
     }
+    seen = __all_sync(0xffffffffu, seen);
     __threadfence();  // the other blocks' partials, after their tokens
-    *s_last = seen == S;
+    if (tid == 0) *s_last = seen;
   }
   __syncthreads();
   if (!*s_last) return;

@@ -149,15 +149,20 @@ def test_sinks(lib, splits, mask):
         dict(b=1, hq=16, hkv=16, n=3000, d=96, v=64, dtype="float32", sinks=True, num_splits=5),
         # 2 row groups of 64 rows (the shared-memory softmax path)
         dict(b=1, hq=128, hkv=2, lq=2, n=2000, dtype="bfloat16", mask="causal", num_splits=3),
+        # more slots than the first warp's lanes: lanes read two each
+        dict(b=1, hq=32, hkv=4, n=4096, d=192, v=128, dtype="bfloat16", num_splits=64),
+        dict(b=1, hq=8, hkv=8, n=20000, d=96, v=64, dtype="float16", sinks=True, num_splits=70),
     ],
-    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups"],
+    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups", "bf16_64_splits", "fp16_70_splits"],
 )
-def test_split_merge_in_pass_or_by_combine(lib, fused, case):
+def test_split_merge_in_pass_or_by_combine(lib, fused, case, monkeypatch):
     """The mma.sync split pass's last block per row group merges the splits (fused), or the
     combine kernel does. Later calls run unpoisoned: the caching allocator hands back the same
     flag buffer, whose slots the first call's merging blocks must have reset."""
+    from aotc.families.sdpa_vector import cuda
     from bench import cuda_harness as h
 
+    monkeypatch.setattr(cuda, "FUSED_MAX_SPLITS", 1 << 30)  # any split count may run fused
     lib.fused_ok, lib.wgmma_ok = fused, False
     try:
         for seed in range(3):
