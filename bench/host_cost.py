@@ -5,7 +5,10 @@
 For batch-1 decode the GPU work is ~15 us, so a call's wall time is host time: this splits it
 into building the graph (Python, nanobind, array creation) and evaluating 8 calls at once
 (MLX's eval: primitives' eval_gpu, graph nodes, launch, sync), against mx.add and mx.fast; the
-last column is a call evaluated on its own (MLX's per-evaluation floor is mx.add's).
+next column is a call evaluated on its own (MLX's per-evaluation floor is mx.add's), the last
+one of 8 dependent calls evaluated at once (each call's output feeds the next one's query, as
+a model's layers do). "fused" rows plan the fused split pass whatever the split count
+(FUSED_MAX_SPLITS lifted): one launch where the default plan takes two.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from functools import partial
+from unittest import mock
 
 import mlx.core as mx
 
@@ -65,6 +69,14 @@ def main() -> None:
     split_only, split_prepared = (
         cuda.compile_steps(plan, p, mx_dtype)[0][0].call for p in (plain, prepared)
     )
+    combine = cuda.compile_steps(plan, prepared, mx_dtype)[0][1].call
+    stats = split_prepared([q, k, v, q, q])
+    mx.eval(stats)
+
+    with mock.patch.object(cuda, "FUSED_MAX_SPLITS", 1 << 30):
+        fused_runner = cuda.make_runner(
+            problem, prepare=prepared, available=library.kernel_names, dtype=mx_dtype
+        )
 
     cases = {
         "mx.add (tiny)": lambda: tiny + 1,
@@ -72,15 +84,36 @@ def main() -> None:
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
         "runner (2 launches)": lambda: runner(q, k, v, 0.07, None, None),
         "runner, prepared launches": lambda: prepared_runner(q, k, v, 0.07, None, None),
+        "runner, fused (1 launch)": lambda: fused_runner(q, k, v, 0.07, None, None),
         "split pass alone (1 launch)": lambda: split_only([q, k, v, q, q])[0],
         "split pass alone, prepared": lambda: split_prepared([q, k, v, q, q])[0],
+        "combine alone, prepared": lambda: combine([*stats, stats[1]])[0],
+    }
+    layered = {
+        "mx.add (tiny)": lambda x: x[..., :128] + 1,
+        "mx.fast SDPA": lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=0.07),
+        "aotc.sdpa_vector": lambda x: aotc.sdpa_vector(x, k, v, scale=0.07),
+        "runner, prepared launches": lambda x: prepared_runner(x, k, v, 0.07, None, None),
+        "runner, fused (1 launch)": lambda x: fused_runner(x, k, v, 0.07, None, None),
     }
     print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
-    print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s} | one call per eval")
+    print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s} | one call per eval | dependent")
     for name, make in cases.items():
         b, e = split_us(make)
         single = sum(split_us(make, chain=1))
-        print(f"{name:30s} {b:7.1f} {e:7.1f} {b + e:7.1f} | {single:7.1f}", flush=True)
+        line = f"{name:30s} {b:7.1f} {e:7.1f} {b + e:7.1f} | {single:17.1f} |"
+        if name in layered:
+            line += f" {sum(split_us(partial(layers, layered[name], q), chain=1)) / CHAIN:9.1f}"
+        print(line, flush=True)
+
+
+def layers(call, q: mx.array) -> mx.array:
+    """CHAIN calls, each query made from the previous call's output (V = 128 of D = 192 columns)."""
+    x = q
+    for _ in range(CHAIN):
+        out = call(x)
+        x = mx.concatenate([out, out[..., : q.shape[-1] - out.shape[-1]]], axis=-1)
+    return x
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ WGMMA_MIN_ROWS = 64
 WGMMA_WIDE_HEADS = 1024  # D + V
 WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
-# a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many
-# (B=1 192/128, 64 splits x 8 rows: 24.9 us against 13.5 with the combine kernel).
+# a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
+# At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
+# fused against 25.2, 64 splits 22.5 against 12.7; a merge by one block is on the critical path.
 FUSED_MAX_SPLITS = 8
 
 
