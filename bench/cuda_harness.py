@@ -111,6 +111,7 @@ class Library:
                 out.fill_(float("nan") if out.is_floating_point() else -1)
         strides = b"".join(struct.pack("@4q", *inputs[i].stride()) for i in strided_input_indices)
         blob = strides + params
+        blob += bytes(-len(blob) % 16)  # the kernel's Params may end in alignment padding
         buf = ctypes.create_string_buffer(blob, len(blob))
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (*inputs, *outputs)]
         args = (ctypes.c_void_p * (len(ptrs) + 1))()

@@ -55,7 +55,7 @@ def problem(**kw) -> AttentionProblem:
 
 
 def unpack(launch: Launch) -> tuple:
-    return struct.unpack("@f13i", launch.params)
+    return struct.unpack("@f14i", launch.params)
 
 
 def test_short_kv_is_one_pass():
@@ -102,12 +102,34 @@ def test_split_pass_merges_in_one_launch_when_the_image_has_it():
     )
     flags = ("flags", (launch.grid[0],), "uint32")
     assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
-    # Many splits (batch 1: 64) keep the combine kernel; one split needs no merge at all.
-    many = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
-    assert [x.kernel for x in many] == [x.kernel for x in plan_cuda(problem(), available=NAMES)]
-    assert unpack(many[0])[8] > FUSED_MAX_SPLITS
+    assert unpack(launch)[13] == 0  # no waiting combiners: the last block per row group merges
+    # One split needs no merge at all.
     (one,) = plan_cuda(problem(kv_len=31), available=NAMES | {fused}, sm_count=132)
     assert one.kernel == "sdpa_vector_bfloat16_t_192_128"
+
+
+def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    two = plan_cuda(problem(), available=NAMES, sm_count=132)  # batch 1: 64 splits
+    (launch,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
+    splits = unpack(two[0])[8]
+    assert splits > FUSED_MAX_SPLITS
+    # The split blocks of the two-launch plan, then one combiner per query row (32).
+    assert launch.kernel == fused
+    assert launch.grid == (two[0].grid[0] + 32, 1, 1)
+    assert (launch.block, launch.shared_memory) == (two[0].block, two[0].shared_memory)
+    fields, split_fields = unpack(launch), unpack(two[0])
+    assert fields[13] == two[0].grid[0]  # combiners_from
+    assert fields[:13] == split_fields[:13] and fields[14] == split_fields[14] == 0
+    flags = ("flags", (32 * splits,), "uint32")
+    assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
+    # When the split blocks and the combiners would not all be resident at once (a 40-SM GPU),
+    # the combine kernel stays.
+    small = plan_cuda(problem(), available=NAMES | {fused}, sm_count=40)
+    assert [x.kernel for x in small] == [
+        x.kernel for x in plan_cuda(problem(), available=NAMES, sm_count=40)
+    ]
+    assert len(small) == 2
 
 
 def test_fused_plan_runs_through_compile_steps():
@@ -263,7 +285,8 @@ def test_header_layout_matches_plan(tmp_path):
     )
     lines = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines()
     size, scale_off, last_off, combine_size = map(int, lines[0].split()[1:])
-    assert size == PARAMS_SIZE and scale_off == 128 and last_off == PARAMS_SIZE - 4
+    # The struct may end in alignment padding, which the launch primitive zero-fills.
+    assert size == -(-PARAMS_SIZE // 8) * 8 and scale_off == 128 and last_off == PARAMS_SIZE - 4
     assert combine_size == COMBINE_SIZE
     for line in lines[1:]:
         kind, dtype, *nums = line.split()
@@ -303,7 +326,7 @@ def test_wgmma_serves_mla_when_the_image_has_it():
     assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_512"
     assert first.block == (384, 1, 1)
     assert first.shared_memory == wgmma_shared_bytes(576, 512) <= 232448
-    (*_, splits, keys_per_split, m_tiles, row_groups, stages, _) = unpack(first)
+    (*_, splits, keys_per_split, m_tiles, row_groups, stages, _, _) = unpack(first)
     assert (m_tiles, row_groups, stages) == (4, 2, 2)
     assert keys_per_split % 64 == 0 and splits * keys_per_split >= 32768
     assert first.grid == (8 * 2 * splits, 1, 1)
@@ -334,7 +357,7 @@ def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
         mla(q_heads=96, q_len=3, kv_len=50), available=WG_NAMES, sm_count=132, wgmma=True
     )
     assert [launch.kernel.split("_")[2] for launch in launches] == ["wgmma", "2pass"]
-    (*_, splits, keys_per_split, _, row_groups, _, _) = unpack(launches[0])
+    (*_, splits, keys_per_split, _, row_groups, _, _, _) = unpack(launches[0])
     assert (splits, keys_per_split, row_groups) == (1, 64, 5)  # 288 rows in groups of 64
     assert launches[0].grid == (8 * 5, 1, 1)
 
@@ -348,7 +371,7 @@ def test_wgmma_splits_keep_whole_tiles():
             wgmma=True,
             num_splits=forced,
         )
-        (*_, splits, keys_per_split, _, _, _, _) = unpack(first)
+        (*_, splits, keys_per_split, _, _, _, _, _) = unpack(first)
         assert keys_per_split % 64 == 0
         assert (splits - 1) * keys_per_split < kv_len <= splits * keys_per_split
         if forced is None:

@@ -14,8 +14,10 @@
 //   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
 //   sdpa_vector_2pass_1_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
 //   sdpa_vector_2pass_fused_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, flags, out,
-//                                        Params): the split pass whose last block per row group
-//                                        also does the combine (one launch instead of two)
+//                                        Params): the split pass and the combine in one launch:
+//                                        the last block per row group merges its splits, or
+//                                        (Params::combiners_from > 0) the grid's last blocks
+//                                        each wait for one query row's splits and merge them
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
@@ -48,6 +50,8 @@ struct Params {
   int m_tiles;         // 16-row tiles per block: 1, 2 or 4 (<= Cfg::MT_MAX)
   int row_groups;      // blocks along the query rows of one KV head
   int stages;          // K+V tile stages in shared memory: 2..Cfg::MAX_STAGES (plan: fill smem)
+  int combiners_from;  // fused split pass: blocks from here on are waiting combiners, one query
+                       // row each (0: the last block of each row group merges)
   int reserved;
 };
 
@@ -1123,63 +1127,21 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
   for (int s = tid; s < S; s += NT) gflags[s] = 0u;
 }
 
-// FUSED (a split pass only): the last block of each row group merges the splits (merge_group).
-template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
-__device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
-                                           const T* sinks, T* out, float* partials, float* maxs,
-                                           float* sums, const Params& p,
-                                           uint32_t* flags = nullptr) {
-  extern __shared__ __align__(16) char aotc_smem[];
-  uint32_t dyn;
-  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
-      p.stages > Cfg<T, D, V>::MAX_STAGES ||
-      dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles, p.stages) ||
-      blockDim.x != Cfg<T, D, V>::NT) {
-    __trap();  // the plan and this header disagree
-  }
-  switch (p.m_tiles) {
-    case 1:
-      if constexpr (Tr<T>::kMma)
-        sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                             aotc_smem);
-      else
-        sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                      aotc_smem);
-      break;
-    case 2:
-      sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
-      break;
-    default:
-      if constexpr (Cfg<T, D, V>::MT_MAX >= 4)
-        sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                      aotc_smem);
-      break;
-  }
-  if constexpr (FUSED)
-    merge_group<T, V, Cfg<T, D, V>::NT>(partials, maxs, sums, flags, sinks, out, p,
-                                        16 * p.m_tiles, aotc_smem);
-}
-
-// Combine the key splits: one block per query row. Threads = column groups (4 floats) x split
-// groups; each thread issues the loads of U splits (max, sum, 4 partial columns) at once and
-// merges them online, so a call waits for about one global round trip per U splits instead of
-// three dependent ones (maxs, then weights and sums, then partials). Split groups meet in shared
-// memory.
-template <typename T, int V>
-__device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
-                                              const float* __restrict__ maxs,
-                                              const float* __restrict__ sums,
-                                              const T* __restrict__ sinks, T* __restrict__ out,
-                                              const CombineParams& p) {
-  extern __shared__ __align__(16) char aotc_smem[];
+// Merges one query row's splits into `out` with the block's nt threads: threads = column groups
+// (4 floats) x split groups; each thread issues the loads of U splits (max, sum, 4 partial
+// columns) at once and merges them online, so a row waits for about one global round trip per U
+// splits instead of three dependent ones (maxs, then weights and sums, then partials). Split
+// groups meet in shared memory: part (nt float4), gm and gl (64 floats each). L2_ONLY: the
+// partials were written by other blocks of the same kernel.
+template <typename T, int V, int U, bool L2_ONLY>
+__device__ __forceinline__ void combine_row(long long row, const float* __restrict__ partials,
+                                            const float* __restrict__ maxs,
+                                            const float* __restrict__ sums,
+                                            const T* __restrict__ sinks, T* __restrict__ out,
+                                            int S, int q_heads, int q_len, int has_sinks,
+                                            float4* part, float* gm, float* gl) {
   constexpr int CG = V / 4;
-  constexpr int U = V >= 128 ? 16 : 8;  // splits in flight per thread
   constexpr int MAX_GROUPS = 64;
-  float4* part = reinterpret_cast<float4*>(aotc_smem);  // sg_count * CG (<= blockDim.x) float4
-  __shared__ float gm[MAX_GROUPS], gl[MAX_GROUPS];
-  const long long row = blockIdx.x;
-  const int S = p.num_splits;
   const int tid = threadIdx.x, nt = blockDim.x;
   const int sg_count = nt >= CG ? min(nt / CG, MAX_GROUPS) : 1;
   const int sg = tid / CG;
@@ -1187,20 +1149,13 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   const float* lrow = sums + row * S;
   const float* prow = partials + row * S * V;
   float sk = -INFINITY;
-  if (p.has_sinks) sk = Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e;
+  if (has_sinks) sk = Tr<T>::f(sinks[(int)((row / q_len) % q_heads)]) * kLog2e;
 
-  auto store = [&](int c4, float4 a, float inv) {
-    T* o = out + row * V + c4 * 4;
-    o[0] = Tr<T>::t(a.x * inv);
-    o[1] = Tr<T>::t(a.y * inv);
-    o[2] = Tr<T>::t(a.z * inv);
-    o[3] = Tr<T>::t(a.w * inv);
-  };
   if (sg < sg_count) {
     for (int c4 = tid % CG; c4 < CG; c4 += (nt >= CG ? CG : nt)) {
       float m = -INFINITY, l = 0.f;
       float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      merge_splits<V, U, false>(mrow, lrow, prow, c4, sg, sg_count, S, m, l, a);
+      merge_splits<V, U, L2_ONLY>(mrow, lrow, prow, c4, sg, sg_count, S, m, l, a);
       if (sg_count == 1) {
         store_merged(out + row * V + c4 * 4, m, l, a, sk);
       } else {
@@ -1230,9 +1185,128 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
         a.z += w * x.z;
         a.w += w * x.w;
       }
-      store(c4, a, inv);
+      T* o = out + row * V + c4 * 4;
+      o[0] = Tr<T>::t(a.x * inv);
+      o[1] = Tr<T>::t(a.y * inv);
+      o[2] = Tr<T>::t(a.z * inv);
+      o[3] = Tr<T>::t(a.w * inv);
     }
   }
+}
+
+// The fused split pass with waiting combiners (Params::combiners_from > 0): a split block
+// publishes a token in the slot (query row, split) of each of its rows; the combiner of a row
+// (one of the grid's last blocks) waits until its row's slots all hold the token, merges the
+// row's splits as the combine kernel does, and resets the slots. A combiner waits only for
+// blocks of lower index, which the GPU dispatches before it; the plan also keeps the grid within
+// one wave of resident blocks.
+__device__ __forceinline__ void publish_rows(uint32_t* flags, const Params& p,
+                                             int rows_per_block) {
+  const BlockWork w = block_work(p);
+  const int R = p.q_heads / p.kv_heads * p.q_len, row0 = w.rg * rows_per_block;
+  const int rows_here = min(rows_per_block, R - row0);
+  __threadfence();  // this block's partials, before its tokens
+  __syncthreads();
+  if ((int)threadIdx.x < rows_here) {
+    const long long row = out_row(p, w.b, w.kvh, row0 + threadIdx.x);
+    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(flags + row * p.num_splits + w.split),
+                 "r"(flag_token(flags))
+                 : "memory");
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void wait_and_combine(const float* partials, const float* maxs,
+                                                 const float* sums, uint32_t* flags,
+                                                 const T* sinks, T* out, const Params& p,
+                                                 long long row, char* smem) {
+  const int S = p.num_splits;
+  uint32_t* slots = flags + row * S;
+  if (threadIdx.x < 32) {
+    const uint32_t tok = flag_token(flags);
+    for (;;) {
+      bool seen = true;
+      for (int s = threadIdx.x; s < S; s += 32) {
+        uint32_t x;
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+        seen &= x == tok;
+      }
+      if (__all_sync(0xffffffffu, seen)) break;
+      __nanosleep(128);
+    }
+    __threadfence();  // the splits' partials, after their tokens
+  }
+  __syncthreads();
+  float4* part = reinterpret_cast<float4*>(smem);  // blockDim.x float4, then gm and gl
+  float* gm = reinterpret_cast<float*>(part + blockDim.x);
+  combine_row<T, V, 8, true>(row, partials, maxs, sums, sinks, out, S, p.q_heads, p.q_len,
+                             p.has_sinks, part, gm, gm + 64);
+  for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0u;
+}
+
+// FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
+// publish_rows and wait_and_combine).
+template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
+__device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
+                                           const T* sinks, T* out, float* partials, float* maxs,
+                                           float* sums, const Params& p,
+                                           uint32_t* flags = nullptr) {
+  extern __shared__ __align__(16) char aotc_smem[];
+  uint32_t dyn;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
+      p.stages > Cfg<T, D, V>::MAX_STAGES ||
+      dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles, p.stages) ||
+      blockDim.x != Cfg<T, D, V>::NT) {
+    __trap();  // the plan and this header disagree
+  }
+  if constexpr (FUSED) {
+    if (p.combiners_from > 0 && (int)blockIdx.x >= p.combiners_from) {
+      wait_and_combine<T, V>(partials, maxs, sums, flags, sinks, out, p,
+                             blockIdx.x - p.combiners_from, aotc_smem);
+      return;
+    }
+  }
+  switch (p.m_tiles) {
+    case 1:
+      if constexpr (Tr<T>::kMma)
+        sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                             aotc_smem);
+      else
+        sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                      aotc_smem);
+      break;
+    case 2:
+      sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+      break;
+    default:
+      if constexpr (Cfg<T, D, V>::MT_MAX >= 4)
+        sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                      aotc_smem);
+      break;
+  }
+  if constexpr (FUSED) {
+    if (p.combiners_from > 0)
+      publish_rows(flags, p, 16 * p.m_tiles);
+    else
+      merge_group<T, V, Cfg<T, D, V>::NT>(partials, maxs, sums, flags, sinks, out, p,
+                                          16 * p.m_tiles, aotc_smem);
+  }
+}
+
+// The combine kernel: one block per query row.
+template <typename T, int V>
+__device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
+                                              const float* __restrict__ maxs,
+                                              const float* __restrict__ sums,
+                                              const T* __restrict__ sinks, T* __restrict__ out,
+                                              const CombineParams& p) {
+  extern __shared__ __align__(16) char aotc_smem[];
+  __shared__ float gm[64], gl[64];
+  constexpr int U = V >= 128 ? 16 : 8;  // splits in flight per thread
+  combine_row<T, V, U, false>(blockIdx.x, partials, maxs, sums, sinks, out, p.num_splits,
+                              p.q_heads, p.q_len, p.has_sinks,
+                              reinterpret_cast<float4*>(aotc_smem), gm, gl);
 }
 
 }  // namespace aotc_sdpa

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -141,28 +142,36 @@ def test_sinks(lib, splits, mask):
     check(lib, hq=8, hkv=2, lq=2, n=300, sinks=True, num_splits=splits, dtype="float32", d=96, v=64)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "combine_kernel"])
+# How a split plan merges: FUSED_MAX_SPLITS for each mode of the fused split pass (the last block
+# per row group merges / waiting combiners, one per query row), or the combine kernel.
+MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
+
+
+@pytest.mark.parametrize("merge", list(MERGES))
 @pytest.mark.parametrize(
     "case",
     [
         dict(b=2, hq=32, hkv=4, n=4096, dtype="float16", num_splits=8),  # 8 rows a group
         dict(b=1, hq=16, hkv=16, n=3000, d=96, v=64, dtype="float32", sinks=True, num_splits=5),
         # 2 row groups of 64 rows (the shared-memory softmax path)
-        dict(b=1, hq=128, hkv=2, lq=2, n=2000, dtype="bfloat16", mask="causal", num_splits=3),
+        dict(b=1, hq=64, hkv=1, lq=2, n=2000, dtype="bfloat16", mask="causal", num_splits=3),
         # more slots than the first warp's lanes: lanes read two each
         dict(b=1, hq=32, hkv=4, n=4096, d=192, v=128, dtype="bfloat16", num_splits=64),
-        dict(b=1, hq=8, hkv=8, n=20000, d=96, v=64, dtype="float16", sinks=True, num_splits=70),
+        dict(b=1, hq=4, hkv=4, n=20000, d=96, v=64, dtype="float16", sinks=True, num_splits=70),
     ],
-    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups", "bf16_64_splits", "fp16_70_splits"],
+    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups", "bf16_64_splits", "fp16_63_splits"],
 )
-def test_split_merge_in_pass_or_by_combine(lib, fused, case, monkeypatch):
-    """The mma.sync split pass's last block per row group merges the splits (fused), or the
-    combine kernel does. Later calls run unpoisoned: the caching allocator hands back the same
-    flag buffer, whose slots the first call's merging blocks must have reset."""
+def test_split_merge_modes(lib, merge, case, monkeypatch):
+    """The fused split pass merges the splits (its last block per row group, or a waiting
+    combiner block per query row), or the combine kernel does. Later calls run unpoisoned: the
+    caching allocator hands back the same flag buffer, whose slots the first call must have
+    reset."""
     from aotc.families.sdpa_vector import cuda
     from bench import cuda_harness as h
 
-    monkeypatch.setattr(cuda, "FUSED_MAX_SPLITS", 1 << 30)  # any split count may run fused
+    fused = MERGES[merge] is not None
+    if fused:
+        monkeypatch.setattr(cuda, "FUSED_MAX_SPLITS", MERGES[merge])
     lib.fused_ok, lib.wgmma_ok = fused, False
     try:
         for seed in range(3):
@@ -171,11 +180,13 @@ def test_split_merge_in_pass_or_by_combine(lib, fused, case, monkeypatch):
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = _rand((1, 32, 1, 192), torch.bfloat16, gen)
         k = _rand((1, 4, 4096, 192), torch.bfloat16, gen)
-        kernels = [x.kernel for x in h.plan_for(lib, q, k, k[..., :128], scale=0.1, num_splits=6)]
+        plan = h.plan_for(lib, q, k, k[..., :128], scale=0.1, num_splits=6)
     finally:
         lib.fused_ok, lib.wgmma_ok, lib.poison = True, True, True
-    assert len(kernels) == (1 if fused else 2)
-    assert ("_2pass_fused_" in kernels[0]) == fused
+    assert len(plan) == (1 if fused else 2)
+    assert ("_2pass_fused_" in plan[0].kernel) == fused
+    combiners_from = struct.unpack(cuda.PARAMS_FORMAT, plan[0].params)[13]
+    assert (combiners_from > 0) == (merge == "combiners")
 
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4096, 65537])

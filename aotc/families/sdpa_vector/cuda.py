@@ -15,6 +15,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from aotc.families.base import KERNEL_TYPE_NAMES
@@ -33,7 +34,7 @@ from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 ATTENTION_STRIDED = ("q", "k", "v", "mask")
 STRIDE_BYTES = 4 * 8  # four int64 strides per strided input
 # Params after the strides: scale, then 13 ints (the last reserved); CombineParams: 6 ints.
-PARAMS_FORMAT = "@f13i"
+PARAMS_FORMAT = "@f14i"
 COMBINE_FORMAT = "@6i"
 PARAMS_SIZE = len(ATTENTION_STRIDED) * STRIDE_BYTES + struct.calcsize(PARAMS_FORMAT)
 COMBINE_SIZE = struct.calcsize(COMBINE_FORMAT)
@@ -66,6 +67,9 @@ WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
 # fused against 25.2, 64 splits 22.5 against 12.7; a merge by one block is on the critical path.
+# Beyond FUSED_MAX_SPLITS, when the split blocks and a block per query row fit one wave of
+# resident blocks, the fused pass runs with waiting combiners instead: one launch that merges
+# each row in its own block, as the combine kernel does.
 FUSED_MAX_SPLITS = 8
 
 
@@ -141,6 +145,7 @@ def pack_params(
     m_tiles: int,
     row_groups: int,
     stages: int,
+    combiners_from: int = 0,
 ) -> bytes:
     p = problem
     return struct.pack(
@@ -158,6 +163,7 @@ def pack_params(
         m_tiles,
         row_groups,
         stages,
+        combiners_from,
         0,
     )
 
@@ -259,11 +265,12 @@ def plan_cuda(
     base_blocks = p.batch * p.kv_heads * row_groups
     tiles = -(-p.kv_len // cfg.key_tile)
 
+    # Resident blocks per SM: threads are capped at 2048 per SM, registers (~170 per thread) at
+    # 65536.
+    per_sm = max(
+        1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
+    )
     if num_splits is None:
-        # Threads are capped at 2048 per SM and registers (~170 per thread) at 65536.
-        per_sm = max(
-            1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
-        )
         num_splits = _split_count(base_blocks, sm_count * per_sm, tiles)
     num_splits = max(1, min(num_splits, tiles))
     tiles_per_split = -(-tiles // num_splits)
@@ -274,7 +281,8 @@ def plan_cuda(
 
     inputs = _attention_inputs(p)
     strided = (*inputs[:3], inputs[3])
-    params = pack_params(
+    pack = partial(
+        pack_params,
         scale=scale,
         problem=p,
         num_splits=num_splits,
@@ -283,6 +291,7 @@ def plan_cuda(
         row_groups=row_groups,
         stages=stages,
     )
+    params = pack()
     grid = (base_blocks * num_splits, 1, 1)
     block = (cfg.threads, 1, 1)
     out_shape = p.output_shape
@@ -292,8 +301,13 @@ def plan_cuda(
         ]
     launches = _split_launches(p, first, combine, num_splits, grid, block, smem, params)
     fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
-    if num_splits <= FUSED_MAX_SPLITS and fused in available:
+    if fused not in available:
+        return launches
+    if num_splits <= FUSED_MAX_SPLITS:
         return [_fused(*launches, fused)]
+    rows = p.batch * p.q_heads * p.q_len
+    if grid[0] + rows <= sm_count * per_sm:
+        return [_fused_with_combiners(*launches, fused, pack(combiners_from=grid[0]), num_splits)]
     return launches
 
 
@@ -314,6 +328,22 @@ def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
     flags = ("flags", (split_pass.grid[0],), "uint32")
     return replace(
         split_pass, kernel=kernel, outputs=(*split_pass.outputs, flags, *combine.outputs)
+    )
+
+
+def _fused_with_combiners(
+    split_pass: Launch, combine: Launch, kernel: str, params: bytes, num_splits: int
+) -> Launch:
+    """The fused split pass followed by one waiting combiner block per query row (the combine's
+    grid): `params` names the first combiner block; `flags` holds a slot per (row, split)."""
+    rows = combine.grid[0]
+    flags = ("flags", (rows * num_splits,), "uint32")
+    return replace(
+        split_pass,
+        kernel=kernel,
+        grid=(split_pass.grid[0] + rows, 1, 1),
+        params=params,
+        outputs=(*split_pass.outputs, flags, *combine.outputs),
     )
 
 
