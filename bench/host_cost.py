@@ -7,8 +7,9 @@ into building the graph (Python, nanobind, array creation) and evaluating 8 call
 (MLX's eval: primitives' eval_gpu, graph nodes, launch, sync), against mx.add and mx.fast; the
 next column is a call evaluated on its own (MLX's per-evaluation floor is mx.add's), the last
 one of 8 dependent calls evaluated at once (each call's output feeds the next one's query, as
-a model's layers do). "fused" rows plan the fused split pass whatever the split count
-(FUSED_MAX_SPLITS lifted): one launch where the default plan takes two.
+a model's layers do). The plan here is one launch (the fused split pass with waiting
+combiners); "2 launches" plans without the fused kernel, "last-block merge" lifts
+FUSED_MAX_SPLITS (one launch, the last block of each row group merges).
 """
 
 from __future__ import annotations
@@ -61,11 +62,20 @@ def main() -> None:
     plain = cuda.preparer(partial(extension().cuda_launch, image))
     prepared = partial(extension().PreparedLaunch, image)
     problem, mx_dtype = describe(q, k, v), partial(getattr, mx)
-    runner, prepared_runner = (
-        cuda.make_runner(problem, prepare=p, available=library.kernel_names, dtype=mx_dtype)
-        for p in (plain, prepared)
+    names = library.kernel_names
+    two_launch_names = {name for name in names if "_2pass_fused_" not in name}
+
+    def runner_of(prepare, available=names, fused_max=cuda.FUSED_MAX_SPLITS):
+        with mock.patch.object(cuda, "FUSED_MAX_SPLITS", fused_max):
+            return cuda.make_runner(problem, prepare=prepare, available=available, dtype=mx_dtype)
+
+    runner, two_launches, last_block = (
+        runner_of(prepared),
+        runner_of(prepared, two_launch_names),
+        runner_of(prepared, fused_max=1 << 30),
     )
-    plan = cuda.plan_cuda(problem, available=library.kernel_names, scale=0.07)
+    plain_two_launches = runner_of(plain, two_launch_names)
+    plan = cuda.plan_cuda(problem, available=two_launch_names, scale=0.07)
     split_only, split_prepared = (
         cuda.compile_steps(plan, p, mx_dtype)[0][0].call for p in (plain, prepared)
     )
@@ -73,18 +83,14 @@ def main() -> None:
     stats = split_prepared([q, k, v, q, q])
     mx.eval(stats)
 
-    with mock.patch.object(cuda, "FUSED_MAX_SPLITS", 1 << 30):
-        fused_runner = cuda.make_runner(
-            problem, prepare=prepared, available=library.kernel_names, dtype=mx_dtype
-        )
-
     cases = {
         "mx.add (tiny)": lambda: tiny + 1,
         "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
-        "runner (2 launches)": lambda: runner(q, k, v, 0.07, None, None),
-        "runner, prepared launches": lambda: prepared_runner(q, k, v, 0.07, None, None),
-        "runner, fused (1 launch)": lambda: fused_runner(q, k, v, 0.07, None, None),
+        "runner (plan: 1 launch)": lambda: runner(q, k, v, 0.07, None, None),
+        "runner, 2 launches": lambda: two_launches(q, k, v, 0.07, None, None),
+        "runner, 2 unprepared launches": lambda: plain_two_launches(q, k, v, 0.07, None, None),
+        "runner, last-block merge": lambda: last_block(q, k, v, 0.07, None, None),
         "split pass alone (1 launch)": lambda: split_only([q, k, v, q, q])[0],
         "split pass alone, prepared": lambda: split_prepared([q, k, v, q, q])[0],
         "combine alone, prepared": lambda: combine([*stats, stats[1]])[0],
@@ -93,8 +99,9 @@ def main() -> None:
         "mx.add (tiny)": lambda x: x[..., :128] + 1,
         "mx.fast SDPA": lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda x: aotc.sdpa_vector(x, k, v, scale=0.07),
-        "runner, prepared launches": lambda x: prepared_runner(x, k, v, 0.07, None, None),
-        "runner, fused (1 launch)": lambda x: fused_runner(x, k, v, 0.07, None, None),
+        "runner (plan: 1 launch)": lambda x: runner(x, k, v, 0.07, None, None),
+        "runner, 2 launches": lambda x: two_launches(x, k, v, 0.07, None, None),
+        "runner, last-block merge": lambda x: last_block(x, k, v, 0.07, None, None),
     }
     print(f"B=1 Hq=32 Hkv=4 N=4096 192/128 bf16; {CHAIN} calls per eval; us per call")
     print(f"{'':30s} {'build':>7s} {'eval':>7s} {'total':>7s} | one call per eval | dependent")

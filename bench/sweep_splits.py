@@ -2,8 +2,9 @@
 
 The plan's count ("plan") fills the resident block slots; the others show what fewer, longer
 splits (fewer concurrent K/V streams) or more, shorter ones (more parallelism) would give. Each
-count is timed twice: "f" as the fused split pass (whatever FUSED_MAX_SPLITS says), "c" as the
-split pass plus the combine kernel.
+count is timed three ways: "f" the fused split pass whose last block per row group merges, "w"
+the fused split pass with waiting combiners (where one wave holds them; else the plan's
+fallback), "c" the split pass plus the combine kernel.
 """
 
 from __future__ import annotations
@@ -24,19 +25,22 @@ COUNTS = (None, 4, 8, 12, 16, 24, 32, 48, 64, 96)
 folder = Path(".gpu/sdpa")
 lib = h.Library(folder / (folder / "current").read_text().strip())
 lib.wgmma_ok = False
-cuda.FUSED_MAX_SPLITS = 1 << 30
+MODES = {"f": (True, 1 << 30), "w": (True, 0), "c": (False, cuda.FUSED_MAX_SPLITS)}
+DEFAULT_MAX = cuda.FUSED_MAX_SPLITS
 for b, hq, hkv, n, d, v, view in ROWS:
     sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
     scale = 1 / math.sqrt(d)
     row = []
     for splits in COUNTS:
-        times = []
-        for fused in (True, False):
-            lib.fused_ok = fused
+        cells = []
+        for mode, (fused, max_splits) in MODES.items():
+            lib.fused_ok, cuda.FUSED_MAX_SPLITS = fused, max_splits
+            if splits is None and mode != "c":
+                lib.fused_ok, cuda.FUSED_MAX_SPLITS = True, DEFAULT_MAX  # the plan as shipped
             t, plan = bench_harness(lib, sets, scale, splits)
-            times.append(t * 1e6)
-        row.append(f"{splits or 'plan'}:g{plan[0].grid[0]} f{times[0]:.1f}/c{times[1]:.1f}")
+            cells.append(f"{mode}{t * 1e6:.1f}")
+        row.append(f"{splits or 'plan'}:g{plan[0].grid[0]} " + "/".join(cells))
     print((b, hq, hkv, n, d, v), " ".join(row), flush=True)
     del sets
     torch.cuda.empty_cache()
-lib.fused_ok = True
+lib.fused_ok, cuda.FUSED_MAX_SPLITS = True, DEFAULT_MAX
