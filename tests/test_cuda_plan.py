@@ -15,6 +15,7 @@ from aotc.families.sdpa_vector.cuda import (
     FUSED_MAX_SPLITS,
     PARAMS_SIZE,
     Launch,
+    combiner_max_splits,
     compile_steps,
     kernel_config,
     plan_cuda,
@@ -110,19 +111,26 @@ def test_split_pass_merges_in_one_launch_when_the_image_has_it():
 
 def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
     fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
-    two = plan_cuda(problem(), available=NAMES, sm_count=132)  # batch 1: 64 splits
-    (launch,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
-    splits = unpack(two[0])[8]
-    assert splits > FUSED_MAX_SPLITS
-    # The split blocks of the two-launch plan, then one combiner per query row (32).
+    (launch,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)  # batch 1
+    fields = unpack(launch)
+    splits = fields[8]
+    # Fewer splits than the two-launch plan's 64: as many as a combiner merges in one round trip
+    # (8 in flight x 4 split groups of its 128 threads over 32 column groups).
+    assert unpack(plan_cuda(problem(), available=NAMES, sm_count=132)[0])[8] == 64
+    assert splits == combiner_max_splits(kernel_config("bfloat16", 192, 128)) == 32
+    # The split blocks of the two-launch plan with that count, then one combiner per query row.
+    two = plan_cuda(problem(), available=NAMES, sm_count=132, num_splits=splits)
     assert launch.kernel == fused
     assert launch.grid == (two[0].grid[0] + 32, 1, 1)
     assert (launch.block, launch.shared_memory) == (two[0].block, two[0].shared_memory)
-    fields, split_fields = unpack(launch), unpack(two[0])
     assert fields[13] == two[0].grid[0]  # combiners_from
+    split_fields = unpack(two[0])
     assert fields[:13] == split_fields[:13] and fields[14] == split_fields[14] == 0
     flags = ("flags", (32 * splits,), "uint32")
     assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
+    # Forced counts are kept.
+    (forced,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132, num_splits=64)
+    assert unpack(forced)[8] == 64 and unpack(forced)[13] == 4 * 64
     # When the split blocks and the combiners would not all be resident at once (a 40-SM GPU),
     # the combine kernel stays.
     small = plan_cuda(problem(), available=NAMES | {fused}, sm_count=40)

@@ -201,6 +201,12 @@ def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int, sm_shared: int) ->
     return best
 
 
+def combiner_max_splits(cfg: KernelConfig) -> int:
+    """The most splits a waiting combiner merges in one round trip: its threads are V / 4 column
+    groups times split groups, each with 8 splits' loads in flight (wait_and_combine)."""
+    return 8 * max(1, min(cfg.threads // (cfg.v // 4), 64))
+
+
 def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) -> int:
     """Fewest key splits (of whole key tiles) whose blocks fill the waves of resident blocks
     best (>= 90% of the best fill, up to 4 waves); 1 when the base grid fills the GPU well.
@@ -270,8 +276,19 @@ def plan_cuda(
     per_sm = max(
         1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
     )
+    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
+    rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
         num_splits = _split_count(base_blocks, sm_count * per_sm, tiles)
+        if fused in available and num_splits > FUSED_MAX_SPLITS:
+            # Waiting combiners merge in one round trip up to this many splits: fewer, longer
+            # splits beat the wave-filling count there while nearly every SM keeps a block
+            # (bench.sweep_splits, H100: 192/128 B=1 13.0 us at 32 splits, 128 blocks, against
+            # 13.6 at 64; 256/128 B=1 75.3 against 77.4 at 45).
+            capped = min(num_splits, combiner_max_splits(cfg))
+            blocks = base_blocks * capped
+            if 9 * sm_count <= 10 * blocks and blocks + rows_total <= sm_count * per_sm:
+                num_splits = capped
     num_splits = max(1, min(num_splits, tiles))
     tiles_per_split = -(-tiles // num_splits)
     keys_per_split = tiles_per_split * cfg.key_tile
@@ -300,13 +317,11 @@ def plan_cuda(
             Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
         ]
     launches = _split_launches(p, first, combine, num_splits, grid, block, smem, params)
-    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
     if fused not in available:
         return launches
     if num_splits <= FUSED_MAX_SPLITS:
         return [_fused(*launches, fused)]
-    rows = p.batch * p.q_heads * p.q_len
-    if grid[0] + rows <= sm_count * per_sm:
+    if grid[0] + rows_total <= sm_count * per_sm:
         return [_fused_with_combiners(*launches, fused, pack(combiners_from=grid[0]), num_splits)]
     return launches
 
