@@ -113,15 +113,16 @@ def _check_mlx(data: dict, manifest: Manifest, target: str, report: TargetReport
         report.fail(Verdict.MLX_MISMATCH, "built against other MLX kernel headers than installed")
 
 
-def installed_header_digest(families: set[str], target: str) -> str | None:
-    """The digest `aotc build` would record today for MLX's headers (None: no MLX headers used)."""
+def installed_header_digest(families: set[str], target: str, origin: str = "mlx") -> str | None:
+    """The digest `aotc build` would record today for the `origin` headers ("mlx": MLX's, "aotc":
+    this aotc's kernel templates; None: none used)."""
     from aotc.codegen import include_closure
 
     digests = [
         files_sha256(root.base, include_closure(root))
         for name in sorted(families)
         for root in FAMILIES[name].include_roots(target)
-        if root.origin == "mlx"
+        if root.origin == origin
     ]
     return digests[0] if len(digests) == 1 else None
 

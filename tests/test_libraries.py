@@ -36,6 +36,7 @@ def make_library(
     *,
     mlx: str | None = MLX,
     headers: str | None = None,
+    sources: str | None = None,
     options: dict | None = None,
     payload: bytes | None = None,
 ) -> Path:
@@ -54,7 +55,9 @@ def make_library(
         toolchain={"name": "test", "version": "0"},
         flags=[],
         mlx_version=mlx,
-        headers_sha256={"mlx": headers} if headers else {},
+        headers_sha256={
+            origin: digest for origin, digest in (("mlx", headers), ("aotc", sources)) if digest
+        },
     )
     _, index_path = publish(artifact, index, folder)
     return index_path
@@ -228,6 +231,23 @@ def test_metal_needs_the_installed_mlx_headers(tmp_path, backends, monkeypatch):
     assert other.problems == (
         "built against other MLX Metal kernel headers than the installed MLX's "
         "(rebuild it with this MLX)",
+    )
+
+
+def test_cuda_needs_this_aotcs_kernel_templates(tmp_path, backends):
+    from aotc.verify import installed_header_digest
+
+    digest = installed_header_digest({"sdpa_vector"}, "cuda", origin="aotc")
+    assert digest is not None  # kernels/ of this checkout
+    load(make_library(tmp_path / "same", "same", sources=digest))
+    load(make_library(tmp_path / "other", "other", sources="0" * 64))
+    load(make_library(tmp_path / "unrecorded", "unrecorded"))
+    same, other, unrecorded = libraries()
+    assert same.usable, same.problems
+    assert unrecorded.usable, unrecorded.problems
+    assert other.problems == (
+        "built from other aotc kernel templates than this aotc's, which its launch plan may "
+        "not fit (rebuild it with this aotc)",
     )
 
 

@@ -215,7 +215,7 @@ def libraries(*, refresh: bool = False) -> list[Library]:
     with _lock:
         if refresh:
             _availability.cache_clear()
-            _installed_metal_headers.cache_clear()
+            _installed_headers.cache_clear()
             _explicit[:] = [_make_library(lib.index, lib.origin) for lib in _explicit]
             _discovered = None
         if _discovered is None:
@@ -250,7 +250,7 @@ def reset() -> None:
         _discovered = None
         _ARTIFACTS.clear()
         _availability.cache_clear()
-        _installed_metal_headers.cache_clear()
+        _installed_headers.cache_clear()
 
 
 def _key(library: Library) -> str:
@@ -444,6 +444,8 @@ def _problems(index: Index) -> list[str]:
         problems.append(f"built for MLX {built_with}, installed is MLX {installed}")
     if target == "metal":
         problems += [p for p in (_metal_headers_problem(index), _macos_problem(index)) if p]
+    if target == "cuda":
+        problems += [p for p in (_cuda_sources_problem(index),) if p]
     if not index.artifact_path.is_file():
         problems.append(f"its artifact {index.artifact_path.name} is missing beside its index")
     return problems
@@ -482,7 +484,7 @@ def _installed_mlx_version() -> str | None:
 
 def _metal_headers_problem(index: Index) -> str | None:
     families = frozenset(kernel.get("family") for kernel in index.kernels)
-    digest = _installed_metal_headers(families)
+    digest = _installed_headers(families, "metal", "mlx")
     if isinstance(digest, tuple):  # (problem,)
         return digest[0]
     expected = index.data["mlx"].get("headers_sha256")
@@ -490,6 +492,22 @@ def _metal_headers_problem(index: Index) -> str | None:
         return (
             "built against other MLX Metal kernel headers than the installed MLX's "
             "(rebuild it with this MLX)"
+        )
+    return None
+
+
+def _cuda_sources_problem(index: Index) -> str | None:
+    """The CUDA launch plan mirrors this aotc's kernel templates (tile sizes, Params fields, merge
+    modes): a library built from other templates may not fit it."""
+    families = frozenset(kernel.get("family") for kernel in index.kernels)
+    digest = _installed_headers(families, "cuda", "aotc")
+    if isinstance(digest, tuple):  # (problem,)
+        return digest[0]
+    expected = (index.data.get("sources_sha256") or {}).get("aotc")
+    if digest is not None and expected is not None and expected != digest:
+        return (
+            "built from other aotc kernel templates than this aotc's, which its launch plan "
+            "may not fit (rebuild it with this aotc)"
         )
     return None
 
@@ -513,10 +531,13 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 @cache
-def _installed_metal_headers(families: frozenset[str | None]) -> str | tuple[str] | None:
-    """The digest `aotc build` records today for MLX's Metal headers; None when it cannot be
-    computed here (MLX's headers are not installed, as in most frozen apps: the MLX version
-    check stands alone then); `(problem,)` for a family this aotc does not know."""
+def _installed_headers(
+    families: frozenset[str | None], target: str, origin: str
+) -> str | tuple[str] | None:
+    """The digest `aotc build` records today for the `origin` headers ("mlx": MLX's kernel
+    headers, "aotc": this aotc's kernel templates) of `target`; None when it cannot be computed
+    here (the headers are not installed, as in most frozen apps: the other checks stand alone
+    then); `(problem,)` for a family this aotc does not know."""
     from aotc.codegen import include_closure
     from aotc.families import FAMILIES
     from aotc.mlx_info import files_sha256
@@ -526,12 +547,12 @@ def _installed_metal_headers(families: frozenset[str | None]) -> str | tuple[str
         if name not in FAMILIES:
             return (f"kernel family {name!r} is unknown to this aotc (upgrade aotc)",)
         try:
-            roots = FAMILIES[name].include_roots("metal")
+            roots = FAMILIES[name].include_roots(target)
         except FileNotFoundError:
-            log.debug("aotc: MLX's Metal headers are not installed; checking the version only")
+            log.debug("aotc: the %s headers for %s are not installed here", origin, target)
             return None
         for root in roots:
-            if root.origin == "mlx":  # as aotc.codegen records it: the last family's digest
+            if root.origin == origin:  # as aotc.codegen records it: the last family's digest
                 digest = files_sha256(root.base, include_closure(root))
     return digest
 
