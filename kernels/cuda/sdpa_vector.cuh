@@ -1036,6 +1036,23 @@ __device__ __forceinline__ uint32_t flag_token(const uint32_t* flags) {
   return (0x9E3779B9u ^ (uint32_t)(a >> 8) ^ (uint32_t)(a >> 40)) | 1u;
 }
 
+__device__ __forceinline__ void publish_token(uint32_t* slot, uint32_t tok) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(slot), "r"(tok) : "memory");
+}
+
+// Whether all S slots hold `tok`, read by one whole warp (`lane` its lane), 32 at a time (one
+// read after another would cost a round trip each); the same answer in every lane.
+__device__ __forceinline__ bool slots_hold_token(const uint32_t* slots, int S, uint32_t tok,
+                                                 int lane) {
+  bool seen = true;
+  for (int s = lane; s < S; s += 32) {
+    uint32_t x;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+    seen &= x == tok;
+  }
+  return __all_sync(0xffffffffu, seen);
+}
+
 template <typename T, int V, int NT>
 __device__ __forceinline__ void merge_group(const float* partials, const float* maxs,
                                             const float* sums, uint32_t* flags, const T* sinks,
@@ -1050,20 +1067,11 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
   __threadfence();  // this block's partials, before its token
   __syncthreads();
   if (tid < 32) {
-    // One warp reads the slots, 32 at a time (one read after another costs a round trip each).
     const uint32_t tok = flag_token(flags);
-    if (tid == 0)
-      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(gflags + w.split), "r"(tok)
-                   : "memory");
+    if (tid == 0) publish_token(gflags + w.split, tok);
     __syncwarp();
     asm volatile("fence.sc.gpu;" ::: "memory");
-    bool seen = true;
-    for (int s = tid; s < S; s += 32) {
-      uint32_t x;
-      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(gflags + s) : "memory");
-      seen &= x == tok;
-    }
-    seen = __all_sync(0xffffffffu, seen);
+    const bool seen = slots_hold_token(gflags, S, tok, tid);
     __threadfence();  // the other blocks' partials, after their tokens
     if (tid == 0) *s_last = seen;
   }
@@ -1209,9 +1217,7 @@ __device__ __forceinline__ void publish_rows(uint32_t* flags, const Params& p,
   __syncthreads();
   if ((int)threadIdx.x < rows_here) {
     const long long row = out_row(p, w.b, w.kvh, row0 + threadIdx.x);
-    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(flags + row * p.num_splits + w.split),
-                 "r"(flag_token(flags))
-                 : "memory");
+    publish_token(flags + row * p.num_splits + w.split, flag_token(flags));
   }
 }
 
@@ -1224,16 +1230,7 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   uint32_t* slots = flags + row * S;
   if (threadIdx.x < 32) {
     const uint32_t tok = flag_token(flags);
-    for (;;) {
-      bool seen = true;
-      for (int s = threadIdx.x; s < S; s += 32) {
-        uint32_t x;
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
-        seen &= x == tok;
-      }
-      if (__all_sync(0xffffffffu, seen)) break;
-      __nanosleep(128);
-    }
+    while (!slots_hold_token(slots, S, tok, threadIdx.x)) __nanosleep(128);
     __threadfence();  // the splits' partials, after their tokens
   }
   __syncthreads();
