@@ -93,6 +93,19 @@ def _collect_headers(manifest: Manifest, target: str) -> tuple[dict[str, bytes],
     return files, digests
 
 
+def installed_header_digest(families: set[str], target: str, origin: str = "mlx") -> str | None:
+    """The digest `aotc build` would record today for the `origin` headers ("mlx": MLX's, "aotc":
+    this aotc's kernel templates) of these families' `target` sources, as `_collect_headers`
+    keeps it (the last family's); None when none of them uses such headers. Raises
+    FileNotFoundError when the headers are not installed."""
+    digest = None
+    for name in sorted(families):
+        for root in FAMILIES[name].include_roots(target):
+            if root.origin == origin:
+                digest = files_sha256(root.base, include_closure(root))
+    return digest
+
+
 def include_closure(root: IncludeRoot) -> list[str]:
     """`root.files` and every quoted include they reach under `root.base`."""
     pending, seen = list(root.files), set()

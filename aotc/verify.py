@@ -7,10 +7,9 @@ from enum import IntEnum
 from pathlib import Path
 
 from aotc.artifact import BadIndex, index_name, read_index, sha256_file
-from aotc.codegen import translation_units
-from aotc.families import FAMILIES
+from aotc.codegen import installed_header_digest, translation_units
 from aotc.manifest import Manifest
-from aotc.mlx_info import files_sha256, mlx_version
+from aotc.mlx_info import mlx_version
 
 
 class Verdict(IntEnum):
@@ -111,20 +110,6 @@ def _check_mlx(data: dict, manifest: Manifest, target: str, report: TargetReport
     expected = installed_header_digest(families, target)
     if expected and data["mlx"].get("headers_sha256") != expected:
         report.fail(Verdict.MLX_MISMATCH, "built against other MLX kernel headers than installed")
-
-
-def installed_header_digest(families: set[str], target: str, origin: str = "mlx") -> str | None:
-    """The digest `aotc build` would record today for the `origin` headers ("mlx": MLX's, "aotc":
-    this aotc's kernel templates; None: none used)."""
-    from aotc.codegen import include_closure
-
-    digests = [
-        files_sha256(root.base, include_closure(root))
-        for name in sorted(families)
-        for root in FAMILIES[name].include_roots(target)
-        if root.origin == origin
-    ]
-    return digests[0] if len(digests) == 1 else None
 
 
 def _metallib_kernels(path: Path, manifest: Manifest, report: TargetReport) -> set[str]:

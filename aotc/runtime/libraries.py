@@ -538,23 +538,17 @@ def _installed_headers(
     headers, "aotc": this aotc's kernel templates) of `target`; None when it cannot be computed
     here (the headers are not installed, as in most frozen apps: the other checks stand alone
     then); `(problem,)` for a family this aotc does not know."""
-    from aotc.codegen import include_closure
+    from aotc.codegen import installed_header_digest
     from aotc.families import FAMILIES
-    from aotc.mlx_info import files_sha256
 
-    digest = None
-    for name in sorted(families, key=str):
-        if name not in FAMILIES:
-            return (f"kernel family {name!r} is unknown to this aotc (upgrade aotc)",)
-        try:
-            roots = FAMILIES[name].include_roots(target)
-        except FileNotFoundError:
-            log.debug("aotc: the %s headers for %s are not installed here", origin, target)
-            return None
-        for root in roots:
-            if root.origin == origin:  # as aotc.codegen records it: the last family's digest
-                digest = files_sha256(root.base, include_closure(root))
-    return digest
+    unknown = sorted({name for name in families if name not in FAMILIES}, key=str)
+    if unknown:
+        return (f"kernel family {unknown[0]!r} is unknown to this aotc (upgrade aotc)",)
+    try:
+        return installed_header_digest(set(families), target, origin)
+    except FileNotFoundError:
+        log.debug("aotc: the %s headers for %s are not installed here", origin, target)
+        return None
 
 
 # --------------------------------------------------------------------------- `aotc libraries`

@@ -33,7 +33,7 @@ from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 # Strided inputs of the attention kernels, in Params order; absent mask -> q's strides.
 ATTENTION_STRIDED = ("q", "k", "v", "mask")
 STRIDE_BYTES = 4 * 8  # four int64 strides per strided input
-# Params after the strides: scale, then 13 ints (the last reserved); CombineParams: 6 ints.
+# Params after the strides: scale, then 14 ints (the last reserved); CombineParams: 6 ints.
 PARAMS_FORMAT = "@f14i"
 COMBINE_FORMAT = "@6i"
 PARAMS_SIZE = len(ATTENTION_STRIDED) * STRIDE_BYTES + struct.calcsize(PARAMS_FORMAT)
@@ -272,14 +272,15 @@ def plan_cuda(
     tiles = -(-p.kv_len // cfg.key_tile)
 
     # Resident blocks per SM: threads are capped at 2048 per SM, registers (~170 per thread) at
-    # 65536.
+    # 65536. Waiting combiners need their call's blocks to fit one wave of `resident`.
     per_sm = max(
         1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
     )
+    resident = sm_count * per_sm
     fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
     rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
-        num_splits = _split_count(base_blocks, sm_count * per_sm, tiles)
+        num_splits = _split_count(base_blocks, resident, tiles)
         if fused in available and num_splits > FUSED_MAX_SPLITS:
             # Waiting combiners merge in one round trip up to this many splits: fewer, longer
             # splits beat the wave-filling count there while nearly every SM keeps a block
@@ -287,7 +288,7 @@ def plan_cuda(
             # 13.6 at 64; 256/128 B=1 75.3 against 77.4 at 45).
             capped = min(num_splits, combiner_max_splits(cfg))
             blocks = base_blocks * capped
-            if 9 * sm_count <= 10 * blocks and blocks + rows_total <= sm_count * per_sm:
+            if 9 * sm_count <= 10 * blocks and blocks + rows_total <= resident:
                 num_splits = capped
     num_splits = max(1, min(num_splits, tiles))
     tiles_per_split = -(-tiles // num_splits)
@@ -321,7 +322,7 @@ def plan_cuda(
         return launches
     if num_splits <= FUSED_MAX_SPLITS:
         return [_fused(*launches, fused)]
-    if grid[0] + rows_total <= sm_count * per_sm:
+    if grid[0] + rows_total <= resident:
         return [_fused_with_combiners(*launches, fused, pack(combiners_from=grid[0]), num_splits)]
     return launches
 
