@@ -69,6 +69,12 @@ def time_graph(fns, calls=20, reps=15) -> float | None:
         return None
 
 
+def set_count(nbytes: int) -> int:
+    """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
+    previous calls (decode reads each layer's cache once per token), at most 8."""
+    return max(1, min(8, math.ceil(4 * L2_BYTES / nbytes)))
+
+
 def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):
     out = []
     for _ in range(sets):
@@ -227,9 +233,7 @@ def main() -> None:
     rows = []
     for b, hq, hkv, n, d, v, view in shapes:
         nbytes = kv_bytes(b, hkv, n, d, v, view, es)
-        sets = make_sets(
-            b, hq, hkv, n, d, v, view, dtype, max(1, min(8, math.ceil(4 * L2_BYTES / nbytes)))
-        )
+        sets = make_sets(b, hq, hkv, n, d, v, view, dtype, set_count(nbytes))
         scale = 1.0 / math.sqrt(d)
         mla = hkv == 1 and hq >= 64
         flops = 2 * b * hq * n * (d + v)

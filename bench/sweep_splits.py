@@ -16,7 +16,7 @@ import torch
 
 from aotc.families.sdpa_vector import cuda
 from bench import cuda_harness as h
-from bench.bench_sdpa import bench_harness, make_sets
+from bench.bench_sdpa import bench_harness, kv_bytes, make_sets, set_count
 from bench.shapes import SHAPES
 
 ROWS = [SHAPES[i] for i in (0, 4, 10, 1, 2)]  # batch-1 rows, then 192/128 and 128/128 B=8
@@ -28,7 +28,9 @@ lib.wgmma_ok = False
 MODES = {"f": (True, 1 << 30), "w": (True, 0), "c": (False, cuda.FUSED_MAX_SPLITS)}
 DEFAULT_MAX = cuda.FUSED_MAX_SPLITS
 for b, hq, hkv, n, d, v, view in ROWS:
-    sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
+    sets = make_sets(
+        b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(kv_bytes(b, hkv, n, d, v, view, 2))
+    )
     scale = 1 / math.sqrt(d)
     row = []
     for splits in COUNTS:

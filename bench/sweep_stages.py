@@ -1,13 +1,17 @@
 """Key-tile stage counts of the mma.sync kernels (a run-time Params field), timed per shape.
 
-    python3 -m bench.sweep_stages   (harness fatbin in .gpu/sdpa)
+    python3 -m bench.sweep_stages [--rows 10,1,2,0,4,5] [--splits 16,32,64]
+    (harness fatbin in .gpu/sdpa)
 
 More stages keep more bytes in flight per block but leave fewer blocks per SM (the plan derives
-blocks per SM and the split count from the shared memory a block takes).
+blocks per SM and the split count from the shared memory a block takes). With --splits, each
+stage count is also timed at those forced split counts: a batch-1 split of a few tiles needs
+them all in flight at once to pay one DRAM round trip instead of several.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -15,37 +19,47 @@ import torch
 
 from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
-from bench.bench_sdpa import kv_bytes, make_sets, time_plans
+from bench.bench_sdpa import kv_bytes, make_sets, set_count, time_plans
 from bench.shapes import SHAPES
 
-ROWS = [SHAPES[i] for i in (10, 1, 2, 0, 4, 5)]  # 256/128 B=1, 192/128 and 128/128 B=8, B=1 rows
 DEFAULT = cuda_plan._stages
 
 
+def cell(lib, sets, scale, nbytes, stages, splits) -> str:
+    cuda_plan._stages = DEFAULT if stages is None else (lambda *a, s=stages: s)
+    try:
+        plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
+    except Exception as exc:
+        return f"{stages}: {type(exc).__name__}"
+    finally:
+        cuda_plan._stages = DEFAULT
+    t = time_plans(lib, sets, plans, scale)
+    first = plans[0][0]
+    return (
+        f"{stages or 'plan'}x{splits or 'plan'}/{len(plans[0])}L/g{first.grid[0]}"
+        f"/smem{first.shared_memory // 1024}K {t * 1e6:.1f}us {nbytes / t / 1e12:.2f}TB/s"
+    )
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="10,1,2,0,4,5", help="indices into bench.shapes.SHAPES")
+    ap.add_argument("--splits", default="", help="forced split counts besides the plan's")
+    ap.add_argument("--stages", default="2,3,4,5,6")
+    args = ap.parse_args()
     folder = Path(".gpu/sdpa")
     lib = h.Library(folder / (folder / "current").read_text().strip())
     lib.wgmma_ok = False
-    for b, hq, hkv, n, d, v, view in ROWS:
-        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
+    split_counts = [None] + [int(s) for s in args.splits.split(",") if s]
+    stage_counts = [None] + [int(s) for s in args.stages.split(",") if s]
+    for index in map(int, args.rows.split(",")):
+        b, hq, hkv, n, d, v, view = SHAPES[index]
         nbytes = kv_bytes(b, hkv, n, d, v, view, 2)
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         scale = 1 / math.sqrt(d)
-        cells = []
-        for stages in (None, 2, 3, 4, 5, 6):
-            cuda_plan._stages = DEFAULT if stages is None else (lambda *a, s=stages: s)
-            try:
-                plans = [h.plan_for(lib, *s, scale=scale) for s in sets]
-            except Exception as exc:
-                cells.append(f"{stages}: {type(exc).__name__}")
-                continue
-            t = time_plans(lib, sets, plans, scale)
-            first = plans[0][0]
-            cells.append(
-                f"{stages or 'plan'}/g{first.grid[0]}/smem{first.shared_memory // 1024}K "
-                f"{t * 1e6:.1f}us {nbytes / t / 1e12:.2f}TB/s"
-            )
-        cuda_plan._stages = DEFAULT
-        print((b, hq, hkv, n, d, v), " | ".join(cells), flush=True)
+        for splits in split_counts:
+            cells = [cell(lib, sets, scale, nbytes, st, splits) for st in stage_counts]
+            print((b, hq, hkv, n, d, v), " | ".join(cells), flush=True)
         del sets
         torch.cuda.empty_cache()
 

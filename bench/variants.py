@@ -20,9 +20,9 @@ from pathlib import Path
 from bench.build_harness import KERNELS, translation_unit
 from bench.shapes import SHAPES as ALL_SHAPES
 
-PAIRS = [(576, 512), (192, 128), (256, 128), (128, 128)]
-# MLA B=8 N=32768, 576/512 GQA 8, 192/128 and 128/128 B=8, 256/128 and 192/128 at B=1.
-SHAPES = [ALL_SHAPES[i] for i in (9, 3, 1, 2, 10, 0)]
+PAIRS = [(576, 512), (192, 128), (256, 128), (128, 128), (80, 80)]
+# MLA B=8 N=32768, 576/512 GQA 8, 192/128 and 128/128 B=8, 256/128, 192/128 and 80/80 at B=1.
+SHAPES = [ALL_SHAPES[i] for i in (9, 3, 1, 2, 10, 0, 4)]
 
 
 def build(out: Path, specs: list[str]) -> None:
@@ -50,13 +50,15 @@ def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
     import torch
 
     from bench import cuda_harness as h
-    from bench.bench_sdpa import bench_harness, make_sets
+    from bench.bench_sdpa import bench_harness, kv_bytes, make_sets, set_count
 
     names = (out / "names").read_text().split()
     libs = {name: h.Library(out / name / "list") for name in names}
     print("shape | " + " | ".join(names))
     for b, hq, hkv, n, d, v, view in shapes:
-        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 4)
+        sets = make_sets(
+            b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(kv_bytes(b, hkv, n, d, v, view, 2))
+        )
         scale = 1 / math.sqrt(d)
         flops = 2 * b * hq * n * (d + v)
         nbytes = b * hkv * n * (d + (0 if view else v)) * 2
