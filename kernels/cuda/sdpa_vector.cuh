@@ -240,6 +240,25 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Instruction fetch: a batch-1 split block runs a few tiles, so most of its code runs once, cold
+// (ncu, H100: up to 55% of warps' cycles stalled on instruction fetch). Paths that common inputs
+// never take (strided or misaligned K, V, Q) live out of line, where they are never fetched.
+// They take values, not the Params: a reference into the kernel's parameters would make the
+// compiler copy them to the stack for every block.
+template <typename T, int DIM, int NT, int ROWS, bool SW>
+__device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
+                                               long long key_stride, long long dim_stride, int k0,
+                                               int key_end, int tid) {
+  constexpr int E = 16 / sizeof(T);
+  for (int e = tid; e < ROWS * DIM; e += NT) {
+    int j = e / DIM, d = e - j * DIM;
+    int key = k0 + j;
+    T val = Tr<T>::t(0.f);
+    if (key < key_end) val = base[(long long)key * key_stride + (long long)d * dim_stride];
+    dst[tile_off<E>(j, d, pitch, SW)] = val;
+  }
+}
+
 // Rows [0, ROWS) of a (keys x DIM) tile from global memory into shared memory (pitch DIM +
 // PAD). Keys at or past key_end are zero-filled (so that P = 0 times them stays 0).
 // The 16-byte path gives each lane fixed chunks: a warp covers RPW whole rows a pass (or one
@@ -282,13 +301,7 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
         }
     }
   } else {
-    for (int e = tid; e < ROWS * DIM; e += NT) {
-      int j = e / DIM, d = e - j * DIM;
-      int key = k0 + j;
-      T val = Tr<T>::t(0.f);
-      if (key < key_end) val = base[(long long)key * st[2] + (long long)d * st[3]];
-      dst[tile_off<E>(j, d, pitch, SW)] = val;
-    }
+    load_rows_strided<T, DIM, NT, ROWS, SW>(dst, pitch, base, st[2], st[3], k0, key_end, tid);
   }
 }
 
@@ -395,6 +408,20 @@ struct TileRing {
   __device__ __forceinline__ const T* v_tile(int slot) const { return k_tile(slot) + voff; }
 };
 
+// Q rows of one KV head's group: `q` at (b, first head of the group), rows rr = g * Lq + i.
+template <typename T, int D, int NT>
+__device__ __noinline__ void stage_q_strided(T* sQ, int pitch, int rows, const T* q,
+                                             long long head_stride, long long token_stride,
+                                             long long dim_stride, int q_len, int row0, int R,
+                                             int tid) {
+  for (int e = tid; e < rows * D; e += NT) {
+    const int r = e / D, d = e - r * D;
+    const int rr = row0 + r, g = rr / q_len, i = rr - g * q_len;
+    sQ[r * pitch + d] = rr < R ? q[g * head_stride + i * token_stride + d * dim_stride]
+                               : Tr<T>::t(0.f);
+  }
+}
+
 // The block's query rows (row r = global row row0 + r = g * Lq + i) into sQ, zero past R.
 // Contiguous, 16-byte aligned rows go by cp.async in the first tile's group (the first wait
 // covers them): a split block of a short-KV call does only a few tiles, so Q's latency must
@@ -403,20 +430,25 @@ template <typename T, int D, int NT>
 __device__ __forceinline__ void stage_q(T* sQ, int pitch, int rows, const T* q, const Params& p,
                                         int b, int kvh, int row0, int R, int tid) {
   if (vec_ok(q, p.q_strides)) {
+    // A warp a row: one row address (two divisions) per row, not per chunk.
     constexpr int E = 16 / sizeof(T), CH = D / E;
-    for (int c = tid; c < rows * CH; c += NT) {
-      const int r = c / CH, cc = c - r * CH;
+    const int warp = tid >> 5, lane = tid & 31;
+#pragma unroll 1
+    for (int r = warp; r < rows; r += NT / 32) {
       const int rr = row0 + r;
-      const T* src = rr < R ? q_row(q, p, b, kvh, rr) + cc * E : q;
-      cp_async16(sQ + r * pitch + cc * E, src, rr < R ? 16 : 0);
+      const T* src = rr < R ? q_row(q, p, b, kvh, rr) : q;
+#pragma unroll
+      for (int u = 0; u < cdiv(CH, 32); ++u) {
+        const int cc = lane + 32 * u;
+        if (CH % 32 == 0 || cc < CH)
+          cp_async16(sQ + r * pitch + cc * E, rr < R ? src + cc * E : q, rr < R ? 16 : 0);
+      }
     }
   } else {
-    for (int e = tid; e < rows * D; e += NT) {
-      const int r = e / D, d = e - r * D;
-      const int rr = row0 + r;
-      sQ[r * pitch + d] =
-          rr < R ? q_row(q, p, b, kvh, rr)[(long long)d * p.q_strides[3]] : Tr<T>::t(0.f);
-    }
+    const T* group = q + (long long)b * p.q_strides[0] +
+                     (long long)kvh * (p.q_heads / p.kv_heads) * p.q_strides[1];
+    stage_q_strided<T, D, NT>(sQ, pitch, rows, group, p.q_strides[1], p.q_strides[2],
+                              p.q_strides[3], p.q_len, row0, R, tid);
   }
 }
 
@@ -454,10 +486,6 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
   stage_q<T, D, NT>(sQ, QP, MB, q, p, b, kvh, row0, R, tid);
-  for (int s = 0; s < ring - 1; ++s) {
-    if (s < ntiles) tiles.load(s, key_begin + s * TK, tid);
-    cp_async_commit();
-  }
   for (int r = tid; r < MB; r += NT) {
     sM[r] = -INFINITY;
     sL[r] = 0.f;
@@ -478,15 +506,19 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[m][n][c] = 0.f;
 
-  int stage = 0, next = ring - 1;
-  for (int t = 0; t < ntiles; ++t) {
-    const int k0 = key_begin + t * TK;
-    cp_async_wait_dyn(ring - 2);
-    __syncthreads();
-    // The slot of tile t - 1 is free: every thread passed phase 3 of t - 1.
-    if (t + ring - 1 < ntiles) tiles.load(next, k0 + (ring - 1) * TK, tid);
+  // The first ring - 1 passes only issue loads (one copy of the loader's code).
+  int stage = 0, next = 0;
+#pragma unroll 1
+  for (int t = 1 - ring; t < ntiles; ++t) {
+    if (t >= 0) {
+      cp_async_wait_dyn(ring - 2);
+      __syncthreads();  // the slot of tile t - 1 is free: every thread passed phase 3 of t - 1
+    }
+    if (t + ring - 1 < ntiles) tiles.load(next, key_begin + (t + ring - 1) * TK, tid);
     cp_async_commit();
     next = next + 1 == ring ? 0 : next + 1;
+    if (t < 0) continue;
+    const int k0 = key_begin + t * TK;
     const T* tK = tiles.k_tile(stage);
     const T* tV = tiles.v_tile(stage);
     stage = stage + 1 == ring ? 0 : stage + 1;
@@ -777,10 +809,6 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
   stage_q<T, D, NT>(sQ, QP, MB, q, p, w.b, w.kvh, row0, R, tid);
-  for (int s = 0; s < ring - 1; ++s) {
-    if (s < ntiles) tiles.load(s, w.key_begin + s * TK, tid);
-    cp_async_commit();
-  }
 
   // This thread's rows: g8 (h = 0) and g8 + 8 (h = 1); their mask facts.
   long long mrow[2];
@@ -799,14 +827,19 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's keys
 
-  int stage = 0, next = ring - 1;
-  for (int t = 0; t < ntiles; ++t) {
-    const int k0 = w.key_begin + t * TK;
-    cp_async_wait_dyn(ring - 2);
-    __syncthreads();  // tile t landed for all; every warp is past tile t - 1 (its slot is free)
-    if (t + ring - 1 < ntiles) tiles.load(next, k0 + (ring - 1) * TK, tid);
+  // The first ring - 1 passes only issue loads (one copy of the loader's code: fetch, above).
+  int stage = 0, next = 0;
+#pragma unroll 1
+  for (int t = 1 - ring; t < ntiles; ++t) {
+    if (t >= 0) {
+      cp_async_wait_dyn(ring - 2);
+      __syncthreads();  // tile t landed for all; every warp is past tile t - 1 (its slot is free)
+    }
+    if (t + ring - 1 < ntiles) tiles.load(next, w.key_begin + (t + ring - 1) * TK, tid);
     cp_async_commit();
     next = next + 1 == ring ? 0 : next + 1;
+    if (t < 0) continue;
+    const int k0 = w.key_begin + t * TK;
     const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
     const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
     stage = stage + 1 == ring ? 0 : stage + 1;
@@ -827,18 +860,26 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     // Online softmax in registers; a row's four lanes (t4) meet by shuffles.
     const int key0 = k0 + kg * 16 + 2 * t4;
     const bool plain = p.mask_kind == 0 && k0 + TK <= w.key_end;  // uniform over the block
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[n][c] *= scale2;
+    if (!plain) {  // one branch over all of the mask's code (fetch, above)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1, key = key0 + n * 8 + (c & 1);
+          s[n][c] = key < w.key_end
+                        ? apply_mask<T>(s[n][c], p, mask, mrow[h], key, causal_last[h])
+                        : -INFINITY;
+        }
+    }
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1, key = key0 + n * 8 + (c & 1);
-        float x = s[n][c] * scale2;
-        if (!plain) x = key < w.key_end ? apply_mask<T>(x, p, mask, mrow[h], key, causal_last[h])
-                                        : -INFINITY;
-        s[n][c] = x;
-        tmax[h] = fmaxf(tmax[h], x);
-      }
+      for (int c = 0; c < 4; ++c) tmax[c >> 1] = fmaxf(tmax[c >> 1], s[n][c]);
     float alpha[2], m_use[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

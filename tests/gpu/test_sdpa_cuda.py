@@ -204,6 +204,27 @@ def test_strided_cache_slices(lib, dtype, splits):
     check(lib, b=2, hq=8, hkv=2, lq=3, n=777, strided=True, dtype=dtype, mask="causal", d=96, v=64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq", [8, 24], ids=["one_m_tile", "two_m_tiles"])
+@pytest.mark.parametrize("splits", [None, 1])
+def test_element_paths(lib, dtype, hq, splits):
+    """Q, K and V that the 16-byte copies cannot take (out-of-line element loaders): Q with a
+    column stride, K transposed in memory, V one element off 16-byte alignment."""
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    dt = h.DTYPES[dtype]
+    n, d, v = 333, 192, 128
+    q = _rand((1, hq, 2, 2 * d), dt, gen)[..., ::2]
+    k = _rand((1, 2, d, n), dt, gen).transpose(-1, -2)
+    vv = _rand((1, 2, n, v + 1), dt, gen)[..., 1:]
+    out = h.run(lib, q, k, vv, "causal", None, scale=d**-0.5, num_splits=splits)
+    torch.cuda.synchronize()
+    ref = h.reference(q, k, vv, "causal", None, scale=d**-0.5)
+    err = h.rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
 def test_mla_decode_value_view_of_keys(lib):
     check(lib, b=2, hq=128, hkv=1, n=2000, d=576, v=512, view_of_k=True)
     check(lib, b=1, hq=128, hkv=1, lq=2, n=300, d=576, v=512, view_of_k=True, mask="causal")
