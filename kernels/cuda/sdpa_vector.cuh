@@ -736,9 +736,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
           const float sk = Tr<T>::f(sinks[head]) * kLog2e;
           const float m2 = fmaxf(mr, sk);
           const float fac = exp2f(mr - m2);
-          f = fac / (lr * fac + exp2f(sk - m2));
+          f = __fdividef(fac, lr * fac + exp2f(sk - m2));
         } else {
-          f = 1.f / lr;
+          f = __fdividef(1.f, lr);
         }
       }
 #pragma unroll
@@ -992,12 +992,12 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
         sums[row * S + w.split] = l;
       }
     } else {
-      float f = 1.f / l;
+      float f = __fdividef(1.f, l);
       if (p.has_sinks) {
         const float sk = Tr<T>::f(sinks[(int)((row / Lq) % p.q_heads)]) * kLog2e;
         const float m2 = fmaxf(mx, sk);
         const float fac = fast_exp2(mx - m2);
-        f = fac / (l * fac + fast_exp2(sk - m2));
+        f = __fdividef(fac, l * fac + fast_exp2(sk - m2));
       }
       *reinterpret_cast<uint32_t*>(out + row * V + col) = pack2<T>(x0 * f, x1 * f);
     }
@@ -1053,12 +1053,14 @@ __device__ __forceinline__ void merge_splits(const float* mrow, const float* lro
 }
 
 // Writes out = a / l for 4 columns, with the sink (log2 domain, -inf when absent) in the sum.
+// Divisions here and in the epilogues are __fdividef: an IEEE division adds a slow-path call,
+// code that a cold block fetches; l >= 1 (the row max's own weight), far below 2^126.
 template <typename T>
 __device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, float sk) {
   const float mx = fmaxf(m, sk);
   const float mu = mx == -INFINITY ? 0.f : mx;
   const float f = exp2f(m - mu);
-  const float inv = f / (l * f + exp2f(sk - mu));
+  const float inv = __fdividef(f, l * f + exp2f(sk - mu));
   o[0] = Tr<T>::t(a.x * inv);
   o[1] = Tr<T>::t(a.y * inv);
   o[2] = Tr<T>::t(a.z * inv);
@@ -1223,7 +1225,7 @@ __device__ __forceinline__ void combine_row(long long row, const float* __restri
     const float mu = mx == -INFINITY ? 0.f : mx;
     float L = exp2f(sk - mu);
     for (int g = 0; g < sg_count; ++g) L += exp2f(gm[g] - mu) * gl[g];
-    const float inv = 1.f / L;
+    const float inv = __fdividef(1.f, L);
     for (int c4 = tid; c4 < CG; c4 += nt) {
       float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int g = 0; g < sg_count; ++g) {
