@@ -272,6 +272,19 @@ for a gradient raises.)");
       "True when this extension has the CUDA primitive and MLX's CUDA backend is available.");
 
   m.def(
+      "cuda_sm_count",
+      [](int device) -> int {
+#ifdef AOTC_WITH_CUDA
+        return aotc::sm_count(device);
+#else
+        (void)device;
+        throw std::runtime_error("[aotc] this extension was built without CUDA");
+#endif
+      },
+      "device"_a = 0,
+      "Streaming multiprocessors of MLX's CUDA device `device`.");
+
+  m.def(
       "cuda_clear_cache",
       []() {
 #ifdef AOTC_WITH_CUDA

@@ -13,6 +13,7 @@ primitive fills in (docs/ARCHITECTURE.md, "The CUDA launch contract").
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "has_cuda",
     "launcher",
     "load_image",
+    "sm_count",
 ]
 
 
@@ -147,6 +149,21 @@ class CudaLauncher:
 
     def __repr__(self) -> str:
         return f"CudaLauncher({self.image!r})"
+
+
+@functools.cache
+def sm_count(device: int = 0) -> int | None:
+    """Streaming multiprocessors of MLX's CUDA device `device` (from the driver), or None where
+    CUDA launches cannot run or the extension predates the query."""
+    if unavailable_reason() is not None:
+        return None
+    query = getattr(extension(), "cuda_sm_count", None)
+    if query is None:
+        return None
+    try:
+        return int(query(device))
+    except RuntimeError:
+        return None
 
 
 def launcher(source: str | os.PathLike[str] | Any, stream: Any = None) -> CudaLauncher:

@@ -645,6 +645,18 @@ bool cuda_available() {
   return cu::is_available();
 }
 
+int sm_count(int device) {
+  // cu::device(ordinal) initialises the driver (and MLX's device) first.
+  CUdevice handle;
+  check(cuDeviceGet(&handle, cu::device(device).cuda_device()), "cuDeviceGet");
+  int value = 0;
+  check(
+      cuDeviceGetAttribute(
+          &value, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, handle),
+      "cuDeviceGetAttribute");
+  return value;
+}
+
 void set_output_allocator(const std::string& name) {
   if (name == "pool") {
     alloc_mode().store(kPool);

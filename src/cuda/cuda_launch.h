@@ -147,6 +147,10 @@ std::vector<mlx::core::array> cuda_launch(
 // MLX's CUDA backend is usable here (a GPU and a driver).
 bool cuda_available();
 
+// Streaming multiprocessors of MLX's CUDA device `device` (launch plans size
+// their grids by it; MLX's device_info does not report it).
+int sm_count(int device);
+
 // Where output buffers come from: "pool" (default: device memory from a
 // per-device CUDA memory pool, stream-ordered on MLX's stream) or "mlx" (MLX's
 // allocator::malloc: unified memory).

@@ -362,3 +362,16 @@ def test_time_per_evaluated_call(image, capsys):
                 f"  cuda_launch {mine:.1f} | {mine_c:.1f} | {mine_m:.1f}"
                 f"  overhead {mine - base:+.1f} | {mine_c - base_c:+.1f} | {mine_m - base_m:+.1f}"
             )
+
+
+def test_sm_count_from_the_driver():
+    """The plans' SM count is the GPU's own (MLX's device_info has none), not a guess."""
+    from aotc.families.sdpa_vector.cuda import device_facts
+    from aotc.runtime.cuda import sm_count
+
+    count = sm_count()
+    assert count is not None and 1 <= count <= 1024
+    assert device_facts()[0] == count
+    torch = pytest.importorskip("torch", reason="torch (a second reading of the count) is absent")
+    if torch.cuda.is_available():
+        assert count == torch.cuda.get_device_properties(0).multi_processor_count

@@ -551,8 +551,12 @@ def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: L
 
 
 def device_facts() -> tuple[int, str]:
-    """(SM count, architecture) of MLX's GPU: MLX reports the architecture, not the SM count."""
+    """(SM count, architecture) of MLX's GPU. MLX reports the architecture; the SM count comes
+    from the driver (an H100 PCIe has 114 SMs, an SXM 132: split counts and the combiners'
+    one-wave rule depend on it), else from the architecture's most common part."""
     import mlx.core as mx
+
+    from aotc.runtime import cuda as cuda_runtime
 
     arch = "sm_90"
     try:
@@ -560,7 +564,9 @@ def device_facts() -> tuple[int, str]:
         arch = str(info.get("architecture", arch))
     except Exception:
         pass
-    sm_count = {"sm_80": 108, "sm_86": 84, "sm_89": 128}.get(arch, DEFAULT_SM_COUNT)
+    sm_count = cuda_runtime.sm_count()
+    if not sm_count:
+        sm_count = {"sm_80": 108, "sm_86": 84, "sm_89": 128}.get(arch, DEFAULT_SM_COUNT)
     return sm_count, arch
 
 
