@@ -241,3 +241,34 @@ def test_mla_value_view_in_a_cache(dtype, n):
     want = reference(q, k, v, 576**-0.5, "causal", None)
     error = mx.abs(got.astype(mx.float32) - want).max().item()
     assert error <= TOL[dtype] * max(1.0, mx.abs(want).max().item()), error
+
+
+@pytest.mark.parametrize(
+    ("hkv", "n", "d", "v_dim"), [(4, 4096, 192, 128), (8, 32768, 256, 128)], ids=["4k", "32k"]
+)
+def test_independent_calls_in_one_evaluation(library, hkv, n, d, v_dim):
+    """Eight calls evaluated together may run side by side (MLX's CUDA graph has no edges
+    between them): each one's waiting combiners and flag slots must stay its own."""
+    from aotc.families.sdpa_vector.cuda import device_facts, plan_cuda
+    from aotc.families.sdpa_vector.problem import describe
+
+    mx.random.seed(3)
+    t = mx.bfloat16
+    qs = [mx.random.normal((1, 32, 1, d)).astype(t) for _ in range(8)]
+    ks = [mx.random.normal((1, hkv, n, d)).astype(t) for _ in range(2)]
+    vs = [mx.random.normal((1, hkv, n, v_dim)).astype(t) for _ in range(2)]
+    mx.eval(qs, ks, vs)
+    sm_count, arch = device_facts()
+    plan = plan_cuda(
+        describe(qs[0], ks[0], vs[0]), available=library.kernel_names, sm_count=sm_count, arch=arch
+    )
+    assert "_2pass_fused_" in plan[0].kernel, "this shape should run as one fused launch"
+    scale = d**-0.5
+    wants = [reference(q, ks[i % 2], vs[i % 2], scale, None, None) for i, q in enumerate(qs)]
+    mx.eval(wants)
+    for _ in range(10):
+        gots = [aotc.sdpa_vector(q, ks[i % 2], vs[i % 2], scale=scale) for i, q in enumerate(qs)]
+        mx.eval(gots)
+        for got, want in zip(gots, wants, strict=True):
+            error = mx.abs(got.astype(mx.float32) - want).max().item()
+            assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
