@@ -147,6 +147,7 @@ def bench_torch(sets, scale):
 
     fns = [(lambda q=q, k=k, v=v: call(q, k, v)) for q, k, v in sets]
     try:
+        fns[0]()  # warm-up: cuDNN builds its plan on the first call
         once = time_events(fns[0], reps=1)
     except Exception as exc:
         return None, f"failed ({type(exc).__name__})"
