@@ -113,7 +113,7 @@ def bench_harness(lib, sets, scale, num_splits=None):
     return time_plans(lib, sets, plans, scale), plans[0]
 
 
-def bench_first_launch(lib, sets, scale):
+def bench_first_launch(lib, sets, scale, num_splits=None):
     """Seconds per call of the plan's first launch alone (the split pass of a 2-launch plan): the
     most that fusing the combine into it could save is the whole call minus this."""
     from bench import cuda_harness as h
@@ -132,7 +132,7 @@ def bench_first_launch(lib, sets, scale):
             [launch.inputs.index(name) for name in launch.strided_inputs],
         )
 
-    plans = [h.plan_for(lib, q, k, v, scale=scale) for q, k, v in sets]
+    plans = [h.plan_for(lib, q, k, v, scale=scale, num_splits=num_splits) for q, k, v in sets]
     fns = [
         (lambda q=q, k=k, v=v, p=p: first(q, k, v, p[0]))
         for (q, k, v), p in zip(sets, plans, strict=True)

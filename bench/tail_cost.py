@@ -1,0 +1,49 @@
+"""How much of a batch-1 call is its merge: the plan (one launch with waiting combiners) against
+the split-pass kernel alone with the same splits, and the two-launch plan (split pass, combine).
+
+    python3 -m bench.tail_cost   (harness fatbin in .gpu/sdpa; CUDA-graph replays, us per call)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from bench import cuda_harness as h
+from bench.bench_sdpa import bench_first_launch, bench_harness, kv_bytes, make_sets, set_count
+from bench.shapes import SHAPES
+
+ROWS = [SHAPES[i] for i in (0, 4, 10)]  # the batch-1 rows
+
+
+def main() -> None:
+    folder = Path(".gpu/sdpa")
+    lib = h.Library(folder / (folder / "current").read_text().strip())
+    lib.wgmma_ok = False
+    print("shape | plan | split pass alone | split pass + combine kernel (same splits)")
+    for b, hq, hkv, n, d, v, view in ROWS:
+        sets = make_sets(
+            b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(kv_bytes(b, hkv, n, d, v, view, 2))
+        )
+        scale = 1 / math.sqrt(d)
+        lib.fused_ok = True
+        t_plan, plan = bench_harness(lib, sets, scale)
+        splits = dict((name, shape) for name, shape, _ in plan[0].outputs)["maxs"][-1]
+        lib.fused_ok = False
+        t_split = bench_first_launch(lib, sets, scale, splits)
+        t_two, _ = bench_harness(lib, sets, scale, splits)
+        lib.fused_ok = True
+        print(
+            (b, hq, hkv, n, d, v),
+            f"{splits} splits, {plan[0].kernel} g{plan[0].grid[0]}",
+            f"| {t_plan * 1e6:.1f} | {t_split * 1e6:.1f} | {t_two * 1e6:.1f}",
+            flush=True,
+        )
+        del sets
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
