@@ -564,7 +564,7 @@ def device_facts() -> tuple[int, str]:
         arch = str(info.get("architecture", arch))
     except Exception:
         pass
-    sm_count = cuda_runtime.sm_count()
+    sm_count = cuda_runtime.sm_count()  # device 0: MLX's Python Device has no index to ask
     if not sm_count:
         sm_count = {"sm_80": 108, "sm_86": 84, "sm_89": 128}.get(arch, DEFAULT_SM_COUNT)
     return sm_count, arch
