@@ -483,33 +483,51 @@ def _installed_mlx_version() -> str | None:
 
 
 def _metal_headers_problem(index: Index) -> str | None:
-    families = frozenset(kernel.get("family") for kernel in index.kernels)
-    digest = _installed_headers(families, "metal", "mlx")
-    if isinstance(digest, tuple):  # (problem,)
-        return digest[0]
-    expected = index.data["mlx"].get("headers_sha256")
-    if digest is not None and expected != digest:
-        return (
-            "built against other MLX Metal kernel headers than the installed MLX's "
-            "(rebuild it with this MLX)"
-        )
-    return None
+    return _headers_problem(
+        index,
+        "metal",
+        "mlx",
+        index.data["mlx"].get("headers_sha256"),
+        "built against other MLX Metal kernel headers than the installed MLX's "
+        "(rebuild it with this MLX)",
+    )
 
 
 def _cuda_sources_problem(index: Index) -> str | None:
     """The CUDA launch plan mirrors this aotc's kernel templates (tile sizes, Params fields, merge
-    modes): a library built from other templates may not fit it."""
+    modes): a library built from other templates may not fit it. An index that records no
+    digest (older aotc) is not judged by it."""
+    expected = (index.data.get("sources_sha256") or {}).get("aotc")
+    return _headers_problem(
+        index,
+        "cuda",
+        "aotc",
+        expected,
+        "built from other aotc kernel templates than this aotc's, which its launch plan "
+        "may not fit (rebuild it with this aotc)",
+        judge_missing=False,
+    )
+
+
+def _headers_problem(
+    index: Index,
+    target: str,
+    origin: str,
+    expected: str | None,
+    mismatch: str,
+    *,
+    judge_missing: bool = True,
+) -> str | None:
+    """`mismatch` when the index's recorded digest of the `origin` headers differs from the
+    installed ones' (a missing record counts as different unless `judge_missing` is off); an
+    unknown family's problem; None when the headers are not installed here."""
     families = frozenset(kernel.get("family") for kernel in index.kernels)
-    digest = _installed_headers(families, "cuda", "aotc")
+    digest = _installed_headers(families, target, origin)
     if isinstance(digest, tuple):  # (problem,)
         return digest[0]
-    expected = (index.data.get("sources_sha256") or {}).get("aotc")
-    if digest is not None and expected is not None and expected != digest:
-        return (
-            "built from other aotc kernel templates than this aotc's, which its launch plan "
-            "may not fit (rebuild it with this aotc)"
-        )
-    return None
+    if digest is None or (expected is None and not judge_missing):
+        return None
+    return mismatch if expected != digest else None
 
 
 def _macos_problem(index: Index) -> str | None:
