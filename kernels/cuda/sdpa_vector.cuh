@@ -404,6 +404,21 @@ struct TileRing {
       load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
                                             vvec, k0, key_end, tid);
   }
+  // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 1 - ring .. ntiles - 1:
+  // the first ring - 1 passes only issue loads (one copy of the loader's code: a batch-1 block
+  // runs its code once, cold), then each pass waits for tile t, frees the slot of tile t - 1
+  // (every thread is past it) and loads tile t + ring - 1. True when tile t is to be computed.
+  __device__ __forceinline__ bool step(int t, int ntiles, int key_begin, int& next,
+                                       int tid) const {
+    if (t >= 0) {
+      cp_async_wait_dyn(ring - 2);
+      __syncthreads();
+    }
+    if (t + ring - 1 < ntiles) load(next, key_begin + (t + ring - 1) * C::TK, tid);
+    cp_async_commit();
+    next = next + 1 == ring ? 0 : next + 1;
+    return t >= 0;
+  }
   __device__ __forceinline__ const T* k_tile(int slot) const { return slots + slot * tile_elems; }
   __device__ __forceinline__ const T* v_tile(int slot) const { return k_tile(slot) + voff; }
 };
@@ -506,18 +521,10 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[m][n][c] = 0.f;
 
-  // The first ring - 1 passes only issue loads (one copy of the loader's code).
   int stage = 0, next = 0;
 #pragma unroll 1
   for (int t = 1 - ring; t < ntiles; ++t) {
-    if (t >= 0) {
-      cp_async_wait_dyn(ring - 2);
-      __syncthreads();  // the slot of tile t - 1 is free: every thread passed phase 3 of t - 1
-    }
-    if (t + ring - 1 < ntiles) tiles.load(next, key_begin + (t + ring - 1) * TK, tid);
-    cp_async_commit();
-    next = next + 1 == ring ? 0 : next + 1;
-    if (t < 0) continue;
+    if (!tiles.step(t, ntiles, key_begin, next, tid)) continue;
     const int k0 = key_begin + t * TK;
     const T* tK = tiles.k_tile(stage);
     const T* tV = tiles.v_tile(stage);
@@ -827,18 +834,10 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's keys
 
-  // The first ring - 1 passes only issue loads (one copy of the loader's code: fetch, above).
   int stage = 0, next = 0;
 #pragma unroll 1
   for (int t = 1 - ring; t < ntiles; ++t) {
-    if (t >= 0) {
-      cp_async_wait_dyn(ring - 2);
-      __syncthreads();  // tile t landed for all; every warp is past tile t - 1 (its slot is free)
-    }
-    if (t + ring - 1 < ntiles) tiles.load(next, w.key_begin + (t + ring - 1) * TK, tid);
-    cp_async_commit();
-    next = next + 1 == ring ? 0 : next + 1;
-    if (t < 0) continue;
+    if (!tiles.step(t, ntiles, w.key_begin, next, tid)) continue;
     const int k0 = w.key_begin + t * TK;
     const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
     const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
@@ -1055,16 +1054,28 @@ __device__ __forceinline__ void merge_splits(const float* mrow, const float* lro
 // Writes out = a / l for 4 columns, with the sink (log2 domain, -inf when absent) in the sum.
 // Divisions here and in the epilogues are __fdividef: an IEEE division adds a slow-path call,
 // code that a cold block fetches; l >= 1 (the row max's own weight), far below 2^126.
+// The sink of output row `row` ((b, head, token) order) in the log2 domain; -inf without sinks.
+template <typename T>
+__device__ __forceinline__ float sink_log2(const T* __restrict__ sinks, bool has_sinks, long long row,
+                                          int q_len, int q_heads) {
+  return has_sinks ? Tr<T>::f(sinks[(int)((row / q_len) % q_heads)]) * kLog2e : -INFINITY;
+}
+
+// out[0..3] = a * inv.
+template <typename T>
+__device__ __forceinline__ void store4(T* o, float4 a, float inv) {
+  o[0] = Tr<T>::t(a.x * inv);
+  o[1] = Tr<T>::t(a.y * inv);
+  o[2] = Tr<T>::t(a.z * inv);
+  o[3] = Tr<T>::t(a.w * inv);
+}
+
 template <typename T>
 __device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, float sk) {
   const float mx = fmaxf(m, sk);
   const float mu = mx == -INFINITY ? 0.f : mx;
   const float f = exp2f(m - mu);
-  const float inv = __fdividef(f, l * f + exp2f(sk - mu));
-  o[0] = Tr<T>::t(a.x * inv);
-  o[1] = Tr<T>::t(a.y * inv);
-  o[2] = Tr<T>::t(a.z * inv);
-  o[3] = Tr<T>::t(a.w * inv);
+  store4(o, a, __fdividef(f, l * f + exp2f(sk - mu)));
 }
 
 // The fused split pass's end: a block publishes that its splits' partials are written; the last
@@ -1136,8 +1147,7 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
     merge_splits<V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4, sg,
                              sg_count, S, m, l, a);
     if (sg_count == 1) {
-      const float sk =
-          p.has_sinks ? Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e : -INFINITY;
+      const float sk = sink_log2(sinks, p.has_sinks, row, p.q_len, p.q_heads);
       store_merged(out + row * V + c4 * 4, m, l, a, sk);
     } else {
       float* e = part + (sg * items + it) * 6;
@@ -1169,8 +1179,7 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
         a.z += wgt * e[4];
         a.w += wgt * e[5];
       }
-      const float sk =
-          p.has_sinks ? Tr<T>::f(sinks[(int)((row / p.q_len) % p.q_heads)]) * kLog2e : -INFINITY;
+      const float sk = sink_log2(sinks, p.has_sinks, row, p.q_len, p.q_heads);
       store_merged(out + row * V + c4 * 4, m, l, a, sk);
     }
   }
@@ -1199,8 +1208,7 @@ __device__ __forceinline__ void combine_row(long long row, const float* __restri
   const float* mrow = maxs + row * S;
   const float* lrow = sums + row * S;
   const float* prow = partials + row * S * V;
-  float sk = -INFINITY;
-  if (has_sinks) sk = Tr<T>::f(sinks[(int)((row / q_len) % q_heads)]) * kLog2e;
+  const float sk = sink_log2(sinks, has_sinks, row, q_len, q_heads);
 
   if (sg < sg_count) {
     for (int c4 = tid % CG; c4 < CG; c4 += (nt >= CG ? CG : nt)) {
@@ -1236,11 +1244,7 @@ __device__ __forceinline__ void combine_row(long long row, const float* __restri
         a.z += w * x.z;
         a.w += w * x.w;
       }
-      T* o = out + row * V + c4 * 4;
-      o[0] = Tr<T>::t(a.x * inv);
-      o[1] = Tr<T>::t(a.y * inv);
-      o[2] = Tr<T>::t(a.z * inv);
-      o[3] = Tr<T>::t(a.w * inv);
+      store4(out + row * V + c4 * 4, a, inv);
     }
   }
 }
