@@ -13,7 +13,9 @@ from aotc.families.sdpa_vector import wgmma_supported
 from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
     FUSED_MAX_SPLITS,
+    LONG_SPLIT_TILES,
     PARAMS_SIZE,
+    STREAM_BYTES_PER_SM,
     Launch,
     combiner_max_splits,
     compile_steps,
@@ -138,6 +140,41 @@ def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
         x.kernel for x in plan_cuda(problem(), available=NAMES, sm_count=40)
     ]
     assert len(small) == 2
+
+
+def _in_flight_per_sm(launch: Launch, cfg, sm_count: int) -> int:
+    stages = unpack(launch)[12]
+    blocks_per_sm = min(3, -(-launch.grid[0] // sm_count))  # 4-warp blocks: 3 per SM at most
+    return blocks_per_sm * (stages - 1) * cfg.key_tile * (cfg.d + cfg.v) * cfg.dtype_size
+
+
+@pytest.mark.parametrize(
+    ("d", "v", "batch", "splits", "stages"),
+    [
+        (192, 128, 8, 6, 2),  # 3 stages x 3 blocks per SM would keep 120 KB in flight
+        (128, 128, 8, 4, 2),  # 64-key tiles: 2 blocks per SM, not 3
+        (192, 128, 32, 3, 2),
+    ],
+)
+def test_long_splits_keep_the_streaming_bytes_in_flight(d, v, batch, splits, stages):
+    cfg = kernel_config("bfloat16", d, v)
+    names = NAMES | {f"sdpa_vector{k}_bfloat16_t_{d}_{v}" for k in ("", "_2pass_1")}
+    shape = problem(
+        batch=batch, kv_heads=8, kv_len=32768 if batch == 8 else 8192, qk_dim=d, v_dim=v
+    )
+    first = plan_cuda(shape, available=names, sm_count=132)[0]
+    fields = unpack(first)
+    assert (fields[8], fields[12]) == (splits, stages)
+    assert -(-shape.kv_len // cfg.key_tile) >= LONG_SPLIT_TILES * splits
+    assert _in_flight_per_sm(first, cfg, 132) <= STREAM_BYTES_PER_SM
+    assert first.shared_memory == cfg.shared_bytes(1, stages)
+
+
+def test_short_splits_keep_their_stages():
+    # Batch 1: a split of a few tiles wants them all requested at once.
+    cfg = kernel_config("bfloat16", 192, 128)
+    first = plan_cuda(problem(), available=NAMES, sm_count=132)[0]
+    assert unpack(first)[12] == cfg.stages == 3
 
 
 def test_fused_plan_runs_through_compile_steps():

@@ -71,6 +71,13 @@ WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 # resident blocks, the fused pass runs with waiting combiners instead: one launch that merges
 # each row in its own block, as the combine kernel does.
 FUSED_MAX_SPLITS = 8
+# Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
+# each): a block keeps stages - 1 tiles loading while it computes one. Past this the reads slow
+# (H100, bench/NOTES.md round 9): 192/128 B=8 441 us with 2 stages x 3 blocks per SM (60 KB)
+# against 448 with 3 stages (120 KB); 128/128 B=8 352 us with 2 blocks per SM (64 KB) against
+# 359 with 3 (96 KB).
+STREAM_BYTES_PER_SM = 64 * 1024
+LONG_SPLIT_TILES = 32
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,28 @@ def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int, sm_shared: int) ->
     return best
 
 
+def _streaming_fit(
+    cfg: KernelConfig,
+    stages: int,
+    per_sm: int,
+    sm_count: int,
+    base_blocks: int,
+    tiles: int,
+    num_splits: int,
+) -> tuple[int, int] | None:
+    """(stages, blocks per SM) within STREAM_BYTES_PER_SM of tiles in flight, for splits long
+    enough to stream (4-warp kernels); None where the plan is within it or its splits are short
+    (a short split needs its few tiles requested at once, whatever they cost in flight)."""
+    if cfg.warps != 4 or tiles < LONG_SPLIT_TILES * num_splits:
+        return None
+    stage_bytes = cfg.key_tile * (cfg.d + cfg.v) * cfg.dtype_size
+    blocks_per_sm = min(per_sm, -(-base_blocks * num_splits // sm_count))
+    if blocks_per_sm * (stages - 1) * stage_bytes <= STREAM_BYTES_PER_SM:
+        return None
+    stages = max(2, min(stages, 1 + STREAM_BYTES_PER_SM // (blocks_per_sm * stage_bytes)))
+    return stages, max(1, min(per_sm, STREAM_BYTES_PER_SM // ((stages - 1) * stage_bytes)))
+
+
 def combiner_max_splits(cfg: KernelConfig) -> int:
     """The most splits a waiting combiner merges in one round trip: its threads are V / 4 column
     groups times split groups, each with 8 splits' loads in flight (wait_and_combine)."""
@@ -281,6 +310,9 @@ def plan_cuda(
     rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
         num_splits = _split_count(base_blocks, resident, tiles)
+        streaming = _streaming_fit(cfg, stages, per_sm, sm_count, base_blocks, tiles, num_splits)
+        if streaming is not None:
+            num_splits = _split_count(base_blocks, sm_count * streaming[1], tiles)
         if fused in available and num_splits > FUSED_MAX_SPLITS:
             # Waiting combiners merge in one round trip up to this many splits: fewer, longer
             # splits beat the wave-filling count there while nearly every SM keeps a block
@@ -296,6 +328,10 @@ def plan_cuda(
     num_splits = -(-p.kv_len // keys_per_split)
     if num_splits > 1 and (first not in available or combine not in available):
         num_splits, keys_per_split = 1, tiles * cfg.key_tile
+    streaming = _streaming_fit(cfg, stages, per_sm, sm_count, base_blocks, tiles, num_splits)
+    if streaming is not None:
+        stages = streaming[0]
+        smem = cfg.shared_bytes(m_tiles, stages)
 
     inputs = _attention_inputs(p)
     strided = (*inputs[:3], inputs[3])
