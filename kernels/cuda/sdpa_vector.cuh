@@ -1099,13 +1099,18 @@ __device__ __forceinline__ void publish_token_release(uint32_t* slot, uint32_t t
 }
 
 // Whether all S slots hold `tok`, read by one whole warp (`lane` its lane), 32 at a time (one
-// read after another would cost a round trip each); the same answer in every lane.
+// read after another would cost a round trip each); the same answer in every lane. ACQUIRE:
+// reads that synchronize with the release stores of the tokens (no fence after them).
+template <bool ACQUIRE = false>
 __device__ __forceinline__ bool slots_hold_token(const uint32_t* slots, int S, uint32_t tok,
                                                  int lane) {
   bool seen = true;
   for (int s = lane; s < S; s += 32) {
     uint32_t x;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+    if constexpr (ACQUIRE)
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+    else
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
     seen &= x == tok;
   }
   return __all_sync(0xffffffffu, seen);
@@ -1284,8 +1289,9 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   uint32_t* slots = flags + row * S;
   if (threadIdx.x < 32) {
     const uint32_t tok = flag_token(flags);
-    while (!slots_hold_token(slots, S, tok, threadIdx.x)) __nanosleep(128);
-    __threadfence();  // the splits' partials, after their tokens
+    // Acquire reads of the tokens order this block's reads of the partials after them (with
+    // the barrier below, for every thread): a full fence here (MEMBAR.SC) cost more.
+    while (!slots_hold_token<true>(slots, S, tok, threadIdx.x)) __nanosleep(128);
   }
   __syncthreads();
   float4* part = reinterpret_cast<float4*>(smem);  // blockDim.x float4, then gm and gl
