@@ -103,7 +103,7 @@ def test_split_pass_merges_in_one_launch_when_the_image_has_it():
         two[0].shared_memory,
         two[0].params,
     )
-    flags = ("flags", (launch.grid[0],), "uint32")
+    flags = ("flags", (2 * launch.grid[0],), "uint32")  # a 64-bit slot per block
     assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
     assert unpack(launch)[13] == 0  # no waiting combiners: the last block per row group merges
     # One split needs no merge at all.
@@ -128,7 +128,7 @@ def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
     assert fields[13] == two[0].grid[0]  # combiners_from
     split_fields = unpack(two[0])
     assert fields[:13] == split_fields[:13] and fields[14] == split_fields[14] == 0
-    flags = ("flags", (32 * splits,), "uint32")
+    flags = ("flags", (2 * 32 * splits,), "uint32")  # a 64-bit slot per (row, split)
     assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
     # Forced counts are kept.
     (forced,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132, num_splits=64)

@@ -18,6 +18,7 @@
 //                                        the last block per row group merges its splits, or
 //                                        (Params::combiners_from > 0) the grid's last blocks
 //                                        each wait for one query row's splits and merge them
+//                                        (flags: 64-bit token slots, zero after the call)
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
@@ -1085,32 +1086,39 @@ __device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, f
 // sequentially consistent fence and read a share of the group's slots; the block whose earliest
 // fence comes last sees every token (more than one may, and they write the same values). The
 // merging blocks reset the slots to 0, so a later call given the same buffer starts clean.
-__device__ __forceinline__ uint32_t flag_token(const uint32_t* flags) {
-  const unsigned long long a = reinterpret_cast<uintptr_t>(flags);
-  return (0x9E3779B9u ^ (uint32_t)(a >> 8) ^ (uint32_t)(a >> 40)) | 1u;
+// A slot holds a 64-bit token, stored and read whole (aligned 8-byte accesses are single-copy
+// atomic). A fresh buffer may hold any bits: a 32-bit token would match one of a batch-1 call's
+// 1024 slots by chance about once in 4 million calls, and merge a row before its splits landed.
+using Slot = unsigned long long;
+
+// A token per buffer address (splitmix64's finalizer; never 0, the reset value).
+__device__ __forceinline__ Slot flag_token(const Slot* flags) {
+  Slot a = reinterpret_cast<uintptr_t>(flags);
+  a = (a ^ (a >> 30)) * 0xBF58476D1CE4E5B9ull;
+  a = (a ^ (a >> 27)) * 0x94D049BB133111EBull;
+  return (a ^ (a >> 31)) | 1ull;
 }
 
-__device__ __forceinline__ void publish_token(uint32_t* slot, uint32_t tok) {
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(slot), "r"(tok) : "memory");
+__device__ __forceinline__ void publish_token(Slot* slot, Slot tok) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
 }
 
-__device__ __forceinline__ void publish_token_release(uint32_t* slot, uint32_t tok) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(slot), "r"(tok) : "memory");
+__device__ __forceinline__ void publish_token_release(Slot* slot, Slot tok) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
 }
 
 // Whether all S slots hold `tok`, read by one whole warp (`lane` its lane), 32 at a time (one
 // read after another would cost a round trip each); the same answer in every lane. ACQUIRE:
 // reads that synchronize with the release stores of the tokens (no fence after them).
 template <bool ACQUIRE = false>
-__device__ __forceinline__ bool slots_hold_token(const uint32_t* slots, int S, uint32_t tok,
-                                                 int lane) {
+__device__ __forceinline__ bool slots_hold_token(const Slot* slots, int S, Slot tok, int lane) {
   bool seen = true;
   for (int s = lane; s < S; s += 32) {
-    uint32_t x;
+    Slot x;
     if constexpr (ACQUIRE)
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(slots + s) : "memory");
     else
-      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(slots + s) : "memory");
+      asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(slots + s) : "memory");
     seen &= x == tok;
   }
   return __all_sync(0xffffffffu, seen);
@@ -1118,19 +1126,19 @@ __device__ __forceinline__ bool slots_hold_token(const uint32_t* slots, int S, u
 
 template <typename T, int V, int NT>
 __device__ __forceinline__ void merge_group(const float* partials, const float* maxs,
-                                            const float* sums, uint32_t* flags, const T* sinks,
+                                            const float* sums, Slot* flags, const T* sinks,
                                             T* out, const Params& p, int rows_per_block,
                                             char* smem) {
   const BlockWork w = block_work(p);
   const int S = p.num_splits, tid = threadIdx.x;
   const int R = p.q_heads / p.kv_heads * p.q_len, row0 = w.rg * rows_per_block;
   const int rows_here = min(rows_per_block, R - row0);
-  uint32_t* gflags = flags + ((long long)(w.b * p.kv_heads + w.kvh) * p.row_groups + w.rg) * S;
+  Slot* gflags = flags + ((long long)(w.b * p.kv_heads + w.kvh) * p.row_groups + w.rg) * S;
   int* s_last = reinterpret_cast<int*>(smem);
   __threadfence();  // this block's partials, before its token
   __syncthreads();
   if (tid < 32) {
-    const uint32_t tok = flag_token(flags);
+    const Slot tok = flag_token(flags);
     if (tid == 0) publish_token(gflags + w.split, tok);
     __syncwarp();
     asm volatile("fence.sc.gpu;" ::: "memory");
@@ -1193,7 +1201,7 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
     }
   }
   __syncthreads();
-  for (int s = tid; s < S; s += NT) gflags[s] = 0u;
+  for (int s = tid; s < S; s += NT) gflags[s] = 0ull;
 }
 
 // Merges one query row's splits into `out` with the block's nt threads: threads = column groups
@@ -1264,7 +1272,7 @@ __device__ __forceinline__ void combine_row(long long row, const float* __restri
 // row's splits as the combine kernel does, and resets the slots. A combiner waits only for
 // blocks of lower index, which the GPU dispatches before it; the plan also keeps the grid within
 // one wave of resident blocks.
-__device__ __forceinline__ void publish_rows(uint32_t* flags, const Params& p,
+__device__ __forceinline__ void publish_rows(Slot* flags, const Params& p,
                                              int rows_per_block) {
   const BlockWork w = block_work(p);
   const int R = p.q_heads / p.kv_heads * p.q_len, row0 = w.rg * rows_per_block;
@@ -1282,13 +1290,13 @@ __device__ __forceinline__ void publish_rows(uint32_t* flags, const Params& p,
 
 template <typename T, int V>
 __device__ __forceinline__ void wait_and_combine(const float* partials, const float* maxs,
-                                                 const float* sums, uint32_t* flags,
+                                                 const float* sums, Slot* flags,
                                                  const T* sinks, T* out, const Params& p,
                                                  long long row, char* smem) {
   const int S = p.num_splits;
-  uint32_t* slots = flags + row * S;
+  Slot* slots = flags + row * S;
   if (threadIdx.x < 32) {
-    const uint32_t tok = flag_token(flags);
+    const Slot tok = flag_token(flags);
     // Acquire reads of the tokens order this block's reads of the partials after them (with
     // the barrier below, for every thread): a full fence here (MEMBAR.SC) cost more.
     while (!slots_hold_token<true>(slots, S, tok, threadIdx.x)) __nanosleep(128);
@@ -1298,7 +1306,7 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   float* gm = reinterpret_cast<float*>(part + blockDim.x);
   combine_row<T, V, 8, true>(row, partials, maxs, sums, sinks, out, S, p.q_heads, p.q_len,
                              p.has_sinks, part, gm, gm + 64);
-  for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0u;
+  for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0ull;
 }
 
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
@@ -1307,7 +1315,7 @@ template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
 __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
                                            const T* sinks, T* out, float* partials, float* maxs,
                                            float* sums, const Params& p,
-                                           uint32_t* flags = nullptr) {
+                                           Slot* flags = nullptr) {
   extern __shared__ __align__(16) char aotc_smem[];
   uint32_t dyn;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
@@ -1389,7 +1397,8 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                                 aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
       sdpa_vector_2pass_fused_##TN##_##D##_##V(                                                 \
           const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
-          float* maxs, float* sums, uint32_t* flags, T* out, const aotc_sdpa::Params p) {       \
+          float* maxs, float* sums, aotc_sdpa::Slot* flags, T* out,                             \
+          const aotc_sdpa::Params p) {                                                          \
     aotc_sdpa::sdpa_entry<T, D, V, true, true>(q, k, v, mask, sinks, out, partials, maxs, sums, \
                                                p, flags);                                       \
   }

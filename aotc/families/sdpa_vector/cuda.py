@@ -71,6 +71,8 @@ WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 # resident blocks, the fused pass runs with waiting combiners instead: one launch that merges
 # each row in its own block, as the combine kernel does.
 FUSED_MAX_SPLITS = 8
+# A token slot of the fused pass's flags is 64 bits (aotc_sdpa::Slot): two uint32 words.
+SLOT_WORDS = 2
 # Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
 # each): a block keeps stages - 1 tiles loading while it computes one. Past this the reads slow
 # (H100, bench/NOTES.md round 9): 192/128 B=8 441 us with 2 stages x 3 blocks per SM (60 KB)
@@ -376,8 +378,8 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
 def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
     """The split pass whose last block per row group merges the splits: one launch, which under
     MLX's CUDA graphs also saves the second graph node of an evaluation. `flags` holds a token
-    slot per block; "out" comes last (the highest slot, see compile_steps)."""
-    flags = ("flags", (split_pass.grid[0],), "uint32")
+    slot per block (64 bits); "out" comes last (the highest slot, see compile_steps)."""
+    flags = ("flags", (SLOT_WORDS * split_pass.grid[0],), "uint32")
     return replace(
         split_pass, kernel=kernel, outputs=(*split_pass.outputs, flags, *combine.outputs)
     )
@@ -389,7 +391,7 @@ def _fused_with_combiners(
     """The fused split pass followed by one waiting combiner block per query row (the combine's
     grid): `params` names the first combiner block; `flags` holds a slot per (row, split)."""
     rows = combine.grid[0]
-    flags = ("flags", (rows * num_splits,), "uint32")
+    flags = ("flags", (SLOT_WORDS * rows * num_splits,), "uint32")
     return replace(
         split_pass,
         kernel=kernel,
