@@ -180,3 +180,32 @@ def test_launch_gradient_takes_the_cotangent_of_the_calls_output():
     for got, expected in zip(grads[len(kernel_inputs) :], want, strict=True):
         assert mx.allclose(got, expected, atol=1e-5).item()
     assert mx.any(grads[-3]).item()  # q's gradient is not the zeros of a wrong cotangent
+
+
+def test_one_launch_gradient_reads_q_k_v_from_its_kernel_inputs():
+    """A one-launch plan takes q, k, v as its first kernel inputs: its gradient lands there (and
+    zeros on the placeholders that repeat q), with no gradient-only inputs appended."""
+    from aotc.families.sdpa_vector.api import mlx_gradients
+
+    b, hq, hkv, n, d, v = 1, 4, 2, 9, 16, 16
+    key = mx.random.key(2)
+    q, k, vv = (
+        mx.random.normal(shape, key=kk)
+        for shape, kk in zip(
+            [(b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, v)], mx.random.split(key, 3), strict=True
+        )
+    )
+    ct_out = mx.random.normal((b, hq, 1, v), key=mx.random.key(3))
+    last, _ = mlx_gradients(0.25, None, False, False, qkv_inline=True)
+    kernel_inputs = [q, k, vv, q, q]
+    grads = last(kernel_inputs, [mx.zeros((b, hq, 1, 3, v)), ct_out])
+    _, want = mx.vjp(
+        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25),
+        [q, k, vv],
+        [ct_out],
+    )
+    assert len(grads) == len(kernel_inputs)
+    for got, expected in zip(grads[:3], want, strict=True):
+        assert mx.allclose(got, expected, atol=1e-5).item()
+    assert mx.any(grads[0]).item()
+    assert not mx.any(grads[3]).item() and not mx.any(grads[4]).item()

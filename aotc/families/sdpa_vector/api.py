@@ -215,18 +215,30 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
     return cast_mask
 
 
-def mlx_gradients(scale: float, mask_mode: str | None, array_mask: bool, has_sinks: bool):
+def mlx_gradients(
+    scale: float,
+    mask_mode: str | None,
+    array_mask: bool,
+    has_sinks: bool,
+    *,
+    qkv_inline: bool = False,
+):
     """Gradients of a launched call, computed by MLX's own op: (last launch, other launches).
 
-    The last launch carries q, k, v (the mask, the sinks) as gradient-only inputs and returns
-    the whole call's gradient for them; every launch returns zeros for its kernel inputs, so
-    the intermediates of a split pass add nothing. The call's output is the last launch's last
-    output (the fused split pass also returns its partials, statistics and flags before it).
+    The last launch returns the whole call's gradient for q, k, v: its first three inputs when
+    `qkv_inline` (a one-launch plan), else gradient-only inputs appended to it; the mask and
+    sinks follow as gradient-only inputs. Every other input gets zeros, so the intermediates of
+    a split pass add nothing. The call's output is the last launch's last output (the fused
+    split pass also returns its partials, statistics and flags before it).
     """
-    extras = 3 + array_mask + has_sinks
+    extras = (0 if qkv_inline else 3) + array_mask + has_sinks
 
     def last(primals, cotangents):
-        kernel_inputs, (q, k, v, *rest) = primals[:-extras], primals[-extras:]
+        kernel_inputs = primals[: len(primals) - extras]
+        rest = list(primals[len(primals) - extras :])
+        q, k, v = kernel_inputs[:3] if qkv_inline else rest[:3]
+        if not qkv_inline:
+            rest = rest[3:]
         mask = rest.pop(0) if array_mask else mask_mode
         sinks = rest.pop(0) if has_sinks else None
 
@@ -236,7 +248,11 @@ def mlx_gradients(scale: float, mask_mode: str | None, array_mask: bool, has_sin
 
         differentiable = [q, k, v] + ([sinks] if has_sinks else [])
         _, grads = mx.vjp(reference, differentiable, cotangents[-1:])
-        result = [mx.zeros_like(x) for x in kernel_inputs] + list(grads[:3])
+        result = [mx.zeros_like(x) for x in kernel_inputs]
+        if qkv_inline:
+            result[:3] = grads[:3]
+        else:
+            result += grads[:3]
         if array_mask:
             result.append(mx.zeros_like(mask))
         if has_sinks:
