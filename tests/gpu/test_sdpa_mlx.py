@@ -172,10 +172,10 @@ def test_patch_serves_mlx_fast_attention():
 
 
 def test_unbuilt_pair_falls_back():
-    q = mx.random.normal((1, 8, 1, 80)).astype(mx.bfloat16)
-    k = mx.random.normal((1, 2, 100, 80)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 8, 1, 112)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, 100, 112)).astype(mx.bfloat16)
     reason = aotc.fallback_reason(q, k, k)
-    assert reason is not None and "sdpa_vector_bfloat16_t_80_80" in reason
+    assert reason is not None and "sdpa_vector_bfloat16_t_112_112" in reason
 
 
 @pytest.mark.parametrize(
