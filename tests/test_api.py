@@ -209,3 +209,15 @@ def test_one_launch_gradient_reads_q_k_v_from_its_kernel_inputs():
         assert mx.allclose(got, expected, atol=1e-5).item()
     assert mx.any(grads[0]).item()
     assert not mx.any(grads[3]).item() and not mx.any(grads[4]).item()
+
+
+def test_run_time_names_resolve_once():
+    """`aotc.sdpa_vector` is on a decode step's hot path: after the first lookup it is a plain
+    module attribute, not a module __getattr__ call with an import each time."""
+    import aotc
+
+    first = aotc.sdpa_vector
+    assert vars(aotc)["sdpa_vector"] is first
+    from aotc.families.sdpa_vector.api import sdpa_vector
+
+    assert first is sdpa_vector

@@ -82,9 +82,10 @@ def _decide(q, k, v, mask, sinks, stream) -> Runner | str:
 def _cache_key(q, k, v, mask, sinks, stream) -> tuple:
     mask_key = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
     sinks_key = None if sinks is None else (sinks.shape, sinks.dtype)
-    device = mx.default_device() if stream is None else stream
-    # str: MLX's Device and Stream compare by value but hash by identity
-    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, mask_key, sinks_key, str(device))
+    # MLX's Device and Stream compare by value but hash by identity: the default device is
+    # keyed by its type (one GPU per MLX process), a stream by its text (a rare path)
+    device = mx.default_device().type if stream is None else str(stream)
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, mask_key, sinks_key, device)
 
 
 def _make_decision(q, k, v, mask, sinks, stream) -> Runner | str:
