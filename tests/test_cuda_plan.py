@@ -133,11 +133,11 @@ def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
     # Forced counts are kept.
     (forced,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132, num_splits=64)
     assert unpack(forced)[8] == 64 and unpack(forced)[13] == 4 * 64
-    # When the split blocks and the combiners would not all be resident at once (a 40-SM GPU),
+    # When the split blocks and the combiners would not all be resident at once (a 24-SM GPU),
     # the combine kernel stays.
-    small = plan_cuda(problem(), available=NAMES | {fused}, sm_count=40)
+    small = plan_cuda(problem(), available=NAMES | {fused}, sm_count=24)
     assert [x.kernel for x in small] == [
-        x.kernel for x in plan_cuda(problem(), available=NAMES, sm_count=40)
+        x.kernel for x in plan_cuda(problem(), available=NAMES, sm_count=24)
     ]
     assert len(small) == 2
 
@@ -175,6 +175,19 @@ def test_short_splits_keep_their_stages():
     cfg = kernel_config("bfloat16", 192, 128)
     first = plan_cuda(problem(), available=NAMES, sm_count=132)[0]
     assert unpack(first)[12] == cfg.stages == 3
+
+
+def test_short_splits_over_the_budget_take_fewer_blocks_per_sm():
+    # 80/80 with 16 KV heads: 3 blocks per SM would keep 120 KB in flight; 2 keep 80 KB.
+    cfg = kernel_config("bfloat16", 80, 80)
+    names = {f"sdpa_vector{k}_bfloat16_t_80_80" for k in ("", "_2pass_1")}
+    names |= {"sdpa_vector_2pass_2_bfloat16_t_80"}
+    shape = problem(q_heads=16, kv_heads=16, kv_len=8192, qk_dim=80, v_dim=80)
+    first = plan_cuda(shape, available=names, sm_count=132)[0]
+    splits, stages = unpack(first)[8], unpack(first)[12]
+    assert stages == cfg.stages == 3
+    assert 16 * splits <= 2 * 132 < 16 * (splits + 2)
+    assert _in_flight_per_sm(first, cfg, 132) <= STREAM_BYTES_PER_SM
 
 
 def test_fused_plan_runs_through_compile_steps():
