@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.shapes import SHAPES
+from bench.shapes import SHAPES, set_count
 
-L2_BYTES = 50 * 2**20
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
 
 
@@ -70,12 +69,6 @@ def time_graph(fns, calls=20, reps=15) -> float | None:
     except Exception as exc:
         print(f"  (graph timing failed: {type(exc).__name__}: {str(exc)[:120]})")
         return None
-
-
-def set_count(nbytes: int) -> int:
-    """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
-    previous calls (decode reads each layer's cache once per token), at most 8."""
-    return max(1, min(8, math.ceil(4 * L2_BYTES / nbytes)))
 
 
 def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):

@@ -4,8 +4,9 @@
 
 A benchmark, not a test: one table per run, with the device's copy bandwidth and MLX's
 per-evaluation floor measured in the same run as the ceilings to compare against. "us/eval" is
-one call evaluated alone; "us/call" and mx.fast are 8 calls per evaluation, pipelined with
-mx.async_eval (see seconds_per_call); torch runs eagerly.
+one call evaluated alone; "us/call" and mx.fast are chains of 8 calls per evaluation ordered
+as a model's layers (layer_chain), pipelined with mx.async_eval (seconds_per_call); torch runs
+eagerly. Every side cycles over enough K/V sets that L2 does not keep them between calls.
 """
 
 from __future__ import annotations
@@ -13,33 +14,53 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES
+from bench.shapes import SHAPES, set_count
+
+CHAIN = 8  # calls per evaluation for the us/call column
 
 
-def seconds_per_call(fn: Callable[[], mx.array], iters: int, chain: int) -> float:
-    """Wall time per call when `chain` calls are evaluated together. One call per evaluation
-    waits for each (a lone call's latency); a chain is pipelined as mlx-lm generates tokens:
-    the next chain is built while the GPU runs this one (mx.async_eval), so the figure is the
-    GPU's rate when the host keeps up, as torch's eager calls are."""
+def seconds_per_call(calls: Callable[[], list[mx.array]], iters: int) -> float:
+    """Wall time per call of the chains `calls()` makes. One call per chain waits for each (a
+    lone call's latency); longer chains are pipelined as mlx-lm generates tokens: the next is
+    built while the GPU runs this one (mx.async_eval), so the figure is the GPU's rate when the
+    host keeps up, as with torch's eager calls."""
     for _ in range(3):
-        mx.eval([fn() for _ in range(chain)])
+        mx.eval(calls())
+    chain = len(calls())
     start = time.perf_counter()
     if chain == 1:
         for _ in range(iters):
-            mx.eval(fn())
+            mx.eval(calls())
     else:
         pending: list[mx.array] = []
         for _ in range(iters):
-            outs = [fn() for _ in range(chain)]
+            outs = calls()
             mx.async_eval(outs)
             mx.eval(pending)
             pending = outs
         mx.eval(pending)
     return (time.perf_counter() - start) / (iters * chain)
+
+
+def layer_chain(op: Callable, q: mx.array, kvs: list, chain: int) -> Callable[[], list]:
+    """`chain` calls as a model's layers make them: each on the next K/V set (a layer's cache)
+    and ordered after the previous call (mx.depends, no kernel). Independent calls in one
+    evaluation may run at once on the GPU, and identical ones would share K and V in L2."""
+
+    def calls() -> list[mx.array]:
+        outs, qi = [], q
+        for i in range(chain):
+            k, v = kvs[i % len(kvs)]
+            outs.append(op(qi, k, v))
+            qi = mx.depends(q, outs[-1])
+        return outs
+
+    return calls
 
 
 def copy_bandwidth() -> tuple[float, str]:
@@ -67,16 +88,16 @@ def copy_bandwidth() -> tuple[float, str]:
         pass
     x = mx.zeros((1 << 28,), dtype=mx.float32)
     mx.eval(x)
-    return 2 * x.nbytes / seconds_per_call(lambda: x + 1, 10, 1), "MLX x + 1"
+    return 2 * x.nbytes / seconds_per_call(lambda: [x + 1], 10), "MLX x + 1"
 
 
 def eval_floor() -> float:
     x = mx.zeros((16,))
     mx.eval(x)
-    return seconds_per_call(lambda: x + 1, 200, 1)
+    return seconds_per_call(lambda: [x + 1], 200)
 
 
-def torch_sdpa(b, hq, hkv, n, d, v_dim, iters) -> float | None:
+def torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets) -> float | None:
     try:
         import torch
         import torch.nn.functional as F
@@ -86,50 +107,73 @@ def torch_sdpa(b, hq, hkv, n, d, v_dim, iters) -> float | None:
         return None
     try:
         q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hkv, n, v_dim, device="cuda", dtype=torch.bfloat16)
+        kvs = [
+            (
+                torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16),
+                torch.randn(b, hkv, n, v_dim, device="cuda", dtype=torch.bfloat16),
+            )
+            for _ in range(sets)
+        ]
 
-        def run():
+        def run(i):
+            k, v = kvs[i % sets]
             return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=hkv != hq)
 
-        for _ in range(3):
-            run()
+        for i in range(3):
+            run(i)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(iters):
-            run()
+        for i in range(iters):
+            run(i)
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / iters
     except RuntimeError:  # out of memory, unsupported shape
         return None
 
 
+def make_kvs(b, hkv, n, d, v_dim, v_view, sets) -> list[tuple[mx.array, mx.array]]:
+    """`sets` K/V caches (V a view of K's first columns for MLA), evaluated."""
+    kvs = []
+    for _ in range(sets):
+        k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
+        v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
+        mx.eval(k, v)
+        kvs.append((k, v))
+    return kvs
+
+
 def row(shape, iters: int) -> dict:
     """One table row; its arrays die with the call, so rows do not pile up GPU memory."""
     b, hq, hkv, n, d, v_dim, v_view = shape
-    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
-    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
     q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
-    mx.eval(q, k, v)
+    kv_bytes = b * hkv * n * (d + (0 if v_view else v_dim)) * 2
+    sets = set_count(kv_bytes)
+    kvs = make_kvs(b, hkv, n, d, v_dim, v_view, sets)
+    mx.eval(q)
     scale = d**-0.5
-    kv_bytes = k.nbytes + (0 if v_view else v.nbytes)
     flops = 2 * b * hq * n * (d + v_dim)
     result = {"shape": shape, "bytes": kv_bytes, "flops": flops}
-    result["reason"] = aotc.fallback_reason(q, k, v)
-    ours = lambda: aotc.sdpa_vector(q, k, v, scale=scale)  # noqa: E731
-    theirs = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
-    result["aotc_eval"] = seconds_per_call(ours, iters, 1)
-    result["aotc"] = seconds_per_call(ours, iters, 8)
+    result["reason"] = aotc.fallback_reason(q, *kvs[0])
+    ours = partial(aotc.sdpa_vector, scale=scale)
+    theirs = partial(mx.fast.scaled_dot_product_attention, scale=scale)
+    result["aotc_eval"] = seconds_per_call(layer_chain(ours, q, kvs, 1), iters)
+    result["aotc"] = seconds_per_call(layer_chain(ours, q, kvs, CHAIN), iters)
     try:
-        result["mlx"] = seconds_per_call(theirs, max(2, iters // 4), 8)
+        result["mlx"] = seconds_per_call(layer_chain(theirs, q, kvs, CHAIN), max(2, iters // 4))
     except RuntimeError:
         result["mlx"] = None
-    result["torch"] = torch_sdpa(b, hq, hkv, n, d, v_dim, iters)
+    del kvs
+    mx.clear_cache()
+    result["torch"] = torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets)
     # A second round of both, best of each: torch's cuDNN calls slow the kernels run right
     # after them (bench/NOTES.md, round 8), so whichever side runs first would be favoured.
-    result["aotc"] = min(result["aotc"], seconds_per_call(ours, iters, 8))
+    kvs = make_kvs(b, hkv, n, d, v_dim, v_view, sets)
+    result["aotc"] = min(result["aotc"], seconds_per_call(layer_chain(ours, q, kvs, CHAIN), iters))
+    del kvs
+    mx.clear_cache()
     if result["torch"] is not None:
-        result["torch"] = min(result["torch"], torch_sdpa(b, hq, hkv, n, d, v_dim, iters) or 1.0)
+        second = torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets)
+        result["torch"] = min(result["torch"], second or 1.0)
         import torch
 
         torch.cuda.empty_cache()
@@ -152,7 +196,10 @@ def main() -> None:
         f"copy bandwidth {copy / 1e12:.2f} TB/s (read+write, {how}); "
         f"MLX eval floor {floor * 1e6:.1f} us"
     )
-    print("us/call: 8 calls per evaluation, the next 8 built while the GPU runs these")
+    print(
+        f"us/call: {CHAIN} dependent calls per evaluation (a layer each), the next {CHAIN} "
+        "built while the GPU runs these"
+    )
     print(
         "  B   Hq Hkv      N    D    V | aotc us/eval | aotc us/call  rate            | "
         "mx.fast us | torch us"

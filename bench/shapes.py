@@ -17,3 +17,11 @@ SHAPES = [
     (8, 128, 1, 32768, 576, 512, True),
     (1, 32, 8, 32768, 256, 128, False),
 ]
+
+L2_BYTES = 50 * 2**20
+
+
+def set_count(nbytes: int) -> int:
+    """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
+    previous calls (decode reads each layer's cache once per token), at most 8."""
+    return max(1, min(8, -(-4 * L2_BYTES // nbytes)))
