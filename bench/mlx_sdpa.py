@@ -6,9 +6,9 @@ A benchmark, not a test: one table per run, with the device's copy bandwidth and
 per-evaluation floor measured in the same run as the ceilings to compare against. "us/eval" is
 one call evaluated alone; "us/call" and mx.fast are chains of 8 calls per evaluation, each
 query computed from the previous call's output as a model's layers are (layer_chain: one small
-fused kernel per call, which torch's eager loop does not have), pipelined with mx.async_eval
-(seconds_per_call). Every side cycles over enough K/V sets that L2 does not keep them between
-calls.
+fused kernel per call; torch's eager loop runs the same step as one addcmul), pipelined with
+mx.async_eval (seconds_per_call). Every side cycles over enough K/V sets that L2 does not
+keep them between calls.
 """
 
 from __future__ import annotations
@@ -124,16 +124,21 @@ def torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets) -> float | None:
             for _ in range(sets)
         ]
 
-        def run(i):
-            k, v = kvs[i % sets]
-            return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=hkv != hq)
+        zero = torch.zeros((), device="cuda", dtype=torch.bfloat16)
 
+        def run(i, qi):
+            k, v = kvs[i % sets]
+            out = F.scaled_dot_product_attention(qi, k, v, scale=d**-0.5, enable_gqa=hkv != hq)
+            # The next query after this output, in one kernel, as layer_chain's MLX calls.
+            return torch.addcmul(q, out[..., :1], zero)
+
+        qi = q
         for i in range(3):
-            run(i)
+            qi = run(i, qi)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for i in range(iters):
-            run(i)
+            qi = run(i, qi)
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / iters
     except RuntimeError:  # out of memory, unsupported shape
