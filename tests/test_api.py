@@ -151,30 +151,38 @@ def test_an_unusable_library_with_the_kernel_warns_and_falls_back(tmp_path, writ
         registry.reset()
 
 
-def test_launch_gradient_takes_the_cotangent_of_the_calls_output():
-    """The fused split pass returns (partials, maxs, sums, flags, out): the gradient of the last
-    launch must follow out's cotangent, the last one, not the first output's."""
-    from aotc.families.sdpa_vector.api import mlx_gradients
-
+def _gradient_case(seed: int):
+    """(q, k, v, cotangent of out, MLX's gradients of q, k, v) for a small problem."""
     b, hq, hkv, n, d, v = 1, 4, 2, 9, 16, 16
-    key = mx.random.key(0)
     q, k, vv = (
         mx.random.normal(shape, key=kk)
         for shape, kk in zip(
-            [(b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, v)], mx.random.split(key, 3), strict=True
+            [(b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, v)],
+            mx.random.split(mx.random.key(seed), 3),
+            strict=True,
         )
     )
-    ct_out = mx.random.normal((b, hq, 1, v), key=mx.random.key(1))
-    last, _ = mlx_gradients(0.25, None, False, False)
-    kernel_inputs = [q, k, vv, q, q]
-    intermediates = [mx.zeros((b, hq, 1, 3, v)), mx.zeros((b, hq, 1, 3)), mx.zeros((b, hq, 1, 3))]
-    flags = mx.zeros((6,), dtype=mx.uint32)
-    grads = last([*kernel_inputs, q, k, vv], [*intermediates, flags, ct_out])
+    ct_out = mx.random.normal((b, hq, 1, v), key=mx.random.key(seed + 1))
     _, want = mx.vjp(
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25),
         [q, k, vv],
         [ct_out],
     )
+    return q, k, vv, ct_out, want
+
+
+def test_launch_gradient_takes_the_cotangent_of_the_calls_output():
+    """The fused split pass returns (partials, maxs, sums, flags, out): the gradient of the last
+    launch must follow out's cotangent, the last one, not the first output's."""
+    from aotc.families.sdpa_vector.api import mlx_gradients
+
+    q, k, vv, ct_out, want = _gradient_case(0)
+    b, hq, v = 1, 4, 16
+    last, _ = mlx_gradients(0.25, None, False, False)
+    kernel_inputs = [q, k, vv, q, q]
+    intermediates = [mx.zeros((b, hq, 1, 3, v)), mx.zeros((b, hq, 1, 3)), mx.zeros((b, hq, 1, 3))]
+    flags = mx.zeros((6,), dtype=mx.uint32)
+    grads = last([*kernel_inputs, q, k, vv], [*intermediates, flags, ct_out])
     assert len(grads) == len(kernel_inputs) + 3
     assert all(not mx.any(g).item() for g in grads[: len(kernel_inputs)])
     for got, expected in zip(grads[len(kernel_inputs) :], want, strict=True):
@@ -187,23 +195,10 @@ def test_one_launch_gradient_reads_q_k_v_from_its_kernel_inputs():
     zeros on the placeholders that repeat q), with no gradient-only inputs appended."""
     from aotc.families.sdpa_vector.api import mlx_gradients
 
-    b, hq, hkv, n, d, v = 1, 4, 2, 9, 16, 16
-    key = mx.random.key(2)
-    q, k, vv = (
-        mx.random.normal(shape, key=kk)
-        for shape, kk in zip(
-            [(b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, v)], mx.random.split(key, 3), strict=True
-        )
-    )
-    ct_out = mx.random.normal((b, hq, 1, v), key=mx.random.key(3))
+    q, k, vv, ct_out, want = _gradient_case(2)
     last, _ = mlx_gradients(0.25, None, False, False, qkv_inline=True)
     kernel_inputs = [q, k, vv, q, q]
-    grads = last(kernel_inputs, [mx.zeros((b, hq, 1, 3, v)), ct_out])
-    _, want = mx.vjp(
-        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25),
-        [q, k, vv],
-        [ct_out],
-    )
+    grads = last(kernel_inputs, [mx.zeros((1, 4, 1, 3, 16)), ct_out])
     assert len(grads) == len(kernel_inputs)
     for got, expected in zip(grads[:3], want, strict=True):
         assert mx.allclose(got, expected, atol=1e-5).item()
