@@ -23,16 +23,20 @@ from bench.bench_sdpa import kv_bytes, make_sets, set_count, time_plans
 from bench.shapes import SHAPES
 
 DEFAULT = cuda_plan._stages
+DEFAULT_FIT = cuda_plan._streaming_fit
 
 
 def cell(lib, sets, scale, nbytes, stages, splits) -> str:
-    cuda_plan._stages = DEFAULT if stages is None else (lambda *a, s=stages: s)
+    """A forced stage count is kept as it is: the plan's in-flight budget is off for it."""
+    if stages is not None:
+        cuda_plan._stages = lambda *a, s=stages: s
+        cuda_plan._streaming_fit = lambda *a: None
     try:
         plans = [h.plan_for(lib, *s, scale=scale, num_splits=splits) for s in sets]
     except Exception as exc:
         return f"{stages}: {type(exc).__name__}"
     finally:
-        cuda_plan._stages = DEFAULT
+        cuda_plan._stages, cuda_plan._streaming_fit = DEFAULT, DEFAULT_FIT
     t = time_plans(lib, sets, plans, scale)
     first = plans[0][0]
     return (
