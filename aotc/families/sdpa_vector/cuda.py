@@ -73,13 +73,14 @@ WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 FUSED_MAX_SPLITS = 8
 # A token slot of the fused pass's flags is 64 bits (aotc_sdpa::Slot): two uint32 words.
 SLOT_WORDS = 2
-# Bytes of K and V tiles in flight per SM: a block keeps stages - 1 tiles loading while it
-# computes one. Past this the reads slow (H100, bench/NOTES.md round 9): 192/128 B=8 441 us
-# with 2 stages x 3 blocks per SM (60 KB) against 448 with 3 stages (120 KB); 128/128 B=8 352
-# us with 2 blocks per SM (64 KB) against 359 with 3 (96 KB); 80/80 B=1 21.6-21.8 us with 16
-# splits, 2 blocks per SM (80 KB), against 22.2-22.8 with 22 splits, 3 (120 KB). Splits of at
-# least LONG_SPLIT_TILES tiles stream; shorter ones keep every stage.
-STREAM_BYTES_PER_SM = 80 * 1024
+# Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
+# each): a block keeps stages - 1 tiles loading while it computes one. Past this the reads slow
+# (bench/NOTES.md round 9). H100: 192/128 B=8 441 us with 2 stages x 3 blocks per SM (60 KB)
+# against 448 with 3 stages (120 KB); 128/128 B=8 352 us with 2 blocks per SM (64 KB) against
+# 359 with 3 (96 KB). H200: 192/128 B=8 308 against 314 us. Short (batch-1) splits are left
+# out: 80/80 B=1 with 2 blocks per SM instead of 3 gained 0.6 us on an H100 and lost 0.5-1.9
+# on an H200.
+STREAM_BYTES_PER_SM = 64 * 1024
 LONG_SPLIT_TILES = 32
 
 
@@ -220,18 +221,16 @@ def _streaming_fit(
     tiles: int,
     num_splits: int,
 ) -> tuple[int, int] | None:
-    """(stages, blocks per SM) within STREAM_BYTES_PER_SM of tiles in flight (4-warp kernels);
-    None where the plan is within it already. Long splits give up stages first (one tile ahead
-    keeps a streaming block busy); short ones keep their stages, so that their few tiles are
-    requested at once, and give up blocks per SM."""
-    if cfg.warps != 4:
+    """(stages, blocks per SM) within STREAM_BYTES_PER_SM of tiles in flight, for splits long
+    enough to stream (4-warp kernels); None where the plan is within it or its splits are short
+    (a short split needs its few tiles requested at once, whatever they cost in flight)."""
+    if cfg.warps != 4 or tiles < LONG_SPLIT_TILES * num_splits:
         return None
     stage_bytes = cfg.key_tile * (cfg.d + cfg.v) * cfg.dtype_size
     blocks_per_sm = min(per_sm, -(-base_blocks * num_splits // sm_count))
     if blocks_per_sm * (stages - 1) * stage_bytes <= STREAM_BYTES_PER_SM:
         return None
-    if tiles >= LONG_SPLIT_TILES * num_splits:
-        stages = max(2, min(stages, 1 + STREAM_BYTES_PER_SM // (blocks_per_sm * stage_bytes)))
+    stages = max(2, min(stages, 1 + STREAM_BYTES_PER_SM // (blocks_per_sm * stage_bytes)))
     return stages, max(1, min(per_sm, STREAM_BYTES_PER_SM // ((stages - 1) * stage_bytes)))
 
 
