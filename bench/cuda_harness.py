@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Output buffers only (the fused split pass's flags): the same bits in a type torch fills.
+# Output buffers only: the same bits in a type torch fills.
 OUTPUT_DTYPES = {**DTYPES, "uint32": torch.int32}
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 

@@ -172,8 +172,9 @@ def _gradient_case(seed: int):
 
 
 def test_launch_gradient_takes_the_cotangent_of_the_calls_output():
-    """The fused split pass returns (partials, maxs, sums, flags, out): the gradient of the last
-    launch must follow out's cotangent, the last one, not the first output's."""
+    """A split pass of two launches returns (partials, maxs, sums) and the fused one (scratch,
+    out): the gradient of the last launch must follow out's cotangent, the last one, not the
+    first output's."""
     from aotc.families.sdpa_vector.api import mlx_gradients
 
     q, k, vv, ct_out, want = _gradient_case(0)

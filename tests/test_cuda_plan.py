@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 import subprocess
@@ -103,8 +104,9 @@ def test_split_pass_merges_in_one_launch_when_the_image_has_it():
         two[0].shared_memory,
         two[0].params,
     )
-    flags = ("flags", (2 * launch.grid[0],), "uint32")  # a 64-bit slot per block
-    assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
+    # One scratch output: the partials, maxs and sums, then a 64-bit flag slot per block.
+    words = sum(math.prod(shape) for _, shape, _ in two[0].outputs) + 2 * launch.grid[0]
+    assert launch.outputs == (("scratch", (words,), "float32"), two[1].outputs[0])
     assert unpack(launch)[13] == 0  # no waiting combiners: the last block per row group merges
     # One split needs no merge at all.
     (one,) = plan_cuda(problem(kv_len=31), available=NAMES | {fused}, sm_count=132)
@@ -128,8 +130,9 @@ def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
     assert fields[13] == two[0].grid[0]  # combiners_from
     split_fields = unpack(two[0])
     assert fields[:13] == split_fields[:13] and fields[14] == split_fields[14] == 0
-    flags = ("flags", (2 * 32 * splits,), "uint32")  # a 64-bit slot per (row, split)
-    assert launch.outputs == (*two[0].outputs, flags, two[1].outputs[0])
+    # The scratch ends with a 64-bit flag slot per (row, split).
+    words = sum(math.prod(shape) for _, shape, _ in two[0].outputs) + 2 * 32 * splits
+    assert launch.outputs == (("scratch", (words,), "float32"), two[1].outputs[0])
     # Forced counts are kept.
     (forced,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132, num_splits=64)
     assert unpack(forced)[8] == 64 and unpack(forced)[13] == 4 * 64
@@ -198,8 +201,8 @@ def test_fused_plan_runs_through_compile_steps():
 
     steps, out_slot = compile_steps(launches, preparer(launch_fn))
     out = run_steps(steps, out_slot, ["q", "k", "v", None, None])
-    assert out == f"{fused}:4"  # "out", after partials, maxs, sums, flags
-    assert seen == [(fused, 5, ["float32", "float32", "float32", "uint32", "bfloat16"])]
+    assert out == f"{fused}:1"  # "out", after the scratch
+    assert seen == [(fused, 5, ["float32", "bfloat16"])]
 
 
 def test_many_blocks_stay_one_pass():

@@ -13,12 +13,12 @@
 // Entry points (kernel contract, see docs/ARCHITECTURE.md):
 //   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
 //   sdpa_vector_2pass_1_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
-//   sdpa_vector_2pass_fused_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, flags, out,
-//                                        Params): the split pass and the combine in one launch:
-//                                        the last block per row group merges its splits, or
-//                                        (Params::combiners_from > 0) the grid's last blocks
-//                                        each wait for one query row's splits and merge them
-//                                        (flags: 64-bit token slots, zero after the call)
+//   sdpa_vector_2pass_fused_<TN>_<D>_<V>(q, k, v, mask, sinks, scratch, out, Params): the split
+//                                        pass and the combine in one launch: the last block per
+//                                        row group merges its splits, or (Params::combiners_from
+//                                        > 0) the grid's last blocks each wait for one query
+//                                        row's splits and merge them. scratch: partials, maxs,
+//                                        sums, then 64-bit flag slots (FusedScratch)
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
@@ -1309,6 +1309,24 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0ull;
 }
 
+// The fused pass's scratch, one buffer: every output array of a launch costs MLX host time
+// (the fused launch took 4.5 us to build with five outputs, 1.8 with three; H100 host). In it:
+// partials (rows x S x V floats), maxs and sums (rows x S each), then the flag slots, 8-byte
+// aligned because V + 2 is even; rows = B * Hq * Lq, S = Params::num_splits.
+struct FusedScratch {
+  float* partials;
+  float* maxs;
+  float* sums;
+  Slot* flags;
+  __device__ __forceinline__ FusedScratch(float* base, const Params& p, int V) {
+    const long long rs = (long long)p.batch * p.q_heads * p.q_len * p.num_splits;
+    partials = base;
+    maxs = partials + rs * V;
+    sums = maxs + rs;
+    flags = reinterpret_cast<Slot*>(sums + rs);
+  }
+};
+
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
 // publish_rows and wait_and_combine).
 template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
@@ -1395,12 +1413,12 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
                                                 aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
-      sdpa_vector_2pass_fused_##TN##_##D##_##V(                                                 \
-          const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
-          float* maxs, float* sums, aotc_sdpa::Slot* flags, T* out,                             \
-          const aotc_sdpa::Params p) {                                                          \
-    aotc_sdpa::sdpa_entry<T, D, V, true, true>(q, k, v, mask, sinks, out, partials, maxs, sums, \
-                                               p, flags);                                       \
+      sdpa_vector_2pass_fused_##TN##_##D##_##V(const T* q, const T* k, const T* v,              \
+                                               const void* mask, const T* sinks, float* scratch, \
+                                               T* out, const aotc_sdpa::Params p) {              \
+    const aotc_sdpa::FusedScratch s(scratch, p, V);                                             \
+    aotc_sdpa::sdpa_entry<T, D, V, true, true>(q, k, v, mask, sinks, out, s.partials, s.maxs,   \
+                                               s.sums, p, s.flags);                             \
   }
 
 #define AOTC_SDPA_VECTOR_AGGREGATE(TN, T, V)                                               \

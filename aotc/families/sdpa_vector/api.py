@@ -230,7 +230,7 @@ def mlx_gradients(
     `qkv_inline` (a one-launch plan), else gradient-only inputs appended to it; the mask and
     sinks follow as gradient-only inputs. Every other input gets zeros, so the intermediates of
     a split pass add nothing. The call's output is the last launch's last output (the fused
-    split pass also returns its partials, statistics and flags before it).
+    split pass also returns its scratch before it).
     """
     extras = (0 if qkv_inline else 3) + array_mask + has_sinks
 

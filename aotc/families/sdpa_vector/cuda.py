@@ -71,7 +71,7 @@ WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
 # resident blocks, the fused pass runs with waiting combiners instead: one launch that merges
 # each row in its own block, as the combine kernel does.
 FUSED_MAX_SPLITS = 8
-# A token slot of the fused pass's flags is 64 bits (aotc_sdpa::Slot): two uint32 words.
+# A flag slot of the fused pass's scratch is 64 bits (aotc_sdpa::Slot): two 4-byte words.
 SLOT_WORDS = 2
 # Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
 # each): a block keeps stages - 1 tiles loading while it computes one. Past this the reads slow
@@ -379,11 +379,12 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
 
 def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
     """The split pass whose last block per row group merges the splits: one launch, which under
-    MLX's CUDA graphs also saves the second graph node of an evaluation. `flags` holds a token
-    slot per block (64 bits); "out" comes last (the highest slot, see compile_steps)."""
-    flags = ("flags", (SLOT_WORDS * split_pass.grid[0],), "uint32")
+    MLX's CUDA graphs also saves the second graph node of an evaluation. Its scratch holds a
+    flag slot per block; "out" comes last (the highest slot, see compile_steps)."""
     return replace(
-        split_pass, kernel=kernel, outputs=(*split_pass.outputs, flags, *combine.outputs)
+        split_pass,
+        kernel=kernel,
+        outputs=(_scratch(split_pass, split_pass.grid[0]), *combine.outputs),
     )
 
 
@@ -391,16 +392,24 @@ def _fused_with_combiners(
     split_pass: Launch, combine: Launch, kernel: str, params: bytes, num_splits: int
 ) -> Launch:
     """The fused split pass followed by one waiting combiner block per query row (the combine's
-    grid): `params` names the first combiner block; `flags` holds a slot per (row, split)."""
+    grid): `params` names the first combiner block; the scratch holds a flag slot per (row,
+    split)."""
     rows = combine.grid[0]
-    flags = ("flags", (SLOT_WORDS * rows * num_splits,), "uint32")
     return replace(
         split_pass,
         kernel=kernel,
         grid=(split_pass.grid[0] + rows, 1, 1),
         params=params,
-        outputs=(*split_pass.outputs, flags, *combine.outputs),
+        outputs=(_scratch(split_pass, rows * num_splits), *combine.outputs),
     )
+
+
+def _scratch(split_pass: Launch, slots: int) -> tuple[str, tuple[int, ...], str]:
+    """The fused pass's one scratch output (`FusedScratch` of the header): the split pass's
+    partials, maxs and sums, then `slots` 64-bit flag slots, in 4-byte words. One output in
+    place of four: each output array of a launch costs MLX host time at every call."""
+    words = sum(math.prod(shape) for _, shape, _ in split_pass.outputs) + SLOT_WORDS * slots
+    return ("scratch", (words,), "float32")
 
 
 def _split_launches(
