@@ -326,6 +326,8 @@ int main() {
   cfg<__nv_bfloat16, 192, 128>("bfloat16"); cfg<__half, 576, 512>("float16");
   cfg<float, 576, 512>("float32"); cfg<float, 96, 64>("float32"); cfg<__half, 80, 80>("float16");
   cfg<__nv_bfloat16, 320, 256>("bfloat16"); cfg<float, 256, 128>("float32");
+  // batch 1, 32 query heads, one token, 32 splits, V = 128, a flag slot per (row, split)
+  std::printf("scratch %lld\n", fused_scratch_words(32LL * 32, 128, 32LL * 32));
 }
 """
 
@@ -343,8 +345,14 @@ def test_header_layout_matches_plan(tmp_path):
     # The struct may end in alignment padding, which the launch primitive zero-fills.
     assert size == -(-PARAMS_SIZE // 8) * 8 and scale_off == 128 and last_off == PARAMS_SIZE - 4
     assert combine_size == COMBINE_SIZE
+    scratch = [int(line.split()[1]) for line in lines if line.startswith("scratch ")]
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    (launch,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
+    assert unpack(launch)[8] == 32 and scratch == [launch.outputs[0][1][0]]
     for line in lines[1:]:
         kind, dtype, *nums = line.split()
+        if kind == "scratch":
+            continue
         if kind == "wgmma":
             d, v, supported, smem = map(int, nums)
             assert wgmma_supported(dtype, d, v) == bool(supported), line

@@ -1327,6 +1327,14 @@ struct FusedScratch {
   }
 };
 
+// 4-byte words of a FusedScratch: rows x S (`rows_splits`) partial rows of V, maxs and sums, then
+// `slots` 8-byte flag slots. The plan sizes the scratch output by the same sum (cuda.py
+// _scratch; tests/test_cuda_plan.py compares the two).
+__host__ __device__ constexpr long long fused_scratch_words(long long rows_splits, int v,
+                                                           long long slots) {
+  return rows_splits * (v + 2) + 2 * slots;
+}
+
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
 // publish_rows and wait_and_combine).
 template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
