@@ -442,10 +442,8 @@ def _problems(index: Index) -> list[str]:
     built_with = index.mlx_version
     if installed is not None and built_with != installed:
         problems.append(f"built for MLX {built_with}, installed is MLX {installed}")
-    if target == "metal":
-        problems += [p for p in (_metal_headers_problem(index), _macos_problem(index)) if p]
-    if target == "cuda":
-        problems += [p for p in (_cuda_sources_problem(index),) if p]
+    checks = {"metal": (_metal_headers_problem, _macos_problem), "cuda": (_cuda_sources_problem,)}
+    problems += [p for check in checks.get(target, ()) if (p := check(index))]
     if not index.artifact_path.is_file():
         problems.append(f"its artifact {index.artifact_path.name} is missing beside its index")
     return problems

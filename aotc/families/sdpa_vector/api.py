@@ -235,11 +235,9 @@ def mlx_gradients(
     extras = (0 if qkv_inline else 3) + array_mask + has_sinks
 
     def last(primals, cotangents):
-        kernel_inputs = primals[: len(primals) - extras]
-        rest = list(primals[len(primals) - extras :])
-        q, k, v = kernel_inputs[:3] if qkv_inline else rest[:3]
-        if not qkv_inline:
-            rest = rest[3:]
+        n_kernel = len(primals) - extras
+        kernel_inputs, rest = primals[:n_kernel], list(primals[n_kernel:])
+        q, k, v = kernel_inputs[:3] if qkv_inline else (rest.pop(0), rest.pop(0), rest.pop(0))
         mask = rest.pop(0) if array_mask else mask_mode
         sinks = rest.pop(0) if has_sinks else None
 
