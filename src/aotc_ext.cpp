@@ -13,11 +13,15 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/array.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "call_table.h"
 #include "cuda/cuda_launch.h"
+#include "cuda/cuda_plan.h"
 #include "mlx/array.h"
 #include "mlx/utils.h"
 
@@ -28,6 +32,24 @@
 namespace nb = nanobind;
 namespace mx = mlx::core;
 using namespace nb::literals;
+
+#ifndef AOTC_WITH_CUDA
+namespace aotc {
+// Builds without the CUDA primitive check a launch as the CUDA build does, then
+// say why they cannot run it.
+std::vector<mx::array> launch(
+    std::shared_ptr<const LaunchSpec> spec,
+    std::vector<mx::array> inputs,
+    std::vector<mx::array>,
+    Gradient,
+    mx::StreamOrDevice s) {
+  check_launch_call(*spec, inputs.size(), mx::to_stream(s));
+  throw std::runtime_error(
+      "[aotc.cuda_launch] this aotc._ext was built without the CUDA primitive: the MLX it "
+      "was built against has no CUDA backend");
+}
+} // namespace aotc
+#endif
 
 namespace {
 
@@ -66,21 +88,12 @@ aotc::Gradient wrap_gradient(nb::object fn) {
   };
 }
 
-// Everything of a launch but its inputs: made once per plan step, so that a call converts only
-// the input list from Python (a decode step's host time is mostly argument conversion).
-struct LaunchSpec {
-  std::shared_ptr<aotc::CudaImage> image;
-  std::string kernel;
-  std::vector<mx::Shape> output_shapes;
-  std::vector<mx::Dtype> output_dtypes;
-  std::array<int64_t, 3> grid;
-  std::array<int64_t, 3> block;
-  int64_t shared_memory;
-  std::string params;
-  std::vector<int> strided_inputs;
+// A LaunchSpec from Python's arguments (made once per plan step).
+struct PreparedLaunch {
+  std::shared_ptr<const aotc::LaunchSpec> spec;
 };
 
-LaunchSpec make_spec(
+PreparedLaunch make_prepared(
     const PyCudaImage& image,
     std::string kernel,
     const std::vector<std::vector<int>>& output_shapes,
@@ -89,13 +102,14 @@ LaunchSpec make_spec(
     std::array<int64_t, 3> block,
     int64_t shared_memory,
     const nb::bytes& params,
-    std::vector<int> strided_inputs) {
+    std::vector<int> strided_inputs,
+    std::vector<int> unread_inputs) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
     shapes.emplace_back(shape.begin(), shape.end());
   }
-  return LaunchSpec{
+  return PreparedLaunch{aotc::make_launch_spec(
       image.image,
       std::move(kernel),
       std::move(shapes),
@@ -104,45 +118,22 @@ LaunchSpec make_spec(
       block,
       shared_memory,
       std::string(params.c_str(), params.size()),
-      std::move(strided_inputs)};
+      std::move(strided_inputs),
+      std::move(unread_inputs))};
 }
 
-std::vector<mx::array> launch(
-    const LaunchSpec& spec,
+std::vector<mx::array> launch_prepared(
+    const PreparedLaunch& prepared,
     std::vector<mx::array> inputs,
     std::vector<mx::array> gradient_inputs,
     nb::object gradient,
     mx::StreamOrDevice s) {
-#ifdef AOTC_WITH_CUDA
-  return aotc::cuda_launch(
-      spec.image,
-      spec.kernel,
+  return aotc::launch(
+      prepared.spec,
       std::move(inputs),
-      spec.output_shapes,
-      spec.output_dtypes,
-      spec.grid,
-      spec.block,
-      spec.shared_memory,
-      spec.params,
-      spec.strided_inputs,
       std::move(gradient_inputs),
       wrap_gradient(std::move(gradient)),
       s);
-#else
-  aotc::check_launch_args(
-      spec.kernel,
-      inputs.size(),
-      spec.output_shapes,
-      spec.output_dtypes,
-      spec.grid,
-      spec.block,
-      spec.shared_memory,
-      spec.strided_inputs,
-      mx::to_stream(s));
-  throw std::runtime_error(
-      "[aotc.cuda_launch] this aotc._ext was built without the CUDA primitive: the MLX it "
-      "was built against has no CUDA backend");
-#endif
 }
 
 std::vector<mx::array> cuda_launch(
@@ -159,7 +150,7 @@ std::vector<mx::array> cuda_launch(
     std::vector<mx::array> gradient_inputs,
     nb::object gradient,
     mx::StreamOrDevice s) {
-  auto spec = make_spec(
+  auto prepared = make_prepared(
       image,
       std::move(kernel),
       output_shapes,
@@ -168,9 +159,25 @@ std::vector<mx::array> cuda_launch(
       block,
       shared_memory,
       params,
-      std::move(strided_inputs));
-  return launch(
-      spec, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
+      std::move(strided_inputs),
+      {});
+  return launch_prepared(
+      prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
+}
+
+// A native call's arguments from Python's: arrays where given, nothing for the
+// rest (None, strings, numbers: fixed by the plan).
+aotc::Arguments arguments(const nb::args& args) {
+  aotc::Arguments out;
+  out.reserve(args.size());
+  for (nb::handle h : args) {
+    if (nb::isinstance<mx::array>(h)) {
+      out.emplace_back(*nb::inst_ptr<mx::array>(h));
+    } else {
+      out.emplace_back(std::nullopt);
+    }
+  }
+  return out;
 }
 
 } // namespace
@@ -233,13 +240,13 @@ ValueError for a CPU stream or malformed arguments, RuntimeError without the CUD
 `gradient(primals, cotangents) -> cotangents of all inputs` its gradient; without one, asking
 for a gradient raises.)");
 
-  nb::class_<LaunchSpec>(
+  nb::class_<PreparedLaunch>(
       m,
       "PreparedLaunch",
       "A cuda_launch with everything but its inputs fixed: calling it costs converting the "
       "inputs only.")
       .def(
-          nb::new_(&make_spec),
+          nb::new_(&make_prepared),
           "image"_a,
           "kernel"_a,
           "output_shapes"_a,
@@ -248,17 +255,99 @@ for a gradient raises.)");
           "block"_a,
           "shared_memory"_a,
           "params"_a,
-          "strided_inputs"_a)
+          "strided_inputs"_a,
+          "unread_inputs"_a = std::vector<int>{},
+          "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
+          "place): passed as null pointers and never made contiguous.")
       .def(
           "__call__",
-          &launch,
+          &launch_prepared,
           "inputs"_a,
           "gradient_inputs"_a = std::vector<mx::array>{},
           "gradient"_a = nb::none(),
           "stream"_a = nb::none(),
           "cuda_launch(image, kernel, inputs, ...) with this launch's fixed arguments; "
           "gradient_inputs and gradient may be passed positionally.")
-      .def_prop_ro("kernel", [](const LaunchSpec& self) { return self.kernel; });
+      .def_prop_ro(
+          "kernel", [](const PreparedLaunch& self) { return self.spec->kernel; });
+
+  nb::class_<aotc::NativeCall>(
+      m,
+      "NativeCall",
+      "A call served by prebuilt kernels without Python (see CallTable).")
+      .def(
+          "__call__",
+          [](const aotc::NativeCall& self, nb::args args) {
+            return self(arguments(args));
+          },
+          "Run the call: its arguments positionally, arrays and the values its plan fixed.");
+
+  nb::class_<aotc::CudaPlan, aotc::NativeCall>(
+      m,
+      "CudaPlan",
+      "A CUDA launch plan as one native call: argument conversions, then launches over "
+      "numbered slots. Slots [0, num_args) hold the call's arguments (None, strings and "
+      "numbers leave theirs empty); launches write their outputs to further slots.")
+      .def(nb::init<int>(), "num_args"_a)
+      .def_prop_ro("num_args", &aotc::CudaPlan::num_args)
+      .def(
+          "astype",
+          &aotc::CudaPlan::astype,
+          "slot"_a,
+          "dtype"_a,
+          "Cast the argument in `slot` (when given, and of another dtype) for the kernels.")
+      .def(
+          "broadcast_to",
+          [](aotc::CudaPlan& self, int slot, const std::vector<int>& shape) {
+            self.broadcast_to(slot, mx::Shape(shape.begin(), shape.end()));
+          },
+          "slot"_a,
+          "shape"_a,
+          "Broadcast the argument in `slot` (when given) for the kernels.")
+      .def(
+          "launch",
+          [](aotc::CudaPlan& self,
+             const PreparedLaunch& prepared,
+             std::vector<int> inputs,
+             std::vector<int> outputs,
+             std::vector<int> gradient_inputs,
+             nb::object gradient) {
+            self.launch(
+                prepared.spec,
+                std::move(inputs),
+                std::move(outputs),
+                std::move(gradient_inputs),
+                wrap_gradient(std::move(gradient)));
+          },
+          "prepared"_a,
+          "inputs"_a,
+          "outputs"_a,
+          "gradient_inputs"_a = std::vector<int>{},
+          "gradient"_a = nb::none(),
+          "Append a launch reading slots `inputs` and writing `outputs` (fresh slots); "
+          "`gradient_inputs` are argument slots (as given) appended for `gradient`.")
+      .def("set_output", &aotc::CudaPlan::set_output, "slot"_a);
+
+  nb::class_<aotc::CallTable>(
+      m,
+      "CallTable",
+      "Native calls by the signature of their Python arguments (array shapes and dtypes; "
+      "None, strings, numbers by value) and MLX's default device: a hit runs without "
+      "Python, a miss returns None.")
+      .def(nb::init<size_t>(), "limit"_a = 4096)
+      .def(
+          "__call__",
+          [](aotc::CallTable& self, nb::args args) { return self.call(args); },
+          "The output of the native call for these arguments, or None.")
+      .def(
+          "add",
+          [](aotc::CallTable& self, std::shared_ptr<aotc::NativeCall> call, nb::args args) {
+            return self.add(args, std::move(call));
+          },
+          "Serve calls with the signature of `args` by `call`; False where the arguments "
+          "have no signature (types other than arrays, None, str, int, float).")
+      .def("clear", &aotc::CallTable::clear)
+      .def("__len__", &aotc::CallTable::size);
 
   m.def(
       "has_cuda",

@@ -93,17 +93,32 @@ def test_launch_arguments_are_checked(ext, override, message):
     [
         ({}, "needs a GPU stream"),
         ({"strided_inputs": [3]}, "strided input index 3"),
-        ({"block": (2048, 1, 1)}, "more than 1024 threads"),
+        ({"unread_inputs": [1]}, "unread input index 1"),
     ],
 )
-def test_prepared_launch_checks_like_cuda_launch(ext, override, message):
-    """PreparedLaunch binds all but the inputs once; a call is checked as cuda_launch is."""
+def test_prepared_launch_checks_its_inputs_at_each_call(ext, override, message):
+    """PreparedLaunch binds all but the inputs once; a call checks the inputs and stream."""
     args = _args(mx.arange(4.0), **override)
     inputs = args.pop("inputs")
     prepared = ext.PreparedLaunch(ext.CudaImage(b"\x00" * 16), **args)
     assert prepared.kernel == "k"
     with pytest.raises(ValueError, match=re.escape(message)):
-        prepared(inputs, [], None, mx.cpu)  # gradient arguments positionally, as run_steps does
+        prepared(inputs, [], None, mx.cpu)  # gradient arguments positionally
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"block": (2048, 1, 1)}, "more than 1024 threads"),
+        ({"strided_inputs": [-1]}, "strided input index -1"),
+        ({"output_dtypes": []}, "1 output shapes but 0 output dtypes"),
+    ],
+)
+def test_prepared_launch_checks_the_rest_once(ext, override, message):
+    args = _args(mx.arange(4.0), **override)
+    args.pop("inputs")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ext.PreparedLaunch(ext.CudaImage(b"\x00" * 16), **args)
 
 
 def test_launcher_maps_dtype_names(ext):

@@ -399,7 +399,7 @@ void CudaLaunch::eval_cpu(
     const std::vector<mx::array>&,
     std::vector<mx::array>&) {
   throw std::runtime_error(
-      "[aotc.CudaLaunch] " + launch_name(kernel_) +
+      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
       " has no CPU implementation: it runs only on MLX's CUDA backend (a GPU stream)");
 }
 
@@ -410,13 +410,15 @@ void CudaLaunch::eval_gpu(
   auto& enc = cu::get_command_encoder(s);
   auto& dev = enc.device();
   dev.make_current();
-  Kernel& k = find_kernel(*image_, dev, kernel_);
+  const LaunchSpec& spec = *spec_;
+  const std::string& kernel = spec.kernel;
+  Kernel& k = find_kernel(*spec.image, dev, kernel);
 
   const size_t n_in = kernel_inputs_;
   const size_t n_out = outputs.size();
   if (k.num_params >= 0 && size_t(k.num_params) != n_in + n_out + 1) {
     fail_invalid(
-        launch_name(kernel_) + " takes " + std::to_string(k.num_params) +
+        launch_name(kernel) + " takes " + std::to_string(k.num_params) +
         " parameters, but the launch passes " + std::to_string(n_in) +
         " inputs, " + std::to_string(n_out) + " outputs and Params");
   }
@@ -425,18 +427,18 @@ void CudaLaunch::eval_gpu(
   // kernel's struct may end with padding that Python's struct.pack does not
   // write.
   size_t n_strides = 0;
-  for (int i : strided_inputs_) {
+  for (int i : spec.strided_inputs) {
     n_strides += inputs[i].ndim();
   }
-  const size_t blob = n_strides * sizeof(int64_t) + params_.size();
+  const size_t blob = n_strides * sizeof(int64_t) + spec.params.size();
   size_t size = (blob + 15) & ~size_t(15);
   if (k.num_params > 0) {
     if (blob > k.params_size || k.params_size - blob >= 16) {
       fail_invalid(
-          launch_name(kernel_) + " takes a " + std::to_string(k.params_size) +
+          launch_name(kernel) + " takes a " + std::to_string(k.params_size) +
           "-byte Params, but the launch packs " + std::to_string(blob) +
           " bytes (" + std::to_string(n_strides) + " strides + " +
-          std::to_string(params_.size()) + " bytes)");
+          std::to_string(spec.params.size()) + " bytes)");
     }
     size = std::max(size, (k.params_size + 15) & ~size_t(15));
   }
@@ -444,23 +446,25 @@ void CudaLaunch::eval_gpu(
   auto* words = params.data();
   std::memset(words, 0, size);
   auto* strides = reinterpret_cast<int64_t*>(words);
-  for (int i : strided_inputs_) {
+  for (int i : spec.strided_inputs) {
     for (auto st : inputs[i].strides()) {
       *strides++ = st;
     }
   }
-  if (!params_.empty()) {
-    std::memcpy(strides, params_.data(), params_.size());
+  if (!spec.params.empty()) {
+    std::memcpy(strides, spec.params.data(), spec.params.size());
   }
 
   // Inputs that get no strides must be row-contiguous (cuda_launch makes them
   // so).
+  auto listed = [](const std::vector<int>& list, size_t i) {
+    return std::find(list.begin(), list.end(), int(i)) != list.end();
+  };
   for (size_t i = 0; i < n_in; ++i) {
     if (!inputs[i].flags().row_contiguous &&
-        std::find(strided_inputs_.begin(), strided_inputs_.end(), int(i)) ==
-            strided_inputs_.end()) {
+        !listed(spec.strided_inputs, i) && !listed(spec.unread_inputs, i)) {
       fail_invalid(
-          "input " + std::to_string(i) + " of " + launch_name(kernel_) +
+          "input " + std::to_string(i) + " of " + launch_name(kernel) +
           " is not row-contiguous and gets no strides");
     }
   }
@@ -472,8 +476,9 @@ void CudaLaunch::eval_gpu(
   Scratch<void*, 32> ptrs(n_in + n_out);
   Scratch<void*, 33> args(n_in + n_out + 1);
   for (size_t i = 0; i < n_in; ++i) {
-    ptrs.data()[i] =
-        inputs[i].buffer().ptr() ? mx::gpu_ptr<void>(inputs[i]) : nullptr;
+    ptrs.data()[i] = inputs[i].buffer().ptr() && !listed(spec.unread_inputs, i)
+        ? mx::gpu_ptr<void>(inputs[i])
+        : nullptr;
     args.data()[i] = &ptrs.data()[i];
   }
   for (size_t i = 0; i < n_out; ++i) {
@@ -482,16 +487,16 @@ void CudaLaunch::eval_gpu(
   }
   args.data()[n_in + n_out] = words;
 
-  if (shared_memory_ > k.smem_allowed.load(std::memory_order_acquire)) {
+  if (spec.shared_memory > k.smem_allowed.load(std::memory_order_acquire)) {
     std::lock_guard lock(k.attr_mutex);
-    if (shared_memory_ > k.smem_allowed.load(std::memory_order_relaxed)) {
+    if (spec.shared_memory > k.smem_allowed.load(std::memory_order_relaxed)) {
       check(
           cuFuncSetAttribute(
               k.func,
               CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-              int(shared_memory_)),
+              int(spec.shared_memory)),
           "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
-      k.smem_allowed.store(shared_memory_, std::memory_order_release);
+      k.smem_allowed.store(spec.shared_memory, std::memory_order_release);
     }
   }
 
@@ -506,10 +511,10 @@ void CudaLaunch::eval_gpu(
   }
   enc.add_kernel_node_raw(
       k.func,
-      dim3(grid_[0], grid_[1], grid_[2]),
-      dim3(block_[0], block_[1], block_[2]),
+      dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
+      dim3(spec.block[0], spec.block[1], spec.block[2]),
       {},
-      shared_memory_,
+      spec.shared_memory,
       args.data());
 }
 
@@ -518,7 +523,7 @@ std::vector<mx::array> CudaLaunch::jvp(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(kernel_) +
+      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
       " has no derivatives (aotc uses MLX's own op when gradients are needed)");
 }
 
@@ -529,13 +534,13 @@ std::vector<mx::array> CudaLaunch::vjp(
     const std::vector<mx::array>&) {
   if (!gradient_) {
     throw std::invalid_argument(
-        "[aotc.CudaLaunch] " + launch_name(kernel_) +
+        "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
         " has no gradient (aotc uses MLX's own op when gradients are needed)");
   }
   auto all = gradient_(primals, cotangents);
   if (all.size() != primals.size()) {
     throw std::runtime_error(
-        "[aotc.CudaLaunch] the gradient of " + launch_name(kernel_) +
+        "[aotc.CudaLaunch] the gradient of " + launch_name(spec_->kernel) +
         " returned " + std::to_string(all.size()) + " cotangents for " +
         std::to_string(primals.size()) + " inputs");
   }
@@ -551,7 +556,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> CudaLaunch::vmap(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(kernel_) + " cannot be vmapped");
+      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) + " cannot be vmapped");
 }
 
 bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
@@ -559,51 +564,38 @@ bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
     return false;
   }
   auto& o = static_cast<const CudaLaunch&>(other);
-  return image_ == o.image_ && kernel_ == o.kernel_ && grid_ == o.grid_ &&
-      block_ == o.block_ && shared_memory_ == o.shared_memory_ &&
-      params_ == o.params_ && strided_inputs_ == o.strided_inputs_ &&
-      output_shapes_ == o.output_shapes_ && output_dtypes_ == o.output_dtypes_ &&
+  auto same_spec = [](const LaunchSpec& a, const LaunchSpec& b) {
+    return a.image == b.image && a.kernel == b.kernel && a.grid == b.grid &&
+        a.block == b.block && a.shared_memory == b.shared_memory &&
+        a.params == b.params && a.strided_inputs == b.strided_inputs &&
+        a.unread_inputs == b.unread_inputs &&
+        a.output_shapes == b.output_shapes && a.output_dtypes == b.output_dtypes;
+  };
+  return (spec_ == o.spec_ || same_spec(*spec_, *o.spec_)) &&
       kernel_inputs_ == o.kernel_inputs_ && bool(gradient_) == bool(o.gradient_);
 }
 
 // ------------------------------------------------------------------ graph
 // building
 
-std::vector<mx::array> cuda_launch(
-    std::shared_ptr<CudaImage> image,
-    std::string kernel,
+std::vector<mx::array> launch(
+    std::shared_ptr<const LaunchSpec> spec,
     std::vector<mx::array> inputs,
-    std::vector<mx::Shape> output_shapes,
-    std::vector<mx::Dtype> output_dtypes,
-    std::array<int64_t, 3> grid,
-    std::array<int64_t, 3> block,
-    int64_t shared_memory,
-    std::string params,
-    std::vector<int> strided_inputs,
     std::vector<mx::array> gradient_inputs,
     Gradient gradient,
     mx::StreamOrDevice s) {
-  if (!image) {
-    fail_invalid("no CUDA image");
-  }
   auto stream = mx::to_stream(s);
-  check_launch_args(
-      kernel,
-      inputs.size(),
-      output_shapes,
-      output_dtypes,
-      grid,
-      block,
-      shared_memory,
-      strided_inputs,
-      stream);
+  check_launch_call(*spec, inputs.size(), stream);
+  auto listed = [](const std::vector<int>& list, size_t i) {
+    return std::find(list.begin(), list.end(), int(i)) != list.end();
+  };
 
   // An input that gets no strides must be row-contiguous. Known layouts pass as
   // they are (evaluated arrays, outputs of this primitive); others go through
-  // mx::contiguous, which shares the buffer when it already is.
+  // mx::contiguous, which shares the buffer when it already is. Unread inputs
+  // pass as they are.
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (std::find(strided_inputs.begin(), strided_inputs.end(), int(i)) !=
-        strided_inputs.end()) {
+    if (listed(spec->strided_inputs, i) || listed(spec->unread_inputs, i)) {
       continue;
     }
     auto& x = inputs[i];
@@ -615,30 +607,16 @@ std::vector<mx::array> cuda_launch(
     }
   }
 
-  auto to_dim3 = [](const std::array<int64_t, 3>& a) {
-    return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
-  };
-  auto dtypes = output_dtypes;
-  auto shapes = output_shapes;
   const size_t kernel_inputs = inputs.size();
   inputs.insert(inputs.end(), gradient_inputs.begin(), gradient_inputs.end());
+  auto shapes = spec->output_shapes;
+  auto dtypes = spec->output_dtypes;
   return mx::array::make_arrays(
-      std::move(output_shapes),
-      dtypes,
+      std::move(shapes),
+      std::move(dtypes),
       std::make_shared<CudaLaunch>(
-          stream,
-          std::move(image),
-          std::move(kernel),
-          to_dim3(grid),
-          to_dim3(block),
-          uint32_t(shared_memory),
-          std::move(params),
-          std::move(strided_inputs),
-          std::move(shapes),
-          std::move(output_dtypes),
-          kernel_inputs,
-          std::move(gradient)),
-      inputs);
+          stream, std::move(spec), kernel_inputs, std::move(gradient)),
+      std::move(inputs));
 }
 
 bool cuda_available() {

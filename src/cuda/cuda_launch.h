@@ -64,8 +64,8 @@ using Gradient = std::function<std::vector<mlx::core::array>(
 
 // Checks what can be checked before evaluation; throws std::invalid_argument
 // with the reason. Shared by the CUDA build and the CPU-only build (whose
-// cuda_launch then reports that it lacks the primitive), so argument errors
-// read the same everywhere.
+// launch then reports that it lacks the primitive), so argument errors read
+// the same everywhere.
 inline void check_launch_args(
     const std::string& kernel,
     size_t num_inputs,
@@ -75,7 +75,7 @@ inline void check_launch_args(
     const std::array<int64_t, 3>& block,
     int64_t shared_memory,
     const std::vector<int>& strided_inputs,
-    const mlx::core::Stream& stream) {
+    const std::vector<int>& unread_inputs = {}) {
   auto fail = [](const std::string& msg) {
     throw std::invalid_argument("[aotc.cuda_launch] " + msg);
   };
@@ -112,34 +112,115 @@ inline void check_launch_args(
   if (shared_memory < 0 || shared_memory > (int64_t(1) << 31)) {
     fail("shared_memory is out of range");
   }
-  for (int i : strided_inputs) {
-    if (i < 0 || static_cast<size_t>(i) >= num_inputs) {
-      fail(
-          "strided input index " + std::to_string(i) + " is not one of the " +
-          std::to_string(num_inputs) + " inputs");
+  auto check_indices = [&](const std::vector<int>& indices, const char* what) {
+    for (int i : indices) {
+      if (i < 0 || static_cast<size_t>(i) >= num_inputs) {
+        fail(
+            std::string(what) + " input index " + std::to_string(i) +
+            " is not one of the " + std::to_string(num_inputs) + " inputs");
+      }
     }
-  }
+  };
+  check_indices(strided_inputs, "strided");
+  check_indices(unread_inputs, "unread");
+}
+
+inline void check_launch_stream(const mlx::core::Stream& stream) {
   if (stream.device.type != mlx::core::Device::gpu) {
-    fail(
-        "needs a GPU stream, got a CPU stream (MLX's device for this call is the CPU): "
-        "aotc's CUDA kernels run only on MLX's CUDA backend");
+    throw std::invalid_argument(
+        "[aotc.cuda_launch] needs a GPU stream, got a CPU stream (MLX's device for this "
+        "call is the CPU): aotc's CUDA kernels run only on MLX's CUDA backend");
   }
 }
 
-// Builds the outputs of one kernel launch (lazy MLX arrays). Arguments as
-// check_launch_args, plus the static Params bytes. Only in builds with
-// AOTC_WITH_CUDA.
-std::vector<mlx::core::array> cuda_launch(
+// Everything of a launch but its inputs: made (and checked) once per plan
+// step and shared by every call and primitive of that step, so that a call
+// converts and copies only its inputs.
+struct LaunchSpec {
+  std::shared_ptr<CudaImage> image;
+  std::string kernel;
+  std::vector<mlx::core::Shape> output_shapes;
+  std::vector<mlx::core::Dtype> output_dtypes;
+  Dim3 grid;
+  Dim3 block;
+  uint32_t shared_memory;
+  std::string params;
+  std::vector<int> strided_inputs;
+  // Inputs the kernel does not read (an absent mask's or sinks' place): passed
+  // as null pointers, never made contiguous.
+  std::vector<int> unread_inputs;
+};
+
+// Checks the arguments (check_launch_args; input indices against the inputs
+// at each launch) and makes the spec. Throws std::invalid_argument.
+inline std::shared_ptr<const LaunchSpec> make_launch_spec(
     std::shared_ptr<CudaImage> image,
     std::string kernel,
-    std::vector<mlx::core::array> inputs,
     std::vector<mlx::core::Shape> output_shapes,
     std::vector<mlx::core::Dtype> output_dtypes,
-    std::array<int64_t, 3> grid,
-    std::array<int64_t, 3> block,
+    const std::array<int64_t, 3>& grid,
+    const std::array<int64_t, 3>& block,
     int64_t shared_memory,
     std::string params,
     std::vector<int> strided_inputs,
+    std::vector<int> unread_inputs) {
+  if (!image) {
+    throw std::invalid_argument("[aotc.cuda_launch] no CUDA image");
+  }
+  check_launch_args(
+      kernel,
+      SIZE_MAX,
+      output_shapes,
+      output_dtypes,
+      grid,
+      block,
+      shared_memory,
+      strided_inputs,
+      unread_inputs);
+  auto dim3 = [](const std::array<int64_t, 3>& a) {
+    return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
+  };
+  return std::make_shared<const LaunchSpec>(LaunchSpec{
+      std::move(image),
+      std::move(kernel),
+      std::move(output_shapes),
+      std::move(output_dtypes),
+      dim3(grid),
+      dim3(block),
+      uint32_t(shared_memory),
+      std::move(params),
+      std::move(strided_inputs),
+      std::move(unread_inputs)});
+}
+
+// The checks of a launch's inputs and stream, made before building it (both
+// builds).
+inline void check_launch_call(
+    const LaunchSpec& spec,
+    size_t num_inputs,
+    const mlx::core::Stream& stream) {
+  auto check = [&](const std::vector<int>& indices, const char* what) {
+    for (int i : indices) {
+      if (size_t(i) >= num_inputs) {
+        throw std::invalid_argument(
+            "[aotc.cuda_launch] " + std::string(what) + " input index " +
+            std::to_string(i) + " is not one of the " +
+            std::to_string(num_inputs) + " inputs");
+      }
+    }
+  };
+  check(spec.strided_inputs, "strided");
+  check(spec.unread_inputs, "unread");
+  check_launch_stream(stream);
+}
+
+// Builds the outputs of one kernel launch (lazy MLX arrays). `gradient_inputs`
+// are further inputs of the primitive that the kernel does not see, there for
+// `gradient`. Needs AOTC_WITH_CUDA; other builds throw std::runtime_error after
+// checking the stream.
+std::vector<mlx::core::array> launch(
+    std::shared_ptr<const LaunchSpec> spec,
+    std::vector<mlx::core::array> inputs,
     std::vector<mlx::core::array> gradient_inputs = {},
     Gradient gradient = {},
     mlx::core::StreamOrDevice s = {});
@@ -164,27 +245,11 @@ class CudaLaunch : public mlx::core::Primitive {
  public:
   CudaLaunch(
       mlx::core::Stream stream,
-      std::shared_ptr<CudaImage> image,
-      std::string kernel,
-      Dim3 grid,
-      Dim3 block,
-      uint32_t shared_memory,
-      std::string params,
-      std::vector<int> strided_inputs,
-      std::vector<mlx::core::Shape> output_shapes,
-      std::vector<mlx::core::Dtype> output_dtypes,
+      std::shared_ptr<const LaunchSpec> spec,
       size_t kernel_inputs,
       Gradient gradient)
       : mlx::core::Primitive(stream),
-        image_(std::move(image)),
-        kernel_(std::move(kernel)),
-        grid_(grid),
-        block_(block),
-        shared_memory_(shared_memory),
-        params_(std::move(params)),
-        strided_inputs_(std::move(strided_inputs)),
-        output_shapes_(std::move(output_shapes)),
-        output_dtypes_(std::move(output_dtypes)),
+        spec_(std::move(spec)),
         kernel_inputs_(kernel_inputs),
         gradient_(std::move(gradient)) {}
 
@@ -214,23 +279,15 @@ class CudaLaunch : public mlx::core::Primitive {
   bool is_equivalent(const mlx::core::Primitive& other) const override;
   std::vector<mlx::core::Shape> output_shapes(
       const std::vector<mlx::core::array>& inputs) override {
-    return output_shapes_;
+    return spec_->output_shapes;
   }
 
   const std::string& kernel() const {
-    return kernel_;
+    return spec_->kernel;
   }
 
  private:
-  std::shared_ptr<CudaImage> image_;
-  std::string kernel_;
-  Dim3 grid_;
-  Dim3 block_;
-  uint32_t shared_memory_;
-  std::string params_;
-  std::vector<int> strided_inputs_;
-  std::vector<mlx::core::Shape> output_shapes_;
-  std::vector<mlx::core::Dtype> output_dtypes_;
+  std::shared_ptr<const LaunchSpec> spec_;
   // Inputs past the first kernel_inputs_ are not passed to the kernel: they
   // are there so that gradient_ can differentiate with respect to them.
   size_t kernel_inputs_;

@@ -1,0 +1,159 @@
+#include "cuda/cuda_plan.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/ops.h"
+
+namespace aotc {
+
+namespace mx = mlx::core;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[aotc.CudaPlan] " + msg);
+}
+
+} // namespace
+
+CudaPlan::CudaPlan(int num_args)
+    : num_args_(num_args), num_slots_(num_args), written_(num_args, true) {
+  if (num_args < 0) {
+    fail("the argument count is negative");
+  }
+}
+
+void CudaPlan::check_argument_slot(int slot, const char* what) const {
+  if (slot < 0 || slot >= num_args_) {
+    fail(
+        std::string(what) + " slot " + std::to_string(slot) +
+        " is not one of the " + std::to_string(num_args_) + " arguments");
+  }
+}
+
+void CudaPlan::astype(int slot, mx::Dtype dtype) {
+  check_argument_slot(slot, "a cast's");
+  conversions_.push_back({slot, dtype, std::nullopt});
+}
+
+void CudaPlan::broadcast_to(int slot, mx::Shape shape) {
+  check_argument_slot(slot, "a broadcast's");
+  conversions_.push_back({slot, std::nullopt, std::move(shape)});
+}
+
+void CudaPlan::launch(
+    std::shared_ptr<const LaunchSpec> spec,
+    std::vector<int> inputs,
+    std::vector<int> outputs,
+    std::vector<int> gradient_inputs,
+    Gradient gradient) {
+  if (!spec) {
+    fail("a launch has no spec");
+  }
+  for (int slot : inputs) {
+    if (slot < 0 || slot >= num_slots_ || !written_[slot]) {
+      fail(
+          "kernel '" + spec->kernel + "' reads slot " + std::to_string(slot) +
+          ", which no argument or earlier launch fills");
+    }
+  }
+  if (outputs.size() != spec->output_shapes.size()) {
+    fail(
+        "kernel '" + spec->kernel + "' has " +
+        std::to_string(spec->output_shapes.size()) + " outputs, but " +
+        std::to_string(outputs.size()) + " output slots are given");
+  }
+  for (int slot : gradient_inputs) {
+    check_argument_slot(slot, "a gradient input's");
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    int slot = outputs[i];
+    bool repeated =
+        std::find(outputs.begin(), outputs.begin() + i, slot) != outputs.begin() + i;
+    if (slot < num_args_ || (slot < num_slots_ && written_[slot]) || repeated) {
+      fail(
+          "kernel '" + spec->kernel + "' writes slot " + std::to_string(slot) +
+          ", which already holds an argument or an output");
+    }
+  }
+  // Checked: now record the outputs' slots.
+  for (int slot : outputs) {
+    if (slot >= num_slots_) {
+      num_slots_ = slot + 1;
+      written_.resize(num_slots_, false);
+    }
+    written_[slot] = true;
+  }
+  steps_.push_back(
+      {std::move(spec),
+       std::move(inputs),
+       std::move(outputs),
+       std::move(gradient_inputs),
+       std::move(gradient)});
+}
+
+void CudaPlan::set_output(int slot) {
+  if (slot < 0 || slot >= num_slots_ || !written_[slot]) {
+    fail("the output slot " + std::to_string(slot) + " is never filled");
+  }
+  output_ = slot;
+}
+
+mx::array CudaPlan::operator()(const Arguments& args) const {
+  if (args.size() != size_t(num_args_)) {
+    fail(
+        "the plan takes " + std::to_string(num_args_) + " arguments, got " +
+        std::to_string(args.size()));
+  }
+  if (output_ < 0) {
+    fail("the plan has no output slot");
+  }
+  Arguments env(num_slots_);
+  std::copy(args.begin(), args.end(), env.begin());
+  for (auto& c : conversions_) {
+    auto& x = env[c.slot];
+    if (!x) {
+      continue;
+    }
+    if (c.dtype && x->dtype() != *c.dtype) {
+      x = mx::astype(*x, *c.dtype);
+    }
+    if (c.shape && x->shape() != *c.shape) {
+      x = mx::broadcast_to(*x, *c.shape);
+    }
+  }
+  auto take = [](const Arguments& from, int slot, const std::string& kernel) {
+    if (!from[slot]) {
+      fail(
+          "kernel '" + kernel + "' needs slot " + std::to_string(slot) +
+          ", but that argument is None");
+    }
+    return *from[slot];
+  };
+  for (auto& step : steps_) {
+    std::vector<mx::array> inputs, gradient_inputs;
+    inputs.reserve(step.inputs.size());
+    for (int slot : step.inputs) {
+      inputs.push_back(take(env, slot, step.spec->kernel));
+    }
+    for (int slot : step.gradient_inputs) {
+      gradient_inputs.push_back(take(args, slot, step.spec->kernel));
+    }
+    auto outputs = aotc::launch(
+        step.spec,
+        std::move(inputs),
+        std::move(gradient_inputs),
+        step.gradient);
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      env[step.outputs[i]] = std::move(outputs[i]);
+    }
+  }
+  if (!env[output_]) {
+    fail("the output slot " + std::to_string(output_) + " was not filled");
+  }
+  return *env[output_];
+}
+
+} // namespace aotc

@@ -1,0 +1,71 @@
+// A launch plan of aotc's CUDA kernels as one native call: the conversions of
+// the arguments (casts, mask broadcasts), then the launches over numbered
+// slots. Slots [0, num_args) hold the call's arguments; each launch writes its
+// outputs to further slots. Made once per (call signature, scale) by the
+// family's Python plan; a call then runs without Python.
+//
+// Needs no CUDA headers: builds without the CUDA primitive compile it too (a
+// plan with launches then fails at its first launch, as cuda_launch does).
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "cuda/cuda_launch.h"
+#include "native_call.h"
+
+namespace aotc {
+
+class CudaPlan : public NativeCall {
+ public:
+  explicit CudaPlan(int num_args);
+
+  // env[slot] = astype(env[slot], dtype), where the argument is present and
+  // of another dtype. Kernels see the converted arrays; gradients the
+  // arguments as given.
+  void astype(int slot, mlx::core::Dtype dtype);
+  // env[slot] = broadcast_to(env[slot], shape), where the argument is present.
+  void broadcast_to(int slot, mlx::core::Shape shape);
+  // A launch reading `inputs` (slots), writing `outputs` (fresh slots, one per
+  // output of the spec); `gradient_inputs` are argument slots appended for
+  // `gradient` (see launch()).
+  void launch(
+      std::shared_ptr<const LaunchSpec> spec,
+      std::vector<int> inputs,
+      std::vector<int> outputs,
+      std::vector<int> gradient_inputs,
+      Gradient gradient);
+  void set_output(int slot);
+
+  mlx::core::array operator()(const Arguments& args) const override;
+
+  int num_args() const {
+    return num_args_;
+  }
+
+ private:
+  struct Conversion {
+    int slot;
+    std::optional<mlx::core::Dtype> dtype;
+    std::optional<mlx::core::Shape> shape;
+  };
+  struct Step {
+    std::shared_ptr<const LaunchSpec> spec;
+    std::vector<int> inputs;
+    std::vector<int> outputs;
+    std::vector<int> gradient_inputs;
+    Gradient gradient;
+  };
+
+  void check_argument_slot(int slot, const char* what) const;
+
+  int num_args_;
+  int num_slots_;
+  std::vector<bool> written_; // slots that hold a value when a step runs
+  std::vector<Conversion> conversions_;
+  std::vector<Step> steps_;
+  int output_ = -1;
+};
+
+} // namespace aotc
