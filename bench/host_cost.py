@@ -67,14 +67,13 @@ def main() -> None:
 
     def runner_of(prepare, available=names, fused_max=cuda.FUSED_MAX_SPLITS):
         with mock.patch.object(cuda, "FUSED_MAX_SPLITS", fused_max):
-            return cuda.make_runner(problem, prepare=prepare, available=available, dtype=mx_dtype)
+            return cuda.CudaRunner(problem, prepare=prepare, available=available, dtype=mx_dtype)
 
     runner, two_launches, last_block = (
         runner_of(prepared),
         runner_of(prepared, two_launch_names),
         runner_of(prepared, fused_max=1 << 30),
     )
-    plain_two_launches = runner_of(plain, two_launch_names)
     plan = cuda.plan_cuda(problem, available=two_launch_names, scale=0.07)
     split_only, split_prepared = (
         cuda.compile_steps(plan, p, mx_dtype)[0][0].call for p in (plain, prepared)
@@ -89,7 +88,7 @@ def main() -> None:
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
         "runner (plan: 1 launch)": lambda: runner(q, k, v, 0.07, None, None),
         "runner, 2 launches": lambda: two_launches(q, k, v, 0.07, None, None),
-        "runner, 2 unprepared launches": lambda: plain_two_launches(q, k, v, 0.07, None, None),
+        "the plan's CudaPlan": lambda: runner.plan(0.07)(q, k, v, None, None, 0.07),
         "runner, last-block merge": lambda: last_block(q, k, v, 0.07, None, None),
         "split pass alone (1 launch)": lambda: split_only([q, k, v, q, q])[0],
         "split pass alone, prepared": lambda: split_prepared([q, k, v, q, q])[0],

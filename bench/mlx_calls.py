@@ -55,7 +55,7 @@ def main() -> None:
         "plan with its gradient": (fused, mlx_gradients),
     }
     for label, (available, gradient) in plans.items():
-        run = cuda.make_runner(
+        run = cuda.CudaRunner(
             describe(q, k, v),
             prepare=prepare,
             available=available,

@@ -44,7 +44,7 @@ def main() -> None:
             wgmma=True,
         )  # fmt: skip
         desc = " + ".join(f"{launch.kernel}[g{launch.grid[0]}]" for launch in plan)
-        bare = cuda.make_runner(
+        bare = cuda.CudaRunner(
             describe(q, k, view),
             prepare=partial(extension().PreparedLaunch, load_image(library)),
             available=library.kernel_names, dtype=partial(getattr, mx), wgmma=True,

@@ -279,28 +279,35 @@ def test_run_cuda_wires_outputs():
     assert out == f"{launches[1].kernel}:0"
 
 
-def test_prepared_steps_bind_once_and_take_gradients_positionally():
+def test_prepared_steps_bind_once_with_unread_inputs():
     launches = plan_cuda(problem(), available=NAMES, sm_count=132)
     prepared, calls = [], []
 
-    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided):
-        prepared.append((kernel, grid, params, strided))
+    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread):
+        prepared.append((kernel, grid, params, strided, unread))
 
-        def call(inputs, *gradient):
-            calls.append((kernel, inputs, gradient))
+        def call(inputs):
+            calls.append((kernel, inputs))
             return [f"{kernel}:{i}" for i in range(len(shapes))]
 
         return call
 
     steps, out_slot = compile_steps(launches, prepare)
     assert [p[0] for p in prepared] == [launch.kernel for launch in launches]
-    assert prepared[0][1:] == (launches[0].grid, launches[0].params, [0, 1, 2, 0])
-    grads = (["dq"], "final", "others")
-    out = run_steps(steps, out_slot, ["Q", "K", "V", None, None], grads)
+    # No mask, no sinks: q fills their places, and the kernels are told not to read them.
+    assert prepared[0][1:] == (launches[0].grid, launches[0].params, [0, 1, 2, 0], [3, 4])
+    assert prepared[1][4] == [3]  # the combine's sinks place
+    out = run_steps(steps, out_slot, ["Q", "K", "V", None, None, 0.1])
     assert out == f"{launches[1].kernel}:0"
-    assert calls[0][2] == ([], "others") and calls[1][2] == (["dq"], "final")
-    run_steps(steps, out_slot, ["Q", "K", "V", None, None])
-    assert calls[2][2] == () and calls[2][1] == ["Q", "K", "V", "Q", "Q"]
+    assert calls[0][1] == ["Q", "K", "V", "Q", "Q"]
+
+
+def test_present_mask_and_sinks_are_read():
+    p = problem(mask="additive", mask_shape=(1, 1, 1, 4096), has_sinks=True)
+    first, combine = plan_cuda(p, available=NAMES, sm_count=132)
+    assert first.unread == () and combine.unread == ()
+    first, combine = plan_cuda(problem(mask="causal"), available=NAMES, sm_count=132)
+    assert first.unread == (3, 4)  # a causal mask is no array
 
 
 PROBE = r"""

@@ -101,6 +101,8 @@ def check(
         mask[..., -1] = True  # keep every row non-empty
     elif mask == "additive":
         mask = (mx.random.normal((1, hq, lq, n)) * 2).astype(t)
+    elif mask == "additive float32":  # cast to the output type by the call, as MLX does
+        mask = mx.random.normal((1, hq, lq, n)) * 2
     sink = (mx.random.normal((hq,)) * 2).astype(t) if sinks else None
     mx.eval(q, k, v)
     scale = 1.0 / math.sqrt(d)
@@ -110,6 +112,9 @@ def check(
     assert got.shape == (b, hq, lq, v_dim) and got.dtype == t
     error = mx.abs(got.astype(mx.float32) - want).max().item()
     assert error <= TOL[dtype] * max(1.0, mx.abs(want).max().item()), error
+    # The first call decided in Python; the same signature now runs from the CallTable.
+    again = aotc.sdpa_vector(q, k, v, scale=scale, mask=mask, sinks=sink)
+    assert mx.array_equal(again, got).item()
 
 
 @pytest.mark.parametrize(("dtype", "d", "v_dim"), manifest_cases())
@@ -129,7 +134,7 @@ def test_query_tokens(lq, causal):
     check(lq=lq, mask="causal" if causal else None, n=300)
 
 
-@pytest.mark.parametrize("mask", ["bool", "additive"])
+@pytest.mark.parametrize("mask", ["bool", "additive", "additive float32"])
 def test_masks(mask):
     check(mask=mask, lq=2, n=500, b=2)
 

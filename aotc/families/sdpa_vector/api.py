@@ -1,8 +1,9 @@
 """`aotc.sdpa_vector` and `aotc.patch`: MLX's fused attention, served by prebuilt kernels.
 
 A call is described once per distinct (shapes, dtypes, mask, sinks, device): the decision (which
-library, which kernels, or why MLX's own op must run instead) is cached, so the hot path of a
-decode step is a dict lookup and the launches.
+library, which kernels, or why MLX's own op must run instead) is cached. Where the decision is a
+native plan (CUDA), it is also filed in the extension's CallTable under the call's signature and
+scale, so the hot path of a decode step is one call into C++: the lookup and the launches.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ _decisions: dict[tuple, Runner | str] = {}
 _lock = threading.Lock()
 
 
+def _call_table() -> Any:
+    """The extension's CallTable, or None where the extension is not importable."""
+    from aotc.runtime.cuda import CudaUnavailable, extension
+
+    try:
+        return extension().CallTable(_CACHE_LIMIT)
+    except CudaUnavailable:  # no extension, no native plans: every call decides in Python
+        return None
+
+
+_native_calls = _call_table()
+
+
 def sdpa_vector(
     q: mx.array,
     k: mx.array,
@@ -45,12 +59,22 @@ def sdpa_vector(
     has the instantiation, or the inputs are outside what the kernels do. Gradients flow through
     MLX's own op: the backward pass of a prebuilt forward is MLX's.
     """
+    if stream is None and _native_calls is not None:
+        out = _native_calls(q, k, v, mask, sinks, scale)
+        if out is not None:
+            return out
     decision = _decide(q, k, v, mask, sinks, stream)
     if isinstance(decision, str):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("aotc.sdpa_vector falls back to MLX: %s", decision)
         return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
-    return decision(q, k, v, scale, mask, sinks)
+    plan = getattr(decision, "plan", None)
+    if plan is None:
+        return decision(q, k, v, scale, mask, sinks)
+    native = plan(scale)
+    if stream is None and _native_calls is not None:
+        _native_calls.add(native, q, k, v, mask, sinks, scale)
+    return native(q, k, v, mask, sinks, scale)
 
 
 def fallback_reason(
@@ -199,7 +223,7 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
     if not any(sass_runs_on(arch, device) for arch in archs):
         # The fatbin's PTX is one image per unit; the driver would JIT only one of them.
         raise Unsupported(f"{library.name} has SASS for {', '.join(archs)}, none for {device}")
-    runner = cuda.make_runner(
+    return cuda.CudaRunner(
         problem,
         prepare=partial(extension().PreparedLaunch, load_image(library)),
         available=library.kernel_names,
@@ -207,13 +231,6 @@ def _cuda_runner(problem: AttentionProblem) -> Runner:
         gradient=mlx_gradients,
         wgmma=wgmma_runs(archs, device),
     )
-    if problem.mask != "additive":
-        return runner
-
-    def cast_mask(q, k, v, scale, mask, sinks):  # MLX casts additive masks to the output type
-        return runner(q, k, v, scale, mask.astype(q.dtype), sinks)
-
-    return cast_mask
 
 
 def mlx_gradients(
@@ -297,6 +314,8 @@ def clear_cache() -> None:
     """Forget cached decisions (after `aotc.load()` adds a library, for instance)."""
     with _lock:
         _decisions.clear()
+        if _native_calls is not None:
+            _native_calls.clear()
 
 
 def _patched_sdpa(q, k, v, *, scale, mask=None, sinks=None, stream=None, **kwargs):

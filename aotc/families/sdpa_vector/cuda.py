@@ -94,6 +94,9 @@ class Launch:
     shared_memory: int
     params: bytes
     strided_inputs: tuple[str, ...]
+    # Inputs the kernel does not read: an absent mask's or sinks' place, filled by another
+    # input (the kernel takes a fixed parameter list). They pass as null pointers.
+    unread: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -354,9 +357,8 @@ def plan_cuda(
     block = (cfg.threads, 1, 1)
     out_shape = p.output_shape
     if num_splits == 1:
-        return [
-            Launch(one, inputs, (("out", out_shape, p.dtype),), grid, block, smem, params, strided)
-        ]
+        out = (("out", out_shape, p.dtype),)
+        return [Launch(one, inputs, out, grid, block, smem, params, strided, _attention_unread(p))]
     launches = _split_launches(p, first, combine, num_splits, grid, block, smem, params)
     if fused not in available:
         return launches
@@ -375,6 +377,11 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
         "mask" if p.mask in ("bool", "additive") else "q",
         "sinks" if p.has_sinks else "q",
     )
+
+
+def _attention_unread(p: AttentionProblem) -> tuple[int, ...]:
+    """The places of an absent mask and sinks among `_attention_inputs`."""
+    return (*((3,) if p.mask not in ("bool", "additive") else ()), *(() if p.has_sinks else (4,)))
 
 
 def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
@@ -440,6 +447,7 @@ def _split_launches(
             smem,
             params,
             (*inputs[:3], inputs[3]),
+            _attention_unread(p),
         ),
         Launch(
             combine,
@@ -450,6 +458,7 @@ def _split_launches(
             16 * combine_threads(p.v_dim),  # one float4 per thread: split groups' partial sums
             pack_combine_params(p, num_splits),
             (),
+            () if p.has_sinks else (3,),
         ),
     ]
 
@@ -499,16 +508,23 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
-# strided_input_indices) -> call(inputs[, gradient_inputs, gradient]) (aotc._ext.PreparedLaunch)
+# strided_input_indices, unread_input_indices) -> call(inputs[, gradient_inputs, gradient])
+# (aotc._ext.PreparedLaunch)
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
-_ARGUMENTS = ("q", "k", "v", "mask", "sinks")
+# A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
+# positional arguments. The scale is no kernel input: a plan is made per scale.
+ARGUMENTS = ("q", "k", "v", "mask", "sinks", "scale")
+MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 
 
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
-    block, shared_memory, params, strided_input_indices, *, gradient_inputs, gradient)`."""
+    block, shared_memory, params, strided_input_indices, *, gradient_inputs, gradient)`; it
+    is handed the unread inputs like the others."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
+        fixed = fixed[:-1]  # the unread inputs' indices
+
         def call(inputs, gradient_inputs=(), gradient=None):
             extra: dict[str, Any] = {} if gradient is None else {"gradient": gradient}
             if gradient_inputs:
@@ -534,9 +550,9 @@ class Step:
 def compile_steps(
     launches: Sequence[Launch], prepare: PrepareFn, dtype: Callable[[str], Any] = lambda n: n
 ) -> tuple[list[Step], int]:
-    """Steps and the slot of "out" (the last launch's output: the highest slot); slots 0-4
-    hold q, k, v, mask, sinks. `dtype` maps dtype names to what `prepare` takes."""
-    slots = {name: i for i, name in enumerate(_ARGUMENTS)}
+    """Steps and the slot of "out" (the last launch's output: the highest slot); the first
+    slots hold the ARGUMENTS. `dtype` maps dtype names to what `prepare` takes."""
+    slots = {name: i for i, name in enumerate(ARGUMENTS)}
     steps = []
     for launch in launches:
         for name, _, _ in launch.outputs:
@@ -550,6 +566,7 @@ def compile_steps(
             launch.shared_memory,
             launch.params,
             [launch.inputs.index(name) for name in launch.strided_inputs],
+            list(launch.unread),
         )
         steps.append(
             Step(
@@ -562,27 +579,13 @@ def compile_steps(
     return steps, slots["out"]
 
 
-def run_steps(
-    steps: Sequence[Step],
-    out_slot: int,
-    env: list[Any],
-    gradient: tuple[list[Any], Callable, Callable] | None = None,
-) -> Any:
-    """`env` starts as [q, k, v, mask, sinks] (None where absent) and collects the outputs.
-
-    `gradient`: (arrays, gradient of the last launch, gradient of the others): the last step
-    gets the arrays as gradient-only inputs (see `aotc._ext.cuda_launch`). Passed positionally,
-    which costs less than keywords through nanobind.
-    """
+def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any]) -> Any:
+    """`env` starts as the ARGUMENTS (None where absent) and collects the outputs. The Python
+    twin of `aotc._ext.CudaPlan` for launch functions of other array types (bench's torch
+    harness)."""
     env = env + [None] * (out_slot + 1 - len(env))
-    last = len(steps) - 1
-    for i, step in enumerate(steps):
-        inputs = [env[slot] for slot in step.input_slots]
-        if gradient is None:
-            results = step.call(inputs)
-        else:
-            arrays, final, others = gradient
-            results = step.call(inputs, *((arrays, final) if i == last else ([], others)))
+    for step in steps:
+        results = step.call([env[slot] for slot in step.input_slots])
         for slot, result in zip(step.output_slots, results, strict=True):
             env[slot] = result
     return env[out_slot]
@@ -596,7 +599,7 @@ def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: L
     strided_input_indices) -> list of outputs`.
     """
     steps, out_slot = compile_steps(launches, preparer(launch_fn))
-    return run_steps(steps, out_slot, [arrays.get(name) for name in _ARGUMENTS])
+    return run_steps(steps, out_slot, [arrays.get(name) for name in ARGUMENTS])
 
 
 def device_facts() -> tuple[int, str]:
@@ -619,62 +622,86 @@ def device_facts() -> tuple[int, str]:
     return sm_count, arch
 
 
-def make_runner(
-    problem: AttentionProblem,
-    *,
-    prepare: PrepareFn,
-    available: set[str] | frozenset[str],
-    dtype: Callable[[str], Any] = lambda name: name,
-    gradient: Callable[..., tuple[Callable, Callable]] | None = None,
-    wgmma: bool = False,
-) -> Callable[..., Any]:
-    """A runner `(q, k, v, scale, mask, sinks) -> out` on MLX arrays; raises Unsupported.
+class CudaRunner:
+    """`(q, k, v, scale, mask, sinks) -> out` on MLX arrays of one problem; raises Unsupported
+    when made for a problem the kernels do not serve.
 
-    The plan is made once; per softmax scale its launches are prepared once (`prepare`:
-    `aotc._ext.PreparedLaunch`, or `preparer(launch_fn)`), so a call converts only its inputs.
-    `dtype` maps dtype names to what `prepare` takes. `wgmma`: as for `plan_cuda`.
-    `gradient(scale, mask mode, array mask?, sinks?, qkv_inline=...)`, when given,
-    returns the gradients of (the last launch, the others), made once per key: the last launch
-    differentiates the whole call with respect to q, k, v (mask, sinks). Where that launch
-    takes q, k, v as its first inputs (a one-launch plan) it differentiates those
-    (`qkv_inline`); otherwise they are appended as gradient-only inputs, as the mask and
-    sinks always are. Duplicate inputs cost MLX: with K and V of 1 GB, q, k, v appended to the
-    fused launch added ~13 us per call to an evaluation (H100, bench.mlx_calls).
+    The launches are planned once; per softmax scale they become one `aotc._ext.CudaPlan`
+    (`plan(scale)`), which casts the mask and sinks as MLX does, broadcasts the mask, and
+    launches without Python. `aotc.sdpa_vector` files that plan under the call's signature in
+    its CallTable, so later calls skip Python altogether.
+
+    `prepare`: `aotc._ext.PreparedLaunch` bound to the library's image. `dtype` maps dtype
+    names to mx.Dtype. `wgmma`: as for `plan_cuda`. `gradient(scale, mask mode, array mask?,
+    sinks?, qkv_inline=...)`, when given, returns the gradients of (the last launch, the
+    others): the last launch differentiates the whole call with respect to q, k, v (mask,
+    sinks). Where that launch takes q, k, v as its first inputs (a one-launch plan) it
+    differentiates those (`qkv_inline`); otherwise they are appended as gradient-only inputs,
+    as the mask and sinks always are. Duplicate inputs cost MLX: with K and V of 1 GB, q, k, v
+    appended to the fused launch added ~13 us per call to an evaluation (H100,
+    bench.mlx_calls).
     """
-    import mlx.core as mx
 
-    sm_count, arch = device_facts()
-    base = plan_cuda(
-        problem, available=available, sm_count=sm_count, arch=arch, scale=1.0, wgmma=wgmma
-    )
-    by_scale: dict[float, tuple[list[Step], int]] = {}
-    gradients: dict[tuple, tuple[Callable, Callable]] = {}
-    scores_shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)
-    array_mask = problem.mask in ("bool", "additive")
-    qkv_inline = base[-1].inputs[:3] == ("q", "k", "v")
+    def __init__(
+        self,
+        problem: AttentionProblem,
+        *,
+        prepare: PrepareFn,
+        available: set[str] | frozenset[str],
+        dtype: Callable[[str], Any],
+        gradient: Callable[..., tuple[Callable, Callable]] | None = None,
+        wgmma: bool = False,
+    ) -> None:
+        sm_count, arch = device_facts()
+        self.problem = problem
+        self.launches = plan_cuda(
+            problem, available=available, sm_count=sm_count, arch=arch, scale=1.0, wgmma=wgmma
+        )
+        self._prepare, self._dtype, self._gradient = prepare, dtype, gradient
+        self._plans: dict[float, Any] = {}
 
-    def run(q, k, v, scale, mask, sinks):
-        compiled = by_scale.get(scale)
-        if compiled is None:
-            compiled = by_scale.setdefault(
-                scale, compile_steps(with_scale(base, scale), prepare, dtype)
-            )
-        grad = None
-        if gradient is not None:
-            key = (scale, None if array_mask else mask, array_mask, sinks is not None)
-            functions = gradients.get(key)
-            if functions is None:
-                functions = gradients.setdefault(key, gradient(*key, qkv_inline=qkv_inline))
-            arrays = [] if qkv_inline else [q, k, v]
-            if array_mask:
-                arrays.append(mask)
-            if sinks is not None:
-                arrays.append(sinks)
-            grad = (arrays, *functions)
+    def __call__(self, q, k, v, scale, mask, sinks):
+        return self.plan(scale)(q, k, v, mask, sinks, scale)
+
+    def plan(self, scale: float) -> Any:
+        plan = self._plans.get(scale)
+        if plan is None:
+            plan = self._plans.setdefault(scale, self._make_plan(scale))
+        return plan
+
+    def _make_plan(self, scale: float) -> Any:
+        from aotc.runtime.cuda import extension
+
+        p = self.problem
+        steps, out_slot = compile_steps(
+            with_scale(self.launches, scale), self._prepare, self._dtype
+        )
+        plan = extension().CudaPlan(len(ARGUMENTS))
+        array_mask = p.mask in ("bool", "additive")
+        if p.mask == "additive":  # MLX casts additive masks to the output type
+            plan.astype(MASK_SLOT, self._dtype(p.dtype))
         if array_mask:
-            mask = mx.broadcast_to(mask, scores_shape)
-        if sinks is not None and sinks.dtype != q.dtype:
-            sinks = sinks.astype(q.dtype)
-        return run_steps(compiled[0], compiled[1], [q, k, v, mask, sinks], grad)
-
-    return run
+            plan.broadcast_to(MASK_SLOT, [p.batch, p.q_heads, p.q_len, p.kv_len])
+        if p.has_sinks:
+            plan.astype(SINKS_SLOT, self._dtype(p.dtype))
+        qkv_inline = self.launches[-1].inputs[:3] == ("q", "k", "v")
+        last = others = None
+        gradient_inputs: list[int] = []
+        if self._gradient is not None:
+            mode = p.mask if p.mask == "causal" else None
+            last, others = self._gradient(
+                scale, mode, array_mask, p.has_sinks, qkv_inline=qkv_inline
+            )
+            gradient_inputs = [] if qkv_inline else [0, 1, 2]
+            gradient_inputs += [MASK_SLOT] * array_mask + [SINKS_SLOT] * p.has_sinks
+        for i, step in enumerate(steps):
+            final = i == len(steps) - 1
+            plan.launch(
+                step.call,
+                list(step.input_slots),
+                list(step.output_slots),
+                gradient_inputs if final else [],
+                last if final else others,
+            )
+        plan.set_output(out_slot)
+        return plan

@@ -1,0 +1,201 @@
+"""The native hot path of aotc.sdpa_vector: aotc._ext.CallTable keys calls by their arguments'
+signature, and aotc._ext.CudaPlan runs a plan's conversions and launches over slots.
+
+Plans without launches run here (MLX's CPU); a launch reached on this machine stops at the
+stream check, which shows which inputs the plan handed it. Launches that run are checked on
+the GPU machine (tests/gpu/test_sdpa_mlx.py goes through this path for every call).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from aotc.runtime.cuda import extension
+
+    return extension()
+
+
+def _cast_plan(ext, num_args=3, slot=0, dtype=None):
+    plan = ext.CudaPlan(num_args)
+    plan.astype(slot, dtype or mx.float16)
+    plan.set_output(slot)
+    return plan
+
+
+def test_table_serves_the_signature_it_was_given(ext):
+    table = ext.CallTable()
+    plan = _cast_plan(ext)
+    x = mx.arange(4.0)
+    assert table(x, None, 0.5) is None  # nothing filed yet
+    assert table.add(plan, x, None, 0.5) is True
+    assert len(table) == 1
+    y = mx.arange(4.0) * 3
+    out = table(y, None, 0.5)
+    assert out.dtype == mx.float16
+    assert out.tolist() == [0.0, 3.0, 6.0, 9.0]  # this call's array, not the filed one's
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        (mx.arange(5.0), None, 0.5),  # shape
+        (mx.arange(4), None, 0.5),  # dtype
+        (mx.arange(4.0).reshape(2, 2), None, 0.5),  # rank
+        (mx.arange(4.0), None, 0.25),  # scale
+        (mx.arange(4.0), "causal", 0.5),  # None against a string
+        (mx.arange(4.0), mx.arange(4.0), 0.5),  # None against an array
+        (mx.arange(4.0), None),  # argument count
+        (mx.arange(4.0), None, 1),  # int against float
+    ],
+)
+def test_table_misses_any_other_signature(ext, other):
+    table = ext.CallTable()
+    table.add(_cast_plan(ext), mx.arange(4.0), None, 0.5)
+    assert table(*other) is None
+
+
+def test_table_keys_strings_by_value_and_refuses_unknown_types(ext):
+    table = ext.CallTable()
+    x = mx.arange(4.0)
+    table.add(_cast_plan(ext), x, "causal", 0.5)
+    assert table(x, "causal", 0.5) is not None
+    assert table(x, "causa", 0.5) is None
+    assert table(x, "causal" + "x" * 20, 0.5) is None
+    assert table.add(_cast_plan(ext), x, object(), 0.5) is False
+    assert table(x, object(), 0.5) is None
+
+
+def test_table_keys_the_default_device(ext):
+    table = ext.CallTable()
+    x = mx.arange(4.0)
+    table.add(_cast_plan(ext), x, None, 0.5)
+    other = mx.gpu if mx.default_device() == mx.cpu else mx.cpu
+    previous = mx.default_device()
+    try:
+        mx.set_default_device(other)
+    except (RuntimeError, ValueError):
+        pytest.skip(f"MLX has no {other} device here")
+    try:
+        assert table(x, None, 0.5) is None
+    finally:
+        mx.set_default_device(previous)
+    assert table(x, None, 0.5) is not None
+
+
+def test_table_limit_and_clear(ext):
+    table = ext.CallTable(2)
+    for n in (1, 2, 3):
+        table.add(_cast_plan(ext), mx.zeros((n,)), None, 0.5)
+    assert len(table) == 1  # full at the third signature: started over
+    assert table(mx.zeros((3,)), None, 0.5) is not None
+    table.clear()
+    assert len(table) == 0 and table(mx.zeros((3,)), None, 0.5) is None
+
+
+def test_plan_conversions(ext):
+    plan = ext.CudaPlan(2)
+    plan.astype(1, mx.float16)
+    plan.broadcast_to(1, [2, 3])
+    plan.set_output(1)
+    out = plan(None, mx.array([1.0, 2.0, 3.0]))
+    assert out.shape == (2, 3) and out.dtype == mx.float16
+    assert out.tolist() == [[1.0, 2.0, 3.0]] * 2
+    assert plan(None, mx.zeros((2, 3), dtype=mx.float16)).shape == (2, 3)
+    assert plan.num_args == 2
+
+
+def test_plan_rejects_wiring_errors(ext):
+    prepared = ext.PreparedLaunch(
+        ext.CudaImage(b"\x00" * 16), "k", [[4]], [mx.float32], (1, 1, 1), (32, 1, 1), 0, b"", []
+    )
+    plan = ext.CudaPlan(2)
+    with pytest.raises(ValueError, match="reads slot 2, which no argument or earlier launch"):
+        plan.launch(prepared, [0, 2], [2])
+    with pytest.raises(ValueError, match="writes slot 1, which already holds"):
+        plan.launch(prepared, [0], [1])
+    with pytest.raises(ValueError, match="has 1 outputs, but 2 output slots"):
+        plan.launch(prepared, [0], [2, 3])
+    with pytest.raises(ValueError, match="slot 5 is not one of the 2 arguments"):
+        plan.launch(prepared, [0], [2], [5])
+    with pytest.raises(ValueError, match="slot 2 is not one of the 2 arguments"):
+        plan.astype(2, mx.float16)
+    with pytest.raises(ValueError, match="output slot 4 is never filled"):
+        plan.set_output(4)
+    with pytest.raises(ValueError, match="no output slot"):
+        plan(None, None)
+    plan.launch(prepared, [0], [2])
+    plan.set_output(2)
+    with pytest.raises(ValueError, match="takes 2 arguments, got 1"):
+        plan(mx.arange(4.0))
+    with pytest.raises(ValueError, match="needs slot 0, but that argument is None"):
+        plan(None, None)
+
+
+def test_plan_hands_a_launch_its_slots(ext):
+    """The launch reads slots 1 and 0 (two inputs, as the index error shows) and says
+    why it cannot run here."""
+    image = ext.CudaImage(b"\x00" * 16)
+    args = ([[4]], [mx.float32], (1, 1, 1), (32, 1, 1), 0, b"")
+    plan = ext.CudaPlan(2)
+    plan.launch(ext.PreparedLaunch(image, "k", *args, [], [2]), [1, 0], [2])
+    plan.set_output(2)
+    with pytest.raises(ValueError, match=re.escape("unread input index 2 is not one of the 2")):
+        plan(mx.arange(4.0), mx.arange(4.0))
+    plan = ext.CudaPlan(2)
+    plan.launch(ext.PreparedLaunch(image, "k", *args, [1]), [1, 0], [2])
+    plan.set_output(2)
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the default device is a GPU here")
+    with pytest.raises(ValueError, match="needs a GPU stream"):
+        plan(mx.arange(4.0), mx.arange(4.0))
+
+
+def test_sdpa_vector_files_a_native_plan_and_serves_from_it(monkeypatch, ext):
+    """The first call of a signature decides in Python and files the decision's plan; the next
+    call is served by the table alone."""
+    from aotc.families.sdpa_vector import api
+
+    table = ext.CallTable()
+    monkeypatch.setattr(api, "_native_calls", table)
+    made = []
+
+    class Runner:  # a decision whose plan is a native call, as CudaRunner's
+        def plan(self, scale):
+            made.append(scale)
+            return _cast_plan(ext, num_args=6)  # "out" is q cast to float16
+
+    monkeypatch.setattr(api, "_decide", lambda *args: Runner())
+    q = k = v = mx.ones((1, 2, 1, 8))
+    out = api.sdpa_vector(q, k, v, scale=0.5)
+    assert out.dtype == mx.float16 and made == [0.5] and len(table) == 1
+
+    def no_decision(*args):
+        raise AssertionError("a filed signature decided again")
+
+    monkeypatch.setattr(api, "_decide", no_decision)
+    assert api.sdpa_vector(q * 2, k, v, scale=0.5).tolist() == (q * 2).tolist()
+    with pytest.raises(AssertionError, match="decided again"):
+        api.sdpa_vector(q, k, v, scale=0.25)  # another scale: another signature
+    with pytest.raises(AssertionError, match="decided again"):
+        api.sdpa_vector(q, k, v, scale=0.5, stream=mx.default_stream(mx.default_device()))
+    api.clear_cache()
+    assert len(table) == 0
+
+
+def test_fallbacks_are_not_filed(ext):
+    from aotc.families.sdpa_vector import api
+
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the default device is a GPU here: calls may be served")
+    before = len(api._native_calls) if api._native_calls is not None else 0
+    q = k = v = mx.ones((1, 2, 1, 8))
+    out = api.sdpa_vector(q, k, v, scale=0.5)
+    assert out.shape == (1, 2, 1, 8)
+    assert api._native_calls is not None and len(api._native_calls) == before
