@@ -1,0 +1,122 @@
+"""Where the time of one evaluated MLX call goes, from a CUPTI trace (torch's profiler).
+
+    python3 -m bench.eval_timeline [--index dist/extra_sdpa.cuda.json] [--iters 30]
+
+A benchmark, not a test. Each case is built and evaluated alone (`mx.eval` per call), as a
+decode step evaluated layer by layer would be; the trace times, per evaluation: building the
+graph (host), from `mx.eval` to the graph's launch (host), from that launch to the first kernel
+(driver and GPU), the kernels, and from the last kernel's end to `mx.eval` returning (the
+wait's wake-up). torch is used only for its profiler: CUPTI records the process's kernels,
+MLX's included. Tracing slows the host phases (the floor's evaluation: ~40 us traced, 22-30
+untraced on an H200), so compare the cases with each other, not with untraced runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from collections.abc import Callable
+
+import mlx.core as mx
+
+import aotc
+from bench.shapes import SHAPES
+
+LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")
+
+
+def cases(shape) -> dict[str, Callable[[], mx.array]]:
+    b, hq, hkv, n, d, v_dim, v_view = shape
+    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
+    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
+    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
+    tiny = mx.zeros((16,))
+    mx.eval(q, k, v, tiny)
+    scale = d**-0.5
+    return {
+        "mx.add (tiny): the floor": lambda: tiny + 1,
+        "mx.sum of K": lambda: mx.sum(k),
+        "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+        "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=scale),
+    }
+
+
+def trace(calls: dict[str, Callable[[], mx.array]], iters: int) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.init()
+    for call in calls.values():  # warm: plans made, graphs cached
+        for _ in range(3):
+            mx.eval(call())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for name, call in calls.items():
+            for i in range(iters):
+                with record_function(f"build|{name}|{i}"):
+                    out = call()
+                with record_function(f"eval|{name}|{i}"):
+                    mx.eval(out)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        return json.load(open(f.name))["traceEvents"]
+
+
+def phases(events: list[dict]) -> dict[str, list[dict[str, float]]]:
+    ranges = [e for e in events if e.get("cat") == "user_annotation" and "|" in e.get("name", "")]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
+    launches = sorted(
+        (e for e in events if e.get("name", "").split("_v")[0] in LAUNCH_CALLS),
+        key=lambda e: float(e["ts"]),
+    )
+    builds = {tuple(e["name"].split("|")[1:]): e for e in ranges if e["name"].startswith("build")}
+    out: dict[str, list[dict[str, float]]] = {}
+    for e in ranges:
+        kind, name, i = e["name"].split("|")
+        if kind != "eval":
+            continue
+        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        mine = [k for k in kernels if start <= float(k["ts"]) <= end]
+        launch = next((c for c in launches if start <= float(c["ts"]) <= end), None)
+        if not mine or launch is None:
+            continue
+        first = float(mine[0]["ts"])
+        last = max(float(k["ts"]) + float(k["dur"]) for k in mine)
+        out.setdefault(name, []).append(
+            {
+                "build": float(builds[(name, i)]["dur"]),
+                "to launch": float(launch["ts"]) - start,
+                "to kernel": first - float(launch["ts"]),
+                "kernels": last - first,
+                "busy": sum(float(k["dur"]) for k in mine),
+                "wake": end - last,
+                "eval": end - start,
+                "count": len(mine),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
+    args = parser.parse_args()
+    aotc.load(args.index)
+    columns = ("build", "to launch", "to kernel", "kernels", "busy", "wake", "eval")
+    print("median us per evaluated call (one call per mx.eval); kernels: first start to last")
+    print("end, busy: their summed durations; wake: last kernel's end to mx.eval's return")
+    for index in (int(s) for s in args.shapes.split(",")):
+        shape = SHAPES[index]
+        print(f"\n{shape[:6]}")
+        print(f"{'':28s}" + "".join(f"{c:>10s}" for c in columns) + "   kernels")
+        for name, rows in phases(trace(cases(shape), args.iters)).items():
+            medians = [statistics.median(r[c] for r in rows) for c in columns]
+            count = statistics.median(r["count"] for r in rows)
+            print(f"{name:28s}" + "".join(f"{m:10.1f}" for m in medians) + f"   {count:g}")
+
+
+if __name__ == "__main__":
+    main()
