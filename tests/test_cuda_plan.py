@@ -145,6 +145,26 @@ def test_many_splits_merge_in_waiting_combiners_when_one_wave_holds_them():
     assert len(small) == 2
 
 
+def test_waiting_combiner_splits_fill_two_blocks_per_sm():
+    names = {f"sdpa_vector{k}_bfloat16_t_80_80" for k in ("", "_2pass_1", "_2pass_fused")}
+    names |= {"sdpa_vector_2pass_2_bfloat16_t_80"}
+    shape = problem(q_heads=16, kv_heads=16, kv_len=8192, qk_dim=80, v_dim=80)
+    (launch,) = plan_cuda(shape, available=names, sm_count=132)
+    fields = unpack(launch)
+    # 128 key tiles per head: 16 splits of 8 (256 split blocks, under 2 x 132), where one wave
+    # of three blocks per SM would take 22 of 6.
+    assert fields[8] == 16 and fields[9] == 8 * 64
+    assert launch.grid[0] == 16 * 16 + 16  # then a combiner per query row
+    two_launch = plan_cuda(shape, available=names - {"sdpa_vector_2pass_fused_bfloat16_t_80_80"})
+    assert unpack(two_launch[0])[8] == 22
+    # Where the combiner's reach is the smaller cap, it stays: 256/128 B=1, 8 KV heads.
+    wide = problem(q_heads=32, kv_heads=8, kv_len=32768, qk_dim=256, v_dim=128)
+    names = {n.replace("192_128", "256_128") for n in NAMES}
+    names |= {"sdpa_vector_2pass_fused_bfloat16_t_256_128"}
+    (launch,) = plan_cuda(wide, available=names, sm_count=132)
+    assert unpack(launch)[8] == combiner_max_splits(kernel_config("bfloat16", 256, 128)) == 32
+
+
 def _in_flight_per_sm(launch: Launch, cfg, sm_count: int) -> int:
     stages = unpack(launch)[12]
     blocks_per_sm = min(3, -(-launch.grid[0] // sm_count))  # 4-warp blocks: 3 per SM at most

@@ -326,6 +326,12 @@ def plan_cuda(
             # (bench.sweep_splits, H100: 192/128 B=1 13.0 us at 32 splits, 128 blocks, against
             # 13.6 at 64; 256/128 B=1 75.3 against 77.4 at 45).
             capped = min(num_splits, combiner_max_splits(cfg))
+            # ... and their splits run best at up to two blocks per SM (bench.sweep_stages --splits,
+            # round 10: 80/80 B=1, 16 KV heads: 16 splits 21.8-21.9 us on an H100, 17.4-17.5
+            # on an H200, against 22.2-22.9 and 17.6-18.3 at 22 splits, three per SM).
+            two_per_sm = 2 * sm_count // base_blocks
+            if two_per_sm > FUSED_MAX_SPLITS:
+                capped = min(capped, two_per_sm)
             blocks = base_blocks * capped
             if 9 * sm_count <= 10 * blocks and blocks + rows_total <= resident:
                 num_splits = capped
