@@ -68,7 +68,7 @@ def sdpa_vector(
         if log.isEnabledFor(logging.DEBUG):
             log.debug("aotc.sdpa_vector falls back to MLX: %s", decision)
         return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
-    plan = getattr(decision, "plan", None)
+    plan = getattr(decision, "plan", None)  # runners with native plans (CUDA) have one
     if plan is None:
         return decision(q, k, v, scale, mask, sinks)
     native = plan(scale)
