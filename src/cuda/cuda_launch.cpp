@@ -386,6 +386,10 @@ class Scratch {
   std::unique_ptr<T[]> heap_;
 };
 
+bool listed(const std::vector<int>& indices, size_t i) {
+  return std::find(indices.begin(), indices.end(), int(i)) != indices.end();
+}
+
 std::string launch_name(const std::string& kernel) {
   return "kernel '" + kernel + "'";
 }
@@ -455,11 +459,8 @@ void CudaLaunch::eval_gpu(
     std::memcpy(strides, spec.params.data(), spec.params.size());
   }
 
-  // Inputs that get no strides must be row-contiguous (cuda_launch makes them
-  // so).
-  auto listed = [](const std::vector<int>& list, size_t i) {
-    return std::find(list.begin(), list.end(), int(i)) != list.end();
-  };
+  // Inputs that get no strides must be row-contiguous (launch() makes them so),
+  // unless the kernel does not read them.
   for (size_t i = 0; i < n_in; ++i) {
     if (!inputs[i].flags().row_contiguous &&
         !listed(spec.strided_inputs, i) && !listed(spec.unread_inputs, i)) {
@@ -586,9 +587,6 @@ std::vector<mx::array> launch(
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   check_launch_call(*spec, inputs.size(), stream);
-  auto listed = [](const std::vector<int>& list, size_t i) {
-    return std::find(list.begin(), list.end(), int(i)) != list.end();
-  };
 
   // An input that gets no strides must be row-contiguous. Known layouts pass as
   // they are (evaluated arrays, outputs of this primitive); others go through

@@ -11,8 +11,9 @@
 // contract").
 //
 // This header needs no CUDA headers: the extension's main file includes it in
-// every build, and only calls cuda_launch() when the extension was built with
-// AOTC_WITH_CUDA.
+// every build; launch() is defined by cuda_launch.cpp when the extension is
+// built with AOTC_WITH_CUDA, and by a stub that says why it cannot run
+// otherwise.
 #pragma once
 
 #include <array>
