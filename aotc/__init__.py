@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # Run-time names load MLX lazily so that `aotc build` starts fast and never touches a GPU.
 _LAZY = {
     "sdpa_vector": "aotc.families.sdpa_vector.api",
+    "clear_cache": "aotc.families.sdpa_vector.api",
     "fallback_reason": "aotc.families.sdpa_vector.api",
     "patch": "aotc.families.sdpa_vector.api",
     "unpatch": "aotc.families.sdpa_vector.api",
@@ -27,6 +28,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from aotc.families.sdpa_vector.api import (
+        clear_cache,
         fallback_reason,
         patch,
         patched,
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Library",
+    "clear_cache",
     "fallback_reason",
     "libraries",
     "load",
