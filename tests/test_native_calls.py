@@ -201,3 +201,22 @@ def test_fallbacks_are_not_filed(ext):
     out = api.sdpa_vector(q, k, v, scale=0.5)
     assert out.shape == (1, 2, 1, 8)
     assert api._native_calls is not None and len(api._native_calls) == before
+
+
+def test_a_broken_extension_leaves_calls_to_python(monkeypatch):
+    """The table only speeds calls up: without it every call decides in Python, and falls back
+    to MLX's op here."""
+    from aotc.families.sdpa_vector import api
+    from aotc.runtime import cuda
+
+    def broken():
+        raise RuntimeError("nanobind: type already registered")
+
+    monkeypatch.setattr(cuda, "extension", broken)
+    assert api._call_table() is None
+    monkeypatch.setattr(api, "_native_calls", None)
+    q = k = v = mx.ones((1, 2, 1, 8))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5)
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the default device is a GPU here: the decision would need the extension")
+    assert mx.array_equal(api.sdpa_vector(q, k, v, scale=0.5), want).item()

@@ -31,12 +31,15 @@ _lock = threading.Lock()
 
 
 def _call_table() -> Any:
-    """The extension's CallTable, or None where the extension is not importable."""
-    from aotc.runtime.cuda import CudaUnavailable, extension
+    """The extension's CallTable, or None where the extension does not load: the table only
+    speeds up calls, so a missing or broken extension leaves every call deciding in Python
+    (and a CUDA decision then says why the extension is unusable)."""
+    from aotc.runtime.cuda import extension
 
     try:
         return extension().CallTable(_CACHE_LIMIT)
-    except CudaUnavailable:  # no extension, no native plans: every call decides in Python
+    except Exception as exc:
+        log.debug("aotc.sdpa_vector runs without the native call table: %s", exc)
         return None
 
 
