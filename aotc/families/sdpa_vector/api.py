@@ -161,22 +161,28 @@ def _differentiable(forward: Runner, scale, mask_mode, array_mask, has_sinks):
 
     @attention.vjp
     def attention_vjp(primals, cotangent, output):
-        q, k, v, mask, sinks = unpack(primals)
-
-        def reference(q, k, v, *maybe_sinks):
-            sinks = maybe_sinks[0] if maybe_sinks else None
-            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
-
-        differentiable = [q, k, v] + ([sinks] if has_sinks else [])
-        _, grads = mx.vjp(reference, differentiable, [cotangent])
-        result = list(grads[:3])
-        if array_mask:
-            result.append(mx.zeros_like(mask))
-        if has_sinks:
-            result.append(grads[3])
-        return tuple(result)
+        return tuple(_mlx_op_gradients(scale, *unpack(primals), cotangent))
 
     return attention
+
+
+def _mlx_op_gradients(scale, q, k, v, mask, sinks, cotangent) -> list:
+    """The cotangents MLX's own op gives q, k, v, then an array mask (zeros) and the sinks,
+    where the call has them: the backward pass of every prebuilt forward."""
+
+    def reference(q, k, v, *maybe_sinks):
+        return _MLX_SDPA(
+            q, k, v, scale=scale, mask=mask, sinks=maybe_sinks[0] if maybe_sinks else None
+        )
+
+    differentiable = [q, k, v] + ([] if sinks is None else [sinks])
+    _, grads = mx.vjp(reference, differentiable, [cotangent])
+    result = list(grads[:3])
+    if mask is not None and not isinstance(mask, str):
+        result.append(mx.zeros_like(mask))
+    if sinks is not None:
+        result.append(grads[3])
+    return result
 
 
 def _backend(stream: Any) -> str:
@@ -260,23 +266,11 @@ def mlx_gradients(
         q, k, v = kernel_inputs[:3] if qkv_inline else (rest.pop(0), rest.pop(0), rest.pop(0))
         mask = rest.pop(0) if array_mask else mask_mode
         sinks = rest.pop(0) if has_sinks else None
-
-        def reference(q, k, v, *maybe_sinks):
-            sinks = maybe_sinks[0] if maybe_sinks else None
-            return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks)
-
-        differentiable = [q, k, v] + ([sinks] if has_sinks else [])
-        _, grads = mx.vjp(reference, differentiable, cotangents[-1:])
+        grads = _mlx_op_gradients(scale, q, k, v, mask, sinks, cotangents[-1])
         result = [mx.zeros_like(x) for x in kernel_inputs]
-        if qkv_inline:
-            result[:3] = grads[:3]
-        else:
-            result += grads[:3]
-        if array_mask:
-            result.append(mx.zeros_like(mask))
-        if has_sinks:
-            result.append(grads[3])
-        return result
+        if qkv_inline:  # q, k, v are the kernel's first inputs; mask and sinks follow them
+            result[:3], grads = grads[:3], grads[3:]
+        return result + grads
 
     def others(primals, cotangents):
         return [mx.zeros_like(x) for x in primals]
