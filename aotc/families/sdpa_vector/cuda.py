@@ -380,14 +380,14 @@ def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
         "q",
         "k",
         "v",
-        "mask" if p.mask in ("bool", "additive") else "q",
+        "mask" if p.has_array_mask else "q",
         "sinks" if p.has_sinks else "q",
     )
 
 
 def _attention_unread(p: AttentionProblem) -> tuple[int, ...]:
     """The places of an absent mask and sinks among `_attention_inputs`."""
-    return (*((3,) if p.mask not in ("bool", "additive") else ()), *(() if p.has_sinks else (4,)))
+    return (*(() if p.has_array_mask else (3,)), *(() if p.has_sinks else (4,)))
 
 
 def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
@@ -683,11 +683,11 @@ class CudaRunner:
             with_scale(self.launches, scale), self._prepare, self._dtype
         )
         plan = extension().CudaPlan(len(ARGUMENTS))
-        array_mask = p.mask in ("bool", "additive")
+        array_mask = p.has_array_mask
         if p.mask == "additive":  # MLX casts additive masks to the output type
             plan.astype(MASK_SLOT, self._dtype(p.dtype))
         if array_mask:
-            plan.broadcast_to(MASK_SLOT, [p.batch, p.q_heads, p.q_len, p.kv_len])
+            plan.broadcast_to(MASK_SLOT, list(p.scores_shape))
         if p.has_sinks:
             plan.astype(SINKS_SLOT, self._dtype(p.dtype))
         qkv_inline = self.launches[-1].inputs[:3] == ("q", "k", "v")

@@ -396,9 +396,8 @@ def _plan(problem, architecture, variant, reason, blocks, inputs, temps, dispatc
 def _build(problem: AttentionProblem, architecture: str, variant: Variant, override: int | None):
     """(blocks, inputs, temporaries, dispatches) of one variant."""
     q, k, v = 0, 1, 2
-    has_array_mask = problem.mask in ("bool", "additive")
-    mask = 3 if has_array_mask else None
-    sinks = 3 + has_array_mask if problem.has_sinks else None
+    mask = 3 if problem.has_array_mask else None
+    sinks = 3 + problem.has_array_mask if problem.has_sinks else None
     inputs = [
         # sdpa_vector_2pass_1 indexes transposed queries by `num_q_heads * q_seq_idx`, which is
         # B*H only when B == 1: MLX's q_copy_unless also lets (L, B, 1, D) layouts through.
@@ -490,7 +489,7 @@ def _build(problem: AttentionProblem, architecture: str, variant: Variant, overr
 
 
 def _flag_constants(problem: AttentionProblem) -> tuple[FunctionConstant, ...]:
-    has_mask = problem.mask in ("bool", "additive")
+    has_mask = problem.has_array_mask
     bool_mask = problem.mask == "bool"
     # eval_gpu: `bool do_causal = do_causal_ && q.shape(2) > 1;`
     do_causal = problem.mask == "causal" and problem.q_len > 1
@@ -669,10 +668,9 @@ def prepare_inputs(
     import mlx.core as mx
 
     arrays = [q, k, v]
-    if problem.mask in ("bool", "additive"):
+    if problem.has_array_mask:
         m = mask if problem.mask == "bool" else mask.astype(q.dtype)
-        shape = (problem.batch, problem.q_heads, problem.q_len, problem.kv_len)
-        arrays.append(mx.broadcast_to(m, shape))
+        arrays.append(mx.broadcast_to(m, problem.scores_shape))
     if problem.has_sinks:
         arrays.append(sinks.astype(q.dtype))
     return arrays

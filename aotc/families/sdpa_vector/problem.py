@@ -41,6 +41,15 @@ class AttentionProblem:
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.q_heads, self.q_len, self.v_dim)
 
+    @property
+    def scores_shape(self) -> tuple[int, int, int, int]:
+        """What an array mask broadcasts to."""
+        return (self.batch, self.q_heads, self.q_len, self.kv_len)
+
+    @property
+    def has_array_mask(self) -> bool:
+        return self.mask in ("bool", "additive")
+
 
 def dtype_name(dtype: Any) -> str:
     """`mlx.core.float16` -> `"float16"` without importing mlx here."""
