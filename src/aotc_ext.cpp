@@ -165,21 +165,6 @@ std::vector<mx::array> cuda_launch(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
 
-// A native call's arguments from Python's: arrays where given, nothing for the
-// rest (None, strings, numbers: fixed by the plan).
-aotc::Arguments arguments(const nb::args& args) {
-  aotc::Arguments out;
-  out.reserve(args.size());
-  for (nb::handle h : args) {
-    if (nb::isinstance<mx::array>(h)) {
-      out.emplace_back(*nb::inst_ptr<mx::array>(h));
-    } else {
-      out.emplace_back(std::nullopt);
-    }
-  }
-  return out;
-}
-
 } // namespace
 
 NB_MODULE(_ext, m) {
@@ -278,7 +263,7 @@ for a gradient raises.)");
       .def(
           "__call__",
           [](const aotc::NativeCall& self, nb::args args) {
-            return self(arguments(args));
+            return self(aotc::arguments_of(args));
           },
           "Run the call: its arguments positionally, arrays and the values its plan fixed.");
 

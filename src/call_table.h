@@ -21,6 +21,25 @@
 
 namespace aotc {
 
+// The MLX array `h` holds, or nullptr.
+inline mlx::core::array* as_array(nanobind::handle h) {
+  return nanobind::isinstance<mlx::core::array>(h)
+      ? nanobind::inst_ptr<mlx::core::array>(h)
+      : nullptr;
+}
+
+// A native call's arguments from Python's: arrays where given, nothing for the
+// rest (None, strings, numbers: fixed by the call's plan).
+inline Arguments arguments_of(const nanobind::args& args) {
+  Arguments out;
+  out.reserve(args.size());
+  for (nanobind::handle h : args) {
+    auto* x = as_array(h);
+    out.emplace_back(x ? std::optional<mlx::core::array>(*x) : std::nullopt);
+  }
+  return out;
+}
+
 class CallTable {
  public:
   explicit CallTable(size_t limit) : limit_(limit) {}
@@ -85,8 +104,8 @@ class CallTable {
     }
     for (nb::handle h : args) {
       PyObject* o = h.ptr();
-      if (nb::isinstance<mx::array>(h)) {
-        auto& x = *nb::inst_ptr<mx::array>(h);
+      if (auto* array = as_array(h)) {
+        auto& x = *array;
         key.push_back(1);
         key.push_back(int64_t(x.dtype().val()));
         key.push_back(x.ndim());

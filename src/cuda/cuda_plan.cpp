@@ -19,10 +19,14 @@ namespace {
 } // namespace
 
 CudaPlan::CudaPlan(int num_args)
-    : num_args_(num_args), num_slots_(num_args), written_(num_args, true) {
+    : num_args_(num_args), filled_(std::max(num_args, 0), true) {
   if (num_args < 0) {
     fail("the argument count is negative");
   }
+}
+
+bool CudaPlan::filled(int slot) const {
+  return slot >= 0 && size_t(slot) < filled_.size() && filled_[slot];
 }
 
 void CudaPlan::check_argument_slot(int slot, const char* what) const {
@@ -53,7 +57,7 @@ void CudaPlan::launch(
     fail("a launch has no spec");
   }
   for (int slot : inputs) {
-    if (slot < 0 || slot >= num_slots_ || !written_[slot]) {
+    if (!filled(slot)) {
       fail(
           "kernel '" + spec->kernel + "' reads slot " + std::to_string(slot) +
           ", which no argument or earlier launch fills");
@@ -72,7 +76,7 @@ void CudaPlan::launch(
     int slot = outputs[i];
     bool repeated =
         std::find(outputs.begin(), outputs.begin() + i, slot) != outputs.begin() + i;
-    if (slot < num_args_ || (slot < num_slots_ && written_[slot]) || repeated) {
+    if (slot < num_args_ || filled(slot) || repeated) {
       fail(
           "kernel '" + spec->kernel + "' writes slot " + std::to_string(slot) +
           ", which already holds an argument or an output");
@@ -80,11 +84,10 @@ void CudaPlan::launch(
   }
   // Checked: now record the outputs' slots.
   for (int slot : outputs) {
-    if (slot >= num_slots_) {
-      num_slots_ = slot + 1;
-      written_.resize(num_slots_, false);
+    if (size_t(slot) >= filled_.size()) {
+      filled_.resize(slot + 1, false);
     }
-    written_[slot] = true;
+    filled_[slot] = true;
   }
   steps_.push_back(
       {std::move(spec),
@@ -95,7 +98,7 @@ void CudaPlan::launch(
 }
 
 void CudaPlan::set_output(int slot) {
-  if (slot < 0 || slot >= num_slots_ || !written_[slot]) {
+  if (!filled(slot)) {
     fail("the output slot " + std::to_string(slot) + " is never filled");
   }
   output_ = slot;
@@ -110,7 +113,7 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
   if (output_ < 0) {
     fail("the plan has no output slot");
   }
-  Arguments env(num_slots_);
+  Arguments env(filled_.size());
   std::copy(args.begin(), args.end(), env.begin());
   for (auto& c : conversions_) {
     auto& x = env[c.slot];

@@ -59,10 +59,10 @@ class CudaPlan : public NativeCall {
   };
 
   void check_argument_slot(int slot, const char* what) const;
+  bool filled(int slot) const;
 
   int num_args_;
-  int num_slots_;
-  std::vector<bool> written_; // slots that hold a value when a step runs
+  std::vector<bool> filled_; // per slot: an argument or an earlier launch fills it
   std::vector<Conversion> conversions_;
   std::vector<Step> steps_;
   int output_ = -1;
