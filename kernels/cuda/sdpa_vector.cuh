@@ -1099,12 +1099,14 @@ __device__ __forceinline__ Slot flag_token(const Slot* flags) {
   return (a ^ (a >> 31)) | 1ull;
 }
 
+// RELEASE: a store that orders this thread's (and, after a barrier, its block's) earlier
+// writes before the token (no fence before it).
+template <bool RELEASE = false>
 __device__ __forceinline__ void publish_token(Slot* slot, Slot tok) {
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
-}
-
-__device__ __forceinline__ void publish_token_release(Slot* slot, Slot tok) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
+  if constexpr (RELEASE)
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
+  else
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(tok) : "memory");
 }
 
 // Whether all S slots hold `tok`, read by one whole warp (`lane` its lane), 32 at a time (one
@@ -1284,7 +1286,7 @@ __device__ __forceinline__ void publish_rows(Slot* flags, const Params& p,
   __syncthreads();
   if ((int)threadIdx.x < rows_here) {
     const long long row = out_row(p, w.b, w.kvh, row0 + threadIdx.x);
-    publish_token_release(flags + row * p.num_splits + w.split, flag_token(flags));
+    publish_token<true>(flags + row * p.num_splits + w.split, flag_token(flags));
   }
 }
 
@@ -1313,6 +1315,17 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
 // (the fused launch took 4.5 us to build with five outputs, 1.8 with three; H100 host). In it:
 // partials (rows x S x V floats), maxs and sums (rows x S each), then the flag slots, 8-byte
 // aligned because V + 2 is even; rows = B * Hq * Lq, S = Params::num_splits.
+// 4-byte words of a FusedScratch: rows x S (`rows_splits`) partial rows of V, maxs and sums, then
+// `slots` 8-byte flag slots. The plan sizes the scratch output by the same sum (cuda.py
+// _scratch; tests/test_cuda_plan.py compares the two).
+__host__ __device__ constexpr long long fused_flags_word(long long rows_splits, int v) {
+  return rows_splits * (v + 2);
+}
+__host__ __device__ constexpr long long fused_scratch_words(long long rows_splits, int v,
+                                                           long long slots) {
+  return fused_flags_word(rows_splits, v) + 2 * slots;
+}
+
 struct FusedScratch {
   float* partials;
   float* maxs;
@@ -1323,17 +1336,9 @@ struct FusedScratch {
     partials = base;
     maxs = partials + rs * V;
     sums = maxs + rs;
-    flags = reinterpret_cast<Slot*>(sums + rs);
+    flags = reinterpret_cast<Slot*>(base + fused_flags_word(rs, V));
   }
 };
-
-// 4-byte words of a FusedScratch: rows x S (`rows_splits`) partial rows of V, maxs and sums, then
-// `slots` 8-byte flag slots. The plan sizes the scratch output by the same sum (cuda.py
-// _scratch; tests/test_cuda_plan.py compares the two).
-__host__ __device__ constexpr long long fused_scratch_words(long long rows_splits, int v,
-                                                           long long slots) {
-  return rows_splits * (v + 2) + 2 * slots;
-}
 
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
 // publish_rows and wait_and_combine).
