@@ -22,19 +22,16 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES
+from bench.shapes import SHAPES, mlx_kv, mlx_query
 
 LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")
 
 
 def cases(shape) -> dict[str, Callable[[], mx.array]]:
-    b, hq, hkv, n, d, v_dim, v_view = shape
-    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
-    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
-    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
+    q, (k, v) = mlx_query(shape), mlx_kv(shape)
     tiny = mx.zeros((16,))
-    mx.eval(q, k, v, tiny)
-    scale = d**-0.5
+    mx.eval(tiny)
+    scale = shape[4] ** -0.5
     return {
         "mx.add (tiny): the floor": lambda: tiny + 1,
         "mx.sum of K": lambda: mx.sum(k),

@@ -25,7 +25,7 @@ from aotc.families.sdpa_vector.api import mlx_gradients
 from aotc.families.sdpa_vector.problem import describe
 from aotc.runtime.cuda import extension, load_image, wgmma_runs
 from aotc.runtime.libraries import find
-from bench.shapes import SHAPES
+from bench.shapes import SHAPES, mlx_kv, mlx_query
 
 
 def main() -> None:
@@ -36,11 +36,9 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=1)
     args = parser.parse_args()
     aotc.load(args.index)
-    b, hq, hkv, n, d, v_dim, v_view = SHAPES[args.shape]
-    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
-    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
-    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
-    mx.eval(q, k, v)
+    shape = SHAPES[args.shape]
+    b, hq, hkv, n, d, v_dim, _ = shape
+    q, (k, v) = mlx_query(shape), mlx_kv(shape)
     library = find("cuda", [f"sdpa_vector_bfloat16_t_{d}_{v_dim}"])
     prepare = partial(extension().PreparedLaunch, load_image(library))
     names = library.kernel_names

@@ -21,7 +21,7 @@ from functools import partial
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, set_count
+from bench.shapes import SHAPES, mlx_kv, mlx_query, set_count
 
 CHAIN = 8  # calls per evaluation for the us/call column
 
@@ -149,25 +149,18 @@ def torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets) -> float | None:
         torch.cuda.empty_cache()
 
 
-def make_kvs(b, hkv, n, d, v_dim, v_view, sets) -> list[tuple[mx.array, mx.array]]:
-    """`sets` K/V caches (V a view of K's first columns for MLA), evaluated."""
-    kvs = []
-    for _ in range(sets):
-        k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
-        v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
-        mx.eval(k, v)
-        kvs.append((k, v))
-    return kvs
+def make_kvs(shape, sets) -> list[tuple[mx.array, mx.array]]:
+    """`sets` K/V caches of `shape`, evaluated."""
+    return [mlx_kv(shape) for _ in range(sets)]
 
 
 def row(shape, iters: int) -> dict:
     """One table row; its arrays die with the call, so rows do not pile up GPU memory."""
     b, hq, hkv, n, d, v_dim, v_view = shape
-    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
+    q = mlx_query(shape)
     kv_bytes = b * hkv * n * (d + (0 if v_view else v_dim)) * 2
     sets = set_count(kv_bytes)
-    kvs = make_kvs(b, hkv, n, d, v_dim, v_view, sets)
-    mx.eval(q)
+    kvs = make_kvs(shape, sets)
     scale = d**-0.5
     flops = 2 * b * hq * n * (d + v_dim)
     result = {"shape": shape, "bytes": kv_bytes, "flops": flops}
@@ -185,7 +178,7 @@ def row(shape, iters: int) -> dict:
     result["torch"] = torch_sdpa(b, hq, hkv, n, d, v_dim, iters, sets)
     # A second round of both, best of each: torch's cuDNN calls slow the kernels run right
     # after them (bench/NOTES.md, round 8), so whichever side runs first would be favoured.
-    kvs = make_kvs(b, hkv, n, d, v_dim, v_view, sets)
+    kvs = make_kvs(shape, sets)
     result["aotc"] = min(result["aotc"], seconds_per_call(layer_chain(ours, q, kvs, CHAIN), iters))
     del kvs
     mx.clear_cache()

@@ -21,6 +21,28 @@ SHAPES = [
 L2_BYTES = 50 * 2**20
 
 
+def mlx_kv(shape) -> tuple:
+    """A bf16 K/V cache of `shape` as MLX arrays, evaluated (V a view of K's first columns
+    where the shape says so, as MLA caches are laid out)."""
+    import mlx.core as mx
+
+    b, _, hkv, n, d, v_dim, v_view = shape
+    k = mx.random.normal((b, hkv, n, d)).astype(mx.bfloat16)
+    v = k[..., :v_dim] if v_view else mx.random.normal((b, hkv, n, v_dim)).astype(mx.bfloat16)
+    mx.eval(k, v)
+    return k, v
+
+
+def mlx_query(shape):
+    """One bf16 query token per head for `shape`, evaluated."""
+    import mlx.core as mx
+
+    b, hq, _, _, d, _, _ = shape
+    q = mx.random.normal((b, hq, 1, d)).astype(mx.bfloat16)
+    mx.eval(q)
+    return q
+
+
 def set_count(nbytes: int) -> int:
     """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
     previous calls (decode reads each layer's cache once per token), at most 8."""
