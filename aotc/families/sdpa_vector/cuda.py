@@ -525,17 +525,13 @@ MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
-    block, shared_memory, params, strided_input_indices, *, gradient_inputs, gradient)`; it
-    is handed the unread inputs like the others."""
+    block, shared_memory, params, strided_input_indices)` (bench's torch harness, tests)."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
-        fixed = fixed[:-1]  # the unread inputs' indices
+        *fixed, _unread = fixed  # the launch passes those inputs; the kernel ignores them
 
-        def call(inputs, gradient_inputs=(), gradient=None):
-            extra: dict[str, Any] = {} if gradient is None else {"gradient": gradient}
-            if gradient_inputs:
-                extra["gradient_inputs"] = gradient_inputs
-            return launch_fn(kernel, inputs, *fixed, **extra)
+        def call(inputs):
+            return launch_fn(kernel, inputs, *fixed)
 
         return call
 
