@@ -16,6 +16,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -93,6 +94,19 @@ struct PreparedLaunch {
   std::shared_ptr<const aotc::LaunchSpec> spec;
 };
 
+// (input, box columns, box rows) from Python; box sizes outside uint32 are
+// refused by the spec's checks, not wrapped.
+std::vector<aotc::TensorMapSpec> tensor_map_specs(
+    const std::vector<std::tuple<int, int64_t, int64_t>>& maps) {
+  std::vector<aotc::TensorMapSpec> specs;
+  specs.reserve(maps.size());
+  for (auto& [input, cols, rows] : maps) {
+    auto box = [](int64_t n) { return n < 1 || n > 256 ? 0u : uint32_t(n); };
+    specs.push_back({input, box(cols), box(rows)});
+  }
+  return specs;
+}
+
 PreparedLaunch make_prepared(
     const PyCudaImage& image,
     std::string kernel,
@@ -103,7 +117,8 @@ PreparedLaunch make_prepared(
     int64_t shared_memory,
     const nb::bytes& params,
     std::vector<int> strided_inputs,
-    std::vector<int> unread_inputs) {
+    std::vector<int> unread_inputs,
+    const std::vector<std::tuple<int, int64_t, int64_t>>& tensor_maps) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
@@ -119,7 +134,8 @@ PreparedLaunch make_prepared(
       shared_memory,
       std::string(params.c_str(), params.size()),
       std::move(strided_inputs),
-      std::move(unread_inputs))};
+      std::move(unread_inputs),
+      tensor_map_specs(tensor_maps))};
 }
 
 std::vector<mx::array> launch_prepared(
@@ -147,6 +163,7 @@ std::vector<mx::array> cuda_launch(
     int64_t shared_memory,
     const nb::bytes& params,
     std::vector<int> strided_inputs,
+    const std::vector<std::tuple<int, int64_t, int64_t>>& tensor_maps,
     std::vector<mx::array> gradient_inputs,
     nb::object gradient,
     mx::StreamOrDevice s) {
@@ -160,7 +177,8 @@ std::vector<mx::array> cuda_launch(
       shared_memory,
       params,
       std::move(strided_inputs),
-      {});
+      {},
+      tensor_maps);
   return launch_prepared(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
@@ -210,6 +228,7 @@ NB_MODULE(_ext, m) {
       "params"_a,
       "strided_inputs"_a,
       nb::kw_only(),
+      "tensor_maps"_a = std::vector<std::tuple<int, int64_t, int64_t>>{},
       "gradient_inputs"_a = std::vector<mx::array>{},
       "gradient"_a = nb::none(),
       "stream"_a = nb::none(),
@@ -218,7 +237,9 @@ NB_MODULE(_ext, m) {
 The kernel's parameters are (inputs as const pointers..., outputs as pointers..., Params by
 value). Params is the int64 strides (elements, all dimensions) of the inputs at the indices
 `strided_inputs`, in that order, filled in at evaluation, followed by the bytes `params`.
-Inputs not in `strided_inputs` are passed row-contiguous. `grid` counts blocks. Raises
+Inputs not in `strided_inputs` are passed row-contiguous. `tensor_maps`: (input index, box
+columns, box rows) of TMA descriptors encoded at evaluation after those bytes (see
+docs/ARCHITECTURE.md, "The CUDA launch contract"). `grid` counts blocks. Raises
 ValueError for a CPU stream or malformed arguments, RuntimeError without the CUDA primitive.
 
 `gradient_inputs` are further inputs of the primitive that the kernel does not see, and
@@ -242,8 +263,10 @@ for a gradient raises.)");
           "params"_a,
           "strided_inputs"_a,
           "unread_inputs"_a = std::vector<int>{},
+          "tensor_maps"_a = std::vector<std::tuple<int, int64_t, int64_t>>{},
           "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
-          "place): passed as null pointers and never made contiguous.")
+          "place): passed as null pointers and never made contiguous. `tensor_maps`: as "
+          "for cuda_launch.")
       .def(
           "__call__",
           &launch_prepared,

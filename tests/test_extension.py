@@ -80,6 +80,10 @@ def test_launch_on_cpu_stream_is_a_clear_error(ext, stream):
         ({"grid": (0, 1, 1)}, ">= 1"),
         ({"kernel": ""}, "kernel name is empty"),
         ({"shared_memory": -1}, "shared_memory"),
+        ({"tensor_maps": [(-1, 64, 64)]}, "tensor map input index -1 is negative"),
+        ({"tensor_maps": [(0, 0, 64)]}, "box dimensions must be 1 to 256"),
+        ({"tensor_maps": [(0, 64, 2**32 + 64)]}, "box dimensions must be 1 to 256"),
+        ({"tensor_maps": [(0, 64, 64)] * 9}, "at most 8 tensor maps"),
     ],
 )
 def test_launch_arguments_are_checked(ext, override, message):
@@ -94,6 +98,7 @@ def test_launch_arguments_are_checked(ext, override, message):
         ({}, "needs a GPU stream"),
         ({"strided_inputs": [3]}, "strided input index 3"),
         ({"unread_inputs": [1]}, "unread input index 1"),
+        ({"tensor_maps": [(1, 64, 64)]}, "tensor map input index 1 is not one of the 1"),
     ],
 )
 def test_prepared_launch_checks_its_inputs_at_each_call(ext, override, message):

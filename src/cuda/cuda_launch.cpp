@@ -386,6 +386,75 @@ class Scratch {
   std::unique_ptr<T[]> heap_;
 };
 
+size_t align_up(size_t n, size_t to) {
+  return (n + to - 1) / to * to;
+}
+
+// Encodes `map` of `in` into the 128 bytes at `out`; false where TMA cannot
+// describe the input (its dtype, rank, an address or stride not a multiple of
+// 16 bytes, a box wider than the swizzle...): the kernel then loads it
+// otherwise.
+bool encode_tensor_map(const mx::array& in, const TensorMapSpec& map, void* out) {
+#if CUDA_VERSION >= 12000
+  CUtensorMapDataType type;
+  switch (in.dtype()) {
+    case mx::float16:
+      type = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+      break;
+    case mx::bfloat16:
+      type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+      break;
+    case mx::float32:
+      type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+      break;
+    default:
+      return false;
+  }
+  const int rank = int(in.ndim());
+  if (rank < 2 || rank > 5 || in.strides().back() != 1) {
+    return false;
+  }
+  const uint64_t size = in.itemsize();
+  cuuint64_t dims[5], strides[4];
+  cuuint32_t box[5], unit[5];
+  for (int i = 0; i < rank; ++i) {
+    dims[i] = cuuint64_t(in.shape(rank - 1 - i));
+    box[i] = i == 0 ? map.box_cols : i == 1 ? map.box_rows : 1;
+    unit[i] = 1;
+  }
+  uint64_t largest = size * dims[0];
+  for (int i = 1; i < rank; ++i) {
+    const int64_t stride = in.strides()[rank - 1 - i];
+    if (stride < 0) {
+      return false;
+    }
+    // A dimension of one is never stepped: any legal stride does.
+    strides[i - 1] = dims[i] > 1 ? uint64_t(stride) * size : align_up(largest, 16);
+    largest = std::max<uint64_t>(largest, strides[i - 1]);
+  }
+  alignas(64) CUtensorMap encoded;
+  if (cuTensorMapEncodeTiled(
+          &encoded,
+          type,
+          cuuint32_t(rank),
+          mx::gpu_ptr<void>(in),
+          dims,
+          strides,
+          box,
+          unit,
+          CU_TENSOR_MAP_INTERLEAVE_NONE,
+          CU_TENSOR_MAP_SWIZZLE_128B,
+          CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+    return false;
+  }
+  std::memcpy(out, &encoded, sizeof(encoded));
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool listed(const std::vector<int>& indices, size_t i) {
   return std::find(indices.begin(), indices.end(), int(i)) != indices.end();
 }
@@ -434,7 +503,13 @@ void CudaLaunch::eval_gpu(
   for (int i : spec.strided_inputs) {
     n_strides += inputs[i].ndim();
   }
-  const size_t blob = n_strides * sizeof(int64_t) + spec.params.size();
+  const size_t packed = n_strides * sizeof(int64_t) + spec.params.size();
+  // Tensor maps: at the next 64-byte boundary, then their bit word; the
+  // struct's size is a multiple of the maps' 64-byte alignment.
+  const size_t maps_at = align_up(packed, 64);
+  const size_t n_maps = spec.tensor_maps.size();
+  const size_t blob =
+      n_maps ? align_up(maps_at + 128 * n_maps + sizeof(uint32_t), 64) : packed;
   size_t size = (blob + 15) & ~size_t(15);
   if (k.num_params > 0) {
     if (blob > k.params_size || k.params_size - blob >= 16) {
@@ -442,7 +517,8 @@ void CudaLaunch::eval_gpu(
           launch_name(kernel) + " takes a " + std::to_string(k.params_size) +
           "-byte Params, but the launch packs " + std::to_string(blob) +
           " bytes (" + std::to_string(n_strides) + " strides + " +
-          std::to_string(spec.params.size()) + " bytes)");
+          std::to_string(spec.params.size()) + " bytes" +
+          (n_maps ? " + " + std::to_string(n_maps) + " tensor maps" : "") + ")");
     }
     size = std::max(size, (k.params_size + 15) & ~size_t(15));
   }
@@ -457,6 +533,17 @@ void CudaLaunch::eval_gpu(
   }
   if (!spec.params.empty()) {
     std::memcpy(strides, spec.params.data(), spec.params.size());
+  }
+  if (n_maps) {
+    auto* bytes = reinterpret_cast<char*>(words);
+    uint32_t encoded = 0;
+    for (size_t m = 0; m < n_maps; ++m) {
+      auto& map = spec.tensor_maps[m];
+      if (encode_tensor_map(inputs[map.input], map, bytes + maps_at + 128 * m)) {
+        encoded |= 1u << m;
+      }
+    }
+    std::memcpy(bytes + maps_at + 128 * n_maps, &encoded, sizeof(encoded));
   }
 
   // Inputs that get no strides must be row-contiguous (launch() makes them so),
@@ -569,7 +656,7 @@ bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
     return a.image == b.image && a.kernel == b.kernel && a.grid == b.grid &&
         a.block == b.block && a.shared_memory == b.shared_memory &&
         a.params == b.params && a.strided_inputs == b.strided_inputs &&
-        a.unread_inputs == b.unread_inputs &&
+        a.unread_inputs == b.unread_inputs && a.tensor_maps == b.tensor_maps &&
         a.output_shapes == b.output_shapes && a.output_dtypes == b.output_dtypes;
   };
   return (spec_ == o.spec_ || same_spec(*spec_, *o.spec_)) &&

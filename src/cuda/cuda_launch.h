@@ -56,6 +56,22 @@ class CudaImage {
 
 using Dim3 = std::array<uint32_t, 3>;
 
+// A TMA descriptor (CUtensorMap) the launch encodes at evaluation, when the
+// input's address and strides are known: a tiled map of input `input` over all
+// its dimensions (innermost first, the input's own strides) in boxes of
+// box_cols x box_rows on the two innermost dimensions and 1 on the others,
+// 128-byte swizzled, with out-of-bounds elements read as zeros. The maps follow
+// the Params bytes at the next 64-byte boundary, 128 bytes each, then a uint32
+// whose bit i says map i was encoded; an input TMA cannot describe (address or
+// strides not multiples of 16 bytes, ...) leaves its map zero and its bit clear,
+// and the kernel takes another path (docs/ARCHITECTURE.md).
+struct TensorMapSpec {
+  int input;
+  uint32_t box_cols;
+  uint32_t box_rows;
+  bool operator==(const TensorMapSpec&) const = default;
+};
+
 // The gradient of a launch, supplied by the caller (aotc computes it with
 // MLX's own ops): given the primitive's inputs and the cotangents of its
 // outputs, the cotangents of every input.
@@ -75,7 +91,8 @@ inline void check_launch_args(
     const std::array<int64_t, 3>& block,
     int64_t shared_memory,
     const std::vector<int>& strided_inputs,
-    const std::vector<int>& unread_inputs) {
+    const std::vector<int>& unread_inputs,
+    const std::vector<TensorMapSpec>& tensor_maps = {}) {
   auto fail = [](const std::string& msg) {
     throw std::invalid_argument("[aotc.cuda_launch] " + msg);
   };
@@ -121,6 +138,17 @@ inline void check_launch_args(
   };
   check_indices(strided_inputs, "strided");
   check_indices(unread_inputs, "unread");
+  if (tensor_maps.size() > 8) {
+    fail("a launch takes at most 8 tensor maps");
+  }
+  for (auto& map : tensor_maps) {
+    if (map.input < 0) {
+      fail("tensor map input index " + std::to_string(map.input) + " is negative");
+    }
+    if (map.box_cols < 1 || map.box_cols > 256 || map.box_rows < 1 || map.box_rows > 256) {
+      fail("a tensor map's box dimensions must be 1 to 256 elements");
+    }
+  }
 }
 
 // Everything of a launch but its inputs: made (and checked) once per plan
@@ -139,6 +167,7 @@ struct LaunchSpec {
   // Inputs the kernel does not read (an absent mask's or sinks' place): passed
   // as null pointers, never made contiguous.
   std::vector<int> unread_inputs;
+  std::vector<TensorMapSpec> tensor_maps;
 };
 
 // Checks the arguments (check_launch_args) and makes the spec. Throws
@@ -153,7 +182,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
     int64_t shared_memory,
     std::string params,
     std::vector<int> strided_inputs,
-    std::vector<int> unread_inputs) {
+    std::vector<int> unread_inputs,
+    std::vector<TensorMapSpec> tensor_maps = {}) {
   if (!image) {
     throw std::invalid_argument("[aotc.cuda_launch] no CUDA image");
   }
@@ -165,7 +195,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       block,
       shared_memory,
       strided_inputs,
-      unread_inputs);
+      unread_inputs,
+      tensor_maps);
   auto dim3 = [](const std::array<int64_t, 3>& a) {
     return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
   };
@@ -179,7 +210,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       uint32_t(shared_memory),
       std::move(params),
       std::move(strided_inputs),
-      std::move(unread_inputs)});
+      std::move(unread_inputs),
+      std::move(tensor_maps)});
 }
 
 // The checks of a launch's inputs and stream, made before building it (both
@@ -200,6 +232,9 @@ inline void check_launch_call(
   };
   check(spec.strided_inputs, "strided");
   check(spec.unread_inputs, "unread");
+  for (auto& map : spec.tensor_maps) {
+    check({map.input}, "tensor map");
+  }
   if (stream.device.type != mlx::core::Device::gpu) {
     throw std::invalid_argument(
         "[aotc.cuda_launch] needs a GPU stream, got a CPU stream (MLX's device for this "
