@@ -123,6 +123,7 @@ def bench_first_launch(lib, sets, scale, num_splits=None):
             launch.shared_memory,
             launch.params,
             [launch.inputs.index(name) for name in launch.strided_inputs],
+            [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
         )
 
     plans = [h.plan_for(lib, q, k, v, scale=scale, num_splits=num_splits) for q, k, v in sets]

@@ -47,6 +47,8 @@ class Library:
         self.wgmma_ok = True  # False: plan without the wgmma kernel (baselines, comparisons)
         self.fused_ok = True  # False: split plans take the separate combine kernel
         self.poison = False  # fill outputs with NaN before each launch (tests)
+        self.tma = True  # False: leave tensor maps unencoded (kernels take their cp.async path)
+        self.last_maps_ok: int | None = None  # the bit word of the last launch with tensor maps
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -92,6 +94,7 @@ class Library:
         shared_memory,
         params,
         strided_input_indices,
+        tensor_maps=(),
     ):
         fn = self.function(kernel)
         if self._smem_set.get(kernel, 0) < shared_memory:
@@ -111,6 +114,8 @@ class Library:
                 out.fill_(float("nan") if out.is_floating_point() else -1)
         strides = b"".join(struct.pack("@4q", *inputs[i].stride()) for i in strided_input_indices)
         blob = strides + params
+        if tensor_maps:
+            blob += self._tensor_maps(inputs, tensor_maps, len(blob))
         blob += bytes(-len(blob) % 16)  # the kernel's Params may end in alignment padding
         buf = ctypes.create_string_buffer(blob, len(blob))
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (*inputs, *outputs)]
@@ -132,6 +137,51 @@ class Library:
             f"cuLaunchKernel {kernel}",
         )
         return outputs
+
+    def _tensor_maps(self, inputs, maps, offset: int) -> bytes:
+        """Padding to 64 bytes, the encoded maps, and the word of which were encoded: the
+        launch contract's tail of Params (docs/ARCHITECTURE.md), as the MLX primitive packs it."""
+        out = bytearray(-offset % 64)
+        ok = 0
+        for i, (index, box_cols, box_rows) in enumerate(maps):
+            encoded = self._encode(inputs[index], box_cols, box_rows) if self.tma else None
+            ok |= (encoded is not None) << i
+            out += encoded or bytes(128)
+        out += struct.pack("@I", ok)
+        self.last_maps_ok = ok
+        return bytes(out + bytes(-len(out) % 64))
+
+    def _encode(self, t: torch.Tensor, box_cols: int, box_rows: int) -> bytes | None:
+        dtype = {torch.float16: 6, torch.bfloat16: 9, torch.float32: 7}[t.dtype]
+        if t.stride(-1) != 1:
+            return None
+        size = t.element_size()
+        dims = list(reversed(t.shape))
+        strides, largest = [], size * dims[0]
+        for dim, stride in zip(dims[1:], reversed(t.stride()[:-1]), strict=True):
+            # A dimension of one is never stepped: any legal stride does.
+            nbytes = stride * size if dim > 1 else -(-largest // 16) * 16
+            strides.append(nbytes)
+            largest = max(largest, nbytes)
+        rank = len(dims)
+        box = [box_cols, box_rows] + [1] * (rank - 2)
+        u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+        out = (ctypes.c_uint64 * 16)()
+        rc = self.cuda.cuTensorMapEncodeTiled(
+            out,
+            ctypes.c_int(dtype),
+            u32(rank),
+            ctypes.c_void_p(t.data_ptr()),
+            (u64 * rank)(*dims),
+            (u64 * max(rank - 1, 1))(*strides),
+            (u32 * rank)(*box),
+            (u32 * rank)(*([1] * rank)),
+            ctypes.c_int(0),  # no interleave
+            ctypes.c_int(3),  # 128-byte swizzle
+            ctypes.c_int(3),  # L2 promotion 256 B
+            ctypes.c_int(0),  # out-of-bounds elements read as zeros
+        )
+        return bytes(out) if rc == 0 else None
 
 
 def problem_of(q, k, v, mask=None, sinks=None) -> AttentionProblem:

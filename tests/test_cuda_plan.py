@@ -18,6 +18,7 @@ from aotc.families.sdpa_vector.cuda import (
     PARAMS_SIZE,
     STREAM_BYTES_PER_SM,
     Launch,
+    TensorMap,
     combiner_max_splits,
     compile_steps,
     kernel_config,
@@ -303,7 +304,8 @@ def test_prepared_steps_bind_once_with_unread_inputs():
     launches = plan_cuda(problem(), available=NAMES, sm_count=132)
     prepared, calls = [], []
 
-    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread):
+    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps):
+        assert maps == []  # the mma.sync kernels take no tensor maps
         prepared.append((kernel, grid, params, strided, unread))
 
         def call(inputs):
@@ -355,6 +357,8 @@ int main() {
   cfg<__nv_bfloat16, 320, 256>("bfloat16"); cfg<float, 256, 128>("float32");
   // batch 1, 32 query heads, one token, 32 splits, V = 128, a flag slot per (row, split)
   std::printf("scratch %lld\n", fused_scratch_words(32LL * 32, 128, 32LL * 32));
+  std::printf("wparams %zu %zu %zu %zu\n", sizeof(wg::WParams), offsetof(wg::WParams, maps),
+              offsetof(wg::WParams, maps_ok), alignof(wg::WParams));
 }
 """
 
@@ -372,13 +376,21 @@ def test_header_layout_matches_plan(tmp_path):
     # The struct may end in alignment padding, which the launch primitive zero-fills.
     assert size == -(-PARAMS_SIZE // 8) * 8 and scale_off == 128 and last_off == PARAMS_SIZE - 4
     assert combine_size == COMBINE_SIZE
+    # The launch contract's tail (cuda_launch.cpp, bench.cuda_harness): the tensor maps at the
+    # next 64-byte boundary after the packed Params, 128 bytes each, then their bit word; the
+    # whole a multiple of 64 bytes.
+    (wparams,) = [line for line in lines if line.startswith("wparams ")]
+    wsize, maps_at, ok_at, align = map(int, wparams.split()[1:])
+    packed = PARAMS_SIZE  # the strides of q, k, v and the mask, then the plan's bytes
+    assert maps_at == -(-packed // 64) * 64 and ok_at == maps_at + 2 * 128 and align == 64
+    assert wsize == -(-(ok_at + 4) // 64) * 64
     scratch = [int(line.split()[1]) for line in lines if line.startswith("scratch ")]
     fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
     (launch,) = plan_cuda(problem(), available=NAMES | {fused}, sm_count=132)
     assert unpack(launch)[8] == 32 and scratch == [launch.outputs[0][1][0]]
     for line in lines[1:]:
         kind, dtype, *nums = line.split()
-        if kind == "scratch":
+        if kind in ("scratch", "wparams"):
             continue
         if kind == "wgmma":
             d, v, supported, smem = map(int, nums)
@@ -421,6 +433,25 @@ def test_wgmma_serves_mla_when_the_image_has_it():
     assert keys_per_split % 64 == 0 and splits * keys_per_split >= 32768
     assert first.grid == (8 * 2 * splits, 1, 1)
     assert first.outputs[0][1] == (8, 128, 1, splits, 512)
+    # K and V tiles come by TMA: a box of one 128-byte column atom by 64 keys each.
+    assert first.tensor_maps == (TensorMap("k", 64, 64), TensorMap("v", 64, 64))
+    assert combine.tensor_maps == ()
+
+
+def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
+    launches = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
+    maps = []
+    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-1]))
+    assert maps == [[(1, 64, 64), (2, 64, 64)], []]  # k and v are inputs 1 and 2
+    calls = []
+
+    def launch_fn(kernel, inputs, shapes, dtypes, grid, block, smem, params, strided, **kw):
+        calls.append(kw)
+        return [f"{kernel}:{i}" for i in range(len(shapes))]
+
+    run_cuda(launches, {"q": "Q", "k": "K", "v": "V"}, launch_fn)
+    # Only launches with maps get the keyword: plain launch functions need not know it.
+    assert calls == [{"tensor_maps": [(1, 64, 64), (2, 64, 64)]}, {}]
 
 
 def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():

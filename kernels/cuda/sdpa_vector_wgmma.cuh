@@ -7,12 +7,15 @@
 //     in the 128-byte-swizzled layout wgmma reads), the online softmax in registers, and hands
 //     P (in T) and the rows' rescale factors over in shared memory.
 //   - Warpgroups 1 and 2 each own half of O (V/2 fp32 columns a row: 128 registers at V=512),
-//     accumulate O += P V, and stage K (and V) tiles with 16-byte cp.async, two slots deep.
-//     A tile lands in up to three parts (column ranges: V's two halves, then K's columns past
-//     V), each staged by one warpgroup and tracked by an mbarrier that its copies arrive on
-//     when they land (cp.async.mbarrier.arrive): no thread waits for its own copies, S starts
-//     on a part as soon as it is there, and each warpgroup refills the half of V it reads as
-//     soon as its own P V is done.
+//     accumulate O += P V, and stage K (and V) tiles two slots deep: by TMA (one thread issues
+//     a part's boxes from the tensor maps the launch encodes), or with 16-byte cp.async where
+//     a map could not be encoded. A tile lands in up to three parts (column ranges: V's two
+//     halves, then K's columns past V), each staged by one warpgroup and tracked by an mbarrier
+//     that expects its bytes (TMA) or its copies arrive on (cp.async.mbarrier.arrive): no
+//     thread waits for its own copies, S starts on a part as soon as it is there, and each
+//     warpgroup refills the half of V it reads as soon as its own P V is done. TMA took MLA
+//     B=8 N=32768 from 172-180 to 158-163 us (H100, bench/NOTES.md round 11): the copies no
+//     longer take the P V warpgroups' issue slots.
 //   - While 1 and 2 multiply P(t) V(t), warpgroup 0 computes S(t+1) and its softmax: the
 //     tensor cores are not idle while the softmax runs, as they were with two warpgroups.
 //   - When V is K's prefix (MLA's v = k[..., :V], detected from pointers and strides), V is
@@ -23,8 +26,9 @@
 // Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
 // merges the splits and applies sinks.
 //
-// Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums, Params)
-// with Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them).
+// Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums,
+// WParams): Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them),
+// then K's and V's tensor maps.
 // Compiled for every arch so that each image has the same symbols; only sm_90a has the body.
 #pragma once
 
@@ -193,6 +197,39 @@ __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// ---------------------------------------------------------------- tensor memory access (TMA)
+// A CUtensorMap: 128 opaque bytes, 64-byte aligned, encoded by the launch at evaluation (it
+// knows K's and V's addresses and strides only then; see `tensor_maps` of the plan).
+struct alignas(64) TensorMap {
+  unsigned long long bytes[16];
+};
+// The kernel's parameter: Params, then the maps of K and V, each over its whole 4-D array
+// (innermost first: D, keys, heads, batch) in boxes of 64 columns x 64 keys with the 128-byte
+// swizzle, and a word whose bit i says map i was encoded. Where a map could not be (a stride
+// or address TMA cannot take), the block stages its tiles with cp.async instead.
+struct WParams {
+  Params p;
+  TensorMap maps[2];
+  unsigned maps_ok;
+};
+constexpr unsigned kAllMaps = 3;
+
+// One arrival on `bar` that also expects `bytes` more to land on it (a TMA transaction).
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// The box at (column c, key k, head h, batch b) of `map` into the 1024-aligned atom at `dst`,
+// swizzled as wgmma reads it; keys past the array's end land as zeros. Completes on `bar`.
+__device__ __forceinline__ void tma_load_box(uint32_t dst, const TensorMap* map, int c, int k,
+                                             int h, int b, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(k), "r"(h), "r"(b), "r"(bar)
+      : "memory");
+}
+
 // ---------------------------------------------------------------- staging
 // Byte offset of row `row`, 16-byte chunk `chunk` of a 64-row operand in 128-byte-swizzled
 // column atoms (the layout wgmma's SW128 descriptors read). Atoms are 1024-byte aligned.
@@ -207,16 +244,26 @@ __device__ __forceinline__ uint32_t sw_offset(int row, int chunk) {
 // The 16-byte path: a warp covers whole row pieces (up to 512 contiguous bytes), each lane
 // fixed chunks, so the swizzled offsets are computed once and the loop is a pointer step and a
 // cp.async per chunk. These threads also issue the P V MMAs: the loop's length matters.
+// With a tensor map (`map` not null), one thread issues the part's boxes instead, and `bar`
+// expects their bytes: key_end is not applied (S masks those keys; keys past the array are
+// zeros), and the copies cost the warpgroup no issue slots.
 template <typename T, int NA>
 __device__ __forceinline__ void stage_cols(uint32_t dst, char* gdst, const T* base,
                                            const long long* st, bool vec, int a0, int k0,
-                                           int key_end, int lt, uint32_t bar) {
+                                           int key_end, int lt, uint32_t bar,
+                                           const TensorMap* map, int kvh, int b) {
   constexpr int CH = cmax(NA, 1) * 8;           // 16-byte chunks of a row (NA = 0: no part)
   constexpr int RPW = CH < 32 && 32 % CH == 0 ? 32 / CH : 1;  // rows a warp covers at once
   constexpr int PER = cdiv(CH, 32);             // chunks a lane takes of a row
   constexpr int PASSES = kKeys / (4 * RPW);
   if constexpr (NA == 0) {
     return;
+  } else if (map != nullptr) {
+    if (lt == 0) {
+      mbar_arrive_expect(bar, NA * kAtom);
+#pragma unroll
+      for (int a = a0; a < a0 + NA; ++a) tma_load_box(dst + a * kAtom, map, a * 64, k0, kvh, b, bar);
+    }
   } else if (vec) {
     const int warp = lt >> 5, lane = lt & 31;
     const int r0 = warp * RPW + (RPW > 1 ? lane / CH : 0);  // rows r0 + 4 RPW i
@@ -352,7 +399,8 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
                                             const T* __restrict__ v, const void* __restrict__ mask,
                                             float* __restrict__ partials,
                                             float* __restrict__ maxs, float* __restrict__ sums,
-                                            const Params& p, char* smem_raw) {
+                                            const WParams& wp, char* smem_raw) {
+  const Params& p = wp.p;
   using C = WCfg<D, V>;
   static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
@@ -382,6 +430,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
   const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
   const bool kvec = vec_ok(kbase, p.k_strides), vvec = vec_ok(vbase, p.v_strides);
+  const bool tma = (wp.maps_ok & kAllMaps) == kAllMaps;
+  const TensorMap* const kmap = tma ? &wp.maps[0] : nullptr;
+  const TensorMap* const vmap = tma ? &wp.maps[1] : nullptr;
   // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: slots then
   // hold K tiles only, tile t in slot t % 2; else slot 0 holds K(t) and slot 1 V(t).
   const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
@@ -396,6 +447,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // V tiles (and K tiles that hold V): the two halves of V, each staged by the warpgroup that
   // reads it in P V (and refills it once that is done), then (K) the columns past V, by
   // warpgroup 1. Other K tiles: two halves of the row, by warpgroups 1 and 2.
+  // Ablation: the part's arrivals without its copies.
+  auto skip_stage = [&](uint32_t at) {
+    if (!tma || (tid & 127) == 0) mbar_arrive(at);
+  };
   using InK = KParts<C::DA, C::VA, true>;    // V is K's prefix
   using OwnV = KParts<C::DA, C::VA, false>;  // V has its own tiles
   constexpr int VH = C::VA / 2;
@@ -406,9 +461,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     auto cols = [&](auto atoms, int a0) {
       stage_cols<T, decltype(atoms)::value>(dst, gQ + (dst - sQ), kbase, p.k_strides, kvec, a0,
                                             key_begin + t * kKeys, key_end, tid & 127,
-                                            bar(slot, part));
+                                            bar(slot, part), kmap, kvh, b);
     };
-    if (AOTC_SKIP(2) && t > 1) mbar_arrive(bar(slot, part));
+    if (AOTC_SKIP(2) && t > 1) skip_stage(bar(slot, part));
     else if (part == 0 && v_in_k) cols(Atoms<InK::CUT0>{}, 0);
     else if (part == 0) cols(Atoms<OwnV::CUT0>{}, 0);
     else if (part == 1 && v_in_k) cols(Atoms<InK::CUT1 - InK::CUT0>{}, InK::CUT0);
@@ -421,15 +476,25 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // This warpgroup's half of V(t) into slot 1 (separate V only).
   auto stage_v = [&](int t) {
     const uint32_t dst = slot_at(1);
-    if (AOTC_SKIP(2) && t > 0) mbar_arrive(bar(1, wg - 1));
+    if (AOTC_SKIP(2) && t > 0) skip_stage(bar(1, wg - 1));
     else
       stage_cols<T, VH>(dst, gQ + (dst - sQ), vbase, p.v_strides, vvec, (wg - 1) * VH,
-                        key_begin + t * kKeys, key_end, tid & 127, bar(1, wg - 1));
+                        key_begin + t * kKeys, key_end, tid & 127, bar(1, wg - 1), vmap, kvh,
+                        b);
   };
 
   // Prologue: Q (all threads, waited for here) and the first tiles (warpgroups 1 and 2,
   // arriving on their parts' mbarriers): K(0) and K(1), or K(0) and V(0).
-  if (tid < kSlots * kParts) mbar_init(sBars + tid * 8, 128);
+  // A part lands on its mbarrier by the arrivals of its warpgroup's 128 copying threads, or by
+  // one arrival that expects the bytes of its TMA boxes.
+  if (tid < kSlots * kParts) {
+    mbar_init(sBars + tid * 8, tma ? 1 : 128);
+    if (tma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // for TMA
+  }
+  if (tma && tid == 0) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(kmap)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
+  }
   __syncthreads();  // the mbarriers are initialised before any arrival
   stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
   cp_async_commit();
@@ -593,7 +658,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 template <typename T, int D, int V>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             float* partials, float* maxs, float* sums,
-                                            const Params& p) {
+                                            const WParams& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (supported<T, D, V>()) {
     extern __shared__ __align__(1024) char aotc_wg_smem[];
@@ -614,6 +679,6 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 #define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V)                                                  \
   extern "C" __global__ void __launch_bounds__(384, 1) sdpa_vector_wgmma_##TN##_##D##_##V(  \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
-      float* maxs, float* sums, const aotc_sdpa::Params p) {                                 \
+      float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
     aotc_sdpa::wg::wgmma_entry<T, D, V>(q, k, v, mask, partials, maxs, sums, p);             \
   }

@@ -325,3 +325,39 @@ def test_wgmma_strided_and_scalar_paths(lib):
         out = h.run(lib, q, keys, values, None, None, scale=576**-0.5)
         ref = h.reference(q, keys, values, None, None, scale=576**-0.5)
         assert h.rel_err(out, ref) < TOL["bfloat16"]
+
+
+@needs_sm90
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+@pytest.mark.parametrize("view", [False, True], ids=["own_v", "v_of_k"])
+def test_wgmma_tile_loads_by_tma_and_by_cp_async(lib, tma, view):
+    """The launch encodes K's and V's tensor maps and the kernel loads tiles by TMA; with the maps
+    left unencoded it takes its cp.async path. Both serve every case."""
+    lib.tma = tma
+    try:
+        for n, mask, splits in ((65, None, None), (1000, "causal", 3), (4096, "bool", None)):
+            check(
+                lib, hq=128, hkv=1, n=n, d=576, v=512, mask=mask, view_of_k=view, num_splits=splits
+            )
+            assert lib.last_maps_ok == (3 if tma else 0)
+        check(lib, b=2, hq=64, hkv=2, lq=2, n=300, d=192, v=128, sinks=True, dtype="float16")
+    finally:
+        lib.tma = True
+
+
+@needs_sm90
+def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
+    """A K whose address is not 16-byte aligned, or whose columns are strided, has no tensor map:
+    the launch clears its bit and the kernel loads it by cp.async (16-byte or element path)."""
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    dt = torch.bfloat16
+    q = _rand((1, 128, 1, 576), dt, gen)
+    shifted = _rand((1, 1, 700, 584), dt, gen)[..., 1:577]  # 2-byte offset: unaligned
+    columns = _rand((1, 1, 576, 700), dt, gen).transpose(-1, -2)  # column stride 700
+    for k in (shifted, columns):
+        out = h.run(lib, q, k, k[..., :512], None, None, scale=576**-0.5)
+        assert lib.last_maps_ok == 0
+        ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
+        assert h.rel_err(out, ref) < TOL["bfloat16"]

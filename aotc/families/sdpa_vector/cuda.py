@@ -57,6 +57,7 @@ def combine_threads(v_dim: int) -> int:
 # SM. It pays off where the rows sharing a KV head fill its 64-row MMAs (MLA's 128 heads).
 WGMMA_ROWS = 64
 WGMMA_KEYS = 64
+WGMMA_ATOM_COLS = 64  # 16-bit columns of one 128-byte swizzle atom
 WGMMA_THREADS = 384
 WGMMA_MIN_ROWS = 64
 # ... and where K and V rows are wide (576/512 with GQA 8: 8 rows, memory-bound), the mma.sync
@@ -97,6 +98,20 @@ class Launch:
     # Inputs the kernel does not read: an absent mask's or sinks' place, filled by another
     # input (the kernel takes a fixed parameter list). They pass as null pointers.
     unread: tuple[int, ...] = ()
+    # TMA descriptors the launch encodes at evaluation, after the Params bytes: per map, the
+    # input and its box (columns, rows); see TensorMap in docs/ARCHITECTURE.md.
+    tensor_maps: tuple[TensorMap, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """A tiled TMA descriptor of one input over all its dimensions (innermost first, the
+    input's own strides), in boxes of `box_cols` x `box_rows` on the two innermost dimensions
+    and 1 on the others, 128-byte swizzled."""
+
+    input: str
+    box_cols: int
+    box_rows: int
 
 
 @dataclass(frozen=True)
@@ -499,7 +514,12 @@ def _plan_wgmma(
     grid = (base_blocks * num_splits, 1, 1)
     block = (WGMMA_THREADS, 1, 1)
     smem = wgmma_shared_bytes(p.qk_dim, p.v_dim)
-    return _split_launches(p, kernel, combine, num_splits, grid, block, smem, params)
+    split_pass, combine_pass = _split_launches(
+        p, kernel, combine, num_splits, grid, block, smem, params
+    )
+    # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom.
+    maps = tuple(TensorMap(name, WGMMA_ATOM_COLS, WGMMA_KEYS) for name in ("k", "v"))
+    return [replace(split_pass, tensor_maps=maps), combine_pass]
 
 
 def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
@@ -514,8 +534,8 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
-# strided_input_indices, unread_input_indices) -> call(inputs[, gradient_inputs, gradient])
-# (aotc._ext.PreparedLaunch)
+# strided_input_indices, unread_input_indices, tensor_maps) -> call(inputs[, gradient_inputs,
+# gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows) each.
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 # A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
 # positional arguments. The scale is no kernel input: a plan is made per scale.
@@ -525,13 +545,15 @@ MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
-    block, shared_memory, params, strided_input_indices)` (bench's torch harness, tests)."""
+    block, shared_memory, params, strided_input_indices, tensor_maps=())` (bench's torch
+    harness, tests); `tensor_maps` is passed only to launches that have some."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
-        *fixed, _unread = fixed  # the launch passes those inputs; the kernel ignores them
+        *fixed, _unread, maps = fixed  # the launch passes unread inputs; the kernel ignores them
+        extra = {"tensor_maps": maps} if maps else {}
 
         def call(inputs):
-            return launch_fn(kernel, inputs, *fixed)
+            return launch_fn(kernel, inputs, *fixed, **extra)
 
         return call
 
@@ -569,6 +591,7 @@ def compile_steps(
             launch.params,
             [launch.inputs.index(name) for name in launch.strided_inputs],
             list(launch.unread),
+            [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
         )
         steps.append(
             Step(
@@ -598,7 +621,7 @@ def run_cuda(launches: Sequence[Launch], arrays: Mapping[str, Any], launch_fn: L
     (B, Hq, Lq, N), "sinks" in the input dtype, when present) to arrays. Returns "out".
 
     `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid, block, shared_memory, params,
-    strided_input_indices) -> list of outputs`.
+    strided_input_indices[, tensor_maps=...]) -> list of outputs` (see `preparer`).
     """
     steps, out_slot = compile_steps(launches, preparer(launch_fn))
     return run_steps(steps, out_slot, [arrays.get(name) for name in ARGUMENTS])
