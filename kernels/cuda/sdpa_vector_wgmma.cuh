@@ -8,8 +8,8 @@
 //     P (in T) and the rows' rescale factors over in shared memory.
 //   - Warpgroups 1 and 2 each own half of O (V/2 fp32 columns a row: 128 registers at V=512),
 //     accumulate O += P V, and stage K (and V) tiles two slots deep: by TMA (one thread issues
-//     a part's boxes from the tensor maps the launch encodes), or with 16-byte cp.async where
-//     a map could not be encoded. A tile lands in up to three parts (column ranges: V's two
+//     a part's boxes from the tensor maps the launch encodes) for KV heads of 64+ rows, else
+//     with 16-byte cp.async (also where a map could not be encoded). A tile lands in up to three parts (column ranges: V's two
 //     halves, then K's columns past V), each staged by one warpgroup and tracked by an mbarrier
 //     that expects its bytes (TMA) or its copies arrive on (cp.async.mbarrier.arrive): no
 //     thread waits for its own copies, S starts on a part as soon as it is there, and each
@@ -430,7 +430,11 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const T* kbase = k + (long long)b * p.k_strides[0] + (long long)kvh * p.k_strides[1];
   const T* vbase = v + (long long)b * p.v_strides[0] + (long long)kvh * p.v_strides[1];
   const bool kvec = vec_ok(kbase, p.k_strides), vvec = vec_ok(vbase, p.v_strides);
-  const bool tma = (wp.maps_ok & kAllMaps) == kAllMaps;
+  // TMA where a KV head has a full block of rows (MLA's 128 heads): those blocks are bound by
+  // moving tiles into shared memory, and TMA frees the copying warpgroups' issue slots. Blocks
+  // of few rows (576/512 with GQA 8) are bound by HBM, where cp.async's row-major copies read
+  // faster on an H200 (539.0-539.7 against 561.6-562.1 us; an H100 had 768.5 against 754.7).
+  const bool tma = (wp.maps_ok & kAllMaps) == kAllMaps && R >= kRows;
   const TensorMap* const kmap = tma ? &wp.maps[0] : nullptr;
   const TensorMap* const vmap = tma ? &wp.maps[1] : nullptr;
   // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: slots then

@@ -331,8 +331,9 @@ def test_wgmma_strided_and_scalar_paths(lib):
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
 @pytest.mark.parametrize("view", [False, True], ids=["own_v", "v_of_k"])
 def test_wgmma_tile_loads_by_tma_and_by_cp_async(lib, tma, view):
-    """The launch encodes K's and V's tensor maps and the kernel loads tiles by TMA; with the maps
-    left unencoded it takes its cp.async path. Both serve every case."""
+    """The launch encodes K's and V's tensor maps and the kernel loads tiles by TMA (KV heads of
+    64+ rows: all cases here); with the maps left unencoded it takes its cp.async path. Both
+    serve every case."""
     lib.tma = tma
     try:
         for n, mask, splits in ((65, None, None), (1000, "causal", 3), (4096, "bool", None)):
