@@ -223,6 +223,9 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=2, help="passes per side over every row (best of each)"
     )
+    ap.add_argument(
+        "--no-fused", action="store_true", help="split plans merge with the combine kernel"
+    )
     args = ap.parse_args()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype
@@ -248,6 +251,7 @@ def main() -> None:
         folder = Path(".gpu/sdpa")
         listing = folder / (folder / "current").read_text().strip()
         lib = h.Library(listing)
+        lib.fused_ok = not args.no_fused
     shapes = SHAPES if not args.quick else SHAPES[:5] + SHAPES[6:7]
     # Each side is timed in passes of its own over every row, best of --rounds passes: a kernel
     # run right after torch's cuDNN calls can be slower (H100 round 8: 80/80 B=1 22.8 -> 25.5
