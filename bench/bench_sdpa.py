@@ -16,6 +16,7 @@ import argparse
 import math
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,28 +110,15 @@ def bench_harness(lib, sets, scale, num_splits=None):
 def bench_first_launch(lib, sets, scale, num_splits=None):
     """Seconds per call of the plan's first launch alone (the split pass of a 2-launch plan): the
     most that fusing the combine into it could save is the whole call minus this."""
+    from aotc.families.sdpa_vector.cuda import prepare_launch, preparer
     from bench import cuda_harness as h
 
-    def first(q, k, v, launch):
+    fns = []
+    for q, k, v in sets:
+        launch = h.plan_for(lib, q, k, v, scale=scale, num_splits=num_splits)[0]
         arrays = {"q": q, "k": k, "v": v}
-        return lib.launch_fn(
-            launch.kernel,
-            [arrays[name] for name in launch.inputs],
-            [shape for _, shape, _ in launch.outputs],
-            [dt for _, _, dt in launch.outputs],
-            launch.grid,
-            launch.block,
-            launch.shared_memory,
-            launch.params,
-            [launch.inputs.index(name) for name in launch.strided_inputs],
-            [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
-        )
-
-    plans = [h.plan_for(lib, q, k, v, scale=scale, num_splits=num_splits) for q, k, v in sets]
-    fns = [
-        (lambda q=q, k=k, v=v, p=p: first(q, k, v, p[0]))
-        for (q, k, v), p in zip(sets, plans, strict=True)
-    ]
+        inputs = [arrays[name] for name in launch.inputs]
+        fns.append(partial(prepare_launch(launch, preparer(lib.launch_fn)), inputs))
     return time_graph(fns)
 
 

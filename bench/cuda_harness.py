@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Output buffers only: the same bits in a type torch fills.
-OUTPUT_DTYPES = {**DTYPES, "uint32": torch.int32}
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+# CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16, _FLOAT32 of cuda.h
+CU_TENSOR_MAP_DATA_TYPES = {torch.float16: 6, torch.bfloat16: 9, torch.float32: 7}
 
 
 class Library:
@@ -106,7 +106,7 @@ class Library:
             )
             self._smem_set[kernel] = shared_memory
         outputs = [
-            torch.empty(shape, dtype=OUTPUT_DTYPES[dt], device="cuda")
+            torch.empty(shape, dtype=DTYPES[dt], device="cuda")
             for shape, dt in zip(output_shapes, output_dtypes, strict=True)
         ]
         if self.poison:
@@ -149,10 +149,10 @@ class Library:
             out += encoded or bytes(128)
         out += struct.pack("@I", ok)
         self.last_maps_ok = ok
-        return bytes(out + bytes(-len(out) % 64))
+        return bytes(out + bytes(-(offset + len(out)) % 64))  # to 64 bytes from Params' start
 
     def _encode(self, t: torch.Tensor, box_cols: int, box_rows: int) -> bytes | None:
-        dtype = {torch.float16: 6, torch.bfloat16: 9, torch.float32: 7}[t.dtype]
+        dtype = CU_TENSOR_MAP_DATA_TYPES[t.dtype]
         if t.stride(-1) != 1:
             return None
         size = t.element_size()

@@ -652,14 +652,7 @@ bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
     return false;
   }
   auto& o = static_cast<const CudaLaunch&>(other);
-  auto same_spec = [](const LaunchSpec& a, const LaunchSpec& b) {
-    return a.image == b.image && a.kernel == b.kernel && a.grid == b.grid &&
-        a.block == b.block && a.shared_memory == b.shared_memory &&
-        a.params == b.params && a.strided_inputs == b.strided_inputs &&
-        a.unread_inputs == b.unread_inputs && a.tensor_maps == b.tensor_maps &&
-        a.output_shapes == b.output_shapes && a.output_dtypes == b.output_dtypes;
-  };
-  return (spec_ == o.spec_ || same_spec(*spec_, *o.spec_)) &&
+  return (spec_ == o.spec_ || *spec_ == *o.spec_) &&
       kernel_inputs_ == o.kernel_inputs_ && bool(gradient_) == bool(o.gradient_);
 }
 

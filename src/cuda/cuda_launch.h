@@ -129,22 +129,22 @@ inline void check_launch_args(
   if (shared_memory < 0 || shared_memory > (int64_t(1) << 31)) {
     fail("shared_memory is out of range");
   }
-  auto check_indices = [&](const std::vector<int>& indices, const char* what) {
-    for (int i : indices) {
-      if (i < 0) {
-        fail(std::string(what) + " input index " + std::to_string(i) + " is negative");
-      }
+  auto check_index = [&](int i, const char* what) {
+    if (i < 0) {
+      fail(std::string(what) + " input index " + std::to_string(i) + " is negative");
     }
   };
-  check_indices(strided_inputs, "strided");
-  check_indices(unread_inputs, "unread");
+  for (int i : strided_inputs) {
+    check_index(i, "strided");
+  }
+  for (int i : unread_inputs) {
+    check_index(i, "unread");
+  }
   if (tensor_maps.size() > 8) {
     fail("a launch takes at most 8 tensor maps");
   }
   for (auto& map : tensor_maps) {
-    if (map.input < 0) {
-      fail("tensor map input index " + std::to_string(map.input) + " is negative");
-    }
+    check_index(map.input, "tensor map");
     if (map.box_cols < 1 || map.box_cols > 256 || map.box_rows < 1 || map.box_rows > 256) {
       fail("a tensor map's box dimensions must be 1 to 256 elements");
     }
@@ -168,6 +168,8 @@ struct LaunchSpec {
   // as null pointers, never made contiguous.
   std::vector<int> unread_inputs;
   std::vector<TensorMapSpec> tensor_maps;
+  // Primitives of equal specs are equivalent (CudaLaunch::is_equivalent).
+  bool operator==(const LaunchSpec&) const = default;
 };
 
 // Checks the arguments (check_launch_args) and makes the spec. Throws
@@ -220,20 +222,22 @@ inline void check_launch_call(
     const LaunchSpec& spec,
     size_t num_inputs,
     const mlx::core::Stream& stream) {
-  auto check = [&](const std::vector<int>& indices, const char* what) {
-    for (int i : indices) {
-      if (size_t(i) >= num_inputs) {
-        throw std::invalid_argument(
-            "[aotc.cuda_launch] " + std::string(what) + " input index " +
-            std::to_string(i) + " is not one of the " +
-            std::to_string(num_inputs) + " inputs");
-      }
+  auto check = [&](int i, const char* what) {
+    if (size_t(i) >= num_inputs) {
+      throw std::invalid_argument(
+          "[aotc.cuda_launch] " + std::string(what) + " input index " +
+          std::to_string(i) + " is not one of the " + std::to_string(num_inputs) +
+          " inputs");
     }
   };
-  check(spec.strided_inputs, "strided");
-  check(spec.unread_inputs, "unread");
+  for (int i : spec.strided_inputs) {
+    check(i, "strided");
+  }
+  for (int i : spec.unread_inputs) {
+    check(i, "unread");
+  }
   for (auto& map : spec.tensor_maps) {
-    check({map.input}, "tensor map");
+    check(map.input, "tensor map");
   }
   if (stream.device.type != mlx::core::Device::gpu) {
     throw std::invalid_argument(

@@ -581,27 +581,33 @@ def compile_steps(
     for launch in launches:
         for name, _, _ in launch.outputs:
             slots.setdefault(name, len(slots))
-        call = prepare(
-            launch.kernel,
-            [shape for _, shape, _ in launch.outputs],
-            [dtype(name) for _, _, name in launch.outputs],
-            launch.grid,
-            launch.block,
-            launch.shared_memory,
-            launch.params,
-            [launch.inputs.index(name) for name in launch.strided_inputs],
-            list(launch.unread),
-            [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
-        )
         steps.append(
             Step(
                 kernel=launch.kernel,
                 input_slots=tuple(slots[name] for name in launch.inputs),
                 output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
-                call=call,
+                call=prepare_launch(launch, prepare, dtype),
             )
         )
     return steps, slots["out"]
+
+
+def prepare_launch(
+    launch: Launch, prepare: PrepareFn, dtype: Callable[[str], Any] = lambda n: n
+) -> Callable[..., Sequence[Any]]:
+    """`prepare` applied to one launch: input names become indices among its inputs."""
+    return prepare(
+        launch.kernel,
+        [shape for _, shape, _ in launch.outputs],
+        [dtype(name) for _, _, name in launch.outputs],
+        launch.grid,
+        launch.block,
+        launch.shared_memory,
+        launch.params,
+        [launch.inputs.index(name) for name in launch.strided_inputs],
+        list(launch.unread),
+        [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
+    )
 
 
 def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any]) -> Any:
