@@ -1,19 +1,24 @@
 """Where the time of one evaluated MLX call goes, from a CUPTI trace (torch's profiler).
 
     python3 -m bench.eval_timeline [--index dist/extra_sdpa.cuda.json] [--iters 30]
+    python3 -m bench.eval_timeline --chain 8 --shapes 9
 
 A benchmark, not a test. Each case is built and evaluated alone (`mx.eval` per call), as a
 decode step evaluated layer by layer would be; the trace times, per evaluation: building the
 graph (host), from `mx.eval` to the graph's launch (host), from that launch to the first kernel
 (driver and GPU), the kernels, and from the last kernel's end to `mx.eval` returning (the
-wait's wake-up). torch is used only for its profiler: CUPTI records the process's kernels,
-MLX's included. Tracing slows the host phases (the floor's evaluation: ~40 us traced, 22-30
-untraced on an H200), so compare the cases with each other, not with untraced runs.
+wait's wake-up). With `--chain N`, `aotc.sdpa_vector` runs as `bench.mlx_sdpa` times it (N
+dependent calls per evaluation, pipelined), and each kernel is listed with its duration and the
+GPU's idle time before it: where a chained call's time goes besides its attention kernels.
+torch is used only for its profiler: CUPTI records the process's kernels, MLX's included.
+Tracing slows the host phases (the floor's evaluation: ~40 us traced, 22-30 untraced on an
+H200), so compare the cases with each other, not with untraced runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -55,9 +60,14 @@ def trace(calls: dict[str, Callable[[], mx.array]], iters: int) -> list[dict]:
                     out = call()
                 with record_function(f"eval|{name}|{i}"):
                     mx.eval(out)
+    return events_of(prof)
+
+
+def events_of(prof) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        return json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace_file:
+            return json.load(trace_file)["traceEvents"]
 
 
 def phases(events: list[dict]) -> dict[str, list[dict[str, float]]]:
@@ -95,13 +105,62 @@ def phases(events: list[dict]) -> dict[str, list[dict[str, float]]]:
     return out
 
 
+def chain_kernels(shape, chain: int, iters: int) -> dict[str, dict[str, list[float]]]:
+    """Per kernel name: durations and the GPU idle time before each (from the previous kernel's
+    end), over `iters` pipelined evaluations of `chain` dependent calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.mlx_sdpa import layer_chain, make_kvs
+    from bench.shapes import set_count
+
+    b, _, hkv, n, d, v_dim, v_view = shape
+    q = mlx_query(shape)
+    kvs = make_kvs(shape, set_count(b * hkv * n * (d + (0 if v_view else v_dim)) * 2))
+    calls = layer_chain(lambda *a: aotc.sdpa_vector(*a, scale=d**-0.5), q, kvs, chain)
+    torch.cuda.init()
+    for _ in range(3):
+        mx.eval(calls())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pending: list[mx.array] = []
+        for _ in range(iters):
+            outs = calls()
+            mx.async_eval(outs)
+            mx.eval(pending)
+            pending = outs
+        mx.eval(pending)
+    events = events_of(prof)
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
+    out: dict[str, dict[str, list[float]]] = {}
+    for prev, k in itertools.pairwise(kernels):
+        row = out.setdefault(k["name"][:48], {"dur": [], "idle": []})
+        row["dur"].append(float(k["dur"]))
+        row["idle"].append(float(k["ts"]) - float(prev["ts"]) - float(prev["dur"]))
+    span = float(kernels[-1]["ts"]) + float(kernels[-1]["dur"]) - float(kernels[0]["ts"])
+    out["(span per call)"] = {"dur": [span / (iters * chain)], "idle": [0.0]}
+    return out
+
+
+def print_chain(shape, chain: int, iters: int) -> None:
+    print(f"\n{shape[:6]}: {chain} chained calls per evaluation, {iters} evaluations")
+    print(f"{'kernel':50s}{'count':>7s}{'us':>9s}{'idle before':>13s}")
+    for name, row in chain_kernels(shape, chain, iters).items():
+        dur, idle = statistics.median(row["dur"]), statistics.median(row["idle"])
+        print(f"{name:50s}{len(row['dur']):7d}{dur:9.1f}{idle:13.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
+    parser.add_argument("--chain", type=int, default=0, help="trace chained calls instead")
     args = parser.parse_args()
     aotc.load(args.index)
+    if args.chain:
+        for index in (int(s) for s in args.shapes.split(",")):
+            print_chain(SHAPES[index], args.chain, args.iters)
+        return
     columns = ("build", "to launch", "to kernel", "kernels", "busy", "wake", "eval")
     print("median us per evaluated call (one call per mx.eval); kernels: first start to last")
     print("end, busy: their summed durations; wake: last kernel's end to mx.eval's return")
