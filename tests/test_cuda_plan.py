@@ -19,6 +19,7 @@ from aotc.families.sdpa_vector.cuda import (
     STREAM_BYTES_PER_SM,
     Launch,
     TensorMap,
+    combine_threads,
     combiner_max_splits,
     compile_steps,
     kernel_config,
@@ -86,7 +87,8 @@ def test_long_kv_splits_to_fill_the_gpu():
     assert first.outputs[0] == ("partials", (1, 32, 1, splits, 128), "float32")
     assert combine.inputs == ("partials", "maxs", "sums", "maxs")
     assert combine.grid == (32, 1, 1)
-    assert combine.block == (256, 1, 1) and combine.shared_memory == 16 * 256
+    threads = 32 * -(-splits // 8)  # split groups of V / 4 threads, 8 splits each
+    assert combine.block == (threads, 1, 1) and combine.shared_memory == 16 * threads
     assert struct.unpack("@6i", combine.params) == (32, splits, 32, 1, 0, 0)
 
 
@@ -436,6 +438,19 @@ def test_wgmma_serves_mla_when_the_image_has_it():
     # K and V tiles come by TMA: a box of one 128-byte column atom by 64 keys each.
     assert first.tensor_maps == (TensorMap("k", 64, 64), TensorMap("v", 64, 64))
     assert combine.tensor_maps == ()
+
+
+def test_combine_blocks_take_every_split_in_one_round_trip():
+    # MLA B=8: 1024 rows of 8 splits, one split group of V / 4 threads (8 splits in flight).
+    _, combine = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert combine.grid == (1024, 1, 1)
+    assert combine.block == (128, 1, 1) and combine.shared_memory == 16 * 128
+    # MLA B=1 takes 64 splits: four groups (512 threads, the most), two round trips.
+    first, combine = plan_cuda(mla(batch=1), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert unpack(first)[8] == 64 and combine.block == (512, 1, 1)
+    assert [combine_threads(128, s) for s in (1, 8, 9, 64, 65, 200)] == [32, 32, 64, 256, 288, 512]
+    assert combine_threads(256, 64) == 512 and combine_threads(320, 64) == 480
+    assert combine_threads(80, 64) == combine_threads(64, 2) == 128
 
 
 def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():

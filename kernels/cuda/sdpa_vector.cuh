@@ -1004,6 +1004,10 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   }
 }
 
+// Splits whose loads a merging thread issues at once (merge_splits' U) in every merge: waiting
+// combiners and the combine kernel. Mirrored by COMBINE_SPLITS_IN_FLIGHT in the plan.
+constexpr int kCombineSplitsInFlight = 8;
+
 // Merges splits s0, s0 + step, ... < S of one row's column group c4 (4 floats) into the running
 // (max m, sum l, unnormalised output a), U splits' loads in flight at a time. L2_ONLY: the
 // partials were written by other blocks of this kernel (no stale L1 lines may serve them).
@@ -1154,7 +1158,7 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
   // Items are (row, 4-column group); when they are fewer than the threads, split groups share
   // an item's splits and meet in shared memory.
   constexpr int CG = V / 4;
-  constexpr int U = 8;
+  constexpr int U = kCombineSplitsInFlight;
   const int items = rows_here * CG;
   const int sg_count = max(1, NT / items), sg = tid / items;
   float* part = reinterpret_cast<float*>(smem + 16);  // [sg_count][items][6]
@@ -1306,8 +1310,9 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   __syncthreads();
   float4* part = reinterpret_cast<float4*>(smem);  // blockDim.x float4, then gm and gl
   float* gm = reinterpret_cast<float*>(part + blockDim.x);
-  combine_row<T, V, 8, true>(row, partials, maxs, sums, sinks, out, S, p.q_heads, p.q_len,
-                             p.has_sinks, part, gm, gm + 64);
+  combine_row<T, V, kCombineSplitsInFlight, true>(row, partials, maxs, sums, sinks, out, S,
+                                                  p.q_heads, p.q_len, p.has_sinks, part, gm,
+                                                  gm + 64);
   for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0ull;
 }
 
@@ -1390,7 +1395,10 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   }
 }
 
-// The combine kernel: one block per query row.
+// The combine kernel: one block per query row, of up to 512 threads (split groups of V / 4).
+// Eight splits in flight per thread keep it at 55 registers (sm_90a), so that nine 128-thread
+// blocks fit an SM: MLA B=8's 1024 rows of 8 splits merge in one wave. Sixteen took 99
+// registers and four waves of 256-thread blocks (bench/NOTES.md, round 12).
 template <typename T, int V>
 __device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
                                               const float* __restrict__ maxs,
@@ -1399,7 +1407,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                               const CombineParams& p) {
   extern __shared__ __align__(16) char aotc_smem[];
   __shared__ float gm[64], gl[64];
-  constexpr int U = V >= 128 ? 16 : 8;  // splits in flight per thread
+  constexpr int U = kCombineSplitsInFlight;
   combine_row<T, V, U, false>(blockIdx.x, partials, maxs, sums, sinks, out, p.num_splits,
                               p.q_heads, p.q_len, p.has_sinks,
                               reinterpret_cast<float4*>(aotc_smem), gm, gl);
@@ -1435,7 +1443,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   }
 
 #define AOTC_SDPA_VECTOR_AGGREGATE(TN, T, V)                                               \
-  extern "C" __global__ void __launch_bounds__(256) sdpa_vector_2pass_2_##TN##_##V(        \
+  extern "C" __global__ void __launch_bounds__(512) sdpa_vector_2pass_2_##TN##_##V(        \
       const float* partials, const float* maxs, const float* sums, const T* sinks, T* out, \
       const aotc_sdpa::CombineParams p) {                                                  \
     aotc_sdpa::combine_entry<T, V>(partials, maxs, sums, sinks, out, p);                   \

@@ -230,6 +230,29 @@ def test_mla_decode_value_view_of_keys(lib):
     check(lib, b=1, hq=128, hkv=1, lq=2, n=300, d=576, v=512, view_of_k=True, mask="causal")
 
 
+@pytest.mark.parametrize("splits", [8, 9, 40])
+def test_combine_kernel_split_groups(lib, splits):
+    # The combine's block: one split group of V / 4 threads (8 splits), two (9), or four, the
+    # most (512 threads), that merge 40 splits in two rounds of loads each.
+    from aotc.families.sdpa_vector.cuda import combine_threads
+
+    assert combine_threads(512, splits) == 128 * min(4, -(-splits // 8))
+    for sinks in (False, True):
+        check(
+            lib,
+            b=2,
+            hq=128,
+            hkv=1,
+            n=3000,
+            d=576,
+            v=512,
+            view_of_k=True,
+            sinks=sinks,
+            num_splits=splits,
+        )
+    check(lib, b=2, hq=16, hkv=2, n=3000, d=192, v=128, num_splits=splits)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 33, 1000, 9000])
 def test_value_view_of_keys_in_shared_memory(lib, dtype, n):

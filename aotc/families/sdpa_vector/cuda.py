@@ -47,10 +47,23 @@ DEFAULT_SM_COUNT = 132
 SHARED_LIMITS = {"sm_80": (166912, 167936), "sm_90": (232448, 233472)}
 
 
-# Combine block size by V (<= the combine's __launch_bounds__ of 256): V >= 128 takes 256 threads
-# (more split groups, 16 splits in flight each), smaller V 128 (H200, round 3 of bench/NOTES.md).
-def combine_threads(v_dim: int) -> int:
-    return 256 if v_dim >= 128 else 128
+# Splits whose loads a merging thread issues at once (kCombineSplitsInFlight of the header), and
+# the combine kernel's __launch_bounds__.
+COMBINE_SPLITS_IN_FLIGHT = 8
+COMBINE_MAX_THREADS = 512
+
+
+def combine_threads(v_dim: int, num_splits: int) -> int:
+    """Threads of a combine block (one query row): split groups of V / 4 threads, as many as
+    merge every split in one round trip, up to 512. Each group more costs registers that would
+    hold more rows: MLA B=8's 1024 rows of 8 splits ran in four waves of 256-thread blocks
+    (11.3 us of a 162 us call, H100, bench/NOTES.md round 12), in one of 128. V < 128 takes
+    128 threads (H200, round 3)."""
+    if v_dim < 128:
+        return 128
+    group = v_dim // 4
+    groups = -(-num_splits // COMBINE_SPLITS_IN_FLIGHT)
+    return max(group, min(group * groups, COMBINE_MAX_THREADS // group * group))
 
 
 # The wgmma kernel (sm_90a): 64 query rows and 64 keys per step, three warpgroups, one block per
@@ -254,8 +267,9 @@ def _streaming_fit(
 
 def combiner_max_splits(cfg: KernelConfig) -> int:
     """The most splits a waiting combiner merges in one round trip: its threads are V / 4 column
-    groups times split groups, each with 8 splits' loads in flight (wait_and_combine)."""
-    return 8 * max(1, min(cfg.threads // (cfg.v // 4), 64))
+    groups times split groups, each with COMBINE_SPLITS_IN_FLIGHT splits' loads in flight
+    (wait_and_combine)."""
+    return COMBINE_SPLITS_IN_FLIGHT * max(1, min(cfg.threads // (cfg.v // 4), 64))
 
 
 def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) -> int:
@@ -452,6 +466,7 @@ def _split_launches(
 ) -> list[Launch]:
     """A split pass writing (partials, maxs, sums) and the combine that merges them."""
     inputs = _attention_inputs(p)
+    threads = combine_threads(p.v_dim, num_splits)
     stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
     part_shape = (*stat_shape, p.v_dim)
     return [
@@ -475,8 +490,8 @@ def _split_launches(
             ("partials", "maxs", "sums", "sinks" if p.has_sinks else "maxs"),
             (("out", p.output_shape, p.dtype),),
             (p.batch * p.q_heads * p.q_len, 1, 1),
-            (combine_threads(p.v_dim), 1, 1),
-            16 * combine_threads(p.v_dim),  # one float4 per thread: split groups' partial sums
+            (threads, 1, 1),
+            16 * threads,  # one float4 per thread: split groups' partial sums
             pack_combine_params(p, num_splits),
             (),
             () if p.has_sinks else (3,),
