@@ -111,7 +111,7 @@ def chain_kernels(shape, chain: int, iters: int) -> dict[str, dict[str, list[flo
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.mlx_sdpa import layer_chain, make_kvs
+    from bench.mlx_sdpa import layer_chain, make_kvs, pipelined
     from bench.shapes import set_count
 
     b, _, hkv, n, d, v_dim, v_view = shape
@@ -122,13 +122,7 @@ def chain_kernels(shape, chain: int, iters: int) -> dict[str, dict[str, list[flo
     for _ in range(3):
         mx.eval(calls())
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pending: list[mx.array] = []
-        for _ in range(iters):
-            outs = calls()
-            mx.async_eval(outs)
-            mx.eval(pending)
-            pending = outs
-        mx.eval(pending)
+        pipelined(calls, iters)
     events = events_of(prof)
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
     out: dict[str, dict[str, list[float]]] = {}

@@ -40,14 +40,19 @@ def seconds_per_call(calls: Callable[[], list[mx.array]], iters: int) -> float:
         for _ in range(iters):
             mx.eval(calls())
     else:
-        pending: list[mx.array] = []
-        for _ in range(iters):
-            outs = calls()
-            mx.async_eval(outs)
-            mx.eval(pending)
-            pending = outs
-        mx.eval(pending)
+        pipelined(calls, iters)
     return (time.perf_counter() - start) / (iters * chain)
+
+
+def pipelined(calls: Callable[[], list[mx.array]], iters: int) -> None:
+    """`iters` chains, each built and submitted (mx.async_eval) before waiting for the last."""
+    pending: list[mx.array] = []
+    for _ in range(iters):
+        outs = calls()
+        mx.async_eval(outs)
+        mx.eval(pending)
+        pending = outs
+    mx.eval(pending)
 
 
 @mx.compile

@@ -237,19 +237,9 @@ def test_combine_kernel_split_groups(lib, splits):
     from aotc.families.sdpa_vector.cuda import combine_threads
 
     assert combine_threads(512, splits) == 128 * min(4, -(-splits // 8))
+    mla = {"b": 2, "hq": 128, "hkv": 1, "n": 3000, "d": 576, "v": 512, "view_of_k": True}
     for sinks in (False, True):
-        check(
-            lib,
-            b=2,
-            hq=128,
-            hkv=1,
-            n=3000,
-            d=576,
-            v=512,
-            view_of_k=True,
-            sinks=sinks,
-            num_splits=splits,
-        )
+        check(lib, sinks=sinks, num_splits=splits, **mla)
     check(lib, b=2, hq=16, hkv=2, n=3000, d=192, v=128, num_splits=splits)
 
 
