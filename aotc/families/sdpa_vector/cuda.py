@@ -55,10 +55,10 @@ COMBINE_MAX_THREADS = 512
 
 def combine_threads(v_dim: int, num_splits: int) -> int:
     """Threads of a combine block (one query row): split groups of V / 4 threads, as many as
-    merge every split in one round trip, up to 512. Each group more costs registers that would
-    hold more rows: MLA B=8's 1024 rows of 8 splits ran in four waves of 256-thread blocks
-    (11.3 us of a 162 us call, H100, bench/NOTES.md round 12), in one of 128. V < 128 takes
-    128 threads (H200, round 3)."""
+    merge every split in one round trip, up to 512. A group more than that only takes room
+    that other rows' blocks could use: MLA B=8's 1024 rows of 8 splits ran in four waves of
+    256-thread blocks (11.3 us of a 162 us call, H100, bench/NOTES.md round 12), in one of 128.
+    V < 128 takes 128 threads (H200, round 3)."""
     if v_dim < 128:
         return 128
     group = v_dim // 4
