@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.shapes import SHAPES, set_count
+from bench.shapes import SHAPES, kv_bytes, set_count
 
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
 
@@ -80,10 +80,6 @@ def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):
         vv = k[..., :v] if view else torch.randn(b, hkv, n, v, device="cuda", dtype=dtype)
         out.append((q, k, vv))
     return out
-
-
-def kv_bytes(b, hkv, n, d, v, view, es):
-    return b * hkv * n * (d + (0 if view else v)) * es
 
 
 def time_plans(lib, sets, plans, scale) -> float | None:

@@ -112,11 +112,11 @@ def chain_kernels(shape, chain: int, iters: int) -> dict[str, dict[str, list[flo
     from torch.profiler import ProfilerActivity, profile
 
     from bench.mlx_sdpa import layer_chain, make_kvs, pipelined
-    from bench.shapes import set_count
+    from bench.shapes import kv_bytes, set_count
 
     b, _, hkv, n, d, v_dim, v_view = shape
     q = mlx_query(shape)
-    kvs = make_kvs(shape, set_count(b * hkv * n * (d + (0 if v_view else v_dim)) * 2))
+    kvs = make_kvs(shape, set_count(kv_bytes(b, hkv, n, d, v_dim, v_view)))
     calls = layer_chain(lambda *a: aotc.sdpa_vector(*a, scale=d**-0.5), q, kvs, chain)
     torch.cuda.init()
     for _ in range(3):

@@ -21,7 +21,7 @@ from functools import partial
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, mlx_kv, mlx_query, set_count
+from bench.shapes import SHAPES, kv_bytes, mlx_kv, mlx_query, set_count
 
 CHAIN = 8  # calls per evaluation for the us/call column
 
@@ -163,12 +163,12 @@ def row(shape, iters: int) -> dict:
     """One table row; its arrays die with the call, so rows do not pile up GPU memory."""
     b, hq, hkv, n, d, v_dim, v_view = shape
     q = mlx_query(shape)
-    kv_bytes = b * hkv * n * (d + (0 if v_view else v_dim)) * 2
-    sets = set_count(kv_bytes)
+    nbytes = kv_bytes(b, hkv, n, d, v_dim, v_view)
+    sets = set_count(nbytes)
     kvs = make_kvs(shape, sets)
     scale = d**-0.5
     flops = 2 * b * hq * n * (d + v_dim)
-    result = {"shape": shape, "bytes": kv_bytes, "flops": flops}
+    result = {"shape": shape, "bytes": nbytes, "flops": flops}
     result["reason"] = aotc.fallback_reason(q, *kvs[0])
     ours = partial(aotc.sdpa_vector, scale=scale)
     theirs = partial(mx.fast.scaled_dot_product_attention, scale=scale)

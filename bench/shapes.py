@@ -43,6 +43,11 @@ def mlx_query(shape):
     return q
 
 
+def kv_bytes(b, hkv, n, d, v, view, es=2) -> int:
+    """Bytes of K and V read once (V a view of K counts once), `es` bytes an element."""
+    return b * hkv * n * (d + (0 if view else v)) * es
+
+
 def set_count(nbytes: int) -> int:
     """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
     previous calls (decode reads each layer's cache once per token), at most 8."""

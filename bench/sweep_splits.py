@@ -16,8 +16,8 @@ import torch
 
 from aotc.families.sdpa_vector import cuda
 from bench import cuda_harness as h
-from bench.bench_sdpa import bench_harness, kv_bytes, make_sets, set_count
-from bench.shapes import SHAPES
+from bench.bench_sdpa import bench_harness, make_sets
+from bench.shapes import SHAPES, kv_bytes, set_count
 
 ROWS = [SHAPES[i] for i in (0, 4, 10, 1, 2)]  # batch-1 rows, then 192/128 and 128/128 B=8
 COUNTS = (None, 4, 8, 12, 16, 24, 32, 48, 64, 96)

@@ -19,8 +19,8 @@ import torch
 
 from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
-from bench.bench_sdpa import kv_bytes, make_sets, set_count, time_plans
-from bench.shapes import SHAPES
+from bench.bench_sdpa import make_sets, time_plans
+from bench.shapes import SHAPES, kv_bytes, set_count
 
 DEFAULT = cuda_plan._stages
 DEFAULT_FIT = cuda_plan._streaming_fit

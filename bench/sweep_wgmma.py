@@ -15,6 +15,7 @@ from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
 from bench.bench_sdpa import bench_harness, make_sets
 from bench.shapes import SHAPES as ALL_SHAPES
+from bench.shapes import kv_bytes
 
 # MLA rows of the shared list, then MLA with its own V and a 192/128 shape with 64 rows a head.
 SHAPES = [s for s in ALL_SHAPES if s[6]] + [
@@ -35,7 +36,7 @@ def main() -> None:
     if "--plan-only" in sys.argv:
         splits_list = (None,)
     for b, hq, hkv, n, d, v, view in shapes:
-        nbytes = b * hkv * n * (d + (0 if view else v)) * 2
+        nbytes = kv_bytes(b, hkv, n, d, v, view)
 
         def rate(t, flops=2 * b * hq * n * (d + v), nbytes=nbytes):
             return f"{flops / t / 1e12:.0f}TF {nbytes / t / 1e12:.2f}TB/s"

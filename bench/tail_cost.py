@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import bench_first_launch, bench_harness, kv_bytes, make_sets, set_count
-from bench.shapes import SHAPES
+from bench.bench_sdpa import bench_first_launch, bench_harness, make_sets
+from bench.shapes import SHAPES, kv_bytes, set_count
 
 ROWS = [SHAPES[i] for i in (0, 4, 10)]  # the batch-1 rows
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import kv_bytes, make_sets, time_plans
-from bench.shapes import SHAPES, set_count
+from bench.bench_sdpa import make_sets, time_plans
+from bench.shapes import SHAPES, kv_bytes, set_count
 
 SIDES = {"tma": True, "cp.async": False}
 

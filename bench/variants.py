@@ -50,7 +50,8 @@ def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
     import torch
 
     from bench import cuda_harness as h
-    from bench.bench_sdpa import bench_harness, kv_bytes, make_sets, set_count
+    from bench.bench_sdpa import bench_harness, make_sets
+    from bench.shapes import kv_bytes, set_count
 
     names = (out / "names").read_text().split()
     libs = {name: h.Library(out / name / "list") for name in names}
