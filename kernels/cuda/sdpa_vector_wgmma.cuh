@@ -219,14 +219,25 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
+// An L2 policy that makes the lines a load brings in the first to be evicted. A K tile is dead
+// once both row groups of its split have read it, at about the same time. Tiles loaded under
+// it ran the MLA rows 1-9% faster in the harness; evict-last stores of the partials instead
+// gained less, and both together no more (bench/NOTES.md, round 13).
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 // The box at (column c, key k, head h, batch b) of `map` into the 1024-aligned atom at `dst`,
-// swizzled as wgmma reads it; keys past the array's end land as zeros. Completes on `bar`.
+// swizzled as wgmma reads it; keys past the array's end land as zeros. Completes on `bar`;
+// its lines are cached in L2 under `policy`.
 __device__ __forceinline__ void tma_load_box(uint32_t dst, const TensorMap* map, int c, int k,
-                                             int h, int b, uint32_t bar) {
+                                             int h, int b, uint32_t bar, uint64_t policy) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(k), "r"(h), "r"(b), "r"(bar)
+      ".L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(k), "r"(h), "r"(b), "r"(bar),
+      "l"(policy)
       : "memory");
 }
 
@@ -262,7 +273,8 @@ __device__ __forceinline__ void stage_cols(uint32_t dst, char* gdst, const T* ba
     if (lt == 0) {
       mbar_arrive_expect(bar, NA * kAtom);
 #pragma unroll
-      for (int a = a0; a < a0 + NA; ++a) tma_load_box(dst + a * kAtom, map, a * 64, k0, kvh, b, bar);
+      for (int a = a0; a < a0 + NA; ++a)
+        tma_load_box(dst + a * kAtom, map, a * 64, k0, kvh, b, bar, l2_evict_first());
     }
   } else if (vec) {
     const int warp = lt >> 5, lane = lt & 31;
