@@ -221,8 +221,8 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
 }
 // An L2 policy that makes the lines a load brings in the first to be evicted. A K tile is dead
 // once both row groups of its split have read it, at about the same time. Tiles loaded under
-// it ran the MLA rows 1-9% faster in the harness; evict-last stores of the partials instead
-// gained less, and both together no more (bench/NOTES.md, round 13).
+// it ran every MLA row faster in the harness; evict-last stores of the partials instead gained
+// less, and both together no more (bench/NOTES.md, round 13).
 __device__ __forceinline__ uint64_t l2_evict_first() {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
