@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.shapes import SHAPES, kv_bytes, set_count
+from bench.shapes import SHAPES, attention_flops, kv_bytes, set_count
 
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
 
@@ -303,7 +303,7 @@ def main() -> None:
         nbytes, r = kv_bytes(b, hkv, n, d, v, view, es), best[shape]
         t_a, t_t = r.get("aotc"), r.get("torch")
         mla = hkv == 1 and hq >= 64
-        flops = 2 * b * hq * n * (d + v)
+        flops = attention_flops(b, hq, n, d, v)
         rate = (
             f"{flops / t_a / 1e12:6.1f} TF/s"
             if mla and t_a

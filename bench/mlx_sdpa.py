@@ -21,7 +21,7 @@ from functools import partial
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, kv_bytes, mlx_kv, mlx_query, set_count
+from bench.shapes import SHAPES, attention_flops, kv_bytes, mlx_kv, mlx_query, set_count
 
 CHAIN = 8  # calls per evaluation for the us/call column
 
@@ -167,7 +167,7 @@ def row(shape, iters: int) -> dict:
     sets = set_count(nbytes)
     kvs = make_kvs(shape, sets)
     scale = d**-0.5
-    flops = 2 * b * hq * n * (d + v_dim)
+    flops = attention_flops(b, hq, n, d, v_dim)
     result = {"shape": shape, "bytes": nbytes, "flops": flops}
     result["reason"] = aotc.fallback_reason(q, *kvs[0])
     ours = partial(aotc.sdpa_vector, scale=scale)

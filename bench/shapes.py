@@ -48,6 +48,11 @@ def kv_bytes(b, hkv, n, d, v, view, es=2) -> int:
     return b * hkv * n * (d + (0 if view else v)) * es
 
 
+def attention_flops(b, hq, n, d, v) -> int:
+    """FLOPs of one query token per head: S = Q K^T and P V, two per multiply-add."""
+    return 2 * b * hq * n * (d + v)
+
+
 def set_count(nbytes: int) -> int:
     """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
     previous calls (decode reads each layer's cache once per token), at most 8."""

@@ -15,7 +15,7 @@ from aotc.families.sdpa_vector import cuda as cuda_plan
 from bench import cuda_harness as h
 from bench.bench_sdpa import bench_harness, make_sets
 from bench.shapes import SHAPES as ALL_SHAPES
-from bench.shapes import kv_bytes
+from bench.shapes import attention_flops, kv_bytes, set_count
 
 # MLA rows of the shared list, then MLA with its own V and a 192/128 shape with 64 rows a head.
 SHAPES = [s for s in ALL_SHAPES if s[6]] + [
@@ -36,12 +36,12 @@ def main() -> None:
     if "--plan-only" in sys.argv:
         splits_list = (None,)
     for b, hq, hkv, n, d, v, view in shapes:
-        nbytes = kv_bytes(b, hkv, n, d, v, view)
+        nbytes, flops = kv_bytes(b, hkv, n, d, v, view), attention_flops(b, hq, n, d, v)
 
-        def rate(t, flops=2 * b * hq * n * (d + v), nbytes=nbytes):
+        def rate(t, flops=flops, nbytes=nbytes):
             return f"{flops / t / 1e12:.0f}TF {nbytes / t / 1e12:.2f}TB/s"
 
-        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, max(1, min(8, 2**28 // nbytes)))
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         scale = 1 / math.sqrt(d)
         cells = []
         lib.wgmma_ok = False

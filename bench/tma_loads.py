@@ -16,7 +16,7 @@ import torch
 
 from bench import cuda_harness as h
 from bench.bench_sdpa import make_sets, time_plans
-from bench.shapes import SHAPES, kv_bytes, set_count
+from bench.shapes import SHAPES, attention_flops, kv_bytes, set_count
 
 SIDES = {"tma": True, "cp.async": False}
 
@@ -31,9 +31,8 @@ def main() -> None:
     print(torch.cuda.get_device_name(0))
     for row in map(int, args.rows.split(",")):
         b, hq, hkv, n, d, v, view = SHAPES[row]
-        sets = make_sets(
-            b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(kv_bytes(b, hkv, n, d, v, view, 2))
-        )
+        nbytes = kv_bytes(b, hkv, n, d, v, view)
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         plans = [h.plan_for(lib, *s, scale=d**-0.5) for s in sets]
         times: dict[str, list[float]] = {side: [] for side in SIDES}
         for r in range(args.rounds):
@@ -41,7 +40,7 @@ def main() -> None:
                 lib.tma = SIDES[side]
                 times[side].append(time_plans(lib, sets, plans, d**-0.5) * 1e6)
         lib.tma = True
-        flops = 2 * b * hq * n * (d + v)
+        flops = attention_flops(b, hq, n, d, v)
         for side, ts in times.items():
             print(
                 f"{SHAPES[row]} {side:8s} "

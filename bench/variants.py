@@ -51,18 +51,16 @@ def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
 
     from bench import cuda_harness as h
     from bench.bench_sdpa import bench_harness, make_sets
-    from bench.shapes import kv_bytes, set_count
+    from bench.shapes import attention_flops, kv_bytes, set_count
 
     names = (out / "names").read_text().split()
     libs = {name: h.Library(out / name / "list") for name in names}
     print("shape | " + " | ".join(names))
     for b, hq, hkv, n, d, v, view in shapes:
-        sets = make_sets(
-            b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(kv_bytes(b, hkv, n, d, v, view, 2))
-        )
+        nbytes = kv_bytes(b, hkv, n, d, v, view)
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         scale = 1 / math.sqrt(d)
-        flops = 2 * b * hq * n * (d + v)
-        nbytes = b * hkv * n * (d + (0 if view else v)) * 2
+        flops = attention_flops(b, hq, n, d, v)
         cells = []
         for name, lib in libs.items():
             t, _ = bench_harness(lib, sets, scale)
