@@ -94,10 +94,11 @@ struct PreparedLaunch {
   std::shared_ptr<const aotc::LaunchSpec> spec;
 };
 
-// (input, box columns, box rows) from Python; box sizes outside uint32 are
-// refused by the spec's checks, not wrapped.
-std::vector<aotc::TensorMapSpec> tensor_map_specs(
-    const std::vector<std::tuple<int, int64_t, int64_t>>& maps) {
+// Tensor maps as Python passes them: (input, box columns, box rows) each.
+using TensorMapArgs = std::vector<std::tuple<int, int64_t, int64_t>>;
+
+// Box sizes outside uint32 are refused by the spec's checks, not wrapped.
+std::vector<aotc::TensorMapSpec> tensor_map_specs(const TensorMapArgs& maps) {
   std::vector<aotc::TensorMapSpec> specs;
   specs.reserve(maps.size());
   for (auto& [input, cols, rows] : maps) {
@@ -118,7 +119,7 @@ PreparedLaunch make_prepared(
     const nb::bytes& params,
     std::vector<int> strided_inputs,
     std::vector<int> unread_inputs,
-    const std::vector<std::tuple<int, int64_t, int64_t>>& tensor_maps) {
+    const TensorMapArgs& tensor_maps) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
@@ -163,7 +164,7 @@ std::vector<mx::array> cuda_launch(
     int64_t shared_memory,
     const nb::bytes& params,
     std::vector<int> strided_inputs,
-    const std::vector<std::tuple<int, int64_t, int64_t>>& tensor_maps,
+    const TensorMapArgs& tensor_maps,
     std::vector<mx::array> gradient_inputs,
     nb::object gradient,
     mx::StreamOrDevice s) {
@@ -228,7 +229,7 @@ NB_MODULE(_ext, m) {
       "params"_a,
       "strided_inputs"_a,
       nb::kw_only(),
-      "tensor_maps"_a = std::vector<std::tuple<int, int64_t, int64_t>>{},
+      "tensor_maps"_a = TensorMapArgs{},
       "gradient_inputs"_a = std::vector<mx::array>{},
       "gradient"_a = nb::none(),
       "stream"_a = nb::none(),
@@ -263,7 +264,7 @@ for a gradient raises.)");
           "params"_a,
           "strided_inputs"_a,
           "unread_inputs"_a = std::vector<int>{},
-          "tensor_maps"_a = std::vector<std::tuple<int, int64_t, int64_t>>{},
+          "tensor_maps"_a = TensorMapArgs{},
           "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
           "place): passed as null pointers and never made contiguous. `tensor_maps`: as "
           "for cuda_launch.")
