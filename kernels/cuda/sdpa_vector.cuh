@@ -1316,10 +1316,6 @@ __device__ __forceinline__ void wait_and_combine(const float* partials, const fl
   for (int s = threadIdx.x; s < S; s += blockDim.x) slots[s] = 0ull;
 }
 
-// The fused pass's scratch, one buffer: every output array of a launch costs MLX host time
-// (the fused launch took 4.5 us to build with five outputs, 1.8 with three; H100 host). In it:
-// partials (rows x S x V floats), maxs and sums (rows x S each), then the flag slots, 8-byte
-// aligned because V + 2 is even; rows = B * Hq * Lq, S = Params::num_splits.
 // 4-byte words of a FusedScratch: rows x S (`rows_splits`) partial rows of V, maxs and sums, then
 // `slots` 8-byte flag slots. The plan sizes the scratch output by the same sum (cuda.py
 // _scratch; tests/test_cuda_plan.py compares the two).
@@ -1331,6 +1327,10 @@ __host__ __device__ constexpr long long fused_scratch_words(long long rows_split
   return fused_flags_word(rows_splits, v) + 2 * slots;
 }
 
+// The fused pass's scratch, one buffer: every output array of a launch costs MLX host time
+// (the fused launch took 4.5 us to build with five outputs, 1.8 with three; H100 host). In it:
+// partials (rows x S x V floats), maxs and sums (rows x S each), then the flag slots, 8-byte
+// aligned because V + 2 is even; rows = B * Hq * Lq, S = Params::num_splits.
 struct FusedScratch {
   float* partials;
   float* maxs;

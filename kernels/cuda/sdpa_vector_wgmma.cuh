@@ -9,11 +9,12 @@
 //   - Warpgroups 1 and 2 each own half of O (V/2 fp32 columns a row: 128 registers at V=512),
 //     accumulate O += P V, and stage K (and V) tiles two slots deep: by TMA (one thread issues
 //     a part's boxes from the tensor maps the launch encodes) for KV heads of 64+ rows, else
-//     with 16-byte cp.async (also where a map could not be encoded). A tile lands in up to three parts (column ranges: V's two
-//     halves, then K's columns past V), each staged by one warpgroup and tracked by an mbarrier
-//     that expects its bytes (TMA) or its copies arrive on (cp.async.mbarrier.arrive): no
-//     thread waits for its own copies, S starts on a part as soon as it is there, and each
-//     warpgroup refills the half of V it reads as soon as its own P V is done. TMA took MLA
+//     with 16-byte cp.async (also where a map could not be encoded). A tile lands in up to
+//     three parts (column ranges: V's two halves, then K's columns past V), each staged by one
+//     warpgroup and tracked by an mbarrier that expects its bytes (TMA) or its copies arrive on
+//     (cp.async.mbarrier.arrive): no thread waits for its own copies, S starts on a part as
+//     soon as it is there, and each warpgroup refills the half of V it reads as soon as its
+//     own P V is done. TMA took MLA
 //     B=8 N=32768 from 172-180 to 158-163 us (H100, bench/NOTES.md round 11): the copies no
 //     longer take the P V warpgroups' issue slots.
 //   - While 1 and 2 multiply P(t) V(t), warpgroup 0 computes S(t+1) and its softmax: the
