@@ -6,6 +6,7 @@ Build time: `aotc build manifest.yaml` (see `aotc.cli`). Run time, with no compi
     aotc.load("dist/extra_sdpa.cuda.json")   # or found through AOTC_PATH, wheels, app bundles
     out = aotc.sdpa_vector(q, k, v, scale=scale, mask="causal")
     aotc.patch()                             # mx.fast.scaled_dot_product_attention -> aotc
+    aotc.eval(out)                           # mx.eval that polls instead of sleeping
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _LAZY = {
     "patch": "aotc.families.sdpa_vector.api",
     "unpatch": "aotc.families.sdpa_vector.api",
     "patched": "aotc.families.sdpa_vector.api",
+    "eval": "aotc.runtime.evaluate",
     "libraries": "aotc.runtime.libraries",
     "Library": "aotc.runtime.libraries",
 }
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
         sdpa_vector,
         unpatch,
     )
+    from aotc.runtime.evaluate import eval
     from aotc.runtime.libraries import Library, libraries
 
 
@@ -63,6 +66,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Library",
     "clear_cache",
+    "eval",
     "fallback_reason",
     "libraries",
     "load",

@@ -5,6 +5,8 @@
 // (AOTC_WITH_CUDA, see CMakeLists.txt). On Apple platforms the Metal
 // primitive's bindings are added (AOTC_WITH_METAL).
 #include <array>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -21,6 +23,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "call_table.h"
+#include "eval_polling.h"
 #include "cuda/cuda_launch.h"
 #include "cuda/cuda_plan.h"
 #include "mlx/array.h"
@@ -182,6 +185,34 @@ std::vector<mx::array> cuda_launch(
       tensor_maps);
   return launch_prepared(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
+}
+
+// The arrays in `tree` (lists, tuples and dicts' values, nested; other leaves
+// are ignored), as mx.eval takes them.
+void flatten_arrays(nb::handle tree, std::vector<mx::array>& out) {
+  if (auto* a = aotc::as_array(tree)) {
+    out.push_back(*a);
+  } else if (nb::isinstance<nb::list>(tree) || nb::isinstance<nb::tuple>(tree)) {
+    for (nb::handle item : tree) {
+      flatten_arrays(item, out);
+    }
+  } else if (nb::isinstance<nb::dict>(tree)) {
+    for (auto [key, value] : nb::borrow<nb::dict>(tree)) {
+      flatten_arrays(value, out);
+    }
+  }
+}
+
+// `spin` seconds as a polling budget: infinity polls until done.
+std::optional<std::chrono::nanoseconds> spin_budget(double spin) {
+  if (std::isnan(spin) || spin < 0) {
+    throw std::invalid_argument("[aotc.eval] spin must be >= 0 or inf");
+  }
+  if (std::isinf(spin)) {
+    return std::nullopt;
+  }
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::duration<double>(spin));
 }
 
 } // namespace
@@ -414,6 +445,21 @@ for a gradient raises.)");
     return "none";
 #endif
   });
+
+  m.def(
+      "eval_polling",
+      [](nb::handle tree, double spin) {
+        auto budget = spin_budget(spin);
+        std::vector<mx::array> arrays;
+        flatten_arrays(tree, arrays);
+        nb::gil_scoped_release nogil;
+        return aotc::eval_polling(std::move(arrays), budget);
+      },
+      "tree"_a,
+      "spin"_a,
+      "Evaluate the arrays of `tree` as mx.eval does, polling for their completion for up to "
+      "`spin` seconds (math.inf: until done) before waiting as mx.eval does. True when they "
+      "completed while polling.");
 
 #ifdef AOTC_WITH_METAL
   aotc_register_metal(m);

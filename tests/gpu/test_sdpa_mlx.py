@@ -281,3 +281,27 @@ def test_independent_calls_in_one_evaluation(library, hkv, n, d, v_dim):
         for got, want in zip(gots, wants, strict=True):
             error = mx.abs(got.astype(mx.float32) - want).max().item()
             assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
+
+
+def test_eval_polls_the_cuda_events():
+    """aotc.eval on MLX's CUDA stream: a chain of calls finishes by polling with an unbounded
+    budget, is left to MLX's blocking wait with none, and gives mx.eval's results either way."""
+    mx.random.seed(4)
+    t = mx.bfloat16
+    q = mx.random.normal((8, 32, 1, 128)).astype(t)
+    k = mx.random.normal((8, 8, 32768, 128)).astype(t)
+    v = mx.random.normal((8, 8, 32768, 128)).astype(t)
+    mx.eval(q, k, v)
+
+    def chain():  # ~3 ms on an H100: still running when the first poll looks
+        x = q
+        for _ in range(8):
+            x = aotc.sdpa_vector(x, k, v, scale=0.08)
+        return x
+
+    want = chain()
+    mx.eval(want)
+    polled, waited = chain(), chain()
+    assert aotc.eval(polled, spin=math.inf) is True
+    assert aotc.eval([waited], spin=0) is False
+    assert mx.array_equal(polled, want).item() and mx.array_equal(waited, want).item()
