@@ -1,0 +1,125 @@
+"""A call evaluated alone: `mx.eval` (sleeps on MLX's blocking-sync event) against `aotc.eval`
+(polls it), with MLX's floor (a tiny `mx.add`) evaluated both ways.
+
+    python3 -m bench.eval_wait [--index dist/extra_sdpa.cuda.json] [--iters 300]
+        [--shapes 0,4,10] [--chain 1]
+
+A benchmark, not a test. Each iteration builds one call and evaluates it, as a decode step
+evaluated on its own would; the two waits alternate call by call, so drift hits both alike.
+Prints the median and the 10th-90th percentiles of the wall time per evaluated call (building
+included), and how often `aotc.eval` finished by polling. With torch present, torch's SDPA
+followed by `torch.cuda.synchronize()` is timed the same way for reference. `--chain N`: each
+evaluation holds N dependent calls (each query from the previous output), as a decode step's
+layers would; times are then per evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+import aotc
+from bench.shapes import SHAPES, mlx_kv, mlx_query
+
+WAITS: dict[str, Callable[[mx.array], object]] = {
+    "mx.eval": mx.eval,
+    "aotc.eval": aotc.eval,
+}
+
+
+def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
+    q, (k, v) = mlx_query(shape), mlx_kv(shape)
+    scale = shape[4] ** -0.5
+    d, v_dim = shape[4], shape[5]
+
+    def attention_chain() -> mx.array:
+        x = q
+        for _ in range(chain):
+            out = aotc.sdpa_vector(x, k, v, scale=scale)
+            # The next query from this output, as the next layer's would be.
+            x = mx.concatenate([out, out[..., : d - v_dim]], axis=-1) if d > v_dim else out
+        return x
+
+    return {
+        "mx.sum of K": lambda: mx.sum(k),
+        f"aotc.sdpa_vector x{chain}": attention_chain,
+    }
+
+
+def time_waits(call: Callable[[], mx.array], iters: int) -> tuple[dict[str, list[float]], int]:
+    """Wall us per evaluated call under each wait, alternating; and aotc.eval's polled count."""
+    for wait in WAITS.values():  # warm: plans made, graphs cached
+        for _ in range(5):
+            wait(call())
+    times: dict[str, list[float]] = {name: [] for name in WAITS}
+    polled = 0
+    for i in range(iters):
+        order = list(WAITS.items()) if i % 2 == 0 else list(WAITS.items())[::-1]
+        for name, wait in order:
+            start = time.perf_counter()
+            done = wait(call())
+            times[name].append((time.perf_counter() - start) * 1e6)
+            polled += done is True
+    return times, polled
+
+
+def torch_times(shape, iters: int) -> list[float] | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    b, hq, hkv, n, d, v_dim, _ = shape
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, n, v_dim, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for i in range(iters + 5):
+        start = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=True)
+        torch.cuda.synchronize()
+        if i >= 5:
+            out.append((time.perf_counter() - start) * 1e6)
+    return out
+
+
+def row(label: str, samples: list[float]) -> str:
+    deciles = statistics.quantiles(samples, n=10)
+    return f"| {label} | {statistics.median(samples):.1f} | {deciles[0]:.1f}-{deciles[-1]:.1f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
+    parser.add_argument("--chain", type=int, default=1, help="dependent calls per evaluation")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    aotc.load(args.index)
+    print(f"device: {mx.device_info().get('device_name', '?')}, {args.iters} evaluations each")
+    print("| case | median us | p10-p90 us |\n|---|---|---|")
+    tiny = mx.zeros((16,))
+    mx.eval(tiny)
+    floor, polled = time_waits(lambda: tiny + 1, args.iters)
+    for wait, samples in floor.items():
+        print(row(f"mx.add (tiny), {wait}", samples))
+    print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
+    for index in (int(i) for i in args.shapes.split(",")):
+        shape = SHAPES[index]
+        for name, call in cases(shape, args.chain).items():
+            times, polled = time_waits(call, args.iters)
+            for wait, samples in times.items():
+                print(row(f"{shape[:6]} {name}, {wait}", samples))
+            print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
+        reference = None if args.no_torch or args.chain > 1 else torch_times(shape, args.iters)
+        if reference:
+            print(row(f"{shape[:6]} torch SDPA + synchronize", reference))
+
+
+if __name__ == "__main__":
+    main()
