@@ -1,6 +1,7 @@
 """Where the time of one evaluated MLX call goes, from a CUPTI trace (torch's profiler).
 
     python3 -m bench.eval_timeline [--index dist/extra_sdpa.cuda.json] [--iters 30]
+        [--wait aotc]
     python3 -m bench.eval_timeline --chain 8 --shapes 9
 
 A benchmark, not a test. Each case is built and evaluated alone (`mx.eval` per call), as a
@@ -45,21 +46,23 @@ def cases(shape) -> dict[str, Callable[[], mx.array]]:
     }
 
 
-def trace(calls: dict[str, Callable[[], mx.array]], iters: int) -> list[dict]:
+def trace(
+    calls: dict[str, Callable[[], mx.array]], iters: int, wait: Callable = mx.eval
+) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.init()
     for call in calls.values():  # warm: plans made, graphs cached
         for _ in range(3):
-            mx.eval(call())
+            wait(call())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for name, call in calls.items():
             for i in range(iters):
                 with record_function(f"build|{name}|{i}"):
                     out = call()
                 with record_function(f"eval|{name}|{i}"):
-                    mx.eval(out)
+                    wait(out)
     return events_of(prof)
 
 
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
     parser.add_argument("--chain", type=int, default=0, help="trace chained calls instead")
+    parser.add_argument("--wait", choices=("mx", "aotc"), default="mx", help="mx.eval or aotc.eval")
     args = parser.parse_args()
     aotc.load(args.index)
     if args.chain:
@@ -156,13 +160,14 @@ def main() -> None:
             print_chain(SHAPES[index], args.chain, args.iters)
         return
     columns = ("build", "to launch", "to kernel", "kernels", "busy", "wake", "eval")
-    print("median us per evaluated call (one call per mx.eval); kernels: first start to last")
-    print("end, busy: their summed durations; wake: last kernel's end to mx.eval's return")
+    wait = aotc.eval if args.wait == "aotc" else mx.eval
+    print(f"median us per evaluated call (one call per {args.wait}.eval); kernels: first start")
+    print("to last end, busy: their summed durations; wake: last kernel's end to the return")
     for index in (int(s) for s in args.shapes.split(",")):
         shape = SHAPES[index]
         print(f"\n{shape[:6]}")
         print(f"{'':28s}" + "".join(f"{c:>10s}" for c in columns) + "   kernels")
-        for name, rows in phases(trace(cases(shape), args.iters)).items():
+        for name, rows in phases(trace(cases(shape), args.iters, wait)).items():
             medians = [statistics.median(r[c] for r in rows) for c in columns]
             count = statistics.median(r["count"] for r in rows)
             print(f"{name:28s}" + "".join(f"{m:10.1f}" for m in medians) + f"   {count:g}")
