@@ -7,8 +7,9 @@
 A benchmark, not a test. Each iteration builds one call and evaluates it, as a decode step
 evaluated on its own would; the two waits alternate call by call, so drift hits both alike.
 Prints the median and the 10th-90th percentiles of the wall time per evaluated call (building
-included), and how often `aotc.eval` finished by polling. With torch present, torch's SDPA
-followed by `torch.cuda.synchronize()` is timed the same way for reference. `--chain N`: each
+included; the building alone in its own column), and how often `aotc.eval` finished by
+polling. With torch present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the
+same way for reference. `--chain N`: each
 evaluation holds N dependent calls (each query from the previous output), as a decode step's
 layers would; times are then per evaluation.
 """
@@ -37,12 +38,12 @@ def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
     d, v_dim = shape[4], shape[5]
 
     def attention_chain() -> mx.array:
-        x = q
-        for _ in range(chain):
-            out = aotc.sdpa_vector(x, k, v, scale=scale)
+        out = aotc.sdpa_vector(q, k, v, scale=scale)
+        for _ in range(chain - 1):
             # The next query from this output, as the next layer's would be.
             x = mx.concatenate([out, out[..., : d - v_dim]], axis=-1) if d > v_dim else out
-        return x
+            out = aotc.sdpa_vector(x, k, v, scale=scale)
+        return out
 
     return {
         "mx.sum of K": lambda: mx.sum(k),
@@ -50,21 +51,28 @@ def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
     }
 
 
-def time_waits(call: Callable[[], mx.array], iters: int) -> tuple[dict[str, list[float]], int]:
-    """Wall us per evaluated call under each wait, alternating; and aotc.eval's polled count."""
+def time_waits(
+    call: Callable[[], mx.array], iters: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+    """Wall us per evaluated call under each wait, alternating, and of its building alone;
+    and aotc.eval's polled count."""
     for wait in WAITS.values():  # warm: plans made, graphs cached
         for _ in range(5):
             wait(call())
     times: dict[str, list[float]] = {name: [] for name in WAITS}
+    builds: dict[str, list[float]] = {name: [] for name in WAITS}
     polled = 0
     for i in range(iters):
         order = list(WAITS.items()) if i % 2 == 0 else list(WAITS.items())[::-1]
         for name, wait in order:
             start = time.perf_counter()
-            done = wait(call())
+            out = call()
+            built = time.perf_counter()
+            done = wait(out)
             times[name].append((time.perf_counter() - start) * 1e6)
+            builds[name].append((built - start) * 1e6)
             polled += done is True
-    return times, polled
+    return times, builds, polled
 
 
 def torch_times(shape, iters: int) -> list[float] | None:
@@ -87,9 +95,13 @@ def torch_times(shape, iters: int) -> list[float] | None:
     return out
 
 
-def row(label: str, samples: list[float]) -> str:
+def row(label: str, samples: list[float], builds: list[float] | None = None) -> str:
     deciles = statistics.quantiles(samples, n=10)
-    return f"| {label} | {statistics.median(samples):.1f} | {deciles[0]:.1f}-{deciles[-1]:.1f} |"
+    built = f"{statistics.median(builds):.1f}" if builds else ""
+    return (
+        f"| {label} | {statistics.median(samples):.1f} | {deciles[0]:.1f}-{deciles[-1]:.1f} "
+        f"| {built} |"
+    )
 
 
 def main() -> None:
@@ -102,19 +114,19 @@ def main() -> None:
     args = parser.parse_args()
     aotc.load(args.index)
     print(f"device: {mx.device_info().get('device_name', '?')}, {args.iters} evaluations each")
-    print("| case | median us | p10-p90 us |\n|---|---|---|")
+    print("| case | median us | p10-p90 us | of which building |\n|---|---|---|---|")
     tiny = mx.zeros((16,))
     mx.eval(tiny)
-    floor, polled = time_waits(lambda: tiny + 1, args.iters)
+    floor, builds, polled = time_waits(lambda: tiny + 1, args.iters)
     for wait, samples in floor.items():
-        print(row(f"mx.add (tiny), {wait}", samples))
+        print(row(f"mx.add (tiny), {wait}", samples, builds[wait]))
     print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
     for index in (int(i) for i in args.shapes.split(",")):
         shape = SHAPES[index]
         for name, call in cases(shape, args.chain).items():
-            times, polled = time_waits(call, args.iters)
+            times, builds, polled = time_waits(call, args.iters)
             for wait, samples in times.items():
-                print(row(f"{shape[:6]} {name}, {wait}", samples))
+                print(row(f"{shape[:6]} {name}, {wait}", samples, builds[wait]))
             print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
         reference = None if args.no_torch or args.chain > 1 else torch_times(shape, args.iters)
         if reference:
