@@ -28,7 +28,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, mlx_kv, mlx_query
+from bench.shapes import add_mlx_options, mlx_kv, mlx_query, selected
 
 LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")
 
@@ -148,23 +148,20 @@ def print_chain(shape, chain: int, iters: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
+    add_mlx_options(parser, iters=30)
     parser.add_argument("--chain", type=int, default=0, help="trace chained calls instead")
     parser.add_argument("--wait", choices=("mx", "aotc"), default="mx", help="mx.eval or aotc.eval")
     args = parser.parse_args()
     aotc.load(args.index)
     if args.chain:
-        for index in (int(s) for s in args.shapes.split(",")):
-            print_chain(SHAPES[index], args.chain, args.iters)
+        for shape in selected(args.shapes):
+            print_chain(shape, args.chain, args.iters)
         return
     columns = ("build", "to launch", "to kernel", "kernels", "busy", "wake", "eval")
     wait = aotc.eval if args.wait == "aotc" else mx.eval
     print(f"median us per evaluated call (one call per {args.wait}.eval); kernels: first start")
     print("to last end, busy: their summed durations; wake: last kernel's end to the return")
-    for index in (int(s) for s in args.shapes.split(",")):
-        shape = SHAPES[index]
+    for shape in selected(args.shapes):
         print(f"\n{shape[:6]}")
         print(f"{'':28s}" + "".join(f"{c:>10s}" for c in columns) + "   kernels")
         for name, rows in phases(trace(cases(shape), args.iters, wait)).items():

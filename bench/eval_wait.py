@@ -24,7 +24,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, mlx_kv, mlx_query
+from bench.shapes import add_mlx_options, mlx_kv, mlx_query, selected
 
 WAITS: dict[str, Callable[[mx.array], object]] = {
     "mx.eval": mx.eval,
@@ -106,9 +106,7 @@ def row(label: str, samples: list[float], builds: list[float] | None = None) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
-    parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--shapes", default="0,4,10", help="indices into bench.shapes.SHAPES")
+    add_mlx_options(parser, iters=300)
     parser.add_argument("--chain", type=int, default=1, help="dependent calls per evaluation")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
@@ -121,8 +119,7 @@ def main() -> None:
     for wait, samples in floor.items():
         print(row(f"mx.add (tiny), {wait}", samples, builds[wait]))
     print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
-    for index in (int(i) for i in args.shapes.split(",")):
-        shape = SHAPES[index]
+    for shape in selected(args.shapes):
         for name, call in cases(shape, args.chain).items():
             times, builds, polled = time_waits(call, args.iters)
             for wait, samples in times.items():

@@ -57,3 +57,16 @@ def set_count(nbytes: int) -> int:
     """Input sets to cycle over: enough that a call's K and V are mostly not in L2 from the
     previous calls (decode reads each layer's cache once per token), at most 8."""
     return max(1, min(8, -(-4 * L2_BYTES // nbytes)))
+
+
+def add_mlx_options(parser, *, iters: int, shapes: str = "0,4,10") -> None:
+    """The options every per-shape MLX benchmark takes: the library's index, iterations, and
+    the shapes (indices into SHAPES; `selected` reads them)."""
+    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--shapes", default=shapes, help="indices into bench.shapes.SHAPES")
+
+
+def selected(shapes: str) -> list[tuple]:
+    """The SHAPES that a comma-separated list of indices names, in its order."""
+    return [SHAPES[int(i)] for i in shapes.split(",")]
