@@ -7,10 +7,12 @@ the split-pass kernel alone with the same splits, and the two-launch plan (split
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import torch
 
+from aotc.families.sdpa_vector.cuda import PARAMS_FORMAT
 from bench import cuda_harness as h
 from bench.bench_sdpa import bench_first_launch, bench_harness, make_sets
 from bench.shapes import SHAPES, kv_bytes, set_count
@@ -30,7 +32,7 @@ def main() -> None:
         scale = 1 / math.sqrt(d)
         lib.fused_ok = True
         t_plan, plan = bench_harness(lib, sets, scale)
-        splits = dict((name, shape) for name, shape, _ in plan[0].outputs)["maxs"][-1]
+        splits = struct.unpack(PARAMS_FORMAT, plan[0].params)[8]  # num_splits
         lib.fused_ok = False
         t_split = bench_first_launch(lib, sets, scale, splits)
         t_two, _ = bench_harness(lib, sets, scale, splits)
