@@ -405,10 +405,11 @@ struct TileRing {
       load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
                                             vvec, k0, key_end, tid);
   }
-  // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 1 - ring .. ntiles - 1:
-  // the first ring - 1 passes only issue loads (one copy of the loader's code: a batch-1 block
-  // runs its code once, cold), then each pass waits for tile t, frees the slot of tile t - 1
-  // (every thread is past it) and loads tile t + ring - 1. True when tile t is to be computed.
+  // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 2 - ring .. ntiles - 1
+  // (the caller loaded tile 0 into slot 0 and committed it with Q's copies): the first ring - 2
+  // passes only issue loads (one copy of the loader's code: a batch-1 block runs its code once,
+  // cold), then each pass waits for tile t, frees the slot of tile t - 1 (every thread is past
+  // it) and loads tile t + ring - 1. True when tile t is to be computed.
   __device__ __forceinline__ bool step(int t, int ntiles, int key_begin, int& next,
                                        int tid) const {
     if (t >= 0) {
@@ -501,7 +502,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
+  if (ntiles > 0) tiles.load(0, key_begin, tid);  // before Q's copies, as sdpa_block_warp_keys
   stage_q<T, D, NT>(sQ, QP, MB, q, p, b, kvh, row0, R, tid);
+  cp_async_commit();
   for (int r = tid; r < MB; r += NT) {
     sM[r] = -INFINITY;
     sL[r] = 0.f;
@@ -522,9 +525,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[m][n][c] = 0.f;
 
-  int stage = 0, next = 0;
+  int stage = 0, next = 1;  // tile 0 (slot 0) was issued with Q
 #pragma unroll 1
-  for (int t = 1 - ring; t < ntiles; ++t) {
+  for (int t = 2 - ring; t < ntiles; ++t) {
     if (!tiles.step(t, ntiles, key_begin, next, tid)) continue;
     const int k0 = key_begin + t * TK;
     const T* tK = tiles.k_tile(stage);
