@@ -203,12 +203,13 @@ void flatten_arrays(nb::handle tree, std::vector<mx::array>& out) {
   }
 }
 
-// `spin` seconds as a polling budget: infinity polls until done.
+// `spin` seconds as a polling budget: infinity polls until done, and so does a
+// budget of a year or more (nanoseconds from now past ~292 years overflow).
 std::optional<std::chrono::nanoseconds> spin_budget(double spin) {
   if (std::isnan(spin) || spin < 0) {
     throw std::invalid_argument("[aotc.eval] spin must be >= 0 or inf");
   }
-  if (std::isinf(spin)) {
+  if (spin >= 365.0 * 24 * 3600) {
     return std::nullopt;
   }
   return std::chrono::duration_cast<std::chrono::nanoseconds>(

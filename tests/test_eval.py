@@ -60,6 +60,12 @@ def test_an_unbounded_budget_finishes_by_polling():
     np.testing.assert_allclose(np.array(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_huge_budget_polls_until_done():
+    x, expected = _slow(6)
+    assert aotc.eval(x, spin=1e300) is True  # no overflow into a past deadline
+    np.testing.assert_allclose(np.array(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_arrays_already_evaluated_need_no_wait():
     x, _ = _slow(3)
     mx.eval(x)
