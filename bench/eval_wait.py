@@ -9,9 +9,8 @@ evaluated on its own would; the two waits alternate call by call, so drift hits 
 Prints the median and the 10th-90th percentiles of the wall time per evaluated call (building
 included; the building alone in its own column), and how often `aotc.eval` finished by
 polling. With torch present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the
-same way for reference. `--chain N`: each
-evaluation holds N dependent calls (each query from the previous output), as a decode step's
-layers would; times are then per evaluation.
+same way for reference. `--chain N`: each evaluation holds N dependent calls (each query from
+the previous output), as a decode step's layers would; times are then per evaluation.
 """
 
 from __future__ import annotations

@@ -20,14 +20,13 @@ DEFAULT_SPIN_S = 2e-3
 
 def _native_eval() -> Any:
     """The extension's `eval_polling`, or None where the extension lacks it."""
-    import mlx.core  # noqa: F401  (MLX's library is loaded before the extension's)
+    from aotc.runtime.cuda import CudaUnavailable, extension
 
     try:
-        from aotc import _ext  # type: ignore[attr-defined]
-    except ImportError as exc:
-        log.debug("aotc.eval polls nothing: aotc._ext is not importable (%s)", exc)
+        return getattr(extension(), "eval_polling", None)
+    except CudaUnavailable as exc:
+        log.debug("aotc.eval polls nothing: %s", exc)
         return None
-    return getattr(_ext, "eval_polling", None)
 
 
 _eval_polling = _native_eval()
