@@ -162,6 +162,19 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   cp_async16_to(smem_u32(dst), src, src_bytes);
 }
+// cp_async16_to, its lines cached in L2 under `policy` (createpolicy).
+__device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, int src_bytes,
+                                                  uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(src_bytes), "l"(policy));
+}
+// An L2 policy under which the lines a load brings in are the first to be evicted: for a
+// `fraction` (0 to 1) of the loads, the others as usual.
+__device__ __forceinline__ uint64_t l2_evict_first(float fraction = 1.f) {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, %1;\n" : "=l"(policy) : "f"(fraction));
+  return policy;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -268,7 +281,8 @@ __device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
 // ones; per-chunk index math (a division, a 64-bit multiply) cost more than the copies.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
 __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
-                                          bool vec, int k0, int key_end, int tid) {
+                                          bool vec, int k0, int key_end, int tid,
+                                          uint64_t policy) {
   constexpr int E = 16 / sizeof(T);
   constexpr int CH = DIM / E;                      // 16-byte chunks of a row
   constexpr int RPW = CH <= 32 ? 32 / CH : 1;      // rows a warp covers in a pass
@@ -296,9 +310,9 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
           const uint32_t d =
               srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
           if (full)  // a whole tile: no per-chunk select (the compiler keeps two loops)
-            cp_async16_to(d, src + 32 * u * E, 16);
+            cp_async16_policy(d, src + 32 * u * E, 16, policy);
           else
-            cp_async16_to(d, ok ? src + 32 * u * E : base, ok ? 16 : 0);
+            cp_async16_policy(d, ok ? src + 32 * u * E : base, ok ? 16 : 0, policy);
         }
     }
   } else {
@@ -397,13 +411,18 @@ struct TileRing {
     key_end = w.key_end;
   }
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
+  // A call reads its K and V once where no other row group's blocks read them too: then they
+  // go into L2 as evict-first and leave what is read again (code, the merge's partials and
+  // flags) in place. Batch-1 rows ran 0.1-1.4 us faster, four orders of four on an H100; the
+  // B=8 rows within 0.3% (bench/NOTES.md round 15).
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
     T* dst = slots + slot * tile_elems;
+    const uint64_t policy = l2_evict_first(p.row_groups == 1 ? 1.f : 0.f);
     load_rows<T, D, C::NT, C::TK, C::KSW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,
-                                          tid);
+                                          tid, policy);
     if (!v_in_k)
       load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
-                                            vvec, k0, key_end, tid);
+                                            vvec, k0, key_end, tid, policy);
   }
   // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 2 - ring .. ntiles - 1
   // (the caller loaded tile 0 into slot 0 and committed it with Q's copies): the first ring - 2
