@@ -1,0 +1,91 @@
+"""Decode attention between other kernels, as in a decode step: python3 -m bench.decode_context
+
+bench_sdpa replays one attention kernel back to back, so its code stays in the SMs' instruction
+caches and in L2. A decode step runs projections and the MLP between two attention calls, and
+their code and weights push the attention kernel's code out of both. Here every attention call
+follows a GEMM of a decode step's size (8 x 4096 by 4096 x 12288, bf16: 96 MB of weights, about
+twice L2) in one CUDA graph, and a call costs the graph's time minus the GEMMs' alone. aotc (the
+harness, .gpu/sdpa) and torch's SDPA run on the same inputs, in alternating order; "alone" is
+bench_sdpa's back-to-back figure. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import cuda_harness as h
+from bench.bench_sdpa import make_sets, time_graph
+from bench.shapes import SHAPES, kv_bytes, set_count
+
+GEMM = (8, 4096, 12288)  # tokens x hidden by hidden x out
+
+
+def attention_calls(lib, sets, scale) -> dict:
+    """One callable per input set for each side: aotc's planned launches and torch's SDPA."""
+    plans = [h.plan_for(lib, *s, scale=scale) for s in sets]
+    return {
+        "aotc": [
+            (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
+            for s, p in zip(sets, plans, strict=True)
+        ],
+        "torch": [
+            (
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                    q, k, v, scale=scale, enable_gqa=True
+                )
+            )
+            for q, k, v in sets
+        ],
+    }
+
+
+def after_gemm(gemm, calls) -> list:
+    return [(lambda c=c: (gemm(), c())) for c in calls]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="0,4,10,2,1", help="indices into bench.shapes.SHAPES")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    folder = Path(".gpu/sdpa")
+    lib = h.Library(folder / (folder / "current").read_text().strip())
+    tokens, hidden, width = GEMM
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
+
+    def gemm():
+        torch.matmul(x, w, out=y)
+
+    print(f"{torch.cuda.get_device_name()}, bf16, after a {tokens}x{hidden}x{width} GEMM each")
+    print("shape | round | GEMM us | aotc after GEMM / alone us | torch after GEMM / alone us")
+    for i in args.shapes.split(","):
+        b, hq, hkv, n, d, v, view = SHAPES[int(i)]
+        nbytes = kv_bytes(b, hkv, n, d, v, view)
+        sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
+        calls = attention_calls(lib, sets, 1 / math.sqrt(d))
+        for c in (*calls["aotc"], *calls["torch"]):
+            c()
+        torch.cuda.synchronize()
+        for r in range(args.rounds):
+            sides = ["aotc", "torch"] if r % 2 == 0 else ["torch", "aotc"]
+            base = time_graph([gemm])
+            cells = {}
+            for side in sides:
+                both = time_graph(after_gemm(gemm, calls[side]))
+                alone = time_graph(calls[side])
+                cells[side] = f"{(both - base) * 1e6:7.1f} / {alone * 1e6:7.1f}"
+            shape = (b, hq, hkv, n, d, v)
+            print(f"{shape} | {r} | {base * 1e6:6.1f} | {cells['aotc']} | {cells['torch']}")
+        del sets, calls
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
