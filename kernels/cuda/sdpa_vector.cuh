@@ -168,9 +168,14 @@ __device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src,
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
                "l"(src), "r"(src_bytes), "l"(policy));
 }
-// An L2 policy under which the lines a load brings in are the first to be evicted: for a
-// `fraction` (0 to 1) of the loads, the others as usual.
-__device__ __forceinline__ uint64_t l2_evict_first(float fraction = 1.f) {
+// An L2 policy under which the lines a load brings in are the first to be evicted ...
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// ... for a `fraction` (0 to 1) of the loads, the others as usual.
+__device__ __forceinline__ uint64_t l2_evict_first(float fraction) {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, %1;\n" : "=l"(policy) : "f"(fraction));
   return policy;
