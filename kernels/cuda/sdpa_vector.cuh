@@ -168,16 +168,10 @@ __device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src,
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
                "l"(src), "r"(src_bytes), "l"(policy));
 }
-// An L2 policy under which the lines a load brings in are the first to be evicted ...
+// An L2 policy under which the lines a load brings in are the first to be evicted.
 __device__ __forceinline__ uint64_t l2_evict_first() {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-// ... for a `fraction` (0 to 1) of the loads, the others as usual.
-__device__ __forceinline__ uint64_t l2_evict_first(float fraction) {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, %1;\n" : "=l"(policy) : "f"(fraction));
   return policy;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -286,8 +280,7 @@ __device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
 // ones; per-chunk index math (a division, a 64-bit multiply) cost more than the copies.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
 __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
-                                          bool vec, int k0, int key_end, int tid,
-                                          uint64_t policy) {
+                                          bool vec, int k0, int key_end, int tid) {
   constexpr int E = 16 / sizeof(T);
   constexpr int CH = DIM / E;                      // 16-byte chunks of a row
   constexpr int RPW = CH <= 32 ? 32 / CH : 1;      // rows a warp covers in a pass
@@ -303,6 +296,7 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
     const T* src = base + (long long)(k0 + r0) * stride + lchunk * E;
     const uint32_t srow = smem_u32(dst + r0 * pitch);
     const bool full = k0 + ROWS <= key_end;
+    const uint64_t policy = l2_evict_first();  // see TileRing::load
 #pragma unroll
     for (int i = 0; i < PASSES; ++i, src += RPP * stride) {
       const int row = r0 + i * RPP;
@@ -416,18 +410,18 @@ struct TileRing {
     key_end = w.key_end;
   }
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
-  // A call reads its K and V once where no other row group's blocks read them too: then they
-  // go into L2 as evict-first and leave what is read again (code, the merge's partials and
-  // flags) in place. Batch-1 rows ran 0.1-1.4 us faster, four orders of four on an H100; the
-  // B=8 rows within 0.3% (bench/NOTES.md round 15).
+  // A call reads its K and V once, so they go into L2 as evict-first and leave in place what is
+  // read again (code, the merge's partials and flags): batch-1 rows ran 0.1-1.4 us faster in
+  // every order of the A/B calls, B=8 rows within 0.3% (bench/NOTES.md round 15). Where row
+  // groups share a tile their blocks are neighbours in the grid and read it within
+  // microseconds of each other, as the wgmma kernel's row groups do under the same policy.
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
     T* dst = slots + slot * tile_elems;
-    const uint64_t policy = l2_evict_first(p.row_groups == 1 ? 1.f : 0.f);
     load_rows<T, D, C::NT, C::TK, C::KSW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,
-                                          tid, policy);
+                                          tid);
     if (!v_in_k)
       load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
-                                            vvec, k0, key_end, tid, policy);
+                                            vvec, k0, key_end, tid);
   }
   // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 2 - ring .. ntiles - 1
   // (the caller loaded tile 0 into slot 0 and committed it with Q's copies): the first ring - 2
