@@ -1,12 +1,16 @@
 """Decode attention between other kernels, as in a decode step: python3 -m bench.decode_context
 
-bench_sdpa replays one attention kernel back to back, so its code stays in the SMs' instruction
-caches and in L2. A decode step runs projections and the MLP between two attention calls, and
-their code and weights push the attention kernel's code out of both. Here every attention call
-follows a GEMM of a decode step's size (8 x 4096 by 4096 x 12288, bf16: 96 MB of weights, about
-twice L2) in one CUDA graph, and a call costs the graph's time minus the GEMMs' alone. aotc (the
-harness, .gpu/sdpa) and torch's SDPA run on the same inputs, in alternating order; "alone" is
-bench_sdpa's back-to-back figure. A benchmark, not a test.
+bench_sdpa replays one attention kernel back to back, so what one call leaves in L2 (its code,
+its scratch, Q) is there for the next. A decode step runs projections and the MLP between two
+attention calls, whose weights turn L2 over. Here every attention call follows a GEMM of a decode
+step's size (8 x 4096 by 4096 x 12288, bf16: 96 MB of weights, about twice L2) in one CUDA graph,
+and a call costs the graph's time minus the GEMMs' alone. aotc (the harness, .gpu/sdpa, or
+--lib, a fatbin list that bench.variants builds) and torch's SDPA run on the same inputs, in
+alternating order; "alone" is bench_sdpa's back-to-back figure. A benchmark, not a test.
+
+--before picks what runs before each call: "gemm" (the decode step's GEMM), "fill" (zeros
+written over 96 MB: L2 full of dirty lines, from a kernel of a few instructions), or "tiny" (one
+small elementwise kernel: another kernel's code, L2 left as it was).
 """
 
 from __future__ import annotations
@@ -44,27 +48,35 @@ def attention_calls(lib, sets, scale) -> dict:
     }
 
 
-def after_gemm(gemm, calls) -> list:
-    return [(lambda c=c: (gemm(), c())) for c in calls]
+def after(first, calls) -> list:
+    """Each call preceded by `first`."""
+    return [(lambda c=c: (first(), c())) for c in calls]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="0,4,10,2,1", help="indices into bench.shapes.SHAPES")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--before", choices=("gemm", "fill", "tiny"), default="gemm")
+    parser.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
     args = parser.parse_args()
     folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    listing = Path(args.lib) if args.lib else folder / (folder / "current").read_text().strip()
+    lib = h.Library(listing)
     tokens, hidden, width = GEMM
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
-
-    def gemm():
-        torch.matmul(x, w, out=y)
-
-    print(f"{torch.cuda.get_device_name()}, bf16, after a {tokens}x{hidden}x{width} GEMM each")
-    print("shape | round | GEMM us | aotc after GEMM / alone us | torch after GEMM / alone us")
+    small = torch.zeros(1024, device="cuda")
+    before = {
+        "gemm": lambda: torch.matmul(x, w, out=y),
+        "fill": lambda: w.zero_(),
+        "tiny": lambda: small.add_(1.0),
+    }[args.before]
+    what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
+    what["tiny"] = "a tiny add"
+    print(f"{torch.cuda.get_device_name()}, bf16, after {what[args.before]} each")
+    print("shape | round | before us | aotc after it / alone us | torch after it / alone us")
     for i in args.shapes.split(","):
         b, hq, hkv, n, d, v, view = SHAPES[int(i)]
         nbytes = kv_bytes(b, hkv, n, d, v, view)
@@ -75,10 +87,10 @@ def main() -> None:
         torch.cuda.synchronize()
         for r in range(args.rounds):
             sides = ["aotc", "torch"] if r % 2 == 0 else ["torch", "aotc"]
-            base = time_graph([gemm])
+            base = time_graph([before])
             cells = {}
             for side in sides:
-                both = time_graph(after_gemm(gemm, calls[side]))
+                both = time_graph(after(before, calls[side]))
                 alone = time_graph(calls[side])
                 cells[side] = f"{(both - base) * 1e6:7.1f} / {alone * 1e6:7.1f}"
             shape = (b, hq, hkv, n, d, v)
