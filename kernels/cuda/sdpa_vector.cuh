@@ -162,18 +162,6 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, int
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   cp_async16_to(smem_u32(dst), src, src_bytes);
 }
-// cp_async16_to, its lines cached in L2 under `policy` (createpolicy).
-__device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, int src_bytes,
-                                                  uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-               "l"(src), "r"(src_bytes), "l"(policy));
-}
-// An L2 policy under which the lines a load brings in are the first to be evicted.
-__device__ __forceinline__ uint64_t l2_evict_first() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -296,7 +284,6 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
     const T* src = base + (long long)(k0 + r0) * stride + lchunk * E;
     const uint32_t srow = smem_u32(dst + r0 * pitch);
     const bool full = k0 + ROWS <= key_end;
-    const uint64_t policy = l2_evict_first();  // see TileRing::load
 #pragma unroll
     for (int i = 0; i < PASSES; ++i, src += RPP * stride) {
       const int row = r0 + i * RPP;
@@ -309,9 +296,9 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
           const uint32_t d =
               srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
           if (full)  // a whole tile: no per-chunk select (the compiler keeps two loops)
-            cp_async16_policy(d, src + 32 * u * E, 16, policy);
+            cp_async16_to(d, src + 32 * u * E, 16);
           else
-            cp_async16_policy(d, ok ? src + 32 * u * E : base, ok ? 16 : 0, policy);
+            cp_async16_to(d, ok ? src + 32 * u * E : base, ok ? 16 : 0);
         }
     }
   } else {
@@ -410,11 +397,6 @@ struct TileRing {
     key_end = w.key_end;
   }
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
-  // A call reads its K and V once, so they go into L2 as evict-first and leave in place what is
-  // read again (code, the merge's partials and flags): batch-1 rows ran 0.1-1.4 us faster in
-  // every order of the A/B calls, B=8 rows within 0.3% (bench/NOTES.md round 15). Where row
-  // groups share a tile their blocks are neighbours in the grid and read it within
-  // microseconds of each other, as the wgmma kernel's row groups do under the same policy.
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
     T* dst = slots + slot * tile_elems;
     load_rows<T, D, C::NT, C::TK, C::KSW>(dst, C::DP, kbase, p.k_strides, kvec, k0, key_end,

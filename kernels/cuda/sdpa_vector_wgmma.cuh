@@ -220,10 +220,15 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
-// Boxes load under l2_evict_first (sdpa_vector.cuh): a K tile is dead once both row groups of
-// its split have read it, at about the same time. Tiles loaded under it ran every MLA row faster
-// in the harness; evict-last stores of the partials instead gained less, and both together no
-// more (bench/NOTES.md, round 13).
+// An L2 policy that makes the lines a load brings in the first to be evicted. A K tile is dead
+// once both row groups of its split have read it, at about the same time. Tiles loaded under
+// it ran every MLA row faster in the harness; evict-last stores of the partials instead gained
+// less, and both together no more (bench/NOTES.md, round 13).
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 // The box at (column c, key k, head h, batch b) of `map` into the 1024-aligned atom at `dst`,
 // swizzled as wgmma reads it; keys past the array's end land as zeros. Completes on `bar`;
 // its lines are cached in L2 under `policy`.
