@@ -92,9 +92,13 @@ def main() -> None:
             for side in sides:
                 both = time_graph(after(before, calls[side]))
                 alone = time_graph(calls[side])
+                if None in (base, both, alone):  # time_graph printed why
+                    cells[side] = "failed"
+                    continue
                 cells[side] = f"{(both - base) * 1e6:7.1f} / {alone * 1e6:7.1f}"
             shape = (b, hq, hkv, n, d, v)
-            print(f"{shape} | {r} | {base * 1e6:6.1f} | {cells['aotc']} | {cells['torch']}")
+            gemm_us = f"{base * 1e6:6.1f}" if base is not None else "failed"
+            print(f"{shape} | {r} | {gemm_us} | {cells['aotc']} | {cells['torch']}")
         del sets, calls
         torch.cuda.empty_cache()
 
