@@ -82,14 +82,27 @@ def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):
     return out
 
 
-def time_plans(lib, sets, plans, scale) -> float | None:
-    """Seconds per call of `plans` (one per input set) through the harness, as graph replays."""
+def harness_calls(lib, sets, plans, scale) -> list:
+    """One callable per input set: its plan's launches through the harness."""
     from bench import cuda_harness as h
 
-    fns = [
+    return [
         (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
         for s, p in zip(sets, plans, strict=True)
     ]
+
+
+def torch_calls(sets, scale) -> list:
+    """One callable per input set: torch's SDPA, the query heads grouped over K's."""
+    import torch.nn.functional as F
+
+    sdpa = partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=True)
+    return [(lambda q=q, k=k, v=v: sdpa(q, k, v)) for q, k, v in sets]
+
+
+def time_plans(lib, sets, plans, scale) -> float | None:
+    """Seconds per call of `plans` (one per input set) through the harness, as graph replays."""
+    fns = harness_calls(lib, sets, plans, scale)
     fns[0]()
     torch.cuda.synchronize()
     return time_graph(fns)
@@ -119,12 +132,7 @@ def bench_first_launch(lib, sets, scale, num_splits=None):
 
 
 def bench_torch(sets, scale):
-    import torch.nn.functional as F
-
-    def call(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
-    fns = [(lambda q=q, k=k, v=v: call(q, k, v)) for q, k, v in sets]
+    fns = torch_calls(sets, scale)
     try:
         fns[0]()  # warm-up: cuDNN builds its plan on the first call
         once = time_events(fns[0], reps=1)

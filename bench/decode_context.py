@@ -20,10 +20,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import make_sets, time_graph
+from bench.bench_sdpa import harness_calls, make_sets, time_graph, torch_calls
 from bench.shapes import SHAPES, kv_bytes, set_count
 
 GEMM = (8, 4096, 12288)  # tokens x hidden by hidden x out
@@ -32,20 +31,7 @@ GEMM = (8, 4096, 12288)  # tokens x hidden by hidden x out
 def attention_calls(lib, sets, scale) -> dict:
     """One callable per input set for each side: aotc's planned launches and torch's SDPA."""
     plans = [h.plan_for(lib, *s, scale=scale) for s in sets]
-    return {
-        "aotc": [
-            (lambda s=s, p=p: h.run(lib, *s, scale=scale, launches=p))
-            for s, p in zip(sets, plans, strict=True)
-        ],
-        "torch": [
-            (
-                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                    q, k, v, scale=scale, enable_gqa=True
-                )
-            )
-            for q, k, v in sets
-        ],
-    }
+    return {"aotc": harness_calls(lib, sets, plans, scale), "torch": torch_calls(sets, scale)}
 
 
 def warmed_up(calls) -> bool:
