@@ -11,6 +11,10 @@ alternating order; "alone" is bench_sdpa's back-to-back figure. A benchmark, not
 --before picks what runs before each call: "gemm" (the decode step's GEMM), "fill" (zeros
 written over 96 MB: L2 full of dirty lines, from a kernel of a few instructions), or "tiny" (one
 small elementwise kernel: another kernel's code, L2 left as it was).
+
+--parts times each kernel inside the graph instead, between events recorded in it: what runs
+before a call, the call, and both alone. It says whether a call's extra time after a GEMM is the
+call's own or the GEMM's (the graph's difference cannot tell them apart).
 """
 
 from __future__ import annotations
@@ -52,12 +56,64 @@ def after(first, calls) -> list:
     return [(lambda c=c: (first(), c())) for c in calls]
 
 
+def time_parts(steps, calls=20, reps=10) -> list[float] | None:
+    """Median seconds of each part of the steps (a step is a tuple of parts) in one CUDA graph of
+    `calls` steps (cycling over them), from external events recorded between the parts."""
+    width = len(steps[0])
+    marks = [
+        [torch.cuda.Event(enable_timing=True, external=True) for _ in range(width + 1)]
+        for _ in range(calls)
+    ]
+    try:
+        side = torch.cuda.Stream()  # warm-up off the capture (cuBLAS sets up its workspace)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for step in steps:
+                for part in step:
+                    part()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                marks[i][0].record()
+                for j, part in enumerate(steps[i % len(steps)]):
+                    part()
+                    marks[i][j + 1].record()
+        times: list[list[float]] = [[] for _ in range(width)]
+        for _ in range(reps):
+            g.replay()
+            torch.cuda.synchronize()
+            for m in marks[1:]:  # the first step follows the previous replay's last
+                for j in range(width):
+                    times[j].append(m[j].elapsed_time(m[j + 1]) / 1e3)
+    except Exception as exc:
+        print(f"  (part timing failed: {type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def parts_cell(before, calls) -> str:
+    """'before | call' after each other, then each alone, from events inside the graphs."""
+    both = time_parts([(before, c) for c in calls])
+    alone = time_parts([(c,) for c in calls])
+    base = time_parts([(before,)])
+    if None in (both, alone, base):
+        return "failed"
+    return (
+        f"{both[0] * 1e6:6.1f} + {both[1] * 1e6:7.1f} (alone {base[0] * 1e6:6.1f} + "
+        f"{alone[0] * 1e6:7.1f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="0,4,10,2,1", help="indices into bench.shapes.SHAPES")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", choices=("gemm", "fill", "tiny"), default="gemm")
     parser.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
+    parser.add_argument("--parts", action="store_true", help="time each kernel in the graph")
+    parser.add_argument("--sides", default="aotc,torch", help="torch's MLA calls take ~50 ms")
     args = parser.parse_args()
     folder = Path(".gpu/sdpa")
     listing = Path(args.lib) if args.lib else folder / (folder / "current").read_text().strip()
@@ -75,20 +131,35 @@ def main() -> None:
     what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
     what["tiny"] = "a tiny add"
     print(f"{torch.cuda.get_device_name()}, bf16, after {what[args.before]} each")
-    print("shape | round | before us | aotc after it / alone us | torch after it / alone us")
+    if args.parts:
+        print("shape | round | aotc: before + call us (each alone) | torch: the same")
+    else:
+        print("shape | round | before us | aotc after it / alone us | torch after it / alone us")
     for i in args.shapes.split(","):
         b, hq, hkv, n, d, v, view = SHAPES[int(i)]
         nbytes = kv_bytes(b, hkv, n, d, v, view)
         sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         calls = attention_calls(lib, sets, 1 / math.sqrt(d))
-        failed = {side for side, fns in calls.items() if not warmed_up(fns)}
+        skipped = set(calls) - set(args.sides.split(","))
+        failed = {side for side, fns in calls.items() if side not in skipped and not warmed_up(fns)}
         for r in range(args.rounds):
             sides = ["aotc", "torch"] if r % 2 == 0 else ["torch", "aotc"]
+            if args.parts:
+                cells = {
+                    side: "skipped"
+                    if side in skipped
+                    else "failed"
+                    if side in failed
+                    else parts_cell(before, calls[side])
+                    for side in sides
+                }
+                print(f"{(b, hq, hkv, n, d, v)} | {r} | {cells['aotc']} | {cells['torch']}")
+                continue
             base = time_graph([before])
             cells = {}
             for side in sides:
-                if side in failed:
-                    cells[side] = "failed"
+                if side in failed | skipped:
+                    cells[side] = "failed" if side in failed else "skipped"
                     continue
                 both = time_graph(after(before, calls[side]))
                 alone = time_graph(calls[side])

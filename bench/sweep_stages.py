@@ -50,9 +50,12 @@ def main() -> None:
     ap.add_argument("--rows", default="10,1,2,0,4,5", help="indices into bench.shapes.SHAPES")
     ap.add_argument("--splits", default="", help="forced split counts besides the plan's")
     ap.add_argument("--stages", default="2,3,4,5,6")
+    ap.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
     args = ap.parse_args()
     folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    lib = h.Library(
+        Path(args.lib) if args.lib else folder / (folder / "current").read_text().strip()
+    )
     lib.wgmma_ok = False
     split_counts = [None] + [int(s) for s in args.splits.split(",") if s]
     stage_counts = [None] + [int(s) for s in args.stages.split(",") if s]
