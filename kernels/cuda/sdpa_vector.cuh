@@ -1402,6 +1402,19 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   }
 }
 
+// Drops a merged row's partials from L2 without writing them back: they are dead, and left
+// dirty they cost the next kernel their write-back to DRAM. MLA B=8 leaves 16 MB of them, and
+// the GEMM after it in a decode step ran 6 us slower for it (bench/NOTES.md round 16). Only
+// lines wholly inside the row go: a neighbour row's combiner may still read the others.
+__device__ __forceinline__ void discard_row(const float* row, long long words) {
+  __syncthreads();  // every thread's loads of the row have returned
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row);
+  const uintptr_t end = (first + words * 4) & ~uintptr_t(127);
+  for (uintptr_t line = ((first + 127) & ~uintptr_t(127)) + threadIdx.x * 128; line < end;
+       line += blockDim.x * 128)
+    asm volatile("discard.global.L2 [%0], 128;" ::"l"(line) : "memory");
+}
+
 // The combine kernel: one block per query row, of up to 512 threads (split groups of V / 4).
 // Eight splits in flight per thread keep it at 55 registers (sm_90a), so that nine 128-thread
 // blocks fit an SM: MLA B=8's 1024 rows of 8 splits merge in one wave. Sixteen took 99
@@ -1418,6 +1431,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   combine_row<T, V, U, false>(blockIdx.x, partials, maxs, sums, sinks, out, p.num_splits,
                               p.q_heads, p.q_len, p.has_sinks,
                               reinterpret_cast<float4*>(aotc_smem), gm, gl);
+  discard_row(partials + blockIdx.x * (long long)p.num_splits * V, p.num_splits * V);
 }
 
 }  // namespace aotc_sdpa
