@@ -158,8 +158,18 @@ MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
         # more slots than the first warp's lanes: lanes read two each
         dict(b=1, hq=32, hkv=4, n=4096, d=192, v=128, dtype="bfloat16", num_splits=64),
         dict(b=1, hq=4, hkv=4, n=20000, d=96, v=64, dtype="float16", sinks=True, num_splits=70),
+        # rows of 3 x 80 partials (960 bytes) share 128-byte lines with their neighbours: the
+        # combine kernel must discard only the lines wholly its row's
+        dict(b=1, hq=16, hkv=16, n=3000, d=80, v=80, dtype="bfloat16", num_splits=3),
     ],
-    ids=["fp16", "fp32_sinks", "bf16_causal_row_groups", "bf16_64_splits", "fp16_63_splits"],
+    ids=[
+        "fp16",
+        "fp32_sinks",
+        "bf16_causal_row_groups",
+        "bf16_64_splits",
+        "fp16_63_splits",
+        "bf16_rows_off_lines",
+    ],
 )
 def test_split_merge_modes(lib, merge, case, monkeypatch):
     """The fused split pass merges the splits (its last block per row group, or a waiting
