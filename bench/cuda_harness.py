@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -24,6 +25,10 @@ KERNELS = REPO / "kernels" / "cuda"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
+# A measurement hook: the shared-memory carveout (percent) every kernel prefers; unset, the
+# driver's default.
+CARVEOUT = os.environ.get("AOTC_HARNESS_CARVEOUT")
 # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16, _FLOAT32 of cuda.h
 CU_TENSOR_MAP_DATA_TYPES = {torch.float16: 6, torch.bfloat16: 9, torch.float32: 7}
 
@@ -105,6 +110,13 @@ class Library:
                 "cuFuncSetAttribute",
             )
             self._smem_set[kernel] = shared_memory
+            if CARVEOUT is not None:
+                self._check(
+                    self.cuda.cuFuncSetAttribute(
+                        fn, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, int(CARVEOUT)
+                    ),
+                    "cuFuncSetAttribute",
+                )
         outputs = [
             torch.empty(shape, dtype=DTYPES[dt], device="cuda")
             for shape, dt in zip(output_shapes, output_dtypes, strict=True)

@@ -9,8 +9,10 @@ and a call costs the graph's time minus the GEMMs' alone. aotc (the harness, .gp
 alternating order; "alone" is bench_sdpa's back-to-back figure. A benchmark, not a test.
 
 --before picks what runs before each call: "gemm" (the decode step's GEMM), "fill" (zeros
-written over 96 MB: L2 full of dirty lines, from a kernel of a few instructions), or "tiny" (one
-small elementwise kernel: another kernel's code, L2 left as it was).
+written over 96 MB: L2 full of dirty lines, from a kernel of a few instructions), "tiny" (one
+small elementwise kernel: another kernel's code, L2 left as it was), or "small-gemm" (8 x 4096 by
+4096 x 256: a cuBLAS kernel of the same depth, 2 MB of weights, L2 mostly left as it was), or
+"aotc-tiny" (aotc's split plan for --tiny-pair D,V on 256 keys: its code, L2 left as it was).
 
 --parts times each kernel inside the graph instead, between events recorded in it: what runs
 before a call, the call, and both alone. It says whether a call's extra time after a GEMM is the
@@ -110,9 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="0,4,10,2,1", help="indices into bench.shapes.SHAPES")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--before", choices=("gemm", "fill", "tiny"), default="gemm")
+    parser.add_argument(
+        "--before", choices=("gemm", "fill", "tiny", "small-gemm", "aotc-tiny"), default="gemm"
+    )
     parser.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
     parser.add_argument("--parts", action="store_true", help="time each kernel in the graph")
+    parser.add_argument("--tiny-pair", default="80,80", help="D,V of --before aotc-tiny")
     parser.add_argument("--sides", default="aotc,torch", help="torch's MLA calls take ~50 ms")
     args = parser.parse_args()
     folder = Path(".gpu/sdpa")
@@ -123,13 +128,23 @@ def main() -> None:
     w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
     small = torch.zeros(1024, device="cuda")
+    w_small = w[:, :256].contiguous()
+    y_small = torch.empty(tokens, 256, device="cuda", dtype=torch.bfloat16)
     before = {
         "gemm": lambda: torch.matmul(x, w, out=y),
         "fill": lambda: w.zero_(),
         "tiny": lambda: small.add_(1.0),
+        "small-gemm": lambda: torch.matmul(x, w_small, out=y_small),
+        "aotc-tiny": lambda: tiny_call(),
     }[args.before]
+    if args.before == "aotc-tiny":
+        d, v = map(int, args.tiny_pair.split(","))
+        # a fused split plan of ~132 blocks: every SM runs its code
+        tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)
+        tiny_call = attention_calls(lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
     what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
-    what["tiny"] = "a tiny add"
+    what |= {"tiny": "a tiny add", "small-gemm": f"a {tokens}x{hidden}x256 GEMM"}
+    what["aotc-tiny"] = f"aotc's {args.tiny_pair} kernel on 256 keys"
     print(f"{torch.cuda.get_device_name()}, bf16, after {what[args.before]} each")
     if args.parts:
         print("shape | round | aotc: before + call us (each alone) | torch: the same")
