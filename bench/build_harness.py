@@ -20,6 +20,7 @@ from aotc.families.sdpa_vector import (
     CUDA_VALUE_TYPES,
     combine_name,
     fused_split_name,
+    many_rows_name,
     one_pass_name,
     split_pass_name,
     wgmma_name,
@@ -52,8 +53,9 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
     for dtype in dtypes:
         tn = KERNEL_TYPE_NAMES[dtype]
         for d, v in pairs:
-            names |= {one_pass_name(tn, d, v), split_pass_name(tn, d, v), combine_name(tn, v)}
-            names.add(fused_split_name(tn, d, v))
+            one_tile = {one_pass_name(tn, d, v), split_pass_name(tn, d, v)}
+            one_tile.add(fused_split_name(tn, d, v))
+            names |= one_tile | {many_rows_name(n) for n in one_tile} | {combine_name(tn, v)}
             if wgmma_supported(dtype, d, v):
                 names.add(wgmma_name(tn, d, v))
     return names

@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
     parser.add_argument("--parts", action="store_true", help="time each kernel in the graph")
     parser.add_argument("--tiny-pair", default="80,80", help="D,V of --before aotc-tiny")
+    parser.add_argument(
+        "--tiny-lib", help="--before aotc-tiny's kernels from this fatbin list (a second module)"
+    )
     parser.add_argument("--sides", default="aotc,torch", help="torch's MLA calls take ~50 ms")
     args = parser.parse_args()
     folder = Path(".gpu/sdpa")
@@ -141,7 +144,8 @@ def main() -> None:
         d, v = map(int, args.tiny_pair.split(","))
         # a fused split plan of ~132 blocks: every SM runs its code
         tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)
-        tiny_call = attention_calls(lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
+        tiny_lib = h.Library(Path(args.tiny_lib)) if args.tiny_lib else lib
+        tiny_call = attention_calls(tiny_lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
     what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
     what |= {"tiny": "a tiny add", "small-gemm": f"a {tokens}x{hidden}x256 GEMM"}
     what["aotc-tiny"] = f"aotc's {args.tiny_pair} kernel on 256 keys"

@@ -33,10 +33,11 @@ from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {
-    f"sdpa_vector{kind}_{t}_{d}_{v}"
+    f"{prefix}{kind}{t}_{d}_{v}"
+    for prefix in ("sdpa_vector_", "sdpa_vector_rows_")  # one m-tile; 2 or 4
     for t in ("float", "float16_t", "bfloat16_t")
     for d, v in ((192, 128), (576, 512), (128, 128))
-    for kind in ("", "_2pass_1")
+    for kind in ("", "2pass_1_")
 } | {
     f"sdpa_vector_2pass_2_{t}_{v}" for t in ("float", "float16_t", "bfloat16_t") for v in (128, 512)
 }
@@ -231,6 +232,24 @@ def test_fused_plan_runs_through_compile_steps():
 def test_many_blocks_stay_one_pass():
     launches = plan_cuda(problem(batch=99, kv_heads=4, kv_len=32768), available=NAMES, sm_count=132)
     assert len(launches) == 1
+
+
+def test_many_rows_take_the_rows_entry_points():
+    """Up to 16 query rows per KV head (one m-tile) run the plain entry points, which hold that
+    path alone; 17+ run `sdpa_vector_rows_...`. A library without those falls back, saying why."""
+    one_tile = plan_cuda(problem(q_len=2), available=NAMES, sm_count=132)  # 16 rows
+    assert all(not x.kernel.startswith("sdpa_vector_rows_") for x in one_tile)
+    assert unpack(one_tile[0])[10] == 1
+    rows = plan_cuda(problem(q_len=3), available=NAMES, sm_count=132)  # 24 rows: 2 m-tiles
+    assert rows[0].kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_192_128"
+    assert unpack(rows[0])[10] == 2
+    assert rows[1].kernel == "sdpa_vector_2pass_2_bfloat16_t_128"  # the combine has one name
+    fused = "sdpa_vector_rows_2pass_fused_bfloat16_t_192_128"
+    (launch,) = plan_cuda(problem(q_len=3, kv_len=256), available=NAMES | {fused}, sm_count=132)
+    assert launch.kernel == fused
+    plain_only = {n for n in NAMES if not n.startswith("sdpa_vector_rows_")}
+    with pytest.raises(Unsupported, match=r"sdpa_vector_rows_bfloat16_t_192_128 \(24 query rows"):
+        plan_cuda(problem(q_len=3), available=plain_only, sm_count=132)
 
 
 def test_gqa_rows_and_row_groups():
@@ -471,9 +490,9 @@ def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
 
 def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
     plain = plan_cuda(mla(), available=WG_NAMES, sm_count=132)
-    assert plain[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    assert plain[0].kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_576_512"  # 4 m-tiles
     missing = plan_cuda(mla(), available=NAMES, sm_count=132, wgmma=True)
-    assert missing[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_576_512"
+    assert missing[0].kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_576_512"
     few_rows = plan_cuda(
         mla(q_heads=16, qk_dim=192, v_dim=128),
         available=WG_NAMES | {"sdpa_vector_wgmma_bfloat16_t_192_128"},
@@ -485,7 +504,7 @@ def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
     wide = plan_cuda(mla(q_heads=8), available=WG_NAMES, sm_count=132, wgmma=True)
     assert wide[0].kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
     f32 = plan_cuda(mla(dtype="float32"), available=WG_NAMES, sm_count=132, wgmma=True)
-    assert f32[0].kernel == "sdpa_vector_2pass_1_float_576_512"
+    assert f32[0].kernel == "sdpa_vector_rows_2pass_1_float_576_512"
 
 
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():

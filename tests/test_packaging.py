@@ -258,7 +258,7 @@ def test_wheel_refuses_a_stale_or_foreign_dist(manifest_path, tmp_path):
     data = {**index.data, "kernels": index.data["kernels"][:1]}
     index.artifact_path.write_bytes(b"fatbin")
     index.path.write_text(json.dumps(data))
-    with pytest.raises(PackagingError, match="lacks 3 kernels"):
+    with pytest.raises(PackagingError, match="lacks 6 kernels"):
         build_wheels(manifest_path, dist=dist, out=tmp_path / "w")
     with pytest.raises(PackagingError, match=r"metal\.json is missing"):
         build_wheels(manifest_path, dist=dist, out=tmp_path / "w", targets=["metal"])
@@ -350,6 +350,9 @@ def test_downstream_example_builds_its_kernels_into_its_wheel(tmp_path, venv):
         "sdpa_vector_2pass_1_float16_t_192_128",
         "sdpa_vector_wgmma_float16_t_192_128",
         "sdpa_vector_2pass_fused_float16_t_192_128",
+        "sdpa_vector_rows_float16_t_192_128",
+        "sdpa_vector_rows_2pass_1_float16_t_192_128",
+        "sdpa_vector_rows_2pass_fused_float16_t_192_128",
         "sdpa_vector_2pass_2_float16_t_128",
     }
     assert "downstream_sdpa/__init__.py" in files

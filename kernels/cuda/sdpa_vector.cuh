@@ -20,6 +20,8 @@
 //                                        row's splits and merge them. scratch: partials, maxs,
 //                                        sums, then 64-bit flag slots (FusedScratch)
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
+// The first three serve one m-tile (Params::m_tiles == 1: up to 16 query rows per KV head); the
+// same three named sdpa_vector_rows_... serve 2 or 4.
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
 #pragma once
@@ -1353,8 +1355,11 @@ struct FusedScratch {
 };
 
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
-// publish_rows and wait_and_combine).
-template <typename T, int D, int V, bool SPLIT, bool FUSED = false>
+// publish_rows and wait_and_combine). ROWS: the entry point of 2 or 4 m-tiles (`rows_` names);
+// the others hold the one-m-tile path alone. A kernel holding every path was twice the code,
+// and after other kernels' code it paid 3-8 us more than back to back for instruction fetch;
+// one path each, 0.3-1 (bench/NOTES.md round 16).
+template <typename T, int D, int V, bool SPLIT, bool FUSED = false, bool ROWS = false>
 __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, const void* mask,
                                            const T* sinks, T* out, float* partials, float* maxs,
                                            float* sums, const Params& p,
@@ -1362,7 +1367,7 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   extern __shared__ __align__(16) char aotc_smem[];
   uint32_t dyn;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-  if (p.m_tiles < 1 || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
+  if ((p.m_tiles == 1) == ROWS || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
       p.stages > Cfg<T, D, V>::MAX_STAGES ||
       dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles, p.stages) ||
       blockDim.x != Cfg<T, D, V>::NT) {
@@ -1375,23 +1380,16 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
       return;
     }
   }
-  switch (p.m_tiles) {
-    case 1:
-      if constexpr (Tr<T>::kMma)
-        sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                             aotc_smem);
-      else
-        sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                      aotc_smem);
-      break;
-    case 2:
-      sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
-      break;
-    default:
-      if constexpr (Cfg<T, D, V>::MT_MAX >= 4)
-        sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                      aotc_smem);
-      break;
+  if constexpr (!ROWS) {
+    if constexpr (Tr<T>::kMma)
+      sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                           aotc_smem);
+    else
+      sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+  } else if (p.m_tiles == 2) {
+    sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+  } else if constexpr (Cfg<T, D, V>::MT_MAX >= 4) {
+    sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
   }
   if constexpr (FUSED) {
     if (p.combiners_from > 0)
@@ -1436,32 +1434,37 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
 
 }  // namespace aotc_sdpa
 
-#define AOTC_SDPA_VECTOR(TN, T, D, V)                                                           \
+#define AOTC_SDPA_VECTOR_ENTRIES(PREFIX, TN, T, D, V, ROWS)                                    \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
                                                 aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
-      sdpa_vector_##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,        \
-                                   const T* sinks, T* out, const aotc_sdpa::Params p) {         \
-    aotc_sdpa::sdpa_entry<T, D, V, false>(q, k, v, mask, sinks, out, nullptr, nullptr, nullptr, \
-                                          p);                                                   \
+      PREFIX##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,              \
+                             const T* sinks, T* out, const aotc_sdpa::Params p) {               \
+    aotc_sdpa::sdpa_entry<T, D, V, false, false, ROWS>(q, k, v, mask, sinks, out, nullptr,      \
+                                                       nullptr, nullptr, p);                    \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
                                                 aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
-      sdpa_vector_2pass_1_##TN##_##D##_##V(const T* q, const T* k, const T* v,                  \
-                                           const void* mask, const T* sinks, float* partials,   \
-                                           float* maxs, float* sums,                            \
-                                           const aotc_sdpa::Params p) {                         \
-    aotc_sdpa::sdpa_entry<T, D, V, true>(q, k, v, mask, sinks, nullptr, partials, maxs, sums,   \
-                                         p);                                                    \
+      PREFIX##2pass_1_##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,    \
+                                       const T* sinks, float* partials, float* maxs,            \
+                                       float* sums, const aotc_sdpa::Params p) {                \
+    aotc_sdpa::sdpa_entry<T, D, V, true, false, ROWS>(q, k, v, mask, sinks, nullptr, partials,  \
+                                                      maxs, sums, p);                           \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
                                                 aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
-      sdpa_vector_2pass_fused_##TN##_##D##_##V(const T* q, const T* k, const T* v,              \
-                                               const void* mask, const T* sinks, float* scratch, \
-                                               T* out, const aotc_sdpa::Params p) {              \
+      PREFIX##2pass_fused_##TN##_##D##_##V(const T* q, const T* k, const T* v,                  \
+                                           const void* mask, const T* sinks, float* scratch,    \
+                                           T* out, const aotc_sdpa::Params p) {                 \
     const aotc_sdpa::FusedScratch s(scratch, p, V);                                             \
-    aotc_sdpa::sdpa_entry<T, D, V, true, true>(q, k, v, mask, sinks, out, s.partials, s.maxs,   \
-                                               s.sums, p, s.flags);                             \
+    aotc_sdpa::sdpa_entry<T, D, V, true, true, ROWS>(q, k, v, mask, sinks, out, s.partials,     \
+                                                     s.maxs, s.sums, p, s.flags);               \
   }
+
+// One (T, D, V): the one-m-tile entry points (sdpa_vector_..., the decode case: up to 16 query
+// rows per KV head) and those of 2 or 4 m-tiles (sdpa_vector_rows_...).
+#define AOTC_SDPA_VECTOR(TN, T, D, V)                  \
+  AOTC_SDPA_VECTOR_ENTRIES(sdpa_vector_, TN, T, D, V, false) \
+  AOTC_SDPA_VECTOR_ENTRIES(sdpa_vector_rows_, TN, T, D, V, true)
 
 #define AOTC_SDPA_VECTOR_AGGREGATE(TN, T, V)                                               \
   extern "C" __global__ void __launch_bounds__(512) sdpa_vector_2pass_2_##TN##_##V(        \

@@ -42,6 +42,14 @@ def fused_split_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_2pass_fused_{type_name}_{d}_{v}"
 
 
+def many_rows_name(name: str) -> str:
+    """The CUDA entry point like `name` (one pass, split pass or fused) for 2 or 4 m-tiles (17+
+    query rows per KV head). The plain names hold the one-m-tile path alone: a kernel with every
+    path was twice the code, and paid 3-8 us of instruction fetch after other kernels
+    (bench/NOTES.md round 16)."""
+    return name.replace("sdpa_vector_", "sdpa_vector_rows_", 1)
+
+
 def combine_name(type_name: str, v: int) -> str:
     return f"sdpa_vector_2pass_2_{type_name}_{v}"
 
@@ -137,7 +145,11 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     )
     if target == "cuda":
         fused = _symbol(fused_split_name(type_name, d, v), inst.dtype, inst.params, "split_fused")
-        kernels = (*kernels, fused)
+        rows = tuple(
+            _symbol(many_rows_name(k.name), inst.dtype, inst.params, f"{k.variant}_rows")
+            for k in (*kernels, fused)
+        )
+        kernels = (*kernels, fused, *rows)
     if target == "cuda" and wgmma_supported(inst.dtype, d, v):
         wgmma = _symbol(wgmma_name(type_name, d, v), inst.dtype, inst.params, "split_pass_wgmma")
         kernels = (*kernels, wgmma)

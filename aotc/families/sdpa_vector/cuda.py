@@ -22,6 +22,7 @@ from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
     combine_name,
     fused_split_name,
+    many_rows_name,
     one_pass_name,
     split_pass_name,
     wgmma_name,
@@ -330,6 +331,11 @@ def plan_cuda(
     cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
     rows = p.gqa_factor * p.q_len
     m_tiles = _m_tiles(rows, cfg, max_shared)
+    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
+    if m_tiles > 1:
+        one, first, fused = (many_rows_name(name) for name in (one, first, fused))
+        if one not in available:
+            raise Unsupported(f"no loaded library has {one} ({rows} query rows per KV head)")
     row_groups = -(-rows // (16 * m_tiles))
     stages = _stages(cfg, m_tiles, max_shared, sm_shared)
     smem = cfg.shared_bytes(m_tiles, stages)
@@ -342,7 +348,6 @@ def plan_cuda(
         1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
     )
     resident = sm_count * per_sm
-    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
     rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
         num_splits = _split_count(base_blocks, resident, tiles)
