@@ -379,6 +379,11 @@ def plan_cuda(
     if streaming is not None:
         stages = streaming[0]
         smem = cfg.shared_bytes(m_tiles, stages)
+    # No more blocks may share an SM than the split counts assumed: the one-m-tile kernels take
+    # ~120 registers, so where two-stage tiles leave room a fourth 4-warp block would fit, and
+    # 32x192/128 then ran 455 us against 445 (bench/NOTES.md round 16). Padding the dynamic
+    # shared memory caps them at `per_sm`, as registers did when each kernel held every path.
+    smem = max(smem, sm_shared // (per_sm + 1) - 1023)
 
     inputs = _attention_inputs(p)
     strided = (*inputs[:3], inputs[3])
