@@ -51,16 +51,22 @@ def time_events(fn, reps=50) -> float:
     return times[len(times) // 2]
 
 
+def warm_up_off_capture(fns) -> None:
+    """Runs each of fns once on a side stream before a graph captures them (cuBLAS and cuDNN set
+    up their workspaces and plans on a first call, which a capture cannot hold)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
 def time_graph(fns, calls=20, reps=15) -> float | None:
     """Median seconds per call of `calls` calls (cycling over fns) captured in one CUDA graph."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for f in fns:
-                f()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
+        warm_up_off_capture(fns)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for i in range(calls):

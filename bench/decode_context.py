@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import harness_calls, make_sets, time_graph, torch_calls
+from bench.bench_sdpa import (
+    harness_calls,
+    make_sets,
+    time_graph,
+    torch_calls,
+    warm_up_off_capture,
+)
 from bench.shapes import SHAPES, kv_bytes, set_count
 
 GEMM = (8, 4096, 12288)  # tokens x hidden by hidden x out
@@ -67,14 +73,7 @@ def time_parts(steps, calls=20, reps=10) -> list[float] | None:
         for _ in range(calls)
     ]
     try:
-        side = torch.cuda.Stream()  # warm-up off the capture (cuBLAS sets up its workspace)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for step in steps:
-                for part in step:
-                    part()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        warm_up_off_capture([part for step in steps for part in step])
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for i in range(calls):
