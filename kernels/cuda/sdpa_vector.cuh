@@ -1367,8 +1367,8 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   extern __shared__ __align__(16) char aotc_smem[];
   uint32_t dyn;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-  if ((p.m_tiles == 1) == ROWS || p.m_tiles > Cfg<T, D, V>::MT_MAX || p.stages < 2 ||
-      p.stages > Cfg<T, D, V>::MAX_STAGES ||
+  if ((ROWS ? p.m_tiles < 2 : p.m_tiles != 1) || p.m_tiles > Cfg<T, D, V>::MT_MAX ||
+      p.stages < 2 || p.stages > Cfg<T, D, V>::MAX_STAGES ||
       dyn < (uint32_t)shared_bytes<T, D, V>(p.m_tiles, p.stages) ||
       blockDim.x != Cfg<T, D, V>::NT) {
     __trap();  // the plan and this header disagree
