@@ -8,11 +8,15 @@ and a call costs the graph's time minus the GEMMs' alone. aotc (the harness, .gp
 --lib, a fatbin list that bench.variants builds) and torch's SDPA run on the same inputs, in
 alternating order; "alone" is bench_sdpa's back-to-back figure. A benchmark, not a test.
 
---before picks what runs before each call: "gemm" (the decode step's GEMM), "fill" (zeros
-written over 96 MB: L2 full of dirty lines, from a kernel of a few instructions), "tiny" (one
-small elementwise kernel: another kernel's code, L2 left as it was), or "small-gemm" (8 x 4096 by
-4096 x 256: a cuBLAS kernel of the same depth, 2 MB of weights, L2 mostly left as it was), or
-"aotc-tiny" (aotc's split plan for --tiny-pair D,V on 256 keys: its code, L2 left as it was).
+--before picks what runs before each call:
+  gemm        the decode step's GEMM
+  fill        zeros written over 96 MB: L2 full of dirty lines, from a kernel of a few
+              instructions
+  tiny        one small elementwise kernel: little code, L2 left as it was
+  small-gemm  8 x 4096 by 4096 x 256: cuBLAS code of the same depth, 2 MB of weights
+  aotc-tiny   aotc's split plan for --tiny-pair D,V on 1 x 264 x 33 x 256 (132 blocks, so every
+              SM runs its code), L2 left as it was; with --tiny-lib, from another fatbin list
+              (the same fatbin copied is a second module: the same code at another address)
 
 --parts times each kernel inside the graph instead, between events recorded in it: what runs
 before a call, the call, and both alone. It says whether a call's extra time after a GEMM is the
