@@ -17,7 +17,6 @@ import math
 import subprocess
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -246,9 +245,7 @@ def main() -> None:
     if args.via == "harness":
         from bench import cuda_harness as h
 
-        folder = Path(".gpu/sdpa")
-        listing = folder / (folder / "current").read_text().strip()
-        lib = h.Library(listing)
+        lib = h.load_library()
         lib.fused_ok = not args.no_fused
     shapes = SHAPES if not args.quick else SHAPES[:5] + SHAPES[6:7]
     # Each side is timed in passes of its own over every row, best of --rounds passes: a kernel

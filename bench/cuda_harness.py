@@ -196,6 +196,15 @@ class Library:
         return bytes(out) if rc == 0 else None
 
 
+def load_library(listing: str | Path | None = None) -> Library:
+    """The kernels of a fatbin list (`bench.variants` builds them), or by default the harness
+    fatbin `python3 -m bench.build_harness .gpu/sdpa` last built."""
+    if listing is None:
+        folder = Path(".gpu/sdpa")
+        listing = folder / (folder / "current").read_text().strip()
+    return Library(Path(listing))
+
+
 def problem_of(q, k, v, mask=None, sinks=None) -> AttentionProblem:
     b, hq, lq, d = q.shape
     _, hkv, n, _ = k.shape

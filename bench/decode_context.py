@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -126,9 +125,7 @@ def main() -> None:
     )
     parser.add_argument("--sides", default="aotc,torch", help="torch's MLA calls take ~50 ms")
     args = parser.parse_args()
-    folder = Path(".gpu/sdpa")
-    listing = Path(args.lib) if args.lib else folder / (folder / "current").read_text().strip()
-    lib = h.Library(listing)
+    lib = h.load_library(args.lib)
     tokens, hidden, width = GEMM
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
@@ -147,7 +144,7 @@ def main() -> None:
         d, v = map(int, args.tiny_pair.split(","))
         # a fused split plan of ~132 blocks: every SM runs its code
         tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)
-        tiny_lib = h.Library(Path(args.tiny_lib)) if args.tiny_lib else lib
+        tiny_lib = h.load_library(args.tiny_lib) if args.tiny_lib else lib
         tiny_call = attention_calls(tiny_lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
     what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
     what |= {"tiny": "a tiny add", "small-gemm": f"a {tokens}x{hidden}x256 GEMM"}

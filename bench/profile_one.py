@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,8 @@ if "--torch" in sys.argv:
     for _ in range(3):
         F.scaled_dot_product_attention(q, k, vv, scale=scale, enable_gqa=True)
 else:
-    folder = Path(".gpu/sdpa")
     libs = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--lib=")]
-    lib = h.Library(Path(libs[0]) if libs else folder / (folder / "current").read_text().strip())
+    lib = h.load_library(libs[0] if libs else None)
     plan = h.plan_for(lib, q, k, vv, scale=scale)
     print(plan[0].grid, plan[0].shared_memory, [p.kernel for p in plan])
     for _ in range(3):

@@ -10,7 +10,6 @@ fallback), "c" the split pass plus the combine kernel.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -22,8 +21,7 @@ from bench.shapes import SHAPES, kv_bytes, set_count
 ROWS = [SHAPES[i] for i in (0, 4, 10, 1, 2)]  # batch-1 rows, then 192/128 and 128/128 B=8
 COUNTS = (None, 4, 8, 12, 16, 24, 32, 48, 64, 96)
 
-folder = Path(".gpu/sdpa")
-lib = h.Library(folder / (folder / "current").read_text().strip())
+lib = h.load_library()
 lib.wgmma_ok = False
 MODES = {"f": (True, 1 << 30), "w": (True, 0), "c": (False, cuda.FUSED_MAX_SPLITS)}
 DEFAULT_MAX = cuda.FUSED_MAX_SPLITS

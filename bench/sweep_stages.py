@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -52,10 +51,7 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4,5,6")
     ap.add_argument("--lib", help="a fatbin list (bench.variants builds); default .gpu/sdpa")
     args = ap.parse_args()
-    folder = Path(".gpu/sdpa")
-    lib = h.Library(
-        Path(args.lib) if args.lib else folder / (folder / "current").read_text().strip()
-    )
+    lib = h.load_library(args.lib)
     lib.wgmma_ok = False
     split_counts = [None] + [int(s) for s in args.splits.split(",") if s]
     stage_counts = [None] + [int(s) for s in args.stages.split(",") if s]

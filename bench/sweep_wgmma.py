@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -27,8 +26,7 @@ SPLITS = (None, 1, 2, 4, 8, 16, 32, 64)
 
 
 def main() -> None:
-    folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    lib = h.load_library()
     shapes, splits_list = SHAPES, SPLITS
     if "--few-rows" in sys.argv:
         cuda_plan.WGMMA_MIN_ROWS = 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import struct
-from pathlib import Path
 
 import torch
 
@@ -21,8 +20,7 @@ ROWS = [SHAPES[i] for i in (0, 4, 10)]  # the batch-1 rows
 
 
 def main() -> None:
-    folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    lib = h.load_library()
     lib.wgmma_ok = False
     print("shape | plan | split pass alone | split pass + combine kernel (same splits)")
     for b, hq, hkv, n, d, v, view in ROWS:

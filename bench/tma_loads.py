@@ -10,7 +10,6 @@ each row prints every round's time per call (CUDA-graph replays) and the best's 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -26,8 +25,7 @@ def main() -> None:
     parser.add_argument("--rows", default="9,7,6,8,3")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    folder = Path(".gpu/sdpa")
-    lib = h.Library(folder / (folder / "current").read_text().strip())
+    lib = h.load_library()
     print(torch.cuda.get_device_name(0))
     for row in map(int, args.rows.split(",")):
         b, hq, hkv, n, d, v, view = SHAPES[row]
