@@ -110,6 +110,40 @@ def parts_cell(before, calls) -> str:
     )
 
 
+def predecessor(args, lib) -> tuple:
+    """(the kernel --before names, a few words saying what it is)."""
+    tokens, hidden, width = GEMM
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
+    if args.before == "gemm":
+        y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
+        return (lambda: torch.matmul(x, w, out=y)), f"a {tokens}x{hidden}x{width} GEMM"
+    if args.before == "fill":
+        return w.zero_, "a 96 MB fill"
+    if args.before == "tiny":
+        small = torch.zeros(1024, device="cuda")
+        return (lambda: small.add_(1.0)), "a tiny add"
+    if args.before == "small-gemm":
+        w_small = w[:, :256].contiguous()
+        y_small = torch.empty(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        return (lambda: torch.matmul(x, w_small, out=y_small)), f"a {tokens}x{hidden}x256 GEMM"
+    d, v = map(int, args.tiny_pair.split(","))
+    # a fused split plan of ~132 blocks: every SM runs its code
+    tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)
+    tiny_lib = h.load_library(args.tiny_lib) if args.tiny_lib else lib
+    tiny_call = attention_calls(tiny_lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
+    return tiny_call, f"aotc's {args.tiny_pair} kernel on 256 keys"
+
+
+def graph_cell(before, base, calls) -> str:
+    """'after it / alone' from the graphs' differences (`base`: `before` alone)."""
+    both = time_graph(after(before, calls))
+    alone = time_graph(calls)
+    if None in (base, both, alone):  # time_graph printed why
+        return "failed"
+    return f"{(both - base) * 1e6:7.1f} / {alone * 1e6:7.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="0,4,10,2,1", help="indices into bench.shapes.SHAPES")
@@ -126,30 +160,8 @@ def main() -> None:
     parser.add_argument("--sides", default="aotc,torch", help="torch's MLA calls take ~50 ms")
     args = parser.parse_args()
     lib = h.load_library(args.lib)
-    tokens, hidden, width = GEMM
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
-    small = torch.zeros(1024, device="cuda")
-    w_small = w[:, :256].contiguous()
-    y_small = torch.empty(tokens, 256, device="cuda", dtype=torch.bfloat16)
-    before = {
-        "gemm": lambda: torch.matmul(x, w, out=y),
-        "fill": lambda: w.zero_(),
-        "tiny": lambda: small.add_(1.0),
-        "small-gemm": lambda: torch.matmul(x, w_small, out=y_small),
-        "aotc-tiny": lambda: tiny_call(),
-    }[args.before]
-    if args.before == "aotc-tiny":
-        d, v = map(int, args.tiny_pair.split(","))
-        # a fused split plan of ~132 blocks: every SM runs its code
-        tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)
-        tiny_lib = h.load_library(args.tiny_lib) if args.tiny_lib else lib
-        tiny_call = attention_calls(tiny_lib, tiny_sets, 1 / math.sqrt(d))["aotc"][0]
-    what = {"gemm": f"a {tokens}x{hidden}x{width} GEMM", "fill": "a 96 MB fill"}
-    what |= {"tiny": "a tiny add", "small-gemm": f"a {tokens}x{hidden}x256 GEMM"}
-    what["aotc-tiny"] = f"aotc's {args.tiny_pair} kernel on 256 keys"
-    print(f"{torch.cuda.get_device_name()}, bf16, after {what[args.before]} each")
+    before, what = predecessor(args, lib)
+    print(f"{torch.cuda.get_device_name()}, bf16, after {what} each")
     if args.parts:
         print("shape | round | aotc: before + call us (each alone) | torch: the same")
     else:
@@ -159,36 +171,27 @@ def main() -> None:
         nbytes = kv_bytes(b, hkv, n, d, v, view)
         sets = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, set_count(nbytes))
         calls = attention_calls(lib, sets, 1 / math.sqrt(d))
-        skipped = set(calls) - set(args.sides.split(","))
-        failed = {side for side, fns in calls.items() if side not in skipped and not warmed_up(fns)}
+        unused = {side: "skipped" for side in set(calls) - set(args.sides.split(","))}
+        unused |= {
+            side: "failed" for side in calls if side not in unused and not warmed_up(calls[side])
+        }
+        shape = (b, hq, hkv, n, d, v)
         for r in range(args.rounds):
             sides = ["aotc", "torch"] if r % 2 == 0 else ["torch", "aotc"]
-            if args.parts:
-                cells = {
-                    side: "skipped"
-                    if side in skipped
-                    else "failed"
-                    if side in failed
-                    else parts_cell(before, calls[side])
-                    for side in sides
-                }
-                print(f"{(b, hq, hkv, n, d, v)} | {r} | {cells['aotc']} | {cells['torch']}")
-                continue
-            base = time_graph([before])
+            base = None if args.parts else time_graph([before])
             cells = {}
             for side in sides:
-                if side in failed | skipped:
-                    cells[side] = "failed" if side in failed else "skipped"
-                    continue
-                both = time_graph(after(before, calls[side]))
-                alone = time_graph(calls[side])
-                if None in (base, both, alone):  # time_graph printed why
-                    cells[side] = "failed"
-                    continue
-                cells[side] = f"{(both - base) * 1e6:7.1f} / {alone * 1e6:7.1f}"
-            shape = (b, hq, hkv, n, d, v)
-            gemm_us = f"{base * 1e6:6.1f}" if base is not None else "failed"
-            print(f"{shape} | {r} | {gemm_us} | {cells['aotc']} | {cells['torch']}")
+                if side in unused:
+                    cells[side] = unused[side]
+                elif args.parts:
+                    cells[side] = parts_cell(before, calls[side])
+                else:
+                    cells[side] = graph_cell(before, base, calls[side])
+            if args.parts:
+                print(f"{shape} | {r} | {cells['aotc']} | {cells['torch']}")
+            else:
+                gemm_us = f"{base * 1e6:6.1f}" if base is not None else "failed"
+                print(f"{shape} | {r} | {gemm_us} | {cells['aotc']} | {cells['torch']}")
         del sets, calls
         torch.cuda.empty_cache()
 
