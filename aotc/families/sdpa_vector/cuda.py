@@ -288,6 +288,107 @@ def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) ->
     return next(s for s in counts if fill(s) >= 0.9 * best)
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """How the mma.sync kernels' blocks cover a problem before its keys are split: the kernel's
+    config, m-tiles a block, stages, blocks per key split and resident blocks per SM."""
+
+    cfg: KernelConfig
+    m_tiles: int
+    row_groups: int
+    stages: int
+    base_blocks: int  # (batch, KV head, row group) blocks: one key split's grid
+    tiles: int  # key tiles over all the keys
+    per_sm: int
+    sm_count: int
+    sm_shared: int
+
+    @property
+    def resident(self) -> int:
+        return self.sm_count * self.per_sm
+
+
+def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
+    max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
+    cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
+    rows = p.gqa_factor * p.q_len
+    m_tiles = _m_tiles(rows, cfg, max_shared)
+    row_groups = -(-rows // (16 * m_tiles))
+    stages = _stages(cfg, m_tiles, max_shared, sm_shared)
+    smem = cfg.shared_bytes(m_tiles, stages)
+    # Resident blocks per SM: threads are capped at 2048 per SM, registers (~170 per thread) at
+    # 65536. Waiting combiners need their call's blocks to fit one wave of `resident`.
+    per_sm = max(
+        1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
+    )
+    return BlockLayout(
+        cfg=cfg,
+        m_tiles=m_tiles,
+        row_groups=row_groups,
+        stages=stages,
+        base_blocks=p.batch * p.kv_heads * row_groups,
+        tiles=-(-p.kv_len // cfg.key_tile),
+        per_sm=per_sm,
+        sm_count=sm_count,
+        sm_shared=sm_shared,
+    )
+
+
+def _default_split_count(layout: BlockLayout, fused: bool, rows_total: int) -> int:
+    """The key splits that fill the GPU best; with the fused kernel (`fused`), capped where
+    waiting combiners merge faster than the wave-filling count."""
+    lay, cfg = layout, layout.cfg
+    num_splits = _split_count(lay.base_blocks, lay.resident, lay.tiles)
+    streaming = _streaming_fit(
+        cfg, lay.stages, lay.per_sm, lay.sm_count, lay.base_blocks, lay.tiles, num_splits
+    )
+    if streaming is not None:
+        num_splits = _split_count(lay.base_blocks, lay.sm_count * streaming[1], lay.tiles)
+    if not fused or num_splits <= FUSED_MAX_SPLITS:
+        return num_splits
+    # Waiting combiners merge in one round trip up to this many splits: fewer, longer splits
+    # beat the wave-filling count there while nearly every SM keeps a block (bench.sweep_splits,
+    # H100: 192/128 B=1 13.0 us at 32 splits, 128 blocks, against 13.6 at 64; 256/128 B=1 75.3
+    # against 77.4 at 45).
+    capped = min(num_splits, combiner_max_splits(cfg))
+    # ... and their splits run best at up to two blocks per SM (bench.sweep_stages --splits,
+    # round 10: 80/80 B=1, 16 KV heads: 16 splits 21.8-21.9 us on an H100, 17.4-17.5 on an
+    # H200, against 22.2-22.9 and 17.6-18.3 at 22 splits, three per SM).
+    two_per_sm = 2 * lay.sm_count // lay.base_blocks
+    if two_per_sm > FUSED_MAX_SPLITS:
+        capped = min(capped, two_per_sm)
+    blocks = lay.base_blocks * capped
+    if 9 * lay.sm_count <= 10 * blocks and blocks + rows_total <= lay.resident:
+        return capped
+    return num_splits
+
+
+def _whole_tile_splits(
+    p: AttentionProblem, layout: BlockLayout, num_splits: int
+) -> tuple[int, int]:
+    """(splits, keys per split) for about `num_splits` splits of whole key tiles."""
+    num_splits = max(1, min(num_splits, layout.tiles))
+    keys_per_split = -(-layout.tiles // num_splits) * layout.cfg.key_tile
+    return -(-p.kv_len // keys_per_split), keys_per_split
+
+
+def _split_shared_memory(layout: BlockLayout, num_splits: int) -> tuple[int, int]:
+    """(stages, dynamic shared bytes) of the split blocks."""
+    lay, cfg = layout, layout.cfg
+    stages = lay.stages
+    streaming = _streaming_fit(
+        cfg, stages, lay.per_sm, lay.sm_count, lay.base_blocks, lay.tiles, num_splits
+    )
+    if streaming is not None:
+        stages = streaming[0]
+    smem = cfg.shared_bytes(lay.m_tiles, stages)
+    # No more blocks may share an SM than the split counts assumed: the one-m-tile kernels take
+    # ~120 registers, so where two-stage tiles leave room a fourth 4-warp block would fit, and
+    # 32x192/128 then ran 455 us against 445 (bench/NOTES.md round 16). Padding the dynamic
+    # shared memory caps them at `per_sm`, as registers did when each kernel held every path.
+    return stages, max(smem, lay.sm_shared // (lay.per_sm + 1) - 1023)
+
+
 def plan_cuda(
     problem: AttentionProblem,
     *,
@@ -304,114 +405,87 @@ def plan_cuda(
     `wgmma`: the loaded image is sm_90a SASS on an sm_90 GPU, so the wgmma kernel can run.
     """
     p = problem
-    if p.q_len < 1 or p.q_len > MAX_QUERY_TOKENS:
-        raise Unsupported(f"{p.q_len} query tokens: sdpa_vector serves 1 to {MAX_QUERY_TOKENS}")
-    if p.kv_len < 1:
-        raise Unsupported("no keys")
-    if p.dtype not in DTYPE_SIZES:
-        raise Unsupported(f"dtype {p.dtype} has no CUDA kernel")
+    _check_problem(p)
     type_name = KERNEL_TYPE_NAMES[p.dtype]
     one = one_pass_name(type_name, p.qk_dim, p.v_dim)
-    first = split_pass_name(type_name, p.qk_dim, p.v_dim)
-    combine = combine_name(type_name, p.v_dim)
     if one not in available:
         raise Unsupported(f"no loaded library has {one}")
     if scale is None:
         scale = 1.0 / math.sqrt(p.qk_dim)
+    combine = combine_name(type_name, p.v_dim)
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
-    if (
-        wgmma
-        and (p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS or p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS)
-        and wgmma_supported(p.dtype, p.qk_dim, p.v_dim)
-        and {wg_kernel, combine} <= set(available)
-    ):
+    if wgmma and _wgmma_serves(p) and {wg_kernel, combine} <= set(available):
         return _plan_wgmma(p, wg_kernel, combine, scale, sm_count, num_splits)
-    max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
 
-    cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
-    rows = p.gqa_factor * p.q_len
-    m_tiles = _m_tiles(rows, cfg, max_shared)
-    fused = fused_split_name(type_name, p.qk_dim, p.v_dim)
-    if m_tiles > 1:
-        one, first, fused = (many_rows_name(name) for name in (one, first, fused))
-        if one not in available:
-            raise Unsupported(f"no loaded library has {one} ({rows} query rows per KV head)")
-    row_groups = -(-rows // (16 * m_tiles))
-    stages = _stages(cfg, m_tiles, max_shared, sm_shared)
-    smem = cfg.shared_bytes(m_tiles, stages)
-    base_blocks = p.batch * p.kv_heads * row_groups
-    tiles = -(-p.kv_len // cfg.key_tile)
-
-    # Resident blocks per SM: threads are capped at 2048 per SM, registers (~170 per thread) at
-    # 65536. Waiting combiners need their call's blocks to fit one wave of `resident`.
-    per_sm = max(
-        1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
-    )
-    resident = sm_count * per_sm
+    layout = block_layout(p, arch, sm_count)
+    one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
     rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
-        num_splits = _split_count(base_blocks, resident, tiles)
-        streaming = _streaming_fit(cfg, stages, per_sm, sm_count, base_blocks, tiles, num_splits)
-        if streaming is not None:
-            num_splits = _split_count(base_blocks, sm_count * streaming[1], tiles)
-        if fused in available and num_splits > FUSED_MAX_SPLITS:
-            # Waiting combiners merge in one round trip up to this many splits: fewer, longer
-            # splits beat the wave-filling count there while nearly every SM keeps a block
-            # (bench.sweep_splits, H100: 192/128 B=1 13.0 us at 32 splits, 128 blocks, against
-            # 13.6 at 64; 256/128 B=1 75.3 against 77.4 at 45).
-            capped = min(num_splits, combiner_max_splits(cfg))
-            # ... and their splits run best at up to two blocks per SM (bench.sweep_stages --splits,
-            # round 10: 80/80 B=1, 16 KV heads: 16 splits 21.8-21.9 us on an H100, 17.4-17.5
-            # on an H200, against 22.2-22.9 and 17.6-18.3 at 22 splits, three per SM).
-            two_per_sm = 2 * sm_count // base_blocks
-            if two_per_sm > FUSED_MAX_SPLITS:
-                capped = min(capped, two_per_sm)
-            blocks = base_blocks * capped
-            if 9 * sm_count <= 10 * blocks and blocks + rows_total <= resident:
-                num_splits = capped
-    num_splits = max(1, min(num_splits, tiles))
-    tiles_per_split = -(-tiles // num_splits)
-    keys_per_split = tiles_per_split * cfg.key_tile
-    num_splits = -(-p.kv_len // keys_per_split)
+        num_splits = _default_split_count(layout, fused in available, rows_total)
+    num_splits, keys_per_split = _whole_tile_splits(p, layout, num_splits)
     if num_splits > 1 and (first not in available or combine not in available):
-        num_splits, keys_per_split = 1, tiles * cfg.key_tile
-    streaming = _streaming_fit(cfg, stages, per_sm, sm_count, base_blocks, tiles, num_splits)
-    if streaming is not None:
-        stages = streaming[0]
-        smem = cfg.shared_bytes(m_tiles, stages)
-    # No more blocks may share an SM than the split counts assumed: the one-m-tile kernels take
-    # ~120 registers, so where two-stage tiles leave room a fourth 4-warp block would fit, and
-    # 32x192/128 then ran 455 us against 445 (bench/NOTES.md round 16). Padding the dynamic
-    # shared memory caps them at `per_sm`, as registers did when each kernel held every path.
-    smem = max(smem, sm_shared // (per_sm + 1) - 1023)
+        num_splits, keys_per_split = 1, layout.tiles * layout.cfg.key_tile
+    stages, smem = _split_shared_memory(layout, num_splits)
 
-    inputs = _attention_inputs(p)
-    strided = (*inputs[:3], inputs[3])
     pack = partial(
         pack_params,
         scale=scale,
         problem=p,
         num_splits=num_splits,
         keys_per_split=keys_per_split,
-        m_tiles=m_tiles,
-        row_groups=row_groups,
+        m_tiles=layout.m_tiles,
+        row_groups=layout.row_groups,
         stages=stages,
     )
-    params = pack()
-    grid = (base_blocks * num_splits, 1, 1)
-    block = (cfg.threads, 1, 1)
-    out_shape = p.output_shape
+    grid = (layout.base_blocks * num_splits, 1, 1)
+    block = (layout.cfg.threads, 1, 1)
     if num_splits == 1:
-        out = (("out", out_shape, p.dtype),)
-        return [Launch(one, inputs, out, grid, block, smem, params, strided, _attention_unread(p))]
-    launches = _split_launches(p, first, combine, num_splits, grid, block, smem, params)
+        inputs = _attention_inputs(p)
+        out = (("out", p.output_shape, p.dtype),)
+        strided = (*inputs[:3], inputs[3])
+        return [Launch(one, inputs, out, grid, block, smem, pack(), strided, _attention_unread(p))]
+    launches = _split_launches(p, first, combine, num_splits, grid, block, smem, pack())
     if fused not in available:
         return launches
     if num_splits <= FUSED_MAX_SPLITS:
         return [_fused(*launches, fused)]
-    if grid[0] + rows_total <= resident:
+    if grid[0] + rows_total <= layout.resident:
         return [_fused_with_combiners(*launches, fused, pack(combiners_from=grid[0]), num_splits)]
     return launches
+
+
+def _check_problem(p: AttentionProblem) -> None:
+    if p.q_len < 1 or p.q_len > MAX_QUERY_TOKENS:
+        raise Unsupported(f"{p.q_len} query tokens: sdpa_vector serves 1 to {MAX_QUERY_TOKENS}")
+    if p.kv_len < 1:
+        raise Unsupported("no keys")
+    if p.dtype not in DTYPE_SIZES:
+        raise Unsupported(f"dtype {p.dtype} has no CUDA kernel")
+
+
+def _wgmma_serves(p: AttentionProblem) -> bool:
+    """Shapes where the wgmma kernel beats the mma.sync ones: many rows or wide heads."""
+    rows_fill = p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS
+    wide = p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS
+    return (rows_fill or wide) and wgmma_supported(p.dtype, p.qk_dim, p.v_dim)
+
+
+def _block_kernels(
+    p: AttentionProblem, type_name: str, m_tiles: int, available: set[str] | frozenset[str]
+) -> tuple[str, str, str]:
+    """(one pass, split pass, fused split pass) names for blocks of `m_tiles` m-tiles."""
+    names = (
+        one_pass_name(type_name, p.qk_dim, p.v_dim),
+        split_pass_name(type_name, p.qk_dim, p.v_dim),
+        fused_split_name(type_name, p.qk_dim, p.v_dim),
+    )
+    if m_tiles == 1:
+        return names
+    one, first, fused = (many_rows_name(name) for name in names)
+    if one not in available:
+        rows = p.gqa_factor * p.q_len
+        raise Unsupported(f"no loaded library has {one} ({rows} query rows per KV head)")
+    return one, first, fused
 
 
 def _attention_inputs(p: AttentionProblem) -> tuple[str, ...]:
