@@ -62,14 +62,20 @@ def warm_up_off_capture(fns) -> None:
     torch.cuda.synchronize()
 
 
+def capture(fns, calls: int):
+    """A CUDA graph of `calls` calls cycling over fns (each run once off capture first)."""
+    warm_up_off_capture(fns)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return g
+
+
 def time_graph(fns, calls=20, reps=15) -> float | None:
     """Median seconds per call of `calls` calls (cycling over fns) captured in one CUDA graph."""
     try:
-        warm_up_off_capture(fns)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(calls):
-                fns[i % len(fns)]()
+        g = capture(fns, calls)
         g.replay()
         return time_events(g.replay, reps=reps) / calls
     except Exception as exc:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from bench import cuda_harness as h
-from bench.bench_sdpa import make_sets, warm_up_off_capture
+from bench.bench_sdpa import capture, make_sets
 from bench.decode_context import GEMM, after, attention_calls, warmed_up
 from bench.gpu_clocks import ClockLog
 from bench.shapes import SHAPES, attention_flops, kv_bytes, set_count
@@ -33,11 +33,7 @@ GRAPH_CALLS = 40
 def steady(fns, seconds: float) -> tuple[float, dt.datetime, dt.datetime]:
     """(seconds per call, start, end) of a CUDA graph of GRAPH_CALLS calls (cycling over fns)
     replayed back to back for `seconds`."""
-    warm_up_off_capture(fns)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(GRAPH_CALLS):
-            fns[i % len(fns)]()
+    g = capture(fns, GRAPH_CALLS)
     g.replay()
     torch.cuda.synchronize()
     # At most two replays queued: the CPU would otherwise queue seconds of work ahead.
