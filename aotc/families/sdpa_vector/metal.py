@@ -395,9 +395,35 @@ def _plan(problem, architecture, variant, reason, blocks, inputs, temps, dispatc
 
 def _build(problem: AttentionProblem, architecture: str, variant: Variant, override: int | None):
     """(blocks, inputs, temporaries, dispatches) of one variant."""
-    q, k, v = 0, 1, 2
-    mask = 3 if problem.has_array_mask else None
-    sinks = 3 + problem.has_array_mask if problem.has_sinks else None
+    inputs = _input_specs(problem, variant)
+    if variant == "one_pass":
+        return None, inputs, (), (_one_pass_dispatch(problem),)
+    blocks = split_blocks(
+        architecture, problem.kv_len, problem.gqa_factor * problem.q_len, override
+    )
+    b, hq, lq, dv = problem.batch, problem.q_heads, problem.q_len, problem.v_dim
+    temporaries = (
+        ArraySpec("partials", (b, hq, lq, blocks, dv), problem.dtype),
+        ArraySpec("sums", (b, hq, lq, blocks), "float32"),
+        ArraySpec("maxs", (b, hq, lq, blocks), "float32"),
+    )
+    return blocks, inputs, temporaries, _two_pass_dispatches(problem, blocks)
+
+
+# The call's inputs in order: q, k, v, then the mask and the sinks where the call has them.
+QUERIES, KEYS, VALUES = 0, 1, 2
+
+
+def _mask_input(problem: AttentionProblem) -> int | None:
+    return 3 if problem.has_array_mask else None
+
+
+def _sinks_input(problem: AttentionProblem) -> int | None:
+    return 3 + problem.has_array_mask if problem.has_sinks else None
+
+
+def _input_specs(problem: AttentionProblem, variant: Variant) -> tuple[InputSpec, ...]:
+    """The layouts each input must have (MLX's copy_unless checks), in the call's order."""
     inputs = [
         # sdpa_vector_2pass_1 indexes transposed queries by `num_q_heads * q_seq_idx`, which is
         # B*H only when B == 1: MLX's q_copy_unless also lets (L, B, 1, D) layouts through.
@@ -410,70 +436,79 @@ def _build(problem: AttentionProblem, architecture: str, variant: Variant, overr
         InputSpec("keys", "inner_contiguous_flat_batch_heads"),  # kv_copy_unless
         InputSpec("values", "inner_contiguous_flat_batch_heads"),
     ]
-    if mask is not None:
+    if problem.has_array_mask:
         inputs.append(InputSpec("mask", "flat_batch_heads"))  # mask_copy_unless
-    if sinks is not None:
+    if problem.has_sinks:
         inputs.append(InputSpec("sinks", "inner_contiguous"))  # is_matrix_contiguous
-    flags = _flag_constants(problem)
-    type_name = KERNEL_TYPE_NAMES[problem.dtype]
-    b, hq, lq = problem.batch, problem.q_heads, problem.q_len
-    d, dv, n, gqa = problem.qk_dim, problem.v_dim, problem.kv_len, problem.gqa_factor
-    strides = _kv_strides(k, v)
+    return tuple(inputs)
 
-    if variant == "one_pass":
-        buffers: list[Buffer] = [
-            ArrayBuffer(0, ArrayRef("input", q), "read", "queries"),
-            ArrayBuffer(1, ArrayRef("input", k), "read", "keys"),
-            ArrayBuffer(2, ArrayRef("input", v), "read", "values"),
-            ArrayBuffer(3, ArrayRef("output", 0), "write", "out"),
-            BytesBuffer(4, "int32", Const(gqa), "gqa_factor"),
-            BytesBuffer(5, "int32", Const(n), "N"),
-            *(BytesBuffer(6 + i, "uint64", value, name) for i, (name, value) in enumerate(strides)),
-            BytesBuffer(10, "float32", Param("scale"), "scale"),
-            *_mask_buffers(problem, mask, first=11),
-        ]
-        if sinks is not None:
-            buffers.append(ArrayBuffer(16, ArrayRef("input", sinks), "read", "sinks"))
-            buffers.append(BytesBuffer(17, "int32", Const(hq), "num_q_heads"))
-        dispatch = Dispatch(
-            kernel=one_pass_name(type_name, d, dv),
-            constants=flags,
-            buffers=tuple(buffers),
-            grid=(b * hq, lq, 1),
-            threadgroup=(ONE_PASS_THREADS, 1, 1),
-        )
-        return None, tuple(inputs), (), (dispatch,)
 
-    blocks = split_blocks(architecture, n, gqa * lq, override)
-    temporaries = (
-        ArraySpec("partials", (b, hq, lq, blocks, dv), problem.dtype),
-        ArraySpec("sums", (b, hq, lq, blocks), "float32"),
-        ArraySpec("maxs", (b, hq, lq, blocks), "float32"),
+def _qkv_buffers() -> tuple[Buffer, ...]:
+    """Buffers 0-2 of both passes: the queries, keys and values."""
+    return (
+        ArrayBuffer(0, ArrayRef("input", QUERIES), "read", "queries"),
+        ArrayBuffer(1, ArrayRef("input", KEYS), "read", "keys"),
+        ArrayBuffer(2, ArrayRef("input", VALUES), "read", "values"),
     )
-    buffers = [
-        ArrayBuffer(0, ArrayRef("input", q), "read", "queries"),
-        ArrayBuffer(1, ArrayRef("input", k), "read", "keys"),
-        ArrayBuffer(2, ArrayRef("input", v), "read", "values"),
+
+
+def _one_pass_dispatch(problem: AttentionProblem) -> Dispatch:
+    """sdpa_vector: one threadgroup per (batch x query head, query token)."""
+    sinks = _sinks_input(problem)
+    strides = _kv_strides(KEYS, VALUES)
+    buffers: list[Buffer] = [
+        *_qkv_buffers(),
+        ArrayBuffer(3, ArrayRef("output", 0), "write", "out"),
+        BytesBuffer(4, "int32", Const(problem.gqa_factor), "gqa_factor"),
+        BytesBuffer(5, "int32", Const(problem.kv_len), "N"),
+        *(BytesBuffer(6 + i, "uint64", value, name) for i, (name, value) in enumerate(strides)),
+        BytesBuffer(10, "float32", Param("scale"), "scale"),
+        *_mask_buffers(problem, _mask_input(problem), first=11),
+    ]
+    if sinks is not None:
+        buffers.append(ArrayBuffer(16, ArrayRef("input", sinks), "read", "sinks"))
+        buffers.append(BytesBuffer(17, "int32", Const(problem.q_heads), "num_q_heads"))
+    type_name = KERNEL_TYPE_NAMES[problem.dtype]
+    return Dispatch(
+        kernel=one_pass_name(type_name, problem.qk_dim, problem.v_dim),
+        constants=_flag_constants(problem),
+        buffers=tuple(buffers),
+        grid=(problem.batch * problem.q_heads, problem.q_len, 1),
+        threadgroup=(ONE_PASS_THREADS, 1, 1),
+    )
+
+
+def _two_pass_dispatches(problem: AttentionProblem, blocks: int) -> tuple[Dispatch, Dispatch]:
+    """sdpa_vector_2pass_1 over `blocks` key blocks into the temporaries, then the combine."""
+    sinks = _sinks_input(problem)
+    strides = _kv_strides(KEYS, VALUES)
+    buffers: list[Buffer] = [
+        *_qkv_buffers(),
         ArrayBuffer(3, ArrayRef("temporary", 0), "write", "out"),
         ArrayBuffer(4, ArrayRef("temporary", 1), "write", "sums"),
         ArrayBuffer(5, ArrayRef("temporary", 2), "write", "maxs"),
         # buffer(6) is unused by sdpa_vector_2pass_1
-        BytesBuffer(7, "int32", Const(n), "N"),
+        BytesBuffer(7, "int32", Const(problem.kv_len), "N"),
         *(BytesBuffer(8 + i, "uint64", value, name) for i, (name, value) in enumerate(strides)),
         BytesBuffer(12, "float32", Param("scale"), "scale"),
-        *_mask_buffers(problem, mask, first=13),
+        *_mask_buffers(problem, _mask_input(problem), first=13),
     ]
     if sinks is not None:
         buffers.append(ArrayBuffer(18, ArrayRef("input", sinks), "read", "sinks"))
+    type_name = KERNEL_TYPE_NAMES[problem.dtype]
+    b, hq, lq = problem.batch, problem.q_heads, problem.q_len
     first = Dispatch(
-        kernel=split_pass_name(type_name, d, dv),
-        constants=(*flags, FunctionConstant(FC_BLOCKS, "int32", Const(blocks), "blocks")),
+        kernel=split_pass_name(type_name, problem.qk_dim, problem.v_dim),
+        constants=(
+            *_flag_constants(problem),
+            FunctionConstant(FC_BLOCKS, "int32", Const(blocks), "blocks"),
+        ),
         buffers=tuple(buffers),
         grid=(problem.kv_heads, b, blocks),
-        threadgroup=(SIMD_WIDTH, gqa, lq),
+        threadgroup=(SIMD_WIDTH, problem.gqa_factor, lq),
     )
     combine = Dispatch(
-        kernel=combine_name(type_name, dv),
+        kernel=combine_name(type_name, problem.v_dim),
         constants=(),
         buffers=(
             ArrayBuffer(0, ArrayRef("temporary", 0), "read", "partials"),
@@ -485,7 +520,7 @@ def _build(problem: AttentionProblem, architecture: str, variant: Variant, overr
         grid=(b * hq, lq, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
     )
-    return blocks, tuple(inputs), temporaries, (first, combine)
+    return first, combine
 
 
 def _flag_constants(problem: AttentionProblem) -> tuple[FunctionConstant, ...]:
