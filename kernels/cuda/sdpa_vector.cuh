@@ -214,24 +214,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
-// P V over 8 keys: a warp that owns an 8-key slice of a tile (WarpKeysCfg::SLICE).
-template <typename T>
-__device__ __forceinline__ void mma16808(float (&c)[4], const uint32_t (&a)[2], uint32_t b) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(b));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(b));
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -790,29 +772,21 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
     }
 }
 
-__device__ __forceinline__ void ldsm_x1_t(uint32_t& r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-               : "=r"(r)
-               : "r"(smem_u32(p)));
-}
 __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
 // One 16-row m-tile (up to 16 query rows: small GQA groups, decode's common case), fp16/bf16.
-// Each warp owns a 16- or 8-key slice of every tile (KG slices) and a share of V's columns (VG
+// Each warp owns a 16-key slice of every tile (KG slices) and a share of V's columns (VG
 // shares), and keeps its own online softmax in registers: S's accumulators become P's A
 // fragments and alpha scales O in place, so a tile costs one barrier (the ring) instead of
-// three. Tiles of fewer than 16 keys a warp split into 8-key slices (P V by m16n8k8), so that
-// no two warps compute the same S where a tile has a slice for each; warps with the same key
-// slice still compute the same S. The warps' (max, sum, O) merge once, after the last tile.
+// three. Warps with the same key slice compute the same S: decode at small GQA is bound by
+// latency per tile, not by MMAs. The warps' (max, sum, O) merge once, after the last tile.
 template <typename T, int D, int V>
 struct WarpKeysCfg {
   using C = Cfg<T, D, V>;
-  static constexpr int SLICE = C::TK / C::NW >= 16 ? 16 : 8;  // keys a warp owns in a tile
-  static constexpr int NS = SLICE / 8;         // key n-tiles of a warp's S
-  static constexpr int KG = C::TK / SLICE;     // key slices per tile
+  static constexpr int KG = C::TK / 16;        // key slices per tile
   static constexpr int VG = C::NW / KG;        // column shares per key slice
   static constexpr int NT3 = V / 8;            // value n-tiles
   static constexpr int NTV = cdiv(NT3, VG);    // value n-tiles per warp
@@ -875,44 +849,33 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   for (int t = 2 - ring; t < ntiles; ++t) {
     if (!tiles.step(t, ntiles, w.key_begin, next, tid)) continue;
     const int k0 = w.key_begin + t * TK;
-    const T* tK = tiles.k_tile(stage) + kg * W::SLICE * DP;
-    const T* tV = tiles.v_tile(stage) + kg * W::SLICE * vpitch;
+    const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
+    const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
     stage = stage + 1 == ring ? 0 : stage + 1;
 
-    // S (16 rows x this warp's SLICE keys): s[n] is keys n * 8 + [0, 8).
-    float s[W::NS][4];
-#pragma unroll
-    for (int n = 0; n < W::NS; ++n)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[n][c] = 0.f;
+    // S (16 rows x this warp's 16 keys): s[n] is keys n * 8 + [0, 8).
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], bk[4];
       ldsm_x4(a, sQ + (lane & 15) * QP + kk * 16 + (lane >> 4) * 8);
-      if constexpr (W::NS == 2) {
-        uint32_t bk[4];
-        ldsm_x4(bk, tK + tile_off<E>((lane & 7) + ((lane >> 4) << 3),
-                                     kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
-        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-        mma16816<T>(s[0], a, b0);
-        mma16816<T>(s[1], a, b1);
-      } else {
-        uint32_t bk[2];
-        ldsm_x2(bk, tK + tile_off<E>(lane & 7, kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
-        mma16816<T>(s[0], a, bk);
-      }
+      ldsm_x4(bk, tK + tile_off<E>((lane & 7) + ((lane >> 4) << 3),
+                                          kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
+      const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+      mma16816<T>(s[0], a, b0);
+      mma16816<T>(s[1], a, b1);
     }
 
     // Online softmax in registers; a row's four lanes (t4) meet by shuffles.
-    const int key0 = k0 + kg * W::SLICE + 2 * t4;
+    const int key0 = k0 + kg * 16 + 2 * t4;
     const bool plain = p.mask_kind == 0 && k0 + TK <= w.key_end;  // uniform over the block
 #pragma unroll
-    for (int n = 0; n < W::NS; ++n)
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[n][c] *= scale2;
     if (!plain) {  // one branch over all of the mask's code (fetch, above)
 #pragma unroll
-      for (int n = 0; n < W::NS; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int h = c >> 1, key = key0 + n * 8 + (c & 1);
@@ -923,7 +886,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     }
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < W::NS; ++n)
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) tmax[c >> 1] = fmaxf(tmax[c >> 1], s[n][c]);
     float alpha[2], m_use[2];
@@ -938,13 +901,17 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
       l_run[h] *= alpha[h];
     }
 #pragma unroll
-    for (int n = 0; n < W::NS; ++n)
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         s[n][c] = fast_exp2(s[n][c] - m_use[c >> 1]);
         l_run[c >> 1] += s[n][c];
       }
-    // O (this warp's column share) = alpha O + P V over the slice's keys.
+    // S's accumulator layout is P's A-fragment layout (rows g8 / g8 + 8, keys 2 t4 (+ 8)).
+    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+
+    // O (this warp's column share) = alpha O + P V over the slice's 16 keys.
     // Once a row's running max settles (most tiles of a long split) alpha is exactly 1.
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
 #pragma unroll
@@ -954,47 +921,22 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
         o[n][2] *= alpha[1];
         o[n][3] *= alpha[1];
       }
-    // S's accumulator layout is P's A-fragment layout (rows g8 / g8 + 8, keys 2 t4 (+ 8)).
-    if constexpr (W::NS == 2) {
-      const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                              pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
 #pragma unroll
-      for (int n = 0; n < W::NTV; n += 2) {
-        const int nt = vg * W::NTV + n;
-        if (W::NT3 % W::VG == 0 || nt < W::NT3) {
-          if (n + 1 < W::NTV) {
-            // Two n-tiles at once; past V (padded rows only: swizzled V has 8k n-tiles)
-            // it reads the padding, never stored.
-            uint32_t bv[4];
-            ldsm_x4_t(bv, tV + tile_off<E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch, vsw));
-            const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
-            mma16816<T>(o[n], pa, b0);
-            mma16816<T>(o[n + 1], pa, b1);
-          } else {
-            uint32_t bv[2];
-            ldsm_x2_t(bv, tV + tile_off<E>(lane & 15, nt * 8, vpitch, vsw));
-            mma16816<T>(o[n], pa, bv);
-          }
-        }
-      }
-    } else {
-      const uint32_t pa[2] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3])};
-#pragma unroll
-      for (int n = 0; n < W::NTV; n += 4) {
-        const int nt = vg * W::NTV + n;
-        if constexpr (W::NTV % 4 == 0 && W::NT3 % W::VG == 0) {  // four n-tiles at once
+    for (int n = 0; n < W::NTV; n += 2) {
+      const int nt = vg * W::NTV + n;
+      if (W::NT3 % W::VG == 0 || nt < W::NT3) {
+        if (n + 1 < W::NTV) {
+          // Two n-tiles at once; past V (padded rows only: swizzled V has 8k n-tiles)
+          // it reads the padding, never stored.
           uint32_t bv[4];
-          ldsm_x4_t(bv, tV + tile_off<E>(lane & 7, (nt + (lane >> 3)) * 8, vpitch, vsw));
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma16808<T>(o[n + j], pa, bv[j]);
+          ldsm_x4_t(bv, tV + tile_off<E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch, vsw));
+          const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+          mma16816<T>(o[n], pa, b0);
+          mma16816<T>(o[n + 1], pa, b1);
         } else {
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (n + j < W::NTV && nt + j < W::NT3) {
-              uint32_t bv;
-              ldsm_x1_t(bv, tV + tile_off<E>(lane & 7, (nt + j) * 8, vpitch, vsw));
-              mma16808<T>(o[n + j], pa, bv);
-            }
+          uint32_t bv[2];
+          ldsm_x2_t(bv, tV + tile_off<E>(lane & 15, nt * 8, vpitch, vsw));
+          mma16816<T>(o[n], pa, bv);
         }
       }
     }
