@@ -329,3 +329,17 @@ def test_refresh_rediscovers(tmp_path, monkeypatch, backends):
     assert libraries() == []  # discovery is cached
     assert [lib.name for lib in libraries(refresh=True)] == ["late"]
     assert "no aotc libraries found" in render([])
+
+
+def test_an_unreadable_index_in_a_loaded_folder_is_listed_last(tmp_path, backends):
+    make_library(tmp_path, "good")
+    (tmp_path / "broken.cuda.json").write_text("{ not json")
+    load(tmp_path)
+    entries = describe()
+    assert [entry["name"] for entry in entries] == ["good", "broken"]
+    broken = entries[-1]
+    assert broken["usable"] is False and broken["kernels"] == 0 and broken["serves"] == 0
+    assert broken["target"] is None and broken["artifact"] is None
+    assert broken["path"] == str(tmp_path / "broken.cuda.json")
+    assert len(broken["problems"]) == 1 and broken["problems"][0]
+    assert "broken" in render(entries)

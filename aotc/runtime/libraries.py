@@ -584,47 +584,51 @@ def describe() -> list[dict]:
         if library.usable:
             for name in library.kernel_names:
                 server.setdefault((library.target, name), library)
-    entries = []
-    for library in found:
-        shadowed = {
-            name: f"{other.name} ({other.origin}, {other.path})"
-            for name in sorted(library.kernel_names)
-            if (other := server.get((library.target, name))) is not None and other is not library
-        }
-        entries.append(
-            {
-                "name": library.name,
-                "target": library.target,
-                "origin": library.origin,
-                "path": str(library.path),
-                "artifact": str(library.index.artifact_path),
-                "usable": library.usable,
-                "problems": list(library.problems),
-                "kernels": len(library.kernel_names),
-                "serves": sum(
-                    server.get((library.target, name)) is library for name in library.kernel_names
-                ),
-                "shadowed": shadowed,
-            }
-        )
     with _lock:
         bad = list(dict.fromkeys([*_explicit_unreadable, *_unreadable]))
-    for item in bad:
-        entries.append(
-            {
-                "name": item.label,
-                "target": None,
-                "origin": item.origin,
-                "path": str(item.path),
-                "artifact": None,
-                "usable": False,
-                "problems": [item.problem],
-                "kernels": 0,
-                "serves": 0,
-                "shadowed": {},
-            }
-        )
-    return entries
+    return [_library_entry(library, server) for library in found] + [
+        _unreadable_entry(item) for item in bad
+    ]
+
+
+def _library_entry(library: Library, server: dict[tuple[str, str], Library]) -> dict:
+    """`describe()`'s entry of a readable library; `server`: (target, kernel) -> the library
+    that serves that kernel."""
+    shadowed = {
+        name: f"{other.name} ({other.origin}, {other.path})"
+        for name in sorted(library.kernel_names)
+        if (other := server.get((library.target, name))) is not None and other is not library
+    }
+    return {
+        "name": library.name,
+        "target": library.target,
+        "origin": library.origin,
+        "path": str(library.path),
+        "artifact": str(library.index.artifact_path),
+        "usable": library.usable,
+        "problems": list(library.problems),
+        "kernels": len(library.kernel_names),
+        "serves": sum(
+            server.get((library.target, name)) is library for name in library.kernel_names
+        ),
+        "shadowed": shadowed,
+    }
+
+
+def _unreadable_entry(item: Unreadable) -> dict:
+    """`describe()`'s entry of an index that could not be read."""
+    return {
+        "name": item.label,
+        "target": None,
+        "origin": item.origin,
+        "path": str(item.path),
+        "artifact": None,
+        "usable": False,
+        "problems": [item.problem],
+        "kernels": 0,
+        "serves": 0,
+        "shadowed": {},
+    }
 
 
 def render(entries: list[dict]) -> str:
