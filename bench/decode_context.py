@@ -110,23 +110,32 @@ def parts_cell(before, calls) -> str:
     )
 
 
+def gemm_operands() -> tuple:
+    """The decode step's GEMM inputs: activations (tokens x hidden) and 96 MB of weights."""
+    tokens, hidden, width = GEMM
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    return x, torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
+
+
+def matmul_into(x, w):
+    """x @ w into an output of its own: one GEMM kernel a call."""
+    y = torch.empty(x.shape[0], w.shape[1], device="cuda", dtype=x.dtype)
+    return lambda: torch.matmul(x, w, out=y)
+
+
 def predecessor(args, lib) -> tuple:
     """(the kernel --before names, a few words saying what it is)."""
     tokens, hidden, width = GEMM
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
+    x, w = gemm_operands()
     if args.before == "gemm":
-        y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
-        return (lambda: torch.matmul(x, w, out=y)), f"a {tokens}x{hidden}x{width} GEMM"
+        return matmul_into(x, w), f"a {tokens}x{hidden}x{width} GEMM"
     if args.before == "fill":
         return w.zero_, "a 96 MB fill"
     if args.before == "tiny":
         small = torch.zeros(1024, device="cuda")
         return (lambda: small.add_(1.0)), "a tiny add"
     if args.before == "small-gemm":
-        w_small = w[:, :256].contiguous()
-        y_small = torch.empty(tokens, 256, device="cuda", dtype=torch.bfloat16)
-        return (lambda: torch.matmul(x, w_small, out=y_small)), f"a {tokens}x{hidden}x256 GEMM"
+        return matmul_into(x, w[:, :256].contiguous()), f"a {tokens}x{hidden}x256 GEMM"
     d, v = map(int, args.tiny_pair.split(","))
     # a fused split plan of ~132 blocks: every SM runs its code
     tiny_sets = make_sets(1, 264, 33, 256, d, v, False, torch.bfloat16, 1)

@@ -18,21 +18,28 @@ import argparse
 import datetime as dt
 import math
 import time
+from typing import NamedTuple
 
 import torch
 
 from bench import cuda_harness as h
 from bench.bench_sdpa import capture, make_sets
-from bench.decode_context import GEMM, after, attention_calls, warmed_up
+from bench.decode_context import after, attention_calls, gemm_operands, matmul_into, warmed_up
 from bench.gpu_clocks import ClockLog
 from bench.shapes import SHAPES, attention_flops, kv_bytes, set_count
 
 GRAPH_CALLS = 40
 
 
-def steady(fns, seconds: float) -> tuple[float, dt.datetime, dt.datetime]:
-    """(seconds per call, start, end) of a CUDA graph of GRAPH_CALLS calls (cycling over fns)
-    replayed back to back for `seconds`."""
+class Steady(NamedTuple):
+    per_call: float  # seconds
+    start: dt.datetime
+    end: dt.datetime
+
+
+def steady(fns, seconds: float) -> Steady:
+    """A CUDA graph of GRAPH_CALLS calls (cycling over fns) replayed back to back for
+    `seconds`: seconds per call, and when the replays ran."""
     g = capture(fns, GRAPH_CALLS)
     g.replay()
     torch.cuda.synchronize()
@@ -46,7 +53,7 @@ def steady(fns, seconds: float) -> tuple[float, dt.datetime, dt.datetime]:
         replays += 1
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return elapsed / replays / GRAPH_CALLS, start, dt.datetime.now()
+    return Steady(elapsed / replays / GRAPH_CALLS, start, dt.datetime.now())
 
 
 def rate(shape, seconds: float) -> str:
@@ -64,14 +71,7 @@ def main() -> None:
     parser.add_argument("--sides", default="aotc,torch")
     args = parser.parse_args()
     lib = h.load_library(args.lib)
-    tokens, hidden, width = GEMM
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(hidden, width, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(tokens, width, device="cuda", dtype=torch.bfloat16)
-
-    def gemm():
-        return torch.matmul(x, w, out=y)
-
+    gemm = matmul_into(*gemm_operands())
     print(f"{torch.cuda.get_device_name()}, bf16, {args.seconds} s of replays per phase")
     print("shape | side | alone us (SM clock, power, clock reasons) | after a GEMM us | rate alone")
     phases = []
@@ -96,9 +96,10 @@ def main() -> None:
             print(f"{shape[:6]} | {side} | failed | | ")
             continue
         print(
-            f"{shape[:6]} | {side} | {alone[0] * 1e6:7.1f} ({log.summary(*alone[1:])}) | "
-            f"{(both[0] - gemm_alone[0]) * 1e6:7.1f} ({log.summary(*both[1:])}) | "
-            f"{rate(shape, alone[0])}"
+            f"{shape[:6]} | {side} | {alone.per_call * 1e6:7.1f} "
+            f"({log.summary(alone.start, alone.end)}) | "
+            f"{(both.per_call - gemm_alone.per_call) * 1e6:7.1f} "
+            f"({log.summary(both.start, both.end)}) | {rate(shape, alone.per_call)}"
         )
 
 
