@@ -262,49 +262,94 @@ __device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
   }
 }
 
+// A lane's fixed place in a (keys x DIM) tile's 16-byte copies: a warp covers RPW whole rows a
+// pass (or one row in PER chunks a lane when a row has more than 32 chunks), NT / 32 warps RPP
+// rows, so a pass is a pointer step and a cp.async per chunk.
+template <typename T, int DIM, int NT, int ROWS>
+struct RowCopy {
+  static constexpr int E = 16 / sizeof(T);
+  static constexpr int CH = DIM / E;                      // 16-byte chunks of a row
+  static constexpr int RPW = CH <= 32 ? 32 / CH : 1;      // rows a warp covers in a pass
+  static constexpr int PER = CH <= 32 ? 1 : cdiv(CH, 32);  // chunks a lane takes of a row
+  static constexpr int RPP = NT / 32 * RPW;               // rows a pass covers
+  static constexpr int PASSES = cdiv(ROWS, RPP);
+  // RPP is a multiple of 4 (4 or 8 warps), so a pass moves a row's swizzle (row & 7) by 0 or 4.
+  static_assert(RPP % 4 == 0, "passes must keep the swizzle's low bits");
+  int lrow, lchunk;
+  bool idle;  // lanes past a pass's whole rows (e.g. CH = 10)
+  __device__ __forceinline__ explicit RowCopy(int lane)
+      : lrow(CH <= 32 ? lane / CH : 0),
+        lchunk(CH <= 32 ? lane % CH : lane),
+        idle(CH <= 32 && 32 % CH != 0 && lane >= RPW * CH) {}
+  __device__ __forceinline__ static bool chunk_in_row(int lchunk, int u) {
+    return CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH;
+  }
+};
+
+// Rows [0, ROWS) of a (keys x DIM) tile, any row stride, keys at or past key_end zero-filled:
+// a split's last, partial tile, or K / V rows that are not contiguous. Out of line: most tiles
+// take load_rows' unguarded path, and ptxas otherwise predicates both into every tile's code.
+template <typename T, int DIM, int NT, int ROWS, bool SW>
+__device__ __noinline__ void load_rows_guarded(uint32_t dst, int pitch, const T* base,
+                                               long long stride, int k0, int key_end, int tid) {
+  using R = RowCopy<T, DIM, NT, ROWS>;
+  const R rc(tid & 31);
+  if (rc.idle) return;
+  const int r0 = (tid >> 5) * R::RPW + rc.lrow;
+  const T* src = base + (long long)(k0 + r0) * stride + rc.lchunk * R::E;
+#pragma unroll
+  for (int i = 0; i < R::PASSES; ++i, src += R::RPP * stride) {
+    const int row = r0 + i * R::RPP;
+    if (ROWS % R::RPP != 0 && row >= ROWS) break;
+    const bool ok = k0 + row < key_end;
+    const int sw = SW ? row & 7 : 0;
+#pragma unroll
+    for (int u = 0; u < R::PER; ++u)
+      if (R::chunk_in_row(rc.lchunk, u))
+        cp_async16_to(dst + (row * pitch + ((rc.lchunk + 32 * u) ^ sw) * R::E) * (int)sizeof(T),
+                      ok ? src + 32 * u * R::E : base, ok ? 16 : 0);
+  }
+}
+
 // Rows [0, ROWS) of a (keys x DIM) tile from global memory into shared memory (pitch DIM +
 // PAD). Keys at or past key_end are zero-filled (so that P = 0 times them stays 0).
-// The 16-byte path gives each lane fixed chunks: a warp covers RPW whole rows a pass (or one
-// row in PER chunks a lane when a row has more than 32), so a pass is a pointer step and a
-// cp.async per chunk. In memory-bound blocks the copies' instructions are most of the issued
-// ones; per-chunk index math (a division, a 64-bit multiply) cost more than the copies.
+// In memory-bound blocks the copies' instructions are most of the issued ones: a whole tile of
+// contiguous rows (a KV cache's common case) takes one cp.async per chunk with immediate
+// offsets on both sides, and the rest go out of line.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
 __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, const long long* st,
                                           bool vec, int k0, int key_end, int tid) {
-  constexpr int E = 16 / sizeof(T);
-  constexpr int CH = DIM / E;                      // 16-byte chunks of a row
-  constexpr int RPW = CH <= 32 ? 32 / CH : 1;      // rows a warp covers in a pass
-  constexpr int PER = CH <= 32 ? 1 : cdiv(CH, 32);  // chunks a lane takes of a row
-  constexpr int RPP = NT / 32 * RPW;               // rows a pass covers
-  constexpr int PASSES = cdiv(ROWS, RPP);
-  if (vec) {
-    const int warp = tid >> 5, lane = tid & 31;
-    const int lrow = CH <= 32 ? lane / CH : 0, lchunk = CH <= 32 ? lane % CH : lane;
-    if (CH <= 32 && 32 % CH != 0 && lane >= RPW * CH) return;  // idle lanes (e.g. CH = 10)
-    const int r0 = warp * RPW + lrow;
-    const long long stride = st[2];
-    const T* src = base + (long long)(k0 + r0) * stride + lchunk * E;
-    const uint32_t srow = smem_u32(dst + r0 * pitch);
-    const bool full = k0 + ROWS <= key_end;
-#pragma unroll
-    for (int i = 0; i < PASSES; ++i, src += RPP * stride) {
-      const int row = r0 + i * RPP;
-      if (ROWS % RPP != 0 && row >= ROWS) break;
-      const bool ok = full || k0 + row < key_end;
-      const int sw = SW ? row & 7 : 0;
-#pragma unroll
-      for (int u = 0; u < PER; ++u)
-        if (CH % 32 == 0 || CH < 32 || lchunk + 32 * u < CH) {
-          const uint32_t d =
-              srow + (i * RPP * pitch + ((lchunk + 32 * u) ^ sw) * E) * (int)sizeof(T);
-          if (full)  // a whole tile: no per-chunk select (the compiler keeps two loops)
-            cp_async16_to(d, src + 32 * u * E, 16);
-          else
-            cp_async16_to(d, ok ? src + 32 * u * E : base, ok ? 16 : 0);
-        }
-    }
-  } else {
+  using R = RowCopy<T, DIM, NT, ROWS>;
+  if (!vec) {
     load_rows_strided<T, DIM, NT, ROWS, SW>(dst, pitch, base, st[2], st[3], k0, key_end, tid);
+    return;
+  }
+  if (k0 + ROWS > key_end || st[2] != DIM) {
+    load_rows_guarded<T, DIM, NT, ROWS, SW>(smem_u32(dst), pitch, base, st[2], k0, key_end,
+                                            tid);
+    return;
+  }
+  const R rc(tid & 31);
+  if (rc.idle) return;
+  const int r0 = (tid >> 5) * R::RPW + rc.lrow;
+  const T* src = base + (long long)(k0 + r0) * DIM + rc.lchunk * R::E;
+  const uint32_t srow = smem_u32(dst + r0 * pitch);
+  const int sw0 = SW ? r0 & 7 : 0;
+  uint32_t d0[R::PER], d4[R::PER];  // the lane's chunks at swizzle sw0 and sw0 ^ 4
+#pragma unroll
+  for (int u = 0; u < R::PER; ++u) {
+    d0[u] = srow + (((rc.lchunk + 32 * u) ^ sw0) * R::E) * (int)sizeof(T);
+    d4[u] = srow + (((rc.lchunk + 32 * u) ^ sw0 ^ 4) * R::E) * (int)sizeof(T);
+  }
+#pragma unroll
+  for (int i = 0; i < R::PASSES; ++i) {
+    if (ROWS % R::RPP != 0 && r0 + i * R::RPP >= ROWS) break;
+    const bool flip = SW && (i * R::RPP) % 8 != 0;
+#pragma unroll
+    for (int u = 0; u < R::PER; ++u)
+      if (R::chunk_in_row(rc.lchunk, u))
+        cp_async16_to((flip ? d4[u] : d0[u]) + i * R::RPP * pitch * (int)sizeof(T),
+                      src + i * R::RPP * DIM + 32 * u * R::E, 16);
   }
 }
 
