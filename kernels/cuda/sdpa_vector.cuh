@@ -889,6 +889,15 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's keys
 
+  // This lane's K-fragment row and its offsets in a tile for k-steps 0..3. A k-step is two
+  // 16-byte chunks, and the swizzle XORs a chunk's index below 8 only, so k-step kk's offset is
+  // koff[kk % 4] + (kk / 4) * 64: immediates in the S loop, not per-step address math.
+  static_assert(E == 8, "one m-tile path: fp16/bf16");
+  int koff[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    koff[j] = tile_off<E>((lane & 7) + ((lane >> 4) << 3), j * 16 + ((lane >> 3) & 1) * 8, DP,
+                          C::KSW);
   int stage = 0, next = 1;  // tile 0 (slot 0) was issued above
 #pragma unroll 1
   for (int t = 2 - ring; t < ntiles; ++t) {
@@ -904,8 +913,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4], bk[4];
       ldsm_x4(a, sQ + (lane & 15) * QP + kk * 16 + (lane >> 4) * 8);
-      ldsm_x4(bk, tK + tile_off<E>((lane & 7) + ((lane >> 4) << 3),
-                                          kk * 16 + ((lane >> 3) & 1) * 8, DP, C::KSW));
+      ldsm_x4(bk, tK + koff[kk % 4] + (kk / 4) * 64);
       const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
       mma16816<T>(s[0], a, b0);
       mma16816<T>(s[1], a, b1);
