@@ -247,9 +247,11 @@ __device__ __forceinline__ float warp_sum(float x) {
 // (ncu, H100: up to 55% of warps' cycles stalled on instruction fetch). Paths that common inputs
 // never take (strided or misaligned K, V, Q) live out of line, where they are never fetched.
 // They take values, not the Params: a reference into the kernel's parameters would make the
-// compiler copy them to the stack for every block.
+// compiler copy them to the stack for every block. And they are static: a library is relocatable
+// device code (nvlink joins its units), where ptxas calls externally visible functions by the
+// ABI; the 128/128 kernels then sat at the register cap with 40-64 bytes of stack spills.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
-__device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
+static __device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
                                                long long key_stride, long long dim_stride, int k0,
                                                int key_end, int tid) {
   constexpr int E = 16 / sizeof(T);
@@ -290,7 +292,7 @@ struct RowCopy {
 // a split's last, partial tile, or K / V rows that are not contiguous. Out of line: most tiles
 // take load_rows' unguarded path, and ptxas otherwise predicates both into every tile's code.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
-__device__ __noinline__ void load_rows_guarded(uint32_t dst, int pitch, const T* base,
+static __device__ __noinline__ void load_rows_guarded(uint32_t dst, int pitch, const T* base,
                                                long long stride, int k0, int key_end, int tid) {
   using R = RowCopy<T, DIM, NT, ROWS>;
   const R rc(tid & 31);
@@ -474,7 +476,7 @@ struct TileRing {
 
 // Q rows of one KV head's group: `q` at (b, first head of the group), rows rr = g * Lq + i.
 template <typename T, int D, int NT>
-__device__ __noinline__ void stage_q_strided(T* sQ, int pitch, int rows, const T* q,
+static __device__ __noinline__ void stage_q_strided(T* sQ, int pitch, int rows, const T* q,
                                              long long head_stride, long long token_stride,
                                              long long dim_stride, int q_len, int row0, int R,
                                              int tid) {
