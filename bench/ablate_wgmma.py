@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 import struct
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from bench.build_harness import KERNELS, translation_unit
+from bench.build_harness import compile_module, translation_unit
 
 MODES = {
     0: "all",
@@ -39,19 +38,7 @@ def build(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     src = out / "ablate.cu"
     src.write_text(translation_unit([(576, 512)], ["bfloat16"]))
-    cmd = [
-        "nvcc",
-        "-O3",
-        "-std=c++17",
-        "-DAOTC_SDPA_ABLATE",
-        f"-I{KERNELS}",
-        "-gencode=arch=compute_90a,code=sm_90a",
-        "-fatbin",
-        "-o",
-        out / "ablate.fatbin",
-        src,
-    ]
-    subprocess.run(cmd, check=True)
+    compile_module(src, out / "ablate.fatbin", ["sm_90a"], ["-DAOTC_SDPA_ABLATE"])
     (out / "list").write_text("ablate.fatbin")
 
 

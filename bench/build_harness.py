@@ -26,6 +26,7 @@ from aotc.families.sdpa_vector import (
     wgmma_name,
     wgmma_supported,
 )
+from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
@@ -61,6 +62,25 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
     return names
 
 
+def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[str] = ()) -> None:
+    """`src` to the fatbin `out` as the CUDA target builds a library: nvcc with its flags (and
+    `flags`, whose -I come first) per arch to relocatable cubins, nvlink, fatbinary."""
+    images = []
+    for arch in archs:
+        rdc, cubin = out.with_suffix(f".{arch}.rdc.cubin"), out.with_suffix(f".{arch}.cubin")
+        nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}", "-cubin", f"-arch={arch}"]
+        _run([*nvcc, "-o", rdc, src])
+        _run(["nvlink", f"--arch={arch}", rdc, "-o", cubin])
+        images.append(f"--image3=kind=elf,sm={fatbin_sm(arch)},file={cubin}")
+    _run(["fatbinary", f"--create={out}", "-64", *images])
+
+
+def _run(cmd: list) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {' '.join(map(str, cmd))}\n{res.stderr}")
+
+
 def build_fatbin(
     pairs: Iterable[tuple[int, int]],
     dtypes: Sequence[str] = ALL_DTYPES,
@@ -73,12 +93,8 @@ def build_fatbin(
     out_dir = Path(out_dir or os.environ.get("AOTC_HARNESS_DIR", tempfile.gettempdir()))
     out_dir.mkdir(parents=True, exist_ok=True)
     header = b"".join((KERNELS / name).read_bytes() for name in HEADERS)
-    gencode = []
-    for arch in archs:
-        num = arch.removeprefix("sm_")
-        gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
     key = hashlib.sha256(
-        header + repr((sorted(set(pairs)), list(dtypes), list(archs))).encode()
+        header + repr((sorted(set(pairs)), list(dtypes), list(archs), NVCC_FLAGS)).encode()
     ).hexdigest()[:16]
     fatbin = out_dir / f"sdpa_{key}.fatbin"
     if fatbin.exists():
@@ -88,16 +104,11 @@ def build_fatbin(
         for pair in sorted(set(pairs)):
             src = out_dir / f"sdpa_{key}_{dtype}_{pair[0]}_{pair[1]}.cu"
             src.write_text(translation_unit([pair], [dtype]))
-            obj = src.with_suffix(".fatbin")
-            cmd = ["nvcc", "-O3", "-std=c++17", f"-I{KERNELS}", *gencode, "-fatbin", "-o", obj, src]
-            jobs_list.append((cmd, obj))
+            jobs_list.append((src, src.with_suffix(".fatbin")))
 
-    def compile_one(job):
-        cmd, obj = job
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"nvcc failed: {' '.join(map(str, cmd))}\n{res.stderr}")
-        return obj
+    def compile_one(job: tuple[Path, Path]) -> Path:
+        compile_module(*job, archs)
+        return job[1]
 
     with ThreadPoolExecutor(jobs) as pool:
         objs = list(pool.map(compile_one, jobs_list))

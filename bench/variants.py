@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.build_harness import KERNELS, translation_unit
+from bench.build_harness import compile_module, translation_unit
 from bench.shapes import SHAPES as ALL_SHAPES
 
 PAIRS = [(576, 512), (192, 128), (256, 128), (128, 128), (80, 80)]
@@ -35,10 +34,7 @@ def build(out: Path, specs: list[str]) -> None:
         folder = out / name
         folder.mkdir(exist_ok=True)
         flags = [d for d in defines.split(",") if d]
-        cmd = ["nvcc", "-O3", "-std=c++17", *flags, f"-I{KERNELS}",
-               "-gencode=arch=compute_90a,code=sm_90a", "-fatbin", "-o",
-               folder / "v.fatbin", src]  # fmt: skip
-        subprocess.run(cmd, check=True)
+        compile_module(src, folder / "v.fatbin", ["sm_90a"], flags)
         (folder / "list").write_text("v.fatbin")
 
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
