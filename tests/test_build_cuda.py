@@ -260,3 +260,19 @@ def test_shipped_one_tile_kernels_keep_their_registers(write_manifest, tmp_path)
     assert len(one_tile) == 3, usage
     for name, use in one_tile.items():
         assert use["STACK"] <= 16 and use["REG"] < 168, (name, use)
+
+
+@pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump is neither on PATH nor installed")
+def test_bench_harness_compiles_the_shipped_kernels(write_manifest, tmp_path):
+    # The benchmarks time the harness's modules; they must be the SASS a library ships.
+    from bench.build_harness import build_fatbin
+
+    path = write_manifest(SMALL.replace("float16", "bfloat16").replace("[192, 128]", "[128, 128]"))
+    usage = resource_usage(build(path, tmp_path).artifact)
+    shipped = {name: use for name, use in usage.items() if name.startswith("sdpa_vector_")}
+    listing = build_fatbin([(128, 128)], ["bfloat16"], out_dir=tmp_path / "harness", jobs=2)
+    harness = {}
+    for module in listing.read_text().split():
+        harness.update(resource_usage(listing.parent / module))
+    assert len(shipped) >= 4 and set(shipped) <= set(harness)
+    assert {name: harness[name] for name in shipped} == shipped
