@@ -39,7 +39,7 @@ def build(out: Path, specs: list[str]) -> None:
 
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         list(pool.map(one, specs))
-    (out / "names").write_text("\n".join(s.partition("=")[0] for s in specs))
+    (out / "names").write_text("".join(s.partition("=")[0] + "\n" for s in specs))
 
 
 def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
