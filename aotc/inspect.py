@@ -88,10 +88,23 @@ def _fatbin_data(path: str | os.PathLike[str], fb: fatbin.Fatbin) -> dict[str, A
                 "compressed": e.compressed,
                 "uncompressed_size": e.uncompressed_size,
                 "kernels": _names(e.kernels),
+                "resources": _resources(e.resources),
             }
             for e in fb.entries
         ],
         "kernels_by_arch": {arch: _names(k) for arch, k in fb.kernels_by_arch().items()},
+    }
+
+
+RESOURCES_NOTE = "per thread; the stack holds calls' frames and spills"
+
+
+def _resources(resources: dict[str, fatbin.KernelResources] | None) -> dict | None:
+    if resources is None:
+        return None
+    return {
+        name: {"registers": use.registers, "stack": use.stack}
+        for name, use in sorted(resources.items())
     }
 
 
@@ -147,7 +160,12 @@ def _render_fatbin(d: dict[str, Any]) -> list[str]:
         for e in d["entries"]
     ]
     headers = ["#", "KIND", "ARCH", "VERSION", "BYTES", "COMPRESSED", "KERNELS"]
-    return lines + ["  " + line for line in _table(headers, rows)]
+    lines += ["  " + line for line in _table(headers, rows)]
+    for e in (e for e in d["entries"] if e["resources"]):
+        lines += ["", f"  #{e['index']} {e['arch']}: {RESOURCES_NOTE}"]
+        use = [[name, str(r["registers"]), str(r["stack"])] for name, r in e["resources"].items()]
+        lines += ["  " + line for line in _table(["KERNEL", "REGISTERS", "STACK BYTES"], use)]
+    return lines
 
 
 def render_inspection(data: dict[str, Any]) -> str:

@@ -315,6 +315,59 @@ def test_inspect_fatbin_is_json_ready_and_renders(built: dict[str, Path]) -> Non
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [r[:3] for r in rows][-1] == ["4", "elf", "sm_80"]
     assert rows[-1][-2:] == ["add_one,", "scale"]
+    first = data["entries"][0]["resources"]
+    assert set(first) == {"add_one", "scale"} and data["entries"][1]["resources"] is None
+    assert first["scale"]["registers"] > 0
+    assert "#0 sm_90a: per thread; the stack holds calls' frames and spills" in text
+    assert any(
+        line.split()[:2] == ["scale", str(first["scale"]["registers"])]
+        for line in text.splitlines()
+    )
+
+
+def cuobjdump_resources(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """(REG, STACK) per kernel per SASS arch, as NVIDIA's cuobjdump -res-usage prints them."""
+    listing = subprocess.run(
+        [cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, dict[str, tuple[int, int]]] = {}
+    arch = function = None
+    for line in (line.strip() for line in listing.splitlines()):
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function "):
+            function = line.removeprefix("Function ").rstrip(":")
+        elif function and line.startswith("REG:"):
+            fields = dict(item.split(":", 1) for item in line.split())
+            result.setdefault(arch, {})[function] = (int(fields["REG"]), int(fields["STACK"]))
+            function = None
+    return result
+
+
+def test_cubin_resources_are_cuobjdumps(built: dict[str, Path]) -> None:
+    if cuobjdump() is None:
+        pytest.skip("cuobjdump is neither on PATH nor installed")
+    fb = read_fatbin(built["nvcc_plain"])
+    ours = {
+        e.arch: {name: (r.registers, r.stack) for name, r in e.resources.items()}
+        for e in fb.entries
+        if e.kind == "elf"
+    }
+    theirs = cuobjdump_resources(built["nvcc_plain"])
+    assert set(ours) == {"sm_80", "sm_90a"}
+    for arch, kernels in ours.items():
+        assert set(kernels) == {"add_one", "scale"}  # entries only, not `helper`
+        assert kernels == {name: theirs[arch][name] for name in kernels}
+    assert fb.entries[2].resources is None  # PTX
+
+
+def test_damaged_nv_info_is_a_fatbin_error(built: dict[str, Path]) -> None:
+    data = bytearray(built["combined"].read_bytes())
+    record = data.find(b"\x04\x2f\x08\x00")  # EIATTR_REGCOUNT, 8 bytes
+    assert record > 0
+    data[record + 2 : record + 4] = b"\xff\xff"
+    with pytest.raises(FatbinError, match=r"\.nv\.info record of 65535 bytes runs past it"):
+        read_fatbin(bytes(data))
 
 
 def test_inspect_marks_unreadable_compressed_entries(built: dict[str, Path]) -> None:

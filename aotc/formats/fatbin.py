@@ -27,6 +27,12 @@ CUDA 13 compresses PTX entries with zstd by default (``fatbinary --compress=true
 only with ``--compress-all``. Zstd payloads are decoded when the ``zstandard`` module is
 installed; otherwise, and for the compressed payloads of older toolkits (flag 0x2000,
 reportedly LZ4), their kernel names are reported as unknown (``None``).
+
+A cubin's ``.nv.info`` section holds each function's register count and stack frame size
+(``EIATTR_REGCOUNT`` and ``EIATTR_FRAME_SIZE``: records of format byte 4, attribute byte, u16
+size, then the function's symbol index and the value, u32 each), which the entry reports per
+kernel as ``resources``: what ``cuobjdump -res-usage`` prints as REG and STACK. A stack frame
+beyond a call's few bytes means ptxas spilled registers.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "Fatbin",
     "FatbinEntry",
     "FatbinError",
+    "KernelResources",
     "build_fatbin",
     "extract_image",
     "read_fatbin",
@@ -63,14 +70,22 @@ _MAX_RATIO = 1024  # far above what compiled code compresses by
 _ELF_HEADER = struct.Struct("<4sBB")
 # From ELF header offset 0x28: e_shoff, then (at 0x3A) e_shentsize, e_shnum, e_shstrndx.
 _ELF_SECTIONS = struct.Struct("<Q10xHHH")
-_ELF_SECTION = struct.Struct("<4xI16xQQI")  # sh_type, sh_offset, sh_size, sh_link
+_ELF_SECTION = struct.Struct("<II16xQQI")  # sh_name, sh_type, sh_offset, sh_size, sh_link
 _ELF_SYMBOL = struct.Struct("<IBBHQQ")
 _SHT_SYMTAB, _STT_FUNC, _STO_CUDA_ENTRY = 2, 2, 0x10
+_NV_INFO_RECORD = struct.Struct("<BBH")  # format, attribute, size (format 4) or value
+_EIFMT_SVAL, _EIATTR_FRAME_SIZE, _EIATTR_REGCOUNT = 4, 0x11, 0x2F
 _PTX_ENTRY = re.compile(rb"^[ \t]*(?:\.(?:visible|weak)[ \t]+)?\.entry[ \t]+([\w$%]+)", re.M)
 
 
 class FatbinError(ValueError):
     """The data is not a well-formed fatbin, or holds no image for a request."""
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    registers: int  # per thread
+    stack: int  # bytes of stack frame per thread: spills and calls
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,8 @@ class FatbinEntry:
     version: str  # payload version: ELF "1.8", PTX ISA "9.0"
     flags: int
     kernels: frozenset[str] | None  # None: compressed and not decodable here
+    # A cubin's kernels' registers and stack; None for PTX or a payload not decodable here.
+    resources: dict[str, KernelResources] | None = field(default=None, compare=False)
 
     @property
     def payload_offset(self) -> int:
@@ -165,47 +182,106 @@ def _decompress(data: bytes, entry: FatbinEntry) -> bytes | None:
     return out
 
 
-def _elf_kernels(elf: bytes, base: int) -> frozenset[str]:
-    """Kernel entry points of a cubin: FUNC symbols marked STO_CUDA_ENTRY in its symtab.
+class _Elf:
+    """A cubin's section headers and symbols, bounds-checked; ``base`` is its offset in the
+    container, for error messages."""
 
-    ``base`` is the ELF's offset in the container, for error messages.
-    """
+    def __init__(self, elf: bytes, base: int) -> None:
+        self.elf, self.base = elf, base
+        self.need(0, 64, "an ELF header")
+        magic, elf_class, encoding = _ELF_HEADER.unpack_from(elf)
+        if (magic, elf_class, encoding) != (b"\x7fELF", 2, 1):
+            raise _fail(base, "expected a 64-bit little-endian ELF cubin")
+        shoff, shentsize, shnum, shstrndx = _ELF_SECTIONS.unpack_from(elf, 0x28)
+        if shentsize < _ELF_SECTION.size and shnum:
+            raise _fail(base + 0x3A, f"ELF section header size {shentsize} is too small")
+        self.need(shoff, shnum * shentsize, f"{shnum} ELF section headers")
+        self.sections = [_ELF_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
+        self.shstrndx = shstrndx
 
-    def need(offset: int, size: int, what: str) -> None:
-        if offset < 0 or size < 0 or offset + size > len(elf):
+    def need(self, offset: int, size: int, what: str) -> None:
+        if offset < 0 or size < 0 or offset + size > len(self.elf):
             raise _fail(
-                base + offset,
+                self.base + offset,
                 f"expected {what} ({size} bytes) inside the cubin, which ends at offset "
-                f"{base + len(elf)}",
+                f"{self.base + len(self.elf)}",
             )
 
-    need(0, 64, "an ELF header")
-    magic, elf_class, encoding = _ELF_HEADER.unpack_from(elf)
-    if (magic, elf_class, encoding) != (b"\x7fELF", 2, 1):
-        raise _fail(base, "expected a 64-bit little-endian ELF cubin")
-    shoff, shentsize, shnum, _ = _ELF_SECTIONS.unpack_from(elf, 0x28)
-    if shentsize < _ELF_SECTION.size and shnum:
-        raise _fail(base + 0x3A, f"ELF section header size {shentsize} is too small")
-    need(shoff, shnum * shentsize, f"{shnum} ELF section headers")
-    sections = [_ELF_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
-    kernels = set()
-    for sh_type, offset, size, link in sections:
-        if sh_type != _SHT_SYMTAB:
-            continue
-        need(offset, size, "the ELF symbol table")
-        if link >= shnum:
-            raise _fail(base + offset, f"symbol table links to missing section {link}")
-        _, str_offset, str_size, _ = sections[link]
-        need(str_offset, str_size, "the ELF string table")
-        strtab = elf[str_offset : str_offset + str_size]
-        for pos in range(offset, offset + size - _ELF_SYMBOL.size + 1, _ELF_SYMBOL.size):
-            name, info, other, *_ = _ELF_SYMBOL.unpack_from(elf, pos)
-            if info & 0xF == _STT_FUNC and other & _STO_CUDA_ENTRY:
-                end = strtab.find(b"\0", name)
-                if name >= len(strtab) or end < 0:
-                    raise _fail(base + pos, "symbol name is outside the ELF string table")
-                kernels.add(strtab[name:end].decode("utf-8", "replace"))
-    return frozenset(kernels)
+    def body(self, index: int, what: str) -> tuple[int, bytes]:
+        """(offset, bytes) of section ``index``."""
+        if index >= len(self.sections):
+            raise _fail(self.base, f"{what} is missing section {index}")
+        _, _, offset, size, _ = self.sections[index]
+        self.need(offset, size, what)
+        return offset, self.elf[offset : offset + size]
+
+    def string(self, table: bytes, at: int, where: int) -> str:
+        end = table.find(b"\0", at)
+        if at >= len(table) or end < 0:
+            raise _fail(self.base + where, "a name is outside its ELF string table")
+        return table[at:end].decode("utf-8", "replace")
+
+    def section_named(self, name: str) -> int | None:
+        if self.shstrndx >= len(self.sections):
+            return None
+        _, names = self.body(self.shstrndx, "the ELF section names")
+        for index, (sh_name, *_) in enumerate(self.sections):
+            if names.find(name.encode() + b"\0", sh_name) == sh_name:
+                return index
+        return None
+
+    def symbols(self, symtab: int) -> list[tuple[str, int, int]]:
+        """(name, info, other) of each symbol of symbol table section ``symtab``."""
+        offset, table = self.body(symtab, "the ELF symbol table")
+        _, strings = self.body(self.sections[symtab][4], "the ELF string table")
+        result = []
+        for pos in range(0, len(table) - _ELF_SYMBOL.size + 1, _ELF_SYMBOL.size):
+            name, info, other, *_ = _ELF_SYMBOL.unpack_from(table, pos)
+            result.append((self.string(strings, name, offset + pos), info, other))
+        return result
+
+
+def _read_elf(elf: bytes, base: int) -> tuple[frozenset[str], dict[str, KernelResources]]:
+    """Kernel entry points of a cubin (FUNC symbols marked STO_CUDA_ENTRY in its symtab) and
+    their registers and stack frames from its ``.nv.info`` section."""
+    cubin = _Elf(elf, base)
+    kernels: set[str] = set()
+    for index, (_, sh_type, *_) in enumerate(cubin.sections):
+        if sh_type == _SHT_SYMTAB:
+            kernels.update(
+                name
+                for name, info, other in cubin.symbols(index)
+                if info & 0xF == _STT_FUNC and other & _STO_CUDA_ENTRY
+            )
+    return frozenset(kernels), _nv_info_resources(cubin, kernels)
+
+
+def _nv_info_resources(cubin: _Elf, kernels: set[str]) -> dict[str, KernelResources]:
+    info = cubin.section_named(".nv.info")
+    if info is None:
+        return {}
+    offset, records = cubin.body(info, "the .nv.info section")
+    names = [name for name, *_ in cubin.symbols(cubin.sections[info][4])]
+    found: dict[str, dict[int, int]] = {}
+    pos = 0
+    while pos + _NV_INFO_RECORD.size <= len(records):
+        fmt, attribute, size = _NV_INFO_RECORD.unpack_from(records, pos)
+        pos += _NV_INFO_RECORD.size
+        if fmt != _EIFMT_SVAL:
+            continue  # the value sat in the size field
+        if pos + size > len(records):
+            raise _fail(cubin.base + offset + pos, f".nv.info record of {size} bytes runs past it")
+        if attribute in (_EIATTR_REGCOUNT, _EIATTR_FRAME_SIZE) and size == 8:
+            symbol, value = struct.unpack_from("<II", records, pos)
+            if symbol >= len(names):
+                raise _fail(cubin.base + offset + pos, f".nv.info names missing symbol {symbol}")
+            found.setdefault(names[symbol], {})[attribute] = value
+        pos += size
+    return {
+        name: KernelResources(values[_EIATTR_REGCOUNT], values.get(_EIATTR_FRAME_SIZE, 0))
+        for name, values in found.items()
+        if name in kernels and _EIATTR_REGCOUNT in values
+    }
 
 
 def _ptx_kernels(ptx: bytes) -> frozenset[str]:
@@ -260,7 +336,8 @@ def _with_kernels(data: bytes, entry: FatbinEntry) -> FatbinEntry:
     if entry.kind == "ptx":
         return replace(entry, kernels=_ptx_kernels(payload))
     # A decompressed cubin has no container offset; report its errors at the payload start.
-    return replace(entry, kernels=_elf_kernels(payload, entry.payload_offset))
+    kernels, resources = _read_elf(payload, entry.payload_offset)
+    return replace(entry, kernels=kernels, resources=resources)
 
 
 def read_fatbin(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> Fatbin:
