@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -48,3 +49,22 @@ def cuobjdump() -> str | None:
         for candidate in sorted(Path(root).glob("cu*/bin/cuobjdump"), reverse=True):
             return str(candidate)
     return None
+
+
+def cuobjdump_resources(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """(REG, STACK) of every function per SASS arch, as `cuobjdump -res-usage` prints them."""
+    listing = subprocess.run(
+        [cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, dict[str, tuple[int, int]]] = {}
+    arch = function = None
+    for line in (line.strip() for line in listing.splitlines()):
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function "):
+            function = line.removeprefix("Function ").rstrip(":")
+        elif function and line.startswith("REG:"):
+            fields = dict(item.split(":", 1) for item in line.split())
+            result.setdefault(arch, {})[function] = (int(fields["REG"]), int(fields["STACK"]))
+            function = None
+    return result

@@ -18,7 +18,7 @@ from aotc.families.base import kernels_dir
 from aotc.formats.fatbin import read_fatbin
 from aotc.manifest import load_manifest
 
-from .conftest import cuobjdump, needs_nvcc
+from .conftest import cuobjdump, cuobjdump_resources, needs_nvcc
 
 pytestmark = [needs_nvcc, pytest.mark.slow]
 
@@ -229,22 +229,6 @@ def resource_usage(fatbin: Path) -> dict[str, tuple[int, int]]:
     return {name: (use.registers, use.stack) for name, use in entry.resources.items()}
 
 
-def cuobjdump_usage(fatbin: Path) -> dict[str, tuple[int, int]]:
-    """The same by NVIDIA's cuobjdump -res-usage (REG, STACK), every function."""
-    listing = subprocess.run(
-        [cuobjdump(), "-res-usage", str(fatbin)], capture_output=True, text=True, check=True
-    ).stdout
-    usage, function = {}, None
-    for line in (line.strip() for line in listing.splitlines()):
-        if line.startswith("Function "):
-            function = line.removeprefix("Function ").rstrip(":")
-        elif function and line.startswith("REG:"):
-            fields = dict(item.split(":", 1) for item in line.split())
-            usage[function] = (int(fields["REG"]), int(fields["STACK"]))
-            function = None
-    return usage
-
-
 def test_shipped_one_tile_kernels_keep_their_registers(write_manifest, tmp_path):
     # Relocatable device code (needed to nvlink the units) made ptxas call the out-of-line
     # loaders by the ABI: the 128/128 kernels went to the 168-register cap with 40-64 bytes of
@@ -271,7 +255,8 @@ def test_bench_harness_compiles_the_shipped_kernels(write_manifest, tmp_path):
     path = write_manifest(SMALL.replace("float16", "bfloat16").replace("[192, 128]", "[128, 128]"))
     library = build(path, tmp_path).artifact
     shipped = resource_usage(library)
-    assert shipped == {name: cuobjdump_usage(library)[name] for name in shipped}
+    (theirs,) = cuobjdump_resources(library).values()
+    assert shipped == {name: theirs[name] for name in shipped}
     listing = build_fatbin([(128, 128)], ["bfloat16"], out_dir=tmp_path / "harness", jobs=2)
     harness = {}
     for module in listing.read_text().split():

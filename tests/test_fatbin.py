@@ -24,7 +24,7 @@ from aotc.formats.fatbin import (
 )
 from aotc.inspect import inspect_file, render_inspection
 
-from .conftest import cuobjdump
+from .conftest import cuobjdump, cuobjdump_resources
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 HAVE_ZSTD = importlib.util.find_spec("zstandard") is not None
@@ -323,25 +323,6 @@ def test_inspect_fatbin_is_json_ready_and_renders(built: dict[str, Path]) -> Non
         line.split()[:2] == ["scale", str(first["scale"]["registers"])]
         for line in text.splitlines()
     )
-
-
-def cuobjdump_resources(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """(REG, STACK) per kernel per SASS arch, as NVIDIA's cuobjdump -res-usage prints them."""
-    listing = subprocess.run(
-        [cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    result: dict[str, dict[str, tuple[int, int]]] = {}
-    arch = function = None
-    for line in (line.strip() for line in listing.splitlines()):
-        if line.startswith("arch = "):
-            arch = line.split("=", 1)[1].strip()
-        elif line.startswith("Function "):
-            function = line.removeprefix("Function ").rstrip(":")
-        elif function and line.startswith("REG:"):
-            fields = dict(item.split(":", 1) for item in line.split())
-            result.setdefault(arch, {})[function] = (int(fields["REG"]), int(fields["STACK"]))
-            function = None
-    return result
 
 
 def test_cubin_resources_are_cuobjdumps(built: dict[str, Path]) -> None:
