@@ -252,8 +252,8 @@ __device__ __forceinline__ float warp_sum(float x) {
 // ABI; the 128/128 kernels then sat at the register cap with 40-64 bytes of stack spills.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
 static __device__ __noinline__ void load_rows_strided(T* dst, int pitch, const T* base,
-                                               long long key_stride, long long dim_stride, int k0,
-                                               int key_end, int tid) {
+                                                      long long key_stride, long long dim_stride,
+                                                      int k0, int key_end, int tid) {
   constexpr int E = 16 / sizeof(T);
   for (int e = tid; e < ROWS * DIM; e += NT) {
     int j = e / DIM, d = e - j * DIM;
@@ -293,7 +293,8 @@ struct RowCopy {
 // take load_rows' unguarded path, and ptxas otherwise predicates both into every tile's code.
 template <typename T, int DIM, int NT, int ROWS, bool SW>
 static __device__ __noinline__ void load_rows_guarded(uint32_t dst, int pitch, const T* base,
-                                               long long stride, int k0, int key_end, int tid) {
+                                                      long long stride, int k0, int key_end,
+                                                      int tid) {
   using R = RowCopy<T, DIM, NT, ROWS>;
   const R rc(tid & 31);
   if (rc.idle) return;
@@ -477,9 +478,9 @@ struct TileRing {
 // Q rows of one KV head's group: `q` at (b, first head of the group), rows rr = g * Lq + i.
 template <typename T, int D, int NT>
 static __device__ __noinline__ void stage_q_strided(T* sQ, int pitch, int rows, const T* q,
-                                             long long head_stride, long long token_stride,
-                                             long long dim_stride, int q_len, int row0, int R,
-                                             int tid) {
+                                                    long long head_stride, long long token_stride,
+                                                    long long dim_stride, int q_len, int row0,
+                                                    int R, int tid) {
   for (int e = tid; e < rows * D; e += NT) {
     const int r = e / D, d = e - r * D;
     const int rr = row0 + r, g = rr / q_len, i = rr - g * q_len;
