@@ -198,6 +198,7 @@ class _Elf:
         self.need(shoff, shnum * shentsize, f"{shnum} ELF section headers")
         self.sections = [_ELF_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
         self.shstrndx = shstrndx
+        self._symbols: dict[int, list[tuple[str, int, int]]] = {}
 
     def need(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > len(self.elf):
@@ -231,7 +232,12 @@ class _Elf:
         return None
 
     def symbols(self, symtab: int) -> list[tuple[str, int, int]]:
-        """(name, info, other) of each symbol of symbol table section ``symtab``."""
+        """(name, info, other) of each symbol of symbol table section ``symtab``, read once."""
+        if symtab not in self._symbols:
+            self._symbols[symtab] = self._read_symbols(symtab)
+        return self._symbols[symtab]
+
+    def _read_symbols(self, symtab: int) -> list[tuple[str, int, int]]:
         offset, table = self.body(symtab, "the ELF symbol table")
         _, strings = self.body(self.sections[symtab][4], "the ELF string table")
         result = []
@@ -324,10 +330,11 @@ def _read_entry(data: bytes, index: int, offset: int, end: int) -> FatbinEntry:
         flags=flags,
         kernels=None,
     )
-    return _with_kernels(data, entry)
+    return _read_payload(data, entry)
 
 
-def _with_kernels(data: bytes, entry: FatbinEntry) -> FatbinEntry:
+def _read_payload(data: bytes, entry: FatbinEntry) -> FatbinEntry:
+    """The entry with what its payload says: kernel names, and a cubin's kernels' resources."""
     if entry.kind not in ("elf", "ptx"):
         return replace(entry, kernels=frozenset())
     payload = _decompress(data, entry) if entry.compressed else _raw_payload(data, entry)
