@@ -19,6 +19,7 @@ from aotc.families.sdpa_vector.cuda import (
     STREAM_BYTES_PER_SM,
     Launch,
     TensorMap,
+    blocks_per_sm_cap,
     combine_threads,
     combiner_max_splits,
     compile_steps,
@@ -272,12 +273,23 @@ def test_gqa_rows_and_row_groups():
     (launch,) = plan_cuda(
         problem(q_heads=32, kv_heads=4, q_len=8), available=NAMES, sm_count=132, num_splits=1
     )
-    # 64 rows in one block: K and V read once; with three stages three blocks would not share
-    # an SM, so two.
-    assert unpack(launch)[10:13] == (4, 1, 2)
+    # 64 rows in one block: K and V read once. Blocks of 4 m-tiles share an SM two at a time
+    # (their registers), and two fit with the default three stages.
+    assert unpack(launch)[10:13] == (4, 1, 3)
     cfg = kernel_config("bfloat16", 192, 128)
-    assert launch.shared_memory == cfg.shared_bytes(4, 2)
-    assert 3 * (cfg.shared_bytes(4, 3) + 1024) > 233472
+    assert blocks_per_sm_cap(cfg, 4) == 2
+    assert launch.shared_memory == cfg.shared_bytes(4, 3)
+    assert 2 * (cfg.shared_bytes(4, 3) + 1024) <= 233472
+    # 128/128 at 2 m-tiles: two blocks of three stages would not share an SM, so two stages.
+    (launch,) = plan_cuda(
+        problem(q_heads=32, kv_heads=8, q_len=8, qk_dim=128, v_dim=128),
+        available=NAMES,
+        sm_count=132,
+        num_splits=1,
+    )
+    cfg = kernel_config("bfloat16", 128, 128)
+    assert unpack(launch)[10:13] == (2, 1, 2)
+    assert 2 * (cfg.shared_bytes(2, 3) + 1024) > 233472
 
 
 def test_mask_and_sinks_inputs():

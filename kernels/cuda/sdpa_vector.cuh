@@ -107,7 +107,10 @@ struct Cfg {
   static constexpr int TS = sizeof(T);
   static constexpr int NW = (D > 256 || V > 256) ? 8 : 4;  // warps per block
   static constexpr int NT = NW * 32;
-  static constexpr int MIN_BLOCKS = NW == 4 ? 3 : 1;  // the plan counts 3 blocks of 4 warps
+  // Resident blocks per SM the plan counts (cuda.py blocks_per_sm_cap), given to ptxas as
+  // __launch_bounds__' minimum: three 4-warp blocks of one m-tile (168 registers), two of 2 or
+  // 4 m-tiles (ROWS: their accumulators spilled 8-32 bytes a thread at 168), one of 8 warps.
+  static constexpr int min_blocks(bool rows) { return NW == 4 ? (rows ? 2 : 3) : 1; }
   // Keys per tile: up to 32 KB of K and V per stage (128/128 bf16: 64 keys, 2% faster than
   // 32 on an H200); three stages when they fit 72 KB (three blocks of 4 warps per SM, the
   // register limit, keep six tiles in flight), else two.
@@ -1492,14 +1495,14 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
 
 #define AOTC_SDPA_VECTOR_ENTRIES(PREFIX, TN, T, D, V, ROWS)                                    \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
-                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
+                                                aotc_sdpa::Cfg<T, D, V>::min_blocks(ROWS))     \
       PREFIX##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,              \
                              const T* sinks, T* out, const aotc_sdpa::Params p) {               \
     aotc_sdpa::sdpa_entry<T, D, V, false, false, ROWS>(q, k, v, mask, sinks, out, nullptr,      \
                                                        nullptr, nullptr, p);                    \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
-                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
+                                                aotc_sdpa::Cfg<T, D, V>::min_blocks(ROWS))     \
       PREFIX##2pass_1_##TN##_##D##_##V(const T* q, const T* k, const T* v, const void* mask,    \
                                        const T* sinks, float* partials, float* maxs,            \
                                        float* sums, const aotc_sdpa::Params p) {                \
@@ -1507,7 +1510,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
                                                       maxs, sums, p);                           \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(aotc_sdpa::Cfg<T, D, V>::NT,                    \
-                                                aotc_sdpa::Cfg<T, D, V>::MIN_BLOCKS)            \
+                                                aotc_sdpa::Cfg<T, D, V>::min_blocks(ROWS))     \
       PREFIX##2pass_fused_##TN##_##D##_##V(const T* q, const T* k, const T* v,                  \
                                            const void* mask, const T* sinks, float* scratch,    \
                                            T* out, const aotc_sdpa::Params p) {                 \

@@ -230,12 +230,23 @@ def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
     return m_tiles
 
 
+def blocks_per_sm_cap(cfg: KernelConfig, m_tiles: int) -> int:
+    """Resident blocks per SM that the kernels' registers allow, as `Cfg::min_blocks` promises
+    them to ptxas: three 4-warp blocks of one m-tile, two of 2 or 4 m-tiles (their accumulators
+    need more than the 168 registers of three), one 8-warp block. Waiting combiners rely on it:
+    a grid counted as one wave must be resident at once."""
+    if cfg.warps != 4:
+        return 1
+    return 3 if m_tiles == 1 else 2
+
+
 def _stages(cfg: KernelConfig, m_tiles: int, max_shared: int, sm_shared: int) -> int:
-    """Key-tile stages: the default for 4-warp blocks, down to 2 when three blocks would not
-    share an SM otherwise (the split counts assume three); an 8-warp block owns its SM, so it
-    takes as many stages as shared memory holds (more bytes in flight)."""
+    """Key-tile stages: the default for 4-warp blocks, down to 2 when their resident blocks
+    would not share an SM otherwise (the split counts assume them); an 8-warp block owns its SM,
+    so it takes as many stages as shared memory holds (more bytes in flight)."""
     if cfg.warps == 4:
-        fits = 3 * (cfg.shared_bytes(m_tiles, cfg.stages) + 1024) <= sm_shared
+        blocks = blocks_per_sm_cap(cfg, m_tiles)
+        fits = blocks * (cfg.shared_bytes(m_tiles, cfg.stages) + 1024) <= sm_shared
         return cfg.stages if fits else 2
     best = cfg.stages
     for stages in range(cfg.stages, cfg.max_stages + 1):
@@ -316,10 +327,11 @@ def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
     row_groups = -(-rows // (16 * m_tiles))
     stages = _stages(cfg, m_tiles, max_shared, sm_shared)
     smem = cfg.shared_bytes(m_tiles, stages)
-    # Resident blocks per SM: threads are capped at 2048 per SM, registers (~170 per thread) at
-    # 65536. Waiting combiners need their call's blocks to fit one wave of `resident`.
+    # Resident blocks per SM: shared memory, threads (2048 per SM) and registers (65536 per SM)
+    # cap them. Waiting combiners need their call's blocks to fit one wave of `resident`.
     per_sm = max(
-        1, min(sm_shared // (smem + 1024), 2048 // cfg.threads, 3 if cfg.warps == 4 else 1)
+        1,
+        min(sm_shared // (smem + 1024), 2048 // cfg.threads, blocks_per_sm_cap(cfg, m_tiles)),
     )
     return BlockLayout(
         cfg=cfg,
