@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from bench.shapes import SHAPES, attention_flops, kv_bytes, set_count
+from bench.shapes import SHAPES, attention_flops, kv_bytes, selected, set_count
 
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
 
@@ -83,10 +83,10 @@ def time_graph(fns, calls=20, reps=15) -> float | None:
         return None
 
 
-def make_sets(b, hq, hkv, n, d, v, view, dtype, sets):
+def make_sets(b, hq, hkv, n, d, v, view, dtype, sets, q_len=1):
     out = []
     for _ in range(sets):
-        q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+        q = torch.randn(b, hq, q_len, d, device="cuda", dtype=dtype)
         k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype)
         vv = k[..., :v] if view else torch.randn(b, hkv, n, v, device="cuda", dtype=dtype)
         out.append((q, k, vv))
@@ -229,6 +229,16 @@ def main() -> None:
     ap.add_argument(
         "--no-fused", action="store_true", help="split plans merge with the combine kernel"
     )
+    ap.add_argument("--shapes", help="indices into bench.shapes.SHAPES (default: all)")
+    ap.add_argument(
+        "--library", help="a harness fatbin list (default: the last bench.build_harness build)"
+    )
+    ap.add_argument(
+        "--q-len",
+        type=int,
+        default=1,
+        help="query tokens per head (speculative decoding: 2-8; no mask on either side)",
+    )
     args = ap.parse_args()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype
@@ -251,9 +261,11 @@ def main() -> None:
     if args.via == "harness":
         from bench import cuda_harness as h
 
-        lib = h.load_library()
+        lib = h.load_library(args.library)
         lib.fused_ok = not args.no_fused
     shapes = SHAPES if not args.quick else SHAPES[:5] + SHAPES[6:7]
+    if args.shapes:
+        shapes = selected(args.shapes)
     # Each side is timed in passes of its own over every row, best of --rounds passes: a kernel
     # run right after torch's cuDNN calls can be slower (H100 round 8: 80/80 B=1 22.8 -> 25.5
     # us; H200 round 9: 256/128 B=1 55.4 us alone, 61.0 alternating with torch), so alternating
@@ -271,9 +283,8 @@ def main() -> None:
         order = shapes if round_ % 2 == 0 else shapes[::-1]
         for shape in order:
             b, hq, hkv, n, d, v, view = shape
-            sets = make_sets(
-                b, hq, hkv, n, d, v, view, dtype, set_count(kv_bytes(b, hkv, n, d, v, view, es))
-            )
+            nbytes = kv_bytes(b, hkv, n, d, v, view, es)
+            sets = make_sets(b, hq, hkv, n, d, v, view, dtype, set_count(nbytes), args.q_len)
             scale = 1.0 / math.sqrt(d)
             print(f"  [{shape[:6]} aotc, GPU before timing: {gpu_state()}]", flush=True)
             if args.via == "harness":
@@ -301,9 +312,8 @@ def main() -> None:
             continue
         for shape in order:
             b, hq, hkv, n, d, v, view = shape
-            sets = make_sets(
-                b, hq, hkv, n, d, v, view, dtype, set_count(kv_bytes(b, hkv, n, d, v, view, es))
-            )
+            nbytes = kv_bytes(b, hkv, n, d, v, view, es)
+            sets = make_sets(b, hq, hkv, n, d, v, view, dtype, set_count(nbytes), args.q_len)
             print(f"  [{shape[:6]} torch, GPU before timing: {gpu_state()}]", flush=True)
             t_t, t_err = bench_torch(sets, 1.0 / math.sqrt(d))
             keep(shape, "torch", t_t)
@@ -320,7 +330,7 @@ def main() -> None:
         nbytes, r = kv_bytes(b, hkv, n, d, v, view, es), best[shape]
         t_a, t_t = r.get("aotc"), r.get("torch")
         mla = hkv == 1 and hq >= 64
-        flops = attention_flops(b, hq, n, d, v)
+        flops = attention_flops(b, hq, n, d, v) * args.q_len
         rate = (
             f"{flops / t_a / 1e12:6.1f} TF/s"
             if mla and t_a
@@ -334,7 +344,10 @@ def main() -> None:
             f"{rate:>17} {r.get('plan', ''):>10} | {us(r.get('mlx'))} | {tor}"
         )
     print()
-    print(f"{props.name}, {args.dtype}, copy {bw / 1e12:.2f} TB/s (read+write), via {args.via}")
+    print(
+        f"{props.name}, {args.dtype}, {args.q_len} query token(s) a head, copy {bw / 1e12:.2f}"
+        f" TB/s (read+write), via {args.via}"
+    )
     print(
         "  B   Hq  Hkv      N    D    V view |  aotc us/call    K+V TB/s|TFLOP/s   plan"
         " | mx.fast us | torch us"
