@@ -240,20 +240,30 @@ def test_many_blocks_stay_one_pass():
 
 def test_many_rows_take_the_rows_entry_points():
     """Up to 16 query rows per KV head (one m-tile) run the plain entry points, which hold that
-    path alone; 17+ run `sdpa_vector_rows_...`. A library without those falls back, saying why."""
+    path alone, and so do fp16/bf16 4-warp blocks up to ROW_GROUPS_MAX_ROWS rows, in row groups;
+    other blocks of 17+ rows run `sdpa_vector_rows_...`. A library without those falls back,
+    saying why."""
     one_tile = plan_cuda(problem(q_len=2), available=NAMES, sm_count=132)  # 16 rows
     assert all(not x.kernel.startswith("sdpa_vector_rows_") for x in one_tile)
-    assert unpack(one_tile[0])[10] == 1
-    rows = plan_cuda(problem(q_len=3), available=NAMES, sm_count=132)  # 24 rows: 2 m-tiles
-    assert rows[0].kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_192_128"
-    assert unpack(rows[0])[10] == 2
-    assert rows[1].kernel == "sdpa_vector_2pass_2_bfloat16_t_128"  # the combine has one name
-    fused = "sdpa_vector_rows_2pass_fused_bfloat16_t_192_128"
-    (launch,) = plan_cuda(problem(q_len=3, kv_len=256), available=NAMES | {fused}, sm_count=132)
+    assert unpack(one_tile[0])[10:12] == (1, 1)
+    grouped = plan_cuda(problem(q_len=3), available=NAMES, sm_count=132)  # 24 rows, bf16
+    assert grouped[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_192_128"
+    assert unpack(grouped[0])[10:12] == (1, 2)  # one m-tile, two row groups
+    rows = plan_cuda(problem(q_len=3, dtype="float32"), available=NAMES, sm_count=132)
+    assert rows[0].kernel == "sdpa_vector_rows_2pass_1_float_192_128"
+    assert unpack(rows[0])[10:12] == (2, 1)
+    assert rows[1].kernel == "sdpa_vector_2pass_2_float_128"  # the combine has one name
+    fused = "sdpa_vector_rows_2pass_fused_float_192_128"
+    (launch,) = plan_cuda(
+        problem(q_len=3, kv_len=256, dtype="float32"), available=NAMES | {fused}, sm_count=132
+    )
     assert launch.kernel == fused
     plain_only = {n for n in NAMES if not n.startswith("sdpa_vector_rows_")}
-    with pytest.raises(Unsupported, match=r"sdpa_vector_rows_bfloat16_t_192_128 \(24 query rows"):
-        plan_cuda(problem(q_len=3), available=plain_only, sm_count=132)
+    assert plan_cuda(problem(q_len=8), available=plain_only, sm_count=132)  # 64 rows, bf16
+    with pytest.raises(Unsupported, match=r"sdpa_vector_rows_float_192_128 \(24 query rows"):
+        plan_cuda(problem(q_len=3, dtype="float32"), available=plain_only, sm_count=132)
+    with pytest.raises(Unsupported, match=r"sdpa_vector_rows_bfloat16_t_192_128 \(72 query"):
+        plan_cuda(problem(q_heads=36, q_len=8), available=plain_only, sm_count=132)
 
 
 def test_gqa_rows_and_row_groups():
@@ -273,21 +283,25 @@ def test_gqa_rows_and_row_groups():
     (launch,) = plan_cuda(
         problem(q_heads=32, kv_heads=4, q_len=8), available=NAMES, sm_count=132, num_splits=1
     )
-    # 64 rows in one block: K and V read once. Blocks of 4 m-tiles share an SM two at a time
+    assert unpack(launch)[10:12] == (1, 4)  # 64 rows, bf16: four row groups of one m-tile
+    (launch,) = plan_cuda(
+        problem(q_heads=36, kv_heads=4, q_len=8), available=NAMES, sm_count=132, num_splits=1
+    )
+    # 72 rows, 64 a block: K and V read twice. Blocks of 4 m-tiles share an SM two at a time
     # (their registers), and two fit with the default three stages.
-    assert unpack(launch)[10:13] == (4, 1, 3)
+    assert unpack(launch)[10:13] == (4, 2, 3)
     cfg = kernel_config("bfloat16", 192, 128)
     assert blocks_per_sm_cap(cfg, 4) == 2
     assert launch.shared_memory == cfg.shared_bytes(4, 3)
     assert 2 * (cfg.shared_bytes(4, 3) + 1024) <= 233472
-    # 128/128 at 2 m-tiles: two blocks of three stages would not share an SM, so two stages.
+    # fp32 128/128 at 2 m-tiles: two blocks of three stages would not share an SM, so two.
     (launch,) = plan_cuda(
-        problem(q_heads=32, kv_heads=8, q_len=8, qk_dim=128, v_dim=128),
+        problem(q_heads=32, kv_heads=8, q_len=8, qk_dim=128, v_dim=128, dtype="float32"),
         available=NAMES,
         sm_count=132,
         num_splits=1,
     )
-    cfg = kernel_config("bfloat16", 128, 128)
+    cfg = kernel_config("float32", 128, 128)
     assert unpack(launch)[10:13] == (2, 1, 2)
     assert 2 * (cfg.shared_bytes(2, 3) + 1024) > 233472
 

@@ -161,6 +161,8 @@ MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
         # rows of 3 x 80 partials (960 bytes) share 128-byte lines with their neighbours: the
         # combine kernel must discard only the lines wholly its row's
         dict(b=1, hq=16, hkv=16, n=3000, d=80, v=80, dtype="bfloat16", num_splits=3),
+        # 40 rows a KV head: three row groups of one m-tile, the last one half empty
+        dict(b=2, hq=16, hkv=2, lq=5, n=3000, dtype="bfloat16", mask="causal", num_splits=6),
     ],
     ids=[
         "fp16",
@@ -169,6 +171,7 @@ MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
         "bf16_64_splits",
         "fp16_63_splits",
         "bf16_rows_off_lines",
+        "bf16_one_m_tile_row_groups",
     ],
 )
 def test_split_merge_modes(lib, merge, case, monkeypatch):
@@ -215,7 +218,8 @@ def test_strided_cache_slices(lib, dtype, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq", [8, 24], ids=["one_m_tile", "two_m_tiles"])
+# 24 rows: two row groups of one m-tile (fp16/bf16) or one block of two m-tiles (fp32).
+@pytest.mark.parametrize("hq", [8, 24], ids=["16_rows", "24_rows"])
 @pytest.mark.parametrize("splits", [None, 1])
 def test_element_paths(lib, dtype, hq, splits):
     """Q, K and V that the 16-byte copies cannot take (out-of-line element loaders): Q with a

@@ -99,6 +99,13 @@ STREAM_BYTES_PER_SM = 64 * 1024
 LONG_SPLIT_TILES = 32
 
 
+# Query rows per KV head up to which 4-warp fp16/bf16 blocks run as row groups of one m-tile
+# (_m_tiles). bench_sdpa --q-len, H200 (bench/NOTES.md round 19), us, 2-4 m-tiles / row groups:
+# 128/128 B=8 N=32768, 32 rows 442 / 313; 192/128 25.8 / 18.4 at 56 rows (N=4096); 24 rows, B=8
+# 192/128 608 / 521. Past 64 rows (wgmma's, on sm_90a) it was not measured.
+ROW_GROUPS_MAX_ROWS = 64
+
+
 @dataclass(frozen=True)
 class Launch:
     kernel: str
@@ -218,6 +225,12 @@ def pack_combine_params(problem: AttentionProblem, num_splits: int) -> bytes:
 
 
 def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
+    """16-row m-tiles per block. Up to ROW_GROUPS_MAX_ROWS rows, 4-warp fp16/bf16 blocks take one
+    m-tile in row groups that read K and V each (siblings of adjacent block indices, so mostly
+    from L2): the one-m-tile path keeps S, P and the softmax in registers, and the 2- and 4-m-tile
+    path shares them through shared memory at three barriers a tile."""
+    if rows <= ROW_GROUPS_MAX_ROWS and cfg.warps == 4 and cfg.dtype_size == 2:
+        return 1
     want = 1 if rows <= 16 else 2 if rows <= 32 else 4
     m_tiles = min(want, cfg.max_m_tiles)
     while m_tiles > 1 and cfg.shared_bytes(m_tiles) > max_shared:
