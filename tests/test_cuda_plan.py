@@ -248,7 +248,11 @@ def test_many_rows_take_the_rows_entry_points():
     assert unpack(one_tile[0])[10:12] == (1, 1)
     grouped = plan_cuda(problem(q_len=3), available=NAMES, sm_count=132)  # 24 rows, bf16
     assert grouped[0].kernel == "sdpa_vector_2pass_1_bfloat16_t_192_128"
-    assert unpack(grouped[0])[10:12] == (1, 2)  # one m-tile, two row groups
+    assert unpack(grouped[0])[10:12] == (1, 2)  # short splits: two row groups of one m-tile
+    long_kv = problem(q_len=3, batch=8, kv_len=32768)  # 256 key tiles a split
+    launch = plan_cuda(long_kv, available=NAMES, sm_count=132)[0]
+    assert launch.kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_192_128"  # 2 m-tiles, registers
+    assert unpack(launch)[10:12] == (2, 1)
     rows = plan_cuda(problem(q_len=3, dtype="float32"), available=NAMES, sm_count=132)
     assert rows[0].kernel == "sdpa_vector_rows_2pass_1_float_192_128"
     assert unpack(rows[0])[10:12] == (2, 1)

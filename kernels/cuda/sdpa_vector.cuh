@@ -2,13 +2,14 @@
 //
 // One block handles one (batch, KV head, key split, query-row group). Its query rows are the
 // G = Hq / Hkv heads sharing the KV head times the Lq query tokens (row r = g * Lq + i), so K and
-// V are read once per KV head for the whole GQA group. Key tiles land in a ring of shared-memory
-// slots by 16-byte cp.async, in unpadded rows (XOR-swizzled when they are whole 128-byte lines);
-// S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, fp32 accumulation) for
-// fp16/bf16 and on CUDA cores (same fragment layout) for fp32. Softmax is online, in the log2
-// domain, in fp32. Blocks of up to 16 rows (fp16/bf16) split each tile's keys over the warps,
-// which keep S, P and their softmax state in registers (sdpa_block_warp_keys); larger row groups
-// share S and P through shared memory (sdpa_block).
+// V are read once per KV head for the whole group (or once per row group, when the plan splits
+// the rows over blocks: siblings, at adjacent block indices, mostly read L2). Key tiles land in a
+// ring of shared-memory slots by 16-byte cp.async, in unpadded rows (XOR-swizzled when they are
+// whole 128-byte lines); S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, fp32
+// accumulation) for fp16/bf16 and on CUDA cores (same fragment layout) for fp32. Softmax is
+// online, in the log2 domain, in fp32. Blocks of 16 or 32 rows (fp16/bf16, 4 warps) split each
+// tile's keys over the warps, which keep S, P and their softmax state in registers
+// (sdpa_block_warp_keys); other blocks share S and P through shared memory (sdpa_block).
 //
 // Entry points (kernel contract, see docs/ARCHITECTURE.md):
 //   sdpa_vector_<TN>_<D>_<V>(q, k, v, mask, sinks, out, Params)
@@ -20,8 +21,8 @@
 //                                        row's splits and merge them. scratch: partials, maxs,
 //                                        sums, then 64-bit flag slots (FusedScratch)
 //   sdpa_vector_2pass_2_<TN>_<V>(partials, maxs, sums, sinks, out, CombineParams)
-// The first three serve one m-tile (Params::m_tiles == 1: up to 16 query rows per KV head); the
-// same three named sdpa_vector_rows_... serve 2 or 4.
+// The first three serve one m-tile (Params::m_tiles == 1: 16 query rows a block); the same
+// three named sdpa_vector_rows_... serve 2 or 4.
 // Absent mask / sinks are passed as any valid pointer (the plan passes q) and flagged in Params.
 // The plan (aotc/families/sdpa_vector/cuda.py) mirrors Cfg and shared_bytes() below exactly.
 #pragma once
@@ -828,12 +829,13 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
-// One 16-row m-tile (up to 16 query rows: small GQA groups, decode's common case), fp16/bf16.
-// Each warp owns a 16-key slice of every tile (KG slices) and a share of V's columns (VG
-// shares), and keeps its own online softmax in registers: S's accumulators become P's A
-// fragments and alpha scales O in place, so a tile costs one barrier (the ring) instead of
+// MT 16-row m-tiles (MT = 1: up to 16 query rows, decode's common case; 2: speculative decoding's
+// 17-32), fp16/bf16. Each warp owns a 16-key slice of every tile (KG slices) and a share of V's
+// columns (VG shares), and keeps its own online softmax in registers: S's accumulators become P's
+// A fragments and alpha scales O in place, so a tile costs one barrier (the ring) instead of
 // three. Warps with the same key slice compute the same S: decode at small GQA is bound by
-// latency per tile, not by MMAs. The warps' (max, sum, O) merge once, after the last tile.
+// latency per tile, not by MMAs. A K or V fragment serves every m-tile. The warps' (max, sum, O)
+// merge once, after the last tile, an m-tile at a time.
 template <typename T, int D, int V>
 struct WarpKeysCfg {
   using C = Cfg<T, D, V>;
@@ -846,7 +848,7 @@ struct WarpKeysCfg {
   static_assert(KG * 16 * (V + 2) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS, "merge scratch");
 };
 
-template <typename T, int D, int V, bool SPLIT>
+template <typename T, int D, int V, int MT, bool SPLIT>
 __device__ __forceinline__ void sdpa_block_warp_keys(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const void* __restrict__ mask, const T* __restrict__ sinks, T* __restrict__ out,
@@ -862,11 +864,11 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 
   const BlockWork w = block_work(p);
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
-  const int R = G * Lq, row0 = w.rg * MB;
+  const int R = G * Lq, row0 = w.rg * MB * MT;
   const int ntiles = cdiv(w.key_end - w.key_begin, TK);
   const float scale2 = p.scale * kLog2e;
 
-  // sdpa_block's layout (ring, then Q): shared_bytes(1, stages) covers it.
+  // sdpa_block's layout (ring, then Q): shared_bytes(MT, stages) covers it.
   T* sRing = reinterpret_cast<T*>(smem);
   T* sQ = sRing + p.stages * TK * (DP + VP);
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
@@ -875,25 +877,31 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   // Tile 0's copies go out before Q's, which join its group: stage_q is ~0.6 us of cold code in
   // a batch-1 block, and DRAM is idle until the first copy (bench/NOTES.md round 14).
   if (ntiles > 0) tiles.load(0, w.key_begin, tid);
-  stage_q<T, D, NT>(sQ, QP, MB, q, p, w.b, w.kvh, row0, R, tid);
+  stage_q<T, D, NT>(sQ, QP, MB * MT, q, p, w.b, w.kvh, row0, R, tid);
   cp_async_commit();
 
-  // This thread's rows: g8 (h = 0) and g8 + 8 (h = 1); their mask facts.
-  long long mrow[2];
-  int causal_last[2];
+  // This thread's rows in m-tile mt: g8 (h = 0) and g8 + 8 (h = 1); their mask facts.
+  long long mrow[MT][2];
+  int causal_last[MT][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int rr = min(row0 + g8 + 8 * h, R - 1);
-    const int g = rr / Lq, i = rr - g * Lq;
-    mrow[h] = mask_row(p, w.b, w.kvh * G + g, i);
-    causal_last[h] = N - Lq + i;
-  }
-  float o[W::NTV][4];
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-  for (int n = 0; n < W::NTV; ++n)
+    for (int h = 0; h < 2; ++h) {
+      const int rr = min(row0 + mt * MB + g8 + 8 * h, R - 1);
+      const int g = rr / Lq, i = rr - g * Lq;
+      mrow[mt][h] = mask_row(p, w.b, w.kvh * G + g, i);
+      causal_last[mt][h] = N - Lq + i;
+    }
+  float o[MT][W::NTV][4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's keys
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < W::NTV; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[mt][n][c] = 0.f;
+  float m_run[MT][2], l_run[MT][2] = {};  // l: this thread's keys
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY;
 
   // This lane's K-fragment row and its offsets in a tile for k-steps 0..3. A k-step is two
   // 16-byte chunks, and the swizzle XORs a chunk's index below 8 only, so k-step kk's offset is
@@ -913,73 +921,85 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
     stage = stage + 1 == ring ? 0 : stage + 1;
 
-    // S (16 rows x this warp's 16 keys): s[n] is keys n * 8 + [0, 8).
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // S (16 rows of m-tile mt x this warp's 16 keys): s[mt][n] is keys n * 8 + [0, 8).
+    float s[MT][2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4], bk[4];
-      ldsm_x4(a, sQ + (lane & 15) * QP + kk * 16 + (lane >> 4) * 8);
+      uint32_t a[MT][4], bk[4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm_x4(a[mt], sQ + (mt * MB + (lane & 15)) * QP + kk * 16 + (lane >> 4) * 8);
       ldsm_x4(bk, tK + koff[kk % 4] + (kk / 4) * 64);
       const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-      mma16816<T>(s[0], a, b0);
-      mma16816<T>(s[1], a, b1);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(s[mt][0], a[mt], b0);
+        mma16816<T>(s[mt][1], a[mt], b1);
+      }
     }
 
     // Online softmax in registers; a row's four lanes (t4) meet by shuffles.
     const int key0 = k0 + kg * 16 + 2 * t4;
     const bool plain = p.mask_kind == 0 && k0 + TK <= w.key_end;  // uniform over the block
+    uint32_t pa[MT][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[n][c] *= scale2;
-    if (!plain) {  // one branch over all of the mask's code (fetch, above)
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[mt][n][c] *= scale2;
+      if (!plain) {  // one branch over all of the mask's code (fetch, above)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int h = c >> 1, key = key0 + n * 8 + (c & 1);
+            s[mt][n][c] = key < w.key_end ? apply_mask<T>(s[mt][n][c], p, mask, mrow[mt][h],
+                                                          key, causal_last[mt][h])
+                                          : -INFINITY;
+          }
+      }
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tmax[c >> 1] = fmaxf(tmax[c >> 1], s[mt][n][c]);
+      float alpha[2], m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+        const float m_new = fmaxf(m_run[mt][h], tmax[h]);
+        m_use[h] = m_new == -INFINITY ? 0.f : m_new;
+        alpha[h] = fast_exp2(m_run[mt][h] - m_use[h]);
+        m_run[mt][h] = m_new;
+        l_run[mt][h] *= alpha[h];
+      }
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1, key = key0 + n * 8 + (c & 1);
-          s[n][c] = key < w.key_end
-                        ? apply_mask<T>(s[n][c], p, mask, mrow[h], key, causal_last[h])
-                        : -INFINITY;
+          s[mt][n][c] = fast_exp2(s[mt][n][c] - m_use[c >> 1]);
+          l_run[mt][c >> 1] += s[mt][n][c];
+        }
+      // S's accumulator layout is P's A-fragment layout (rows g8 / g8 + 8, keys 2 t4 (+ 8)).
+      pa[mt][0] = pack2<T>(s[mt][0][0], s[mt][0][1]);
+      pa[mt][1] = pack2<T>(s[mt][0][2], s[mt][0][3]);
+      pa[mt][2] = pack2<T>(s[mt][1][0], s[mt][1][1]);
+      pa[mt][3] = pack2<T>(s[mt][1][2], s[mt][1][3]);
+
+      // Once a row's running max settles (most tiles of a long split) alpha is exactly 1.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#pragma unroll
+        for (int n = 0; n < W::NTV; ++n) {
+          o[mt][n][0] *= alpha[0];
+          o[mt][n][1] *= alpha[0];
+          o[mt][n][2] *= alpha[1];
+          o[mt][n][3] *= alpha[1];
         }
     }
-    float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) tmax[c >> 1] = fmaxf(tmax[c >> 1], s[n][c]);
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-      const float m_new = fmaxf(m_run[h], tmax[h]);
-      m_use[h] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[h] = fast_exp2(m_run[h] - m_use[h]);
-      m_run[h] = m_new;
-      l_run[h] *= alpha[h];
-    }
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[n][c] = fast_exp2(s[n][c] - m_use[c >> 1]);
-        l_run[c >> 1] += s[n][c];
-      }
-    // S's accumulator layout is P's A-fragment layout (rows g8 / g8 + 8, keys 2 t4 (+ 8)).
-    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
 
     // O (this warp's column share) = alpha O + P V over the slice's 16 keys.
-    // Once a row's running max settles (most tiles of a long split) alpha is exactly 1.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
-#pragma unroll
-      for (int n = 0; n < W::NTV; ++n) {
-        o[n][0] *= alpha[0];
-        o[n][1] *= alpha[0];
-        o[n][2] *= alpha[1];
-        o[n][3] *= alpha[1];
-      }
 #pragma unroll
     for (int n = 0; n < W::NTV; n += 2) {
       const int nt = vg * W::NTV + n;
@@ -990,84 +1010,96 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
           uint32_t bv[4];
           ldsm_x4_t(bv, tV + tile_off<E>(lane & 15, (nt + (lane >> 4)) * 8, vpitch, vsw));
           const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
-          mma16816<T>(o[n], pa, b0);
-          mma16816<T>(o[n + 1], pa, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816<T>(o[mt][n], pa[mt], b0);
+            mma16816<T>(o[mt][n + 1], pa[mt], b1);
+          }
         } else {
           uint32_t bv[2];
           ldsm_x2_t(bv, tV + tile_off<E>(lane & 15, nt * 8, vpitch, vsw));
-          mma16816<T>(o[n], pa, bv);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816<T>(o[mt][n], pa[mt], bv);
         }
       }
     }
   }
 
-  // ---- merge the key slices. Scratch in the ring (every copy has landed, every warp is done).
+  // ---- merge the key slices, an m-tile at a time. Scratch in the ring (every copy has landed,
+  // every warp is done).
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
-    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 1);
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 2);
+    }
   cp_async_wait<0>();
   __syncthreads();
   float* sMax = reinterpret_cast<float*>(sRing);  // [KG][16]
   float* sSum = sMax + W::KG * MB;                // [KG][16]
   float* sO = sSum + W::KG * MB;                  // [KG][16][V]
-  if (vg == 0 && t4 == 0)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
+    if (vg == 0 && t4 == 0)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sMax[kg * MB + g8 + 8 * h] = m_run[mt][h];
+        sSum[kg * MB + g8 + 8 * h] = l_run[mt][h];
+      }
+    __syncthreads();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      sMax[kg * MB + g8 + 8 * h] = m_run[h];
-      sSum[kg * MB + g8 + 8 * h] = l_run[h];
-    }
-  __syncthreads();
+      const int r = g8 + 8 * h;
+      float mx = -INFINITY;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = g8 + 8 * h;
-    float mx = -INFINITY;
+      for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
+      const float wgt = fast_exp2(m_run[mt][h] - (mx == -INFINITY ? 0.f : mx));
 #pragma unroll
-    for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
-    const float wgt = fast_exp2(m_run[h] - (mx == -INFINITY ? 0.f : mx));
-#pragma unroll
-    for (int n = 0; n < W::NTV; ++n) {
-      const int nt = vg * W::NTV + n;
-      if (W::NT3 % W::VG == 0 || nt < W::NT3)
-        *reinterpret_cast<float2*>(sO + (kg * MB + r) * V + nt * 8 + 2 * t4) =
-            make_float2(o[n][2 * h] * wgt, o[n][2 * h + 1] * wgt);
-    }
-  }
-  __syncthreads();
-  const int rows_here = min(MB, R - row0);
-  for (int e = tid; e < rows_here * (V / 2); e += NT) {
-    const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
-    float l = 0.f, x0 = 0.f, x1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < W::KG; ++j) {
-      l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
-      const float2 xo = *reinterpret_cast<const float2*>(sO + (j * MB + r) * V + col);
-      x0 += xo.x;
-      x1 += xo.y;
-    }
-    const int rr = row0 + r;
-    const long long row = out_row(p, w.b, w.kvh, rr);
-    if constexpr (SPLIT) {
-      const int S = p.num_splits;
-      *reinterpret_cast<float2*>(partials + (row * S + w.split) * V + col) = make_float2(x0, x1);
-      if (col == 0) {
-        maxs[row * S + w.split] = mx;
-        sums[row * S + w.split] = l;
+      for (int n = 0; n < W::NTV; ++n) {
+        const int nt = vg * W::NTV + n;
+        if (W::NT3 % W::VG == 0 || nt < W::NT3)
+          *reinterpret_cast<float2*>(sO + (kg * MB + r) * V + nt * 8 + 2 * t4) =
+              make_float2(o[mt][n][2 * h] * wgt, o[mt][n][2 * h + 1] * wgt);
       }
-    } else {
-      float f = __fdividef(1.f, l);
-      if (p.has_sinks) {
-        const float sk = Tr<T>::f(sinks[(int)((row / Lq) % p.q_heads)]) * kLog2e;
-        const float m2 = fmaxf(mx, sk);
-        const float fac = fast_exp2(mx - m2);
-        f = __fdividef(fac, l * fac + fast_exp2(sk - m2));
+    }
+    __syncthreads();
+    const int mrow0 = row0 + mt * MB, rows_here = min(MB, R - mrow0);
+    for (int e = tid; e < rows_here * (V / 2); e += NT) {
+      const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
+      const float mu = mx == -INFINITY ? 0.f : mx;
+      float l = 0.f, x0 = 0.f, x1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < W::KG; ++j) {
+        l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
+        const float2 xo = *reinterpret_cast<const float2*>(sO + (j * MB + r) * V + col);
+        x0 += xo.x;
+        x1 += xo.y;
       }
-      *reinterpret_cast<uint32_t*>(out + row * V + col) = pack2<T>(x0 * f, x1 * f);
+      const int rr = mrow0 + r;
+      const long long row = out_row(p, w.b, w.kvh, rr);
+      if constexpr (SPLIT) {
+        const int S = p.num_splits;
+        *reinterpret_cast<float2*>(partials + (row * S + w.split) * V + col) =
+            make_float2(x0, x1);
+        if (col == 0) {
+          maxs[row * S + w.split] = mx;
+          sums[row * S + w.split] = l;
+        }
+      } else {
+        float f = __fdividef(1.f, l);
+        if (p.has_sinks) {
+          const float sk = Tr<T>::f(sinks[(int)((row / Lq) % p.q_heads)]) * kLog2e;
+          const float m2 = fmaxf(mx, sk);
+          const float fac = fast_exp2(mx - m2);
+          f = __fdividef(fac, l * fac + fast_exp2(sk - m2));
+        }
+        *reinterpret_cast<uint32_t*>(out + row * V + col) = pack2<T>(x0 * f, x1 * f);
+      }
     }
   }
 }
@@ -1441,12 +1473,17 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
   }
   if constexpr (!ROWS) {
     if constexpr (Tr<T>::kMma)
-      sdpa_block_warp_keys<T, D, V, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
-                                           aotc_smem);
+      sdpa_block_warp_keys<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                              aotc_smem);
     else
       sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
   } else if (p.m_tiles == 2) {
-    sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
+    // fp16/bf16 4-warp blocks of 17-64 rows (the plan's row groups of two m-tiles).
+    if constexpr (Tr<T>::kMma && Cfg<T, D, V>::NW == 4)
+      sdpa_block_warp_keys<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
+                                              aotc_smem);
+    else
+      sdpa_block<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
   } else if constexpr (Cfg<T, D, V>::MT_MAX >= 4) {
     sdpa_block<T, D, V, 4, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
   }

@@ -99,11 +99,16 @@ STREAM_BYTES_PER_SM = 64 * 1024
 LONG_SPLIT_TILES = 32
 
 
-# Query rows per KV head up to which 4-warp fp16/bf16 blocks run as row groups of one m-tile
-# (_m_tiles). bench_sdpa --q-len, H200 (bench/NOTES.md round 19), us, 2-4 m-tiles / row groups:
-# 128/128 B=8 N=32768, 32 rows 442 / 313; 192/128 25.8 / 18.4 at 56 rows (N=4096); 24 rows, B=8
-# 192/128 608 / 521. Past 64 rows (wgmma's, on sm_90a) it was not measured.
+# Query rows per KV head up to which 4-warp fp16/bf16 blocks run the register path in row groups
+# (_register_row_groups). bench_sdpa --q-len, H200 (bench/NOTES.md round 19), us, shared-memory
+# 2-4 m-tile blocks / row groups of one m-tile: 128/128 B=8 N=32768, 32 rows 442 / 313; 192/128
+# 25.8 / 18.4 at 56 rows (N=4096); 24 rows, B=8 192/128 608 / 521. Past 64 rows (wgmma's, on
+# sm_90a) it was not measured.
 ROW_GROUPS_MAX_ROWS = 64
+# m-tiles of such a row group past 16 rows, where splits are long: the register path holds two,
+# and one K or V fragment serves both (H100: 192/128 B=8 N=32768 at 32 rows 475 us against 520-526
+# in row groups of one m-tile; 256/128 B=1 81 against 96).
+ROW_GROUP_M_TILES = 2
 
 
 @dataclass(frozen=True)
@@ -224,13 +229,18 @@ def pack_combine_params(problem: AttentionProblem, num_splits: int) -> bytes:
     return struct.pack(COMBINE_FORMAT, rows, num_splits, p.q_heads, p.q_len, int(p.has_sinks), 0)
 
 
+def _register_row_groups(rows: int, cfg: KernelConfig) -> bool:
+    """Whether blocks of these rows run the register path (fp16/bf16, 4 warps, 1 or 2 m-tiles)
+    in row groups that each read K and V (siblings at adjacent block indices, so mostly from L2),
+    rather than 2-4 m-tile blocks that share S and P through shared memory at three barriers a
+    tile."""
+    return rows <= ROW_GROUPS_MAX_ROWS and cfg.warps == 4 and cfg.dtype_size == 2
+
+
 def _m_tiles(rows: int, cfg: KernelConfig, max_shared: int) -> int:
-    """16-row m-tiles per block. Up to ROW_GROUPS_MAX_ROWS rows, 4-warp fp16/bf16 blocks take one
-    m-tile in row groups that read K and V each (siblings of adjacent block indices, so mostly
-    from L2): the one-m-tile path keeps S, P and the softmax in registers, and the 2- and 4-m-tile
-    path shares them through shared memory at three barriers a tile."""
-    if rows <= ROW_GROUPS_MAX_ROWS and cfg.warps == 4 and cfg.dtype_size == 2:
-        return 1
+    """16-row m-tiles per block (block_layout may take one instead of ROW_GROUP_M_TILES)."""
+    if _register_row_groups(rows, cfg):
+        return 1 if rows <= 16 else ROW_GROUP_M_TILES
     want = 1 if rows <= 16 else 2 if rows <= 32 else 4
     m_tiles = min(want, cfg.max_m_tiles)
     while m_tiles > 1 and cfg.shared_bytes(m_tiles) > max_shared:
@@ -336,7 +346,31 @@ def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
     max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
     cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
     rows = p.gqa_factor * p.q_len
-    m_tiles = _m_tiles(rows, cfg, max_shared)
+    layout = _layout(p, cfg, _m_tiles(rows, cfg, max_shared), sm_count, max_shared, sm_shared)
+    if layout.m_tiles > 1 and _register_row_groups(rows, cfg) and _short_splits(layout):
+        # Short splits are latency-bound: twice the blocks of one m-tile finish sooner than
+        # two-m-tile blocks that read K and V once (H100, bench/NOTES.md round 19: 192/128 B=1
+        # N=4096, 32 rows, 14.2-14.4 us against 15.5-15.6; with 256+ key tiles a split, two
+        # m-tiles won by 5-15%).
+        layout = _layout(p, cfg, 1, sm_count, max_shared, sm_shared)
+    return layout
+
+
+def _short_splits(layout: BlockLayout) -> bool:
+    """Whether the wave-filling split count leaves splits shorter than LONG_SPLIT_TILES."""
+    lay = layout
+    return lay.tiles < LONG_SPLIT_TILES * _split_count(lay.base_blocks, lay.resident, lay.tiles)
+
+
+def _layout(
+    p: AttentionProblem,
+    cfg: KernelConfig,
+    m_tiles: int,
+    sm_count: int,
+    max_shared: int,
+    sm_shared: int,
+) -> BlockLayout:
+    rows = p.gqa_factor * p.q_len
     row_groups = -(-rows // (16 * m_tiles))
     stages = _stages(cfg, m_tiles, max_shared, sm_shared)
     smem = cfg.shared_bytes(m_tiles, stages)
