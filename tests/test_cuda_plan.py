@@ -253,6 +253,8 @@ def test_many_rows_take_the_rows_entry_points():
     launch = plan_cuda(long_kv, available=NAMES, sm_count=132)[0]
     assert launch.kernel == "sdpa_vector_rows_2pass_1_bfloat16_t_192_128"  # 2 m-tiles, registers
     assert unpack(launch)[10:12] == (2, 1)
+    launch = plan_cuda(long_kv, available=NAMES, sm_count=108, arch="sm_80")[0]
+    assert unpack(launch)[10:12] == (1, 2)  # sm_80 spilled in that path: one m-tile
     rows = plan_cuda(problem(q_len=3, dtype="float32"), available=NAMES, sm_count=132)
     assert rows[0].kernel == "sdpa_vector_rows_2pass_1_float_192_128"
     assert unpack(rows[0])[10:12] == (2, 1)

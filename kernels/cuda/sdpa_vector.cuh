@@ -1445,6 +1445,15 @@ struct FusedScratch {
   }
 };
 
+// sm_80's ptxas spilled 112-168 bytes a thread from the two-m-tile register path at 255
+// registers (128/128); there the plan keeps row groups of one m-tile (cuda.py block_layout), and
+// calls of two m-tiles from another plan take the shared-memory path.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool kTwoTileRegisterPath = false;
+#else
+constexpr bool kTwoTileRegisterPath = true;
+#endif
+
 // FUSED (a split pass only): the split pass and the combine in one launch (merge_group, or
 // publish_rows and wait_and_combine). ROWS: the entry point of 2 or 4 m-tiles (`rows_` names);
 // the others hold the one-m-tile path alone. A kernel holding every path was twice the code,
@@ -1479,7 +1488,7 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
       sdpa_block<T, D, V, 1, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_smem);
   } else if (p.m_tiles == 2) {
     // fp16/bf16 4-warp blocks of 17-64 rows (the plan's row groups of two m-tiles).
-    if constexpr (Tr<T>::kMma && Cfg<T, D, V>::NW == 4)
+    if constexpr (kTwoTileRegisterPath && Tr<T>::kMma && Cfg<T, D, V>::NW == 4)
       sdpa_block_warp_keys<T, D, V, 2, SPLIT>(q, k, v, mask, sinks, out, partials, maxs, sums, p,
                                               aotc_smem);
     else
