@@ -43,6 +43,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
     "Fatbin",
@@ -70,7 +71,7 @@ _MAX_RATIO = 1024  # far above what compiled code compresses by
 _ELF_HEADER = struct.Struct("<4sBB")
 # From ELF header offset 0x28: e_shoff, then (at 0x3A) e_shentsize, e_shnum, e_shstrndx.
 _ELF_SECTIONS = struct.Struct("<Q10xHHH")
-_ELF_SECTION = struct.Struct("<II16xQQI")  # sh_name, sh_type, sh_offset, sh_size, sh_link
+_ELF_SECTION = struct.Struct("<II16xQQI")  # _Section's fields
 _ELF_SYMBOL = struct.Struct("<IBBHQQ")
 _SHT_SYMTAB, _STT_FUNC, _STO_CUDA_ENTRY = 2, 2, 0x10
 _NV_INFO_RECORD = struct.Struct("<BBH")  # format, attribute, size (format 4) or value
@@ -80,6 +81,14 @@ _PTX_ENTRY = re.compile(rb"^[ \t]*(?:\.(?:visible|weak)[ \t]+)?\.entry[ \t]+([\w
 
 class FatbinError(ValueError):
     """The data is not a well-formed fatbin, or holds no image for a request."""
+
+
+class _Section(NamedTuple):
+    name: int  # offset in the section-name string table
+    type: int
+    offset: int
+    size: int
+    link: int  # a symbol table's string table; .nv.info's symbol table
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,9 @@ class _Elf:
         if shentsize < _ELF_SECTION.size and shnum:
             raise _fail(base + 0x3A, f"ELF section header size {shentsize} is too small")
         self.need(shoff, shnum * shentsize, f"{shnum} ELF section headers")
-        self.sections = [_ELF_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
+        self.sections = [
+            _Section(*_ELF_SECTION.unpack_from(elf, shoff + i * shentsize)) for i in range(shnum)
+        ]
         self.shstrndx = shstrndx
         self._symbols: dict[int, list[tuple[str, int, int]]] = {}
 
@@ -212,7 +223,7 @@ class _Elf:
         """(offset, bytes) of section ``index``."""
         if index >= len(self.sections):
             raise _fail(self.base, f"{what} is missing section {index}")
-        _, _, offset, size, _ = self.sections[index]
+        offset, size = self.sections[index].offset, self.sections[index].size
         self.need(offset, size, what)
         return offset, self.elf[offset : offset + size]
 
@@ -226,8 +237,8 @@ class _Elf:
         if self.shstrndx >= len(self.sections):
             return None
         _, names = self.body(self.shstrndx, "the ELF section names")
-        for index, (sh_name, *_) in enumerate(self.sections):
-            if names.find(name.encode() + b"\0", sh_name) == sh_name:
+        for index, section in enumerate(self.sections):
+            if names.find(name.encode() + b"\0", section.name) == section.name:
                 return index
         return None
 
@@ -239,7 +250,7 @@ class _Elf:
 
     def _read_symbols(self, symtab: int) -> list[tuple[str, int, int]]:
         offset, table = self.body(symtab, "the ELF symbol table")
-        _, strings = self.body(self.sections[symtab][4], "the ELF string table")
+        _, strings = self.body(self.sections[symtab].link, "the ELF string table")
         result = []
         for pos in range(0, len(table) - _ELF_SYMBOL.size + 1, _ELF_SYMBOL.size):
             name, info, other, *_ = _ELF_SYMBOL.unpack_from(table, pos)
@@ -252,8 +263,8 @@ def _read_elf(elf: bytes, base: int) -> tuple[frozenset[str], dict[str, KernelRe
     their registers and stack frames from its ``.nv.info`` section."""
     cubin = _Elf(elf, base)
     kernels: set[str] = set()
-    for index, (_, sh_type, *_) in enumerate(cubin.sections):
-        if sh_type == _SHT_SYMTAB:
+    for index, section in enumerate(cubin.sections):
+        if section.type == _SHT_SYMTAB:
             kernels.update(
                 name
                 for name, info, other in cubin.symbols(index)
@@ -267,7 +278,7 @@ def _nv_info_resources(cubin: _Elf, kernels: set[str]) -> dict[str, KernelResour
     if info is None:
         return {}
     offset, records = cubin.body(info, "the .nv.info section")
-    names = [name for name, *_ in cubin.symbols(cubin.sections[info][4])]
+    names = [name for name, *_ in cubin.symbols(cubin.sections[info].link)]
     found: dict[str, dict[int, int]] = {}
     pos = 0
     while pos + _NV_INFO_RECORD.size <= len(records):
