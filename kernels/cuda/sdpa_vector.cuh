@@ -906,7 +906,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   // This lane's K-fragment row and its offsets in a tile for k-steps 0..3. A k-step is two
   // 16-byte chunks, and the swizzle XORs a chunk's index below 8 only, so k-step kk's offset is
   // koff[kk % 4] + (kk / 4) * 64: immediates in the S loop, not per-step address math.
-  static_assert(E == 8, "one m-tile path: fp16/bf16");
+  static_assert(E == 8, "the register path: fp16/bf16");
   int koff[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j)

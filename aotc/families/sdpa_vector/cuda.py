@@ -343,7 +343,8 @@ class BlockLayout:
 
 
 def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
-    max_shared, sm_shared = SHARED_LIMITS["sm_80" if arch.startswith("sm_8") else "sm_90"]
+    sm_8x = arch.startswith("sm_8")
+    max_shared, sm_shared = SHARED_LIMITS["sm_80" if sm_8x else "sm_90"]
     cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
     rows = p.gqa_factor * p.q_len
     layout = _layout(p, cfg, _m_tiles(rows, cfg, max_shared), sm_count, max_shared, sm_shared)
@@ -351,11 +352,7 @@ def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
     # blocks that read K and V once (H100, bench/NOTES.md round 19: 192/128 B=1 N=4096, 32 rows,
     # 14.2-14.4 us against 15.5-15.6; with 256+ key tiles a split, two m-tiles won by 5-15%). On
     # sm_80 the two-m-tile register path spilled (the header's kTwoTileRegisterPath).
-    if (
-        layout.m_tiles > 1
-        and _register_row_groups(rows, cfg)
-        and (arch.startswith("sm_8") or _short_splits(layout))
-    ):
+    if layout.m_tiles > 1 and _register_row_groups(rows, cfg) and (sm_8x or _short_splits(layout)):
         layout = _layout(p, cfg, 1, sm_count, max_shared, sm_shared)
     return layout
 
