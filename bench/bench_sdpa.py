@@ -213,6 +213,18 @@ def bench_mlx(fn_name, sets, scale, view, v_dim, chained=8, reps=10):
     return per_eval[len(per_eval) // 2], per_chain[len(per_chain) // 2]
 
 
+def parse_shape(text: str) -> tuple:
+    """`B,HQ,HKV,N,D,V[,view]` as a SHAPES entry (`view`: V is K's first V columns)."""
+    fields = text.split(",")
+    if len(fields) not in (6, 7) or (len(fields) == 7 and fields[6] != "view"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B,HQ,HKV,N,D,V[,view]")
+    try:
+        dims = tuple(int(f) for f in fields[:6])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: B,HQ,HKV,N,D,V must be integers") from None
+    return (*dims, len(fields) == 7)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--via", choices=["harness", "mlx"], default="harness")
@@ -230,6 +242,14 @@ def main() -> None:
         "--no-fused", action="store_true", help="split plans merge with the combine kernel"
     )
     ap.add_argument("--shapes", help="indices into bench.shapes.SHAPES (default: all)")
+    ap.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        default=[],
+        metavar="B,HQ,HKV,N,D,V[,view]",
+        help="a shape outside SHAPES (repeatable); with --shapes, timed after those",
+    )
     ap.add_argument(
         "--library", help="a harness fatbin list (default: the last bench.build_harness build)"
     )
@@ -264,8 +284,8 @@ def main() -> None:
         lib = h.load_library(args.library)
         lib.fused_ok = not args.no_fused
     shapes = SHAPES if not args.quick else SHAPES[:5] + SHAPES[6:7]
-    if args.shapes:
-        shapes = selected(args.shapes)
+    if args.shapes or args.shape:
+        shapes = (selected(args.shapes) if args.shapes else []) + args.shape
     # Each side is timed in passes of its own over every row, best of --rounds passes: a kernel
     # run right after torch's cuDNN calls can be slower (H100 round 8: 80/80 B=1 22.8 -> 25.5
     # us; H200 round 9: 256/128 B=1 55.4 us alone, 61.0 alternating with torch), so alternating
