@@ -542,6 +542,26 @@ def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
     assert f32[0].kernel == "sdpa_vector_rows_2pass_1_float_576_512"
 
 
+def test_wgmma_serves_more_rows_than_a_register_block():
+    """33-63 rows a KV head: wgmma's one 64-row group reads K and V once, where the mma.sync
+    kernels' row groups of 32 read them twice or more; not where its grid would be tiny."""
+    names = NAMES | {"sdpa_vector_wgmma_bfloat16_t_192_128", "sdpa_vector_wgmma_bfloat16_t_128_128"}
+
+    def first(**kw):
+        return plan_cuda(problem(**kw), available=names, sm_count=132, wgmma=True)[0].kernel
+
+    long_kv = dict(kv_len=32768)
+    assert first(q_len=5, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 40 rows
+    assert first(q_len=7, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 56 rows
+    assert not first(q_len=4, **long_kv).startswith("sdpa_vector_wgmma")  # 32 rows
+    assert first(q_len=5) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # N=4096: 64 blocks
+    gqa12 = dict(q_heads=48, q_len=3, qk_dim=128, v_dim=128)  # 36 rows
+    assert first(**gqa12, batch=8, kv_len=8192).startswith("sdpa_vector_wgmma")
+    # N=1024 at batch 1: 16 wgmma blocks, under a quarter of the SMs.
+    assert not first(**gqa12, kv_len=1024).startswith("sdpa_vector_wgmma")
+    assert not first(q_len=5, dtype="float32", **long_kv).startswith("sdpa_vector_wgmma")
+
+
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
     launches = plan_cuda(
         mla(q_heads=96, q_len=3, kv_len=50), available=WG_NAMES, sm_count=132, wgmma=True

@@ -279,7 +279,7 @@ def test_value_view_off_the_prefix_is_loaded(lib):
     assert h.rel_err(out, ref) < TOL["bfloat16"]
 
 
-# ---- the wgmma kernel (sm_90a): 64+ query rows per KV head on an sm_90 GPU
+# ---- the wgmma kernel (sm_90a): 33+ query rows per KV head on an sm_90 GPU
 WGMMA_PAIRS = [(576, 512), (192, 128), (256, 128), (320, 256)]
 needs_sm90 = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability(0) != (9, 0),
@@ -325,6 +325,17 @@ def test_wgmma_masks_and_query_tokens(lib, lq, mask):
     # 96 and 128 heads: row groups of 64 with padding rows past G * Lq.
     check(lib, hq=96, hkv=1, lq=lq, n=300, d=576, v=512, mask=mask, view_of_k=True)
     check(lib, b=2, hq=64, hkv=2, lq=lq, n=200, d=192, v=128, mask=mask, dtype="float16")
+
+
+@needs_sm90
+@pytest.mark.parametrize("lq", [4, 5, 7])
+@pytest.mark.parametrize("mask", [None, "causal", "bool"])
+def test_wgmma_serves_more_rows_than_a_register_block(lib, lq, mask):
+    """GQA 8 at 5 and 7 tokens (40, 56 rows) takes wgmma's one padded 64-row group; at 4 tokens
+    (32 rows) the two-m-tile register path keeps it."""
+    shape = dict(b=2, hq=32, hkv=4, lq=lq, n=4096, d=192, v=128)
+    assert _first_kernel(lib, **shape).startswith("sdpa_vector_wgmma_") == (lq > 4)
+    check(lib, **shape, mask=mask, dtype="float16" if mask == "bool" else "bfloat16")
 
 
 @needs_sm90

@@ -68,12 +68,20 @@ def combine_threads(v_dim: int, num_splits: int) -> int:
 
 
 # The wgmma kernel (sm_90a): 64 query rows and 64 keys per step, three warpgroups, one block per
-# SM. It pays off where the rows sharing a KV head fill its 64-row MMAs (MLA's 128 heads).
+# SM. It pays off where the rows sharing a KV head fill its 64-row MMAs (MLA's 128 heads), and
+# from 33 rows: past the 32 that one two-m-tile register block holds, the mma.sync kernels read
+# K and V once per row group. H100, bench/NOTES.md round 20, us, mma.sync plan / wgmma: 192/128
+# N=32768 GQA 8 at 5 and 7 tokens (40, 56 rows) B=1 70.7-72.2 / 44.4-47.4, B=8 417-419 / 258;
+# GQA 12 at 3 tokens (36 rows) B=8 N=8192 124-125 / 72; 256/128 B=1 N=8192 at 7 tokens 29.8 /
+# 20.5. Up to 32 rows mma.sync stays ahead (192/128 B=8 at 8 tokens 476 / 503).
 WGMMA_ROWS = 64
 WGMMA_KEYS = 64
 WGMMA_ATOM_COLS = 64  # 16-bit columns of one 128-byte swizzle atom
 WGMMA_THREADS = 384
-WGMMA_MIN_ROWS = 64
+WGMMA_MIN_ROWS = 33
+# Below 64 rows, a wgmma grid this far under the SM count leaves the short, latency-bound call
+# to mma.sync's many blocks (GQA 12, 3 tokens, B=1 N=1024: 16 wgmma blocks 11.6 us against 10.3).
+WGMMA_MIN_GRID_SHARE = 4  # sm_count // this
 # ... and where K and V rows are wide (576/512 with GQA 8: 8 rows, memory-bound), the mma.sync
 # kernel's one 8-warp block per SM lags: wgmma 752 vs 804 us on an H100 (bench/NOTES.md).
 WGMMA_WIDE_HEADS = 1024  # D + V
@@ -474,7 +482,7 @@ def plan_cuda(
         scale = 1.0 / math.sqrt(p.qk_dim)
     combine = combine_name(type_name, p.v_dim)
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
-    if wgmma and _wgmma_serves(p) and {wg_kernel, combine} <= set(available):
+    if wgmma and _wgmma_serves(p, sm_count) and {wg_kernel, combine} <= set(available):
         return _plan_wgmma(p, wg_kernel, combine, scale, sm_count, num_splits)
 
     layout = block_layout(p, arch, sm_count)
@@ -523,11 +531,31 @@ def _check_problem(p: AttentionProblem) -> None:
         raise Unsupported(f"dtype {p.dtype} has no CUDA kernel")
 
 
-def _wgmma_serves(p: AttentionProblem) -> bool:
+def _wgmma_serves(p: AttentionProblem, sm_count: int) -> bool:
     """Shapes where the wgmma kernel beats the mma.sync ones: many rows or wide heads."""
-    rows_fill = p.gqa_factor * p.q_len >= WGMMA_MIN_ROWS
-    wide = p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS
-    return (rows_fill or wide) and wgmma_supported(p.dtype, p.qk_dim, p.v_dim)
+    if not wgmma_supported(p.dtype, p.qk_dim, p.v_dim):
+        return False
+    rows = p.gqa_factor * p.q_len
+    if rows >= WGMMA_ROWS or p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS:
+        return True
+    if rows < WGMMA_MIN_ROWS:
+        return False
+    row_groups, splits, _ = _wgmma_grid(p, sm_count, None)
+    return p.batch * p.kv_heads * row_groups * splits >= sm_count // WGMMA_MIN_GRID_SHARE
+
+
+def _wgmma_grid(p: AttentionProblem, sm_count: int, num_splits: int | None) -> tuple[int, int, int]:
+    """(row groups, key splits, keys per split) of the wgmma split pass: whole 64-key tiles,
+    at least WGMMA_MIN_TILES a split unless `num_splits` forces the count."""
+    row_groups = -(-p.gqa_factor * p.q_len // WGMMA_ROWS)
+    tiles = -(-p.kv_len // WGMMA_KEYS)
+    if num_splits is None:
+        num_splits = _split_count(
+            p.batch * p.kv_heads * row_groups, sm_count, tiles, WGMMA_MIN_TILES
+        )
+    num_splits = max(1, min(num_splits, tiles))
+    keys_per_split = -(-tiles // num_splits) * WGMMA_KEYS
+    return row_groups, -(-p.kv_len // keys_per_split), keys_per_split
 
 
 def _block_kernels(
@@ -652,15 +680,8 @@ def _plan_wgmma(
     num_splits: int | None,
 ) -> list[Launch]:
     """The wgmma split pass (one block per SM) and the combine, also for a single split."""
-    rows = p.gqa_factor * p.q_len
-    row_groups = -(-rows // WGMMA_ROWS)
+    row_groups, num_splits, keys_per_split = _wgmma_grid(p, sm_count, num_splits)
     base_blocks = p.batch * p.kv_heads * row_groups
-    tiles = -(-p.kv_len // WGMMA_KEYS)
-    if num_splits is None:
-        num_splits = _split_count(base_blocks, sm_count, tiles, WGMMA_MIN_TILES)
-    num_splits = max(1, min(num_splits, tiles))
-    keys_per_split = -(-tiles // num_splits) * WGMMA_KEYS
-    num_splits = -(-p.kv_len // keys_per_split)
     params = pack_params(
         scale=scale,
         problem=p,
