@@ -562,6 +562,22 @@ def test_wgmma_serves_more_rows_than_a_register_block():
     assert not first(q_len=5, dtype="float32", **long_kv).startswith("sdpa_vector_wgmma")
 
 
+def test_wgmma_splits_fill_one_wave_of_one_block_per_sm():
+    names = WG_NAMES | {"sdpa_vector_wgmma_bfloat16_t_192_128"}
+
+    def grid(p):
+        return plan_cuda(p, available=names, sm_count=132, wgmma=True)[0].grid[0]
+
+    # 4 KV heads (B=1) and 8 (B=2) of 40 rows: 32 and 16 splits, 128 blocks (not 116 and 120).
+    assert grid(problem(q_len=5, kv_len=32768)) == 128
+    assert grid(problem(batch=2, q_len=5, kv_len=32768)) == 128
+    # Splits keep WGMMA_MIN_TILES tiles: N=4096 (64 tiles) gives 4 KV heads 16 splits each.
+    assert grid(problem(q_len=5, kv_len=4096)) == 64
+    # 48 row groups fill one wave to 96 blocks only: two waves of 5 splits fill them better.
+    assert grid(problem(batch=12, q_len=5, kv_len=32768)) == 240
+    assert grid(mla()) == 16 * 8 and grid(mla(batch=1)) == 2 * 64  # MLA as before
+
+
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
     launches = plan_cuda(
         mla(q_heads=96, q_len=3, kv_len=50), available=WG_NAMES, sm_count=132, wgmma=True
