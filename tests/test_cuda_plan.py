@@ -571,8 +571,11 @@ def test_wgmma_splits_fill_one_wave_of_one_block_per_sm():
     # 4 KV heads (B=1) and 8 (B=2) of 40 rows: 32 and 16 splits, 128 blocks (not 116 and 120).
     assert grid(problem(q_len=5, kv_len=32768)) == 128
     assert grid(problem(batch=2, q_len=5, kv_len=32768)) == 128
-    # Splits keep WGMMA_MIN_TILES tiles: N=4096 (64 tiles) gives 4 KV heads 16 splits each.
-    assert grid(problem(q_len=5, kv_len=4096)) == 64
+    # Narrow heads' splits keep 2 tiles: N=4096 (64 tiles) gives 4 KV heads 32 splits each,
+    # and N=2048 16; MLA keeps 4 (B=1 N=8192: 32 splits, not 64).
+    assert grid(problem(q_len=5, kv_len=4096)) == 128
+    assert grid(problem(q_len=5, kv_len=2048)) == 64
+    assert grid(mla(batch=1, kv_len=8192)) == 2 * 32
     # 48 row groups fill one wave to 96 blocks only: two waves of 5 splits fill them better.
     assert grid(problem(batch=12, q_len=5, kv_len=32768)) == 240
     assert grid(mla()) == 16 * 8 and grid(mla(batch=1)) == 2 * 64  # MLA as before

@@ -85,7 +85,12 @@ WGMMA_MIN_GRID_SHARE = 4  # sm_count // this
 # ... and where K and V rows are wide (576/512 with GQA 8: 8 rows, memory-bound), the mma.sync
 # kernel's one 8-warp block per SM lags: wgmma 752 vs 804 us on an H100 (bench/NOTES.md).
 WGMMA_WIDE_HEADS = 1024  # D + V
-WGMMA_MIN_TILES = 4  # key tiles per split: Q (64 x D) is staged once per block
+# Key tiles a wgmma split keeps at least (Q, 64 x D, is staged once per block). Wide heads
+# (MLA) need 4: at 2, MLA B=1 N=8192 ran 26.7 us against 24.5, N=4096 23.3 against 22.2. Narrow
+# ones gain from 2 at short KV: 192/128 GQA 8 at 5 and 7 tokens, B=1 N=4096, 13.4 and 13.9 us
+# against 15.4 and 15.8; 128/128 GQA 12 at 5 tokens 12.4 against 14.2 (H100, round 20).
+WGMMA_MIN_TILES = 4
+WGMMA_NARROW_MIN_TILES = 2
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -546,11 +551,12 @@ def _wgmma_serves(p: AttentionProblem, sm_count: int) -> bool:
 
 def _wgmma_grid(p: AttentionProblem, sm_count: int, num_splits: int | None) -> tuple[int, int, int]:
     """(row groups, key splits, keys per split) of the wgmma split pass: whole 64-key tiles,
-    at least WGMMA_MIN_TILES a split unless `num_splits` forces the count."""
+    at least _wgmma_min_tiles a split unless `num_splits` forces the count."""
     row_groups = -(-p.gqa_factor * p.q_len // WGMMA_ROWS)
     tiles = -(-p.kv_len // WGMMA_KEYS)
     if num_splits is None:
-        num_splits = _one_wave_split_count(p.batch * p.kv_heads * row_groups, sm_count, tiles)
+        base_blocks = p.batch * p.kv_heads * row_groups
+        num_splits = _one_wave_split_count(base_blocks, sm_count, tiles, _wgmma_min_tiles(p))
     num_splits = max(1, min(num_splits, tiles))
     keys_per_split = -(-tiles // num_splits) * WGMMA_KEYS
     return row_groups, -(-p.kv_len // keys_per_split), keys_per_split
@@ -669,18 +675,23 @@ def _split_launches(
     ]
 
 
-def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int) -> int:
-    """wgmma blocks own an SM each: the most whole-tile splits (at least WGMMA_MIN_TILES tiles)
+def _wgmma_min_tiles(p: AttentionProblem) -> int:
+    wide = p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS
+    return WGMMA_MIN_TILES if wide else WGMMA_NARROW_MIN_TILES
+
+
+def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles: int) -> int:
+    """wgmma blocks own an SM each: the most whole-tile splits (at least `min_tiles` tiles)
     whose grid fits one wave, where that wave fills 90% of the SMs; otherwise the wave-filling
     count of _split_count. H200, bench/NOTES.md round 20: 192/128 GQA 8 at 5 tokens, N=32768,
     B=1 32 splits (128 blocks) 39.0 us against _split_count's 29 (116) 41.5; B=2 16 (128) 67.0
     against 15 (120) 71.5."""
-    cap = min(tiles // WGMMA_MIN_TILES, sm_count // base_blocks)
+    cap = min(tiles // min_tiles, sm_count // base_blocks)
     if cap >= 1:
         most = max(-(-tiles // -(-tiles // s)) for s in range(1, cap + 1))
         if 10 * base_blocks * most >= 9 * sm_count:
             return most
-    return _split_count(base_blocks, sm_count, tiles, WGMMA_MIN_TILES)
+    return _split_count(base_blocks, sm_count, tiles, min_tiles)
 
 
 def _plan_wgmma(
