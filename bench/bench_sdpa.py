@@ -8,6 +8,12 @@ evaluated call and chained). mx.fast SDPA is timed whenever MLX with CUDA is imp
 K+V TB/s counts the K and V bytes read once (V a view of K counts once); MLA rows report
 TFLOP/s (2 * B * Hq * Lq * N * (D + V)). Each side is timed in `--rounds` passes of its own over
 every row (aotc's, then torch's), and the best time of each side is reported.
+
+    python3 -m bench.bench_sdpa --no-mlx --q-len 5 --shape 1,32,4,32768,192,128 \
+        [--plan-constant WGMMA_MIN_ROWS=64]
+
+times a shape outside bench.shapes.SHAPES at 5 query tokens, optionally with a plan constant
+changed for the run: run it twice, with and without, for a plan rule's A/B on one card.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from functools import partial
 
 import torch
 
+from bench.options import parse_constant, parse_shape, set_plan_constants
 from bench.shapes import SHAPES, attention_flops, kv_bytes, selected, set_count
 
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
@@ -213,18 +220,6 @@ def bench_mlx(fn_name, sets, scale, view, v_dim, chained=8, reps=10):
     return per_eval[len(per_eval) // 2], per_chain[len(per_chain) // 2]
 
 
-def parse_shape(text: str) -> tuple:
-    """`B,HQ,HKV,N,D,V[,view]` as a SHAPES entry (`view`: V is K's first V columns)."""
-    fields = text.split(",")
-    if len(fields) not in (6, 7) or (len(fields) == 7 and fields[6] != "view"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected B,HQ,HKV,N,D,V[,view]")
-    try:
-        dims = tuple(int(f) for f in fields[:6])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: B,HQ,HKV,N,D,V must be integers") from None
-    return (*dims, len(fields) == 7)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--via", choices=["harness", "mlx"], default="harness")
@@ -254,12 +249,23 @@ def main() -> None:
         "--library", help="a harness fatbin list (default: the last bench.build_harness build)"
     )
     ap.add_argument(
+        "--plan-constant",
+        action="append",
+        type=parse_constant,
+        default=[],
+        metavar="NAME=INT",
+        help="set an integer constant of the CUDA plan for this run (a plan rule's A/B), "
+        "e.g. WGMMA_MIN_ROWS=64",
+    )
+    ap.add_argument(
         "--q-len",
         type=int,
         default=1,
         help="query tokens per head (speculative decoding: 2-8; no mask on either side)",
     )
     args = ap.parse_args()
+    if args.plan_constant:
+        print("plan constants:", set_plan_constants(args.plan_constant))
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype
     ]
