@@ -325,7 +325,7 @@ def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) ->
     best (>= 90% of the best fill, up to 4 waves); 1 when the base grid fills the GPU well.
     Each split keeps at least `min_tiles` tiles."""
     cap = max(1, min(tiles // min_tiles, -(-4 * wave // base_blocks)))
-    counts = sorted({-(-tiles // -(-tiles // s)) for s in range(1, cap + 1)})
+    counts = _whole_tile_counts(tiles, cap)
 
     def fill(s: int) -> float:
         blocks = base_blocks * s
@@ -333,6 +333,20 @@ def _split_count(base_blocks: int, wave: int, tiles: int, min_tiles: int = 1) ->
 
     best = max(fill(s) for s in counts)
     return next(s for s in counts if fill(s) >= 0.9 * best)
+
+
+def _whole_tile_counts(tiles: int, cap: int) -> list[int]:
+    """The split counts up to `cap` that whole key tiles allow (each split ceil(tiles / s)
+    tiles, so some requested counts give fewer splits), ascending."""
+    return sorted({-(-tiles // -(-tiles // s)) for s in range(1, cap + 1)})
+
+
+def _whole_tile_splits(kv_len: int, key_tile: int, num_splits: int) -> tuple[int, int]:
+    """(splits, keys per split) for about `num_splits` splits of whole key tiles."""
+    tiles = -(-kv_len // key_tile)
+    num_splits = max(1, min(num_splits, tiles))
+    keys_per_split = -(-tiles // num_splits) * key_tile
+    return -(-kv_len // keys_per_split), keys_per_split
 
 
 @dataclass(frozen=True)
@@ -436,15 +450,6 @@ def _default_split_count(layout: BlockLayout, fused: bool, rows_total: int) -> i
     return num_splits
 
 
-def _whole_tile_splits(
-    p: AttentionProblem, layout: BlockLayout, num_splits: int
-) -> tuple[int, int]:
-    """(splits, keys per split) for about `num_splits` splits of whole key tiles."""
-    num_splits = max(1, min(num_splits, layout.tiles))
-    keys_per_split = -(-layout.tiles // num_splits) * layout.cfg.key_tile
-    return -(-p.kv_len // keys_per_split), keys_per_split
-
-
 def _split_shared_memory(layout: BlockLayout, num_splits: int) -> tuple[int, int]:
     """(stages, dynamic shared bytes) of the split blocks."""
     lay, cfg = layout, layout.cfg
@@ -487,7 +492,7 @@ def plan_cuda(
         scale = 1.0 / math.sqrt(p.qk_dim)
     combine = combine_name(type_name, p.v_dim)
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
-    if wgmma and _wgmma_serves(p, sm_count) and {wg_kernel, combine} <= set(available):
+    if wgmma and {wg_kernel, combine} <= set(available) and _wgmma_serves(p, sm_count):
         return _plan_wgmma(p, wg_kernel, combine, scale, sm_count, num_splits)
 
     layout = block_layout(p, arch, sm_count)
@@ -495,7 +500,7 @@ def plan_cuda(
     rows_total = p.batch * p.q_heads * p.q_len
     if num_splits is None:
         num_splits = _default_split_count(layout, fused in available, rows_total)
-    num_splits, keys_per_split = _whole_tile_splits(p, layout, num_splits)
+    num_splits, keys_per_split = _whole_tile_splits(p.kv_len, layout.cfg.key_tile, num_splits)
     if num_splits > 1 and (first not in available or combine not in available):
         num_splits, keys_per_split = 1, layout.tiles * layout.cfg.key_tile
     stages, smem = _split_shared_memory(layout, num_splits)
@@ -541,7 +546,7 @@ def _wgmma_serves(p: AttentionProblem, sm_count: int) -> bool:
     if not wgmma_supported(p.dtype, p.qk_dim, p.v_dim):
         return False
     rows = p.gqa_factor * p.q_len
-    if rows >= WGMMA_ROWS or p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS:
+    if rows >= WGMMA_ROWS or _wide_heads(p):
         return True
     if rows < WGMMA_MIN_ROWS:
         return False
@@ -557,9 +562,7 @@ def _wgmma_grid(p: AttentionProblem, sm_count: int, num_splits: int | None) -> t
     if num_splits is None:
         base_blocks = p.batch * p.kv_heads * row_groups
         num_splits = _one_wave_split_count(base_blocks, sm_count, tiles, _wgmma_min_tiles(p))
-    num_splits = max(1, min(num_splits, tiles))
-    keys_per_split = -(-tiles // num_splits) * WGMMA_KEYS
-    return row_groups, -(-p.kv_len // keys_per_split), keys_per_split
+    return row_groups, *_whole_tile_splits(p.kv_len, WGMMA_KEYS, num_splits)
 
 
 def _block_kernels(
@@ -675,9 +678,12 @@ def _split_launches(
     ]
 
 
+def _wide_heads(p: AttentionProblem) -> bool:
+    return p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS
+
+
 def _wgmma_min_tiles(p: AttentionProblem) -> int:
-    wide = p.qk_dim + p.v_dim >= WGMMA_WIDE_HEADS
-    return WGMMA_MIN_TILES if wide else WGMMA_NARROW_MIN_TILES
+    return WGMMA_MIN_TILES if _wide_heads(p) else WGMMA_NARROW_MIN_TILES
 
 
 def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles: int) -> int:
@@ -688,7 +694,7 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
     against 15 (120) 71.5."""
     cap = min(tiles // min_tiles, sm_count // base_blocks)
     if cap >= 1:
-        most = max(-(-tiles // -(-tiles // s)) for s in range(1, cap + 1))
+        most = _whole_tile_counts(tiles, cap)[-1]
         if 10 * base_blocks * most >= 9 * sm_count:
             return most
     return _split_count(base_blocks, sm_count, tiles, min_tiles)
