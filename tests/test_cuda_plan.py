@@ -411,6 +411,10 @@ int main() {
   cfg<__nv_bfloat16, 192, 128>("bfloat16"); cfg<__half, 576, 512>("float16");
   cfg<float, 576, 512>("float32"); cfg<float, 96, 64>("float32"); cfg<__half, 80, 80>("float16");
   cfg<__nv_bfloat16, 320, 256>("bfloat16"); cfg<float, 256, 128>("float32");
+  wcfg<__nv_bfloat16, 576, 512>("bfloat16"); wcfg<__half, 192, 128>("float16");
+  wcfg<__nv_bfloat16, 256, 128>("bfloat16"); wcfg<__nv_bfloat16, 128, 128>("bfloat16");
+  wcfg<__half, 512, 512>("float16"); wcfg<__nv_bfloat16, 448, 384>("bfloat16");
+  wcfg<float, 192, 128>("float32"); wcfg<__half, 80, 80>("float16");
   // batch 1, 32 query heads, one token, 32 splits, V = 128, a flag slot per (row, split)
   std::printf("scratch %lld\n", fused_scratch_words(32LL * 32, 128, 32LL * 32));
   std::printf("wparams %zu %zu %zu %zu\n", sizeof(wg::WParams), offsetof(wg::WParams, maps),

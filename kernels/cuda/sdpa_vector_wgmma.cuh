@@ -41,7 +41,6 @@ namespace wg {
 constexpr int kRows = 64;        // query rows per block
 constexpr int kKeys = 64;        // keys per tile
 constexpr int kThreads = 384;    // three warpgroups
-constexpr int kSlots = 2;        // K / V tile slots
 constexpr int kAtom = 64 * 128;  // 64 rows of one 128-byte (64-element) column atom
 constexpr int kParts = 3;        // a slot's tile lands in up to three parts (column ranges)
 template <int N>
@@ -54,22 +53,39 @@ struct KParts {
   static constexpr int CUT1 = V_IN_K ? VA : DA;
 };
 
-// Mirrored by wgmma_config() in aotc/families/sdpa_vector/cuda.py.
+constexpr int kSharedLimit = 232448;  // Hopper's opt-in shared memory per block
+constexpr int kDeepMinTiles = 3;      // key tiles of a split that takes two-deep K and V slots
+
+// Mirrored by wgmma_shared_bytes() in aotc/families/sdpa_vector/__init__.py.
+// Tile slots: where V is K's prefix (MLA), two K tiles (tile t in slot t % 2). Otherwise DEEP
+// layouts hold two K and two V tiles (slots 0-1 K, 2-3 V: tile t + 2 loads while t and t + 1
+// are read; splits under kDeepMinTiles use slots 0 and 2 only); layouts whose four tiles do not
+// fit (576/512) hold one K (slot 0) and one V (slot 1), so tile t + 1 is only requested once t
+// is read.
 template <int D, int V>
 struct WCfg {
   static constexpr int DA = D / 64;  // column atoms of a Q / K row
   static constexpr int VA = V / 64;
   static constexpr int NV = V / 2;  // output columns per warpgroup
   static constexpr int Q_BYTES = DA * kAtom;
-  static constexpr int SLOT_BYTES = cmax(DA, VA) * kAtom;
-  static constexpr int BAR_BYTES = kSlots * kParts * 8;  // an mbarrier per part of each slot
-  static constexpr int SMEM = Q_BYTES + kSlots * SLOT_BYTES + kAtom + kRows * 4 + BAR_BYTES + 1024;
+  static constexpr int REST = kAtom + kRows * 4 + 1024;  // P, rescale factors, alignment
+  static constexpr int bar_bytes(int slots) { return slots * kParts * 8; }  // per slot part
+  static constexpr int DEEP_SLOT_BYTES = 2 * (DA + VA) * kAtom;
+  static constexpr bool DEEP = Q_BYTES + DEEP_SLOT_BYTES + bar_bytes(4) + REST <= kSharedLimit;
+  static constexpr int SLOTS = DEEP ? 4 : 2;
+  static constexpr int SLOTS_BYTES = DEEP ? DEEP_SLOT_BYTES : 2 * cmax(DA, VA) * kAtom;
+  static constexpr int BAR_BYTES = bar_bytes(SLOTS);
+  static constexpr int SMEM = Q_BYTES + SLOTS_BYTES + BAR_BYTES + REST;
+  // Byte offset of slot s in the slot area.
+  static constexpr int slot_offset(int s) {
+    return DEEP ? (s < 2 ? s * DA : 2 * DA + (s - 2) * VA) * kAtom : s * cmax(DA, VA) * kAtom;
+  }
 };
 
 template <typename T, int D, int V>
 __host__ __device__ constexpr bool supported() {
   return !std::is_same<T, float>::value && D % 64 == 0 && V % 128 == 0 && V <= 512 &&
-         WCfg<D, V>::SMEM <= 232448;
+         WCfg<D, V>::SMEM <= kSharedLimit;
 }
 
 // ---------------------------------------------------------------- wgmma helpers
@@ -434,7 +450,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const uint32_t sQ = (raw + 1023) & ~1023u;
   char* const gQ = smem_raw + (sQ - raw);
   const uint32_t slots = sQ + C::Q_BYTES;
-  const uint32_t sP = slots + kSlots * C::SLOT_BYTES;
+  const uint32_t sP = slots + C::SLOTS_BYTES;
   char* const gP = gQ + (sP - sQ);
   float* const sAlpha = reinterpret_cast<float*>(gP + kAtom);
 
@@ -451,14 +467,23 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const TensorMap* const kmap = tma ? &wp.maps[0] : nullptr;
   const TensorMap* const vmap = tma ? &wp.maps[1] : nullptr;
   // V is K's prefix (MLA: v = k[..., :V]) when this block's V rows are K's rows: slots then
-  // hold K tiles only, tile t in slot t % 2; else slot 0 holds K(t) and slot 1 V(t).
+  // hold K tiles only, tile t in slot t % 2. Else (WCfg's slots) K(t) in slot t % 2 and V(t) in
+  // 2 + t % 2 where the layout is DEEP, else K(t) in slot 0 and V(t) in slot 1.
   const bool v_in_k = V <= D && vbase == kbase && p.v_strides[2] == p.k_strides[2] &&
                       p.v_strides[3] == p.k_strides[3];
-  auto kslot = [&](int t) { return v_in_k ? (t & 1) : 0; };
-  auto vslot = [&](int t) { return v_in_k ? (t & 1) : 1; };
-  // Parity of the fill of a slot that holds tile t: slots fill every other tile under MLA.
-  auto parity = [&](int t) { return (v_in_k ? t >> 1 : t) & 1; };
-  auto slot_at = [&](int slot) { return slots + slot * C::SLOT_BYTES; };
+  // Two tiles of each kind in flight: tile t + 2 refills tile t's slots. Not for splits of
+  // kDeepMinTiles - 1 tiles or fewer: loading tile 1 beside tile 0 delays tile 0, and with it
+  // the whole split (H100, bench/NOTES.md round 21: 192/128, 64 rows, 2-tile splits 14.7 us
+  // two deep against 13.6 one deep).
+  const bool two_deep = v_in_k || (C::DEEP && ntiles >= kDeepMinTiles);
+  auto kslot = [&](int t) { return two_deep ? (t & 1) : 0; };
+  auto vslot = [&](int t) {
+    return v_in_k ? (t & 1) : two_deep ? 2 + (t & 1) : C::DEEP ? 2 : 1;
+  };
+  // Parity of the fill of a slot that holds tile t: two-deep slots fill every other tile.
+  auto parity = [&](int t) { return (two_deep ? t >> 1 : t) & 1; };
+  const int refill = two_deep ? 2 : 1;  // a slot's next tile: t + refill
+  auto slot_at = [&](int slot) { return slots + C::slot_offset(slot); };
   auto bar = [&](int slot, int part) { return sBars + (slot * kParts + part) * 8; };
   // A tile lands in parts, each staged by one warpgroup and waited for on its own mbarrier.
   // V tiles (and K tiles that hold V): the two halves of V, each staged by the warpgroup that
@@ -490,21 +515,23 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   auto stage_k_all = [&](int t, int slot) {
     for (int part = 0; part < kParts; ++part) stage_k(t, slot, part);
   };
-  // This warpgroup's half of V(t) into slot 1 (separate V only).
+  // This warpgroup's half of V(t) into its slot (separate V only).
   auto stage_v = [&](int t) {
-    const uint32_t dst = slot_at(1);
-    if (AOTC_SKIP(2) && t > 0) skip_stage(bar(1, wg - 1));
+    const int slot = vslot(t);
+    const uint32_t dst = slot_at(slot);
+    if (AOTC_SKIP(2) && t >= refill) skip_stage(bar(slot, wg - 1));
     else
       stage_cols<T, VH>(dst, gQ + (dst - sQ), vbase, p.v_strides, vvec, (wg - 1) * VH,
-                        key_begin + t * kKeys, key_end, tid & 127, bar(1, wg - 1), vmap, kvh,
+                        key_begin + t * kKeys, key_end, tid & 127, bar(slot, wg - 1), vmap, kvh,
                         b);
   };
 
   // Prologue: Q (all threads, waited for here) and the first tiles (warpgroups 1 and 2,
-  // arriving on their parts' mbarriers): K(0) and K(1), or K(0) and V(0).
+  // arriving on their parts' mbarriers): K(0) and K(1); K(0), V(0), K(1) and V(1); or K(0) and
+  // V(0).
   // A part lands on its mbarrier by the arrivals of its warpgroup's 128 copying threads, or by
   // one arrival that expects the bytes of its TMA boxes.
-  if (tid < kSlots * kParts) {
+  if (tid < C::SLOTS * kParts) {
     mbar_init(sBars + tid * 8, tma ? 1 : 128);
     if (tma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // for TMA
   }
@@ -518,7 +545,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   if (wg > 0) {
     stage_k_all(0, 0);
     if (!v_in_k) stage_v(0);
-    else if (ntiles > 1) stage_k_all(1, 1);
+    if (two_deep && ntiles > 1) {
+      stage_k_all(1, 1);
+      if (!v_in_k) stage_v(1);
+    }
   }
   cp_async_wait<0>();  // Q's group; the tiles' copies are in no group
   fence_async_shared();
@@ -631,14 +661,15 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     for (int t = 0; t < ntiles; ++t) {
       const bool more = t + 1 < ntiles;
       bar_sync<kBarPReady, kThreads>();  // P(t), alpha(t); S(t) is done with K(t)
+      const bool next = t + refill < ntiles;  // a tile to load into tile t's slots
       if (!v_in_k) {
-        mbar_wait(bar(1, half), t & 1);  // this half of V(t) landed
+        mbar_wait(bar(vslot(t), half), parity(t));  // this half of V(t) landed
         fence_async_shared();
       }
-      // Refill what only S reads: K(t + 1) into slot 0, or (MLA) the columns of K(t + 2) past
-      // V into tile t's slot.
-      if (!v_in_k && more) stage_k_all(t + 1, 0);
-      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), 2);
+      // Refill what only S reads: K(t + refill) into K(t)'s slot, or (MLA) the columns of
+      // K(t + 2) past V.
+      if (!v_in_k && next) stage_k_all(t + refill, kslot(t));
+      if (v_in_k && next) stage_k(t + 2, kslot(t), 2);
       rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
       wgmma_fence();
       const uint64_t pd = sw128_desc(sP, 16, 1024);
@@ -653,9 +684,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       wgmma_wait_all();
       fence_regs(o);
       if (more) bar_arrive<kBarPFree, kThreads>();
-      // This half of tile t's V atoms is free: V(t + 1), or (MLA) K(t + 2)'s V columns.
-      if (!v_in_k && more) stage_v(t + 1);
-      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
+      // This half of tile t's V atoms is free: V(t + refill), or (MLA) K(t + 2)'s V columns.
+      if (!v_in_k && next) stage_v(t + refill);
+      if (v_in_k && next) stage_k(t + 2, kslot(t), half);
     }
     // ---- unnormalised partial O of the split
 #pragma unroll

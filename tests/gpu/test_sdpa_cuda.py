@@ -339,6 +339,30 @@ def test_wgmma_serves_more_rows_than_a_register_block(lib, lq, mask):
 
 
 @needs_sm90
+@pytest.mark.parametrize(
+    "pair", [(192, 128), (256, 128), (128, 128)], ids=lambda p: f"{p[0]}x{p[1]}"
+)
+@pytest.mark.parametrize("n", [100, 130, 256, 320, 1000])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+def test_wgmma_two_deep_slots(lib, pair, n, tma):
+    """Narrow pairs with their own V hold two K and two V tiles: splits of 3+ tiles (odd and
+    even counts, a partial last tile) load tile t + 2 into tile t's slots, splits of 2 or fewer
+    one of each. Tiles by TMA and, with the maps left unencoded, by cp.async; 64-row groups and
+    a padded one (80 rows)."""
+    d, v = pair
+    lib.tma = tma
+    try:
+        for hq, lq in ((128, 1), (40, 2)):
+            shape = dict(hq=hq, hkv=1, lq=lq, n=n, d=d, v=v)
+            assert _first_kernel(lib, **shape).startswith("sdpa_vector_wgmma_")
+            check(lib, **shape, num_splits=1)
+            check(lib, b=2, **shape, mask="causal", num_splits=2, dtype="float16")
+            assert lib.last_maps_ok == (3 if tma else 0)
+    finally:
+        lib.tma = True
+
+
+@needs_sm90
 @pytest.mark.parametrize("splits", [1, 5])
 def test_wgmma_sinks_and_forced_splits(lib, splits):
     check(lib, hq=128, hkv=1, n=1500, d=576, v=512, sinks=True, view_of_k=True, num_splits=splits)

@@ -61,15 +61,20 @@ def wgmma_name(type_name: str, d: int, v: int) -> str:
 
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
-# (Q, two K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
+# (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
 # 227 KB opt-in.
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_MAX_SHARED = 232448
 
 
 def wgmma_shared_bytes(d: int, v: int) -> int:
-    atom, barriers = 64 * 128, 2 * 3 * 8
-    return (d // 64) * atom + 2 * max(d // 64, v // 64) * atom + atom + 64 * 4 + barriers + 1024
+    """Two K and two V tile slots where they fit (WCfg::DEEP), else two slots of the wider."""
+    atom, parts = 64 * 128, 3
+    q_and_rest = (d // 64) * atom + atom + 64 * 4 + 1024
+    deep = q_and_rest + 2 * (d // 64 + v // 64) * atom + 4 * parts * 8
+    if deep <= WGMMA_MAX_SHARED:
+        return deep
+    return q_and_rest + 2 * max(d // 64, v // 64) * atom + 2 * parts * 8
 
 
 def wgmma_supported(dtype: str, d: int, v: int) -> bool:
