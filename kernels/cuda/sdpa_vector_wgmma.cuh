@@ -69,7 +69,8 @@ struct WCfg {
   static constexpr int NV = V / 2;  // output columns per warpgroup
   static constexpr int Q_BYTES = DA * kAtom;
   static constexpr int REST = kAtom + kRows * 4 + 1024;  // P, rescale factors, alignment
-  static constexpr int bar_bytes(int slots) { return slots * kParts * 8; }  // per slot part
+  // An mbarrier per part of each slot.
+  __host__ __device__ static constexpr int bar_bytes(int slots) { return slots * kParts * 8; }
   static constexpr int DEEP_SLOT_BYTES = 2 * (DA + VA) * kAtom;
   static constexpr bool DEEP = Q_BYTES + DEEP_SLOT_BYTES + bar_bytes(4) + REST <= kSharedLimit;
   static constexpr int SLOTS = DEEP ? 4 : 2;
@@ -77,7 +78,7 @@ struct WCfg {
   static constexpr int BAR_BYTES = bar_bytes(SLOTS);
   static constexpr int SMEM = Q_BYTES + SLOTS_BYTES + BAR_BYTES + REST;
   // Byte offset of slot s in the slot area.
-  static constexpr int slot_offset(int s) {
+  __host__ __device__ static constexpr int slot_offset(int s) {
     return DEEP ? (s < 2 ? s * DA : 2 * DA + (s - 2) * VA) * kAtom : s * cmax(DA, VA) * kAtom;
   }
 };
