@@ -479,11 +479,12 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const bool two_deep = v_in_k || (C::DEEP && ntiles >= kDeepMinTiles);
   auto kslot = [&](int t) { return two_deep ? (t & 1) : 0; };
   auto vslot = [&](int t) {
-    return v_in_k ? (t & 1) : two_deep ? 2 + (t & 1) : C::DEEP ? 2 : 1;
+    return v_in_k ? (t & 1) : !C::DEEP ? 1 : two_deep ? 2 + (t & 1) : 2;
   };
   // Parity of the fill of a slot that holds tile t: two-deep slots fill every other tile.
   auto parity = [&](int t) { return (two_deep ? t >> 1 : t) & 1; };
-  const int refill = two_deep ? 2 : 1;  // a slot's next tile: t + refill
+  // Separate V, two deep: tile t + 2 refills tile t's K and V slots (else tile t + 1 does).
+  const bool own_v_two_deep = C::DEEP && !v_in_k && two_deep;
   auto slot_at = [&](int slot) { return slots + C::slot_offset(slot); };
   auto bar = [&](int slot, int part) { return sBars + (slot * kParts + part) * 8; };
   // A tile lands in parts, each staged by one warpgroup and waited for on its own mbarrier.
@@ -518,9 +519,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   };
   // This warpgroup's half of V(t) into its slot (separate V only).
   auto stage_v = [&](int t) {
-    const int slot = vslot(t);
+    const int slot = C::DEEP ? vslot(t) : 1;  // (stage_v only runs for separate V)
     const uint32_t dst = slot_at(slot);
-    if (AOTC_SKIP(2) && t >= refill) skip_stage(bar(slot, wg - 1));
+    if (AOTC_SKIP(2) && t >= (own_v_two_deep ? 2 : 1)) skip_stage(bar(slot, wg - 1));
     else
       stage_cols<T, VH>(dst, gQ + (dst - sQ), vbase, p.v_strides, vvec, (wg - 1) * VH,
                         key_begin + t * kKeys, key_end, tid & 127, bar(slot, wg - 1), vmap, kvh,
@@ -546,9 +547,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   if (wg > 0) {
     stage_k_all(0, 0);
     if (!v_in_k) stage_v(0);
-    if (two_deep && ntiles > 1) {
+    else if (ntiles > 1) stage_k_all(1, 1);
+    if (own_v_two_deep) {  // splits of kDeepMinTiles or more
       stage_k_all(1, 1);
-      if (!v_in_k) stage_v(1);
+      stage_v(1);
     }
   }
   cp_async_wait<0>();  // Q's group; the tiles' copies are in no group
@@ -662,15 +664,17 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     for (int t = 0; t < ntiles; ++t) {
       const bool more = t + 1 < ntiles;
       bar_sync<kBarPReady, kThreads>();  // P(t), alpha(t); S(t) is done with K(t)
-      const bool next = t + refill < ntiles;  // a tile to load into tile t's slots
+      // The tile of separate V that refills tile t's slots, if any.
+      const int tn = own_v_two_deep ? t + 2 : t + 1;
+      const bool next = tn < ntiles;
       if (!v_in_k) {
         mbar_wait(bar(vslot(t), half), parity(t));  // this half of V(t) landed
         fence_async_shared();
       }
-      // Refill what only S reads: K(t + refill) into K(t)'s slot, or (MLA) the columns of
-      // K(t + 2) past V.
-      if (!v_in_k && next) stage_k_all(t + refill, kslot(t));
-      if (v_in_k && next) stage_k(t + 2, kslot(t), 2);
+      // Refill what only S reads: K(tn) into K(t)'s slot, or (MLA) the columns of K(t + 2)
+      // past V.
+      if (!v_in_k && next) stage_k_all(tn, kslot(t));
+      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), 2);
       rescale<NV>(o, sAlpha[wrow], sAlpha[wrow + 8]);
       wgmma_fence();
       const uint64_t pd = sw128_desc(sP, 16, 1024);
@@ -685,9 +689,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       wgmma_wait_all();
       fence_regs(o);
       if (more) bar_arrive<kBarPFree, kThreads>();
-      // This half of tile t's V atoms is free: V(t + refill), or (MLA) K(t + 2)'s V columns.
-      if (!v_in_k && next) stage_v(t + refill);
-      if (v_in_k && next) stage_k(t + 2, kslot(t), half);
+      // This half of tile t's V atoms is free: V(tn), or (MLA) K(t + 2)'s V columns.
+      if (!v_in_k && next) stage_v(tn);
+      if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
     }
     // ---- unnormalised partial O of the split
 #pragma unroll
