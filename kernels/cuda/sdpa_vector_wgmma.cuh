@@ -20,7 +20,8 @@
 //   - While 1 and 2 multiply P(t) V(t), warpgroup 0 computes S(t+1) and its softmax: the
 //     tensor cores are not idle while the softmax runs, as they were with two warpgroups.
 //   - When V is K's prefix (MLA's v = k[..., :V], detected from pointers and strides), V is
-//     read from the K tile: the latent is loaded once. Otherwise slot 0 holds K and slot 1 V.
+//     read from the K tile: the latent is loaded once. Otherwise K and V have their own slots,
+//     two of each where shared memory holds them (WCfg::DEEP).
 // Named barriers hand P over: 1 = P ready (0 -> 1, 2), 2 = P free (1, 2 -> 0). Each is used
 // strictly alternately (an arrival for tile t + 1 always follows the wait for tile t), so
 // counts never mix. Tiles are handed over by the parts' mbarriers (phase = fill count & 1).
