@@ -23,7 +23,9 @@ from aotc.families.sdpa_vector import (
     many_rows_name,
     one_pass_name,
     split_pass_name,
+    wgmma_has_short,
     wgmma_name,
+    wgmma_short_name,
     wgmma_supported,
 )
 from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
@@ -44,6 +46,8 @@ def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) ->
             lines.append(f"AOTC_SDPA_VECTOR({tn}, {t}, {d}, {v})")
             if wgmma_supported(dtype, d, v):
                 lines.append(f"AOTC_SDPA_VECTOR_WGMMA({tn}, {t}, {d}, {v})")
+            if wgmma_has_short(dtype, d, v):
+                lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({tn}, {t}, {d}, {v})")
         for v in sorted({v for _, v in pairs}):
             lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({tn}, {t}, {v})")
     return "\n".join(lines) + "\n"
@@ -59,6 +63,8 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
             names |= one_tile | {many_rows_name(n) for n in one_tile} | {combine_name(tn, v)}
             if wgmma_supported(dtype, d, v):
                 names.add(wgmma_name(tn, d, v))
+            if wgmma_has_short(dtype, d, v):
+                names.add(wgmma_short_name(tn, d, v))
     return names
 
 

@@ -57,6 +57,7 @@ def test_build_is_incremental_and_publishes_an_exact_index(write_manifest, tmp_p
     names |= {"sdpa_vector_2pass_fused_float16_t_192_128"}
     names |= {n.replace("sdpa_vector_", "sdpa_vector_rows_") for n in names if "_192_" in n}
     names -= {"sdpa_vector_rows_wgmma_float16_t_192_128"}
+    names |= {"sdpa_vector_wgmma_short_float16_t_192_128"}
     assert index.kernel_names == names
     assert index.data["artifact"]["sha256"] == sha256_file(first.artifact)
     assert index.data["toolchain"]["name"] == "nvcc"
@@ -132,8 +133,9 @@ def test_cli_builds_and_skips_metal_with_a_reason(write_manifest, tmp_path):
         "[1/" in done.stderr and "compiling sdpa_vector_float16_t_192_128 for sm_90a" in done.stderr
     )
     index = json.loads((tmp_path / "dist" / "tiny_sdpa.cuda.json").read_text())
-    # one pass, split pass, fused split pass (one m-tile, then 2 or 4), wgmma split pass, combine
-    assert len(index["kernels"]) == 8
+    # one pass, split pass, fused split pass (one m-tile, then 2 or 4), wgmma split pass (two
+    # deep, one deep), combine
+    assert len(index["kernels"]) == 9
 
     named = subprocess.run(
         [sys.executable, "-m", "aotc", "build", str(path), "--target", "metal"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aotc.families.sdpa_vector import wgmma_supported
+from aotc.families.sdpa_vector import wgmma_has_short, wgmma_supported
 from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
     FUSED_MAX_SPLITS,
@@ -396,8 +396,9 @@ PROBE = r"""
 #include "sdpa_vector_wgmma.cuh"
 using namespace aotc_sdpa;
 template <typename T, int D, int V> void wcfg(const char* n) {
-  std::printf("wgmma %s %d %d %d %d\n", n, D, V, (int)wg::supported<T, D, V>(),
-              wg::WCfg<D, V>::SMEM);
+  std::printf("wgmma %s %d %d %d %d %d %d\n", n, D, V, (int)wg::supported<T, D, V>(),
+              wg::WCfg<D, V>::SMEM, wg::WCfg<D, V, false>::SMEM,
+              (int)wg::WCfg<D, V>::DEEP_FITS);
 }
 template <typename T, int D, int V> void cfg(const char* n) {
   using C = Cfg<T, D, V>;
@@ -453,9 +454,11 @@ def test_header_layout_matches_plan(tmp_path):
         if kind in ("scratch", "wparams"):
             continue
         if kind == "wgmma":
-            d, v, supported, smem = map(int, nums)
+            d, v, supported, smem, smem_short, deep_fits = map(int, nums)
             assert wgmma_supported(dtype, d, v) == bool(supported), line
             assert wgmma_shared_bytes(d, v) == smem, line
+            assert wgmma_shared_bytes(d, v, two_deep=False) == smem_short, line
+            assert wgmma_has_short(dtype, d, v) == (bool(supported) and bool(deep_fits)), line
             continue
         d, v, nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4 = map(int, nums)
         cfg = kernel_config(dtype, d, v)
@@ -583,6 +586,28 @@ def test_wgmma_splits_fill_one_wave_of_one_block_per_sm():
     # 48 row groups fill one wave to 96 blocks only: two waves of 5 splits fill them better.
     assert grid(problem(batch=12, q_len=5, kv_len=32768)) == 240
     assert grid(mla()) == 16 * 8 and grid(mla(batch=1)) == 2 * 64  # MLA as before
+
+
+def test_wgmma_short_splits_take_the_one_deep_entry_point():
+    deep, short = (f"sdpa_vector_wgmma{s}_bfloat16_t_192_128" for s in ("", "_short"))
+    names = WG_NAMES | {deep, short}
+
+    def split_pass(p, available=names, num_splits=None):
+        first = plan_cuda(p, available=available, sm_count=132, wgmma=True, num_splits=num_splits)
+        return first[0].kernel, first[0].shared_memory
+
+    deep_bytes, short_bytes = wgmma_shared_bytes(192, 128), wgmma_shared_bytes(192, 128, False)
+    assert short_bytes < deep_bytes
+    # 8 tokens at GQA 8: N=4096 splits hold 2 tiles, N=8192 4 (one wave of 4 KV heads' splits).
+    assert split_pass(problem(q_len=8, kv_len=4096)) == (short, short_bytes)
+    assert split_pass(problem(q_len=8, kv_len=8192)) == (deep, deep_bytes)
+    assert split_pass(problem(q_len=8, kv_len=130), num_splits=1) == (deep, deep_bytes)
+    assert split_pass(problem(q_len=8, kv_len=128), num_splits=1) == (short, short_bytes)
+    # An image without it, and pairs whose two-deep layout does not fit (576/512), keep the one.
+    assert split_pass(problem(q_len=8, kv_len=4096), names - {short}) == (deep, deep_bytes)
+    assert not wgmma_has_short("bfloat16", 576, 512) and wgmma_has_short("float16", 192, 128)
+    (mla_first, _) = plan_cuda(mla(batch=1, kv_len=256), available=names, sm_count=132, wgmma=True)
+    assert mla_first.kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
 
 
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():

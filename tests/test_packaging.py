@@ -349,6 +349,7 @@ def test_downstream_example_builds_its_kernels_into_its_wheel(tmp_path, venv):
         "sdpa_vector_float16_t_192_128",
         "sdpa_vector_2pass_1_float16_t_192_128",
         "sdpa_vector_wgmma_float16_t_192_128",
+        "sdpa_vector_wgmma_short_float16_t_192_128",
         "sdpa_vector_2pass_fused_float16_t_192_128",
         "sdpa_vector_rows_float16_t_192_128",
         "sdpa_vector_rows_2pass_1_float16_t_192_128",

@@ -61,9 +61,9 @@ constexpr int kDeepMinTiles = 3;      // key tiles of a split that takes two-dee
 // Tile slots: where V is K's prefix (MLA), two K tiles (tile t in slot t % 2). Otherwise DEEP
 // layouts hold two K and two V tiles (slots 0-1 K, 2-3 V: tile t + 2 loads while t and t + 1
 // are read; splits under kDeepMinTiles use slots 0 and 2 only); layouts whose four tiles do not
-// fit (576/512) hold one K (slot 0) and one V (slot 1), so tile t + 1 is only requested once t
-// is read.
-template <int D, int V>
+// fit (576/512), and the short-split entry points (TWO_DEEP false), hold one K (slot 0) and one
+// V (slot 1), so tile t + 1 is only requested once t is read.
+template <int D, int V, bool TWO_DEEP = true>
 struct WCfg {
   static constexpr int DA = D / 64;  // column atoms of a Q / K row
   static constexpr int VA = V / 64;
@@ -73,7 +73,8 @@ struct WCfg {
   // An mbarrier per part of each slot.
   __host__ __device__ static constexpr int bar_bytes(int slots) { return slots * kParts * 8; }
   static constexpr int DEEP_SLOT_BYTES = 2 * (DA + VA) * kAtom;
-  static constexpr bool DEEP = Q_BYTES + DEEP_SLOT_BYTES + bar_bytes(4) + REST <= kSharedLimit;
+  static constexpr bool DEEP_FITS = Q_BYTES + DEEP_SLOT_BYTES + bar_bytes(4) + REST <= kSharedLimit;
+  static constexpr bool DEEP = TWO_DEEP && DEEP_FITS;
   static constexpr int SLOTS = DEEP ? 4 : 2;
   static constexpr int SLOTS_BYTES = DEEP ? DEEP_SLOT_BYTES : 2 * cmax(DA, VA) * kAtom;
   static constexpr int BAR_BYTES = bar_bytes(SLOTS);
@@ -425,14 +426,14 @@ __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, co
   }
 }
 
-template <typename T, int D, int V>
+template <typename T, int D, int V, bool TWO_DEEP>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
                                             float* __restrict__ partials,
                                             float* __restrict__ maxs, float* __restrict__ sums,
                                             const WParams& wp, char* smem_raw) {
   const Params& p = wp.p;
-  using C = WCfg<D, V>;
+  using C = WCfg<D, V, TWO_DEEP>;
   static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr int NV = C::NV;
@@ -709,7 +710,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   }
 }
 
-template <typename T, int D, int V>
+template <typename T, int D, int V, bool TWO_DEEP>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             float* partials, float* maxs, float* sums,
                                             const WParams& p) {
@@ -718,8 +719,8 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     extern __shared__ __align__(1024) char aotc_wg_smem[];
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)WCfg<D, V>::SMEM || blockDim.x != kThreads) __trap();
-    wgmma_block<T, D, V>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
+    if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads) __trap();
+    wgmma_block<T, D, V, TWO_DEEP>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
     return;
   }
 #endif
@@ -730,9 +731,16 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 }  // namespace aotc_sdpa
 #undef AOTC_SKIP
 
-#define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V)                                                  \
-  extern "C" __global__ void __launch_bounds__(384, 1) sdpa_vector_wgmma_##TN##_##D##_##V(  \
+#define AOTC_SDPA_VECTOR_WGMMA_ENTRY(NAME, T, D, V, TWO_DEEP)                                 \
+  extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                  \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
       float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
-    aotc_sdpa::wg::wgmma_entry<T, D, V>(q, k, v, mask, partials, maxs, sums, p);             \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP>(q, k, v, mask, partials, maxs, sums, p);   \
   }
+#define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V) \
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true)
+// The same kernel built one deep, for pairs whose DEEP layout fits: the plan takes it where
+// every split holds fewer than kDeepMinTiles tiles. Such short calls ran 0.3-0.7 us slower in the
+// two-deep kernel on the very same one-deep flow (its code; bench/NOTES.md round 21).
+#define AOTC_SDPA_VECTOR_WGMMA_SHORT(TN, T, D, V) \
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_short_##TN##_##D##_##V, T, D, V, false)

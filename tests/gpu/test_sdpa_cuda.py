@@ -298,7 +298,7 @@ def _first_kernel(lib, **shape):
     q = torch.empty((b, hq, lq, d), dtype=dt, device="cuda")
     k = torch.empty((b, hkv, n, d), dtype=dt, device="cuda")
     vv = torch.empty((b, hkv, n, v), dtype=dt, device="cuda")
-    return h.plan_for(lib, q, k, vv, scale=1.0)[0].kernel
+    return h.plan_for(lib, q, k, vv, scale=1.0, num_splits=shape.get("num_splits"))[0].kernel
 
 
 @needs_sm90
@@ -342,19 +342,21 @@ def test_wgmma_serves_more_rows_than_a_register_block(lib, lq, mask):
 @pytest.mark.parametrize(
     "pair", [(192, 128), (256, 128), (128, 128)], ids=lambda p: f"{p[0]}x{p[1]}"
 )
-@pytest.mark.parametrize("n", [100, 130, 256, 320, 1000])
+@pytest.mark.parametrize("n", [100, 128, 130, 256, 320, 1000])
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
 def test_wgmma_two_deep_slots(lib, pair, n, tma):
     """Narrow pairs with their own V hold two K and two V tiles: splits of 3+ tiles (odd and
-    even counts, a partial last tile) load tile t + 2 into tile t's slots, splits of 2 or fewer
-    one of each. Tiles by TMA and, with the maps left unencoded, by cp.async; 64-row groups and
-    a padded one (80 rows)."""
+    even counts, a partial last tile) load tile t + 2 into tile t's slots; calls whose splits all
+    hold 2 or fewer take the one-deep entry point (`_short_`). Tiles by TMA and, with the maps
+    left unencoded, by cp.async; 64-row groups and a padded one (80 rows)."""
     d, v = pair
     lib.tma = tma
     try:
         for hq, lq in ((128, 1), (40, 2)):
             shape = dict(hq=hq, hkv=1, lq=lq, n=n, d=d, v=v)
             assert _first_kernel(lib, **shape).startswith("sdpa_vector_wgmma_")
+            one_split = _first_kernel(lib, **shape, num_splits=1)
+            assert one_split.startswith("sdpa_vector_wgmma_short_") == (n <= 128), one_split
             check(lib, **shape, num_splits=1)
             check(lib, b=2, **shape, mask="causal", num_splits=2, dtype="float16")
             assert lib.last_maps_ok == (3 if tma else 0)

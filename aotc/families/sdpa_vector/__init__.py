@@ -59,6 +59,13 @@ def wgmma_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_wgmma_{type_name}_{d}_{v}"
 
 
+def wgmma_short_name(type_name: str, d: int, v: int) -> str:
+    """The wgmma split pass built one tile deep, for splits of 1-2 key tiles: the two-deep
+    kernel's extra code cost such calls 0.3-0.7 us (bench/NOTES.md round 21). Only pairs whose
+    two-deep layout fits have it (wgmma_has_short)."""
+    return f"sdpa_vector_wgmma_short_{type_name}_{d}_{v}"
+
+
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
 # (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
@@ -67,14 +74,29 @@ WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_MAX_SHARED = 232448
 
 
-def wgmma_shared_bytes(d: int, v: int) -> int:
-    """Two K and two V tile slots where they fit (WCfg::DEEP), else two slots of the wider."""
+def _wgmma_deep_bytes(d: int, v: int) -> int:
     atom, parts = 64 * 128, 3
-    q_and_rest = (d // 64) * atom + atom + 64 * 4 + 1024
-    deep = q_and_rest + 2 * (d // 64 + v // 64) * atom + 4 * parts * 8
-    if deep <= WGMMA_MAX_SHARED:
-        return deep
-    return q_and_rest + 2 * max(d // 64, v // 64) * atom + 2 * parts * 8
+    return _wgmma_q_and_rest(d) + 2 * (d // 64 + v // 64) * atom + 4 * parts * 8
+
+
+def _wgmma_q_and_rest(d: int) -> int:
+    atom = 64 * 128
+    return (d // 64) * atom + atom + 64 * 4 + 1024
+
+
+def wgmma_shared_bytes(d: int, v: int, two_deep: bool = True) -> int:
+    """Two K and two V tile slots where they fit and `two_deep` (WCfg::DEEP), else two slots of
+    the wider."""
+    if two_deep and _wgmma_deep_bytes(d, v) <= WGMMA_MAX_SHARED:
+        return _wgmma_deep_bytes(d, v)
+    atom, parts = 64 * 128, 3
+    return _wgmma_q_and_rest(d) + 2 * max(d // 64, v // 64) * atom + 2 * parts * 8
+
+
+def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
+    """Whether the pair also gets the one-deep entry point (wgmma_short_name): its two-deep
+    layout fits (WCfg::DEEP_FITS), so the default entry point differs from one deep."""
+    return wgmma_supported(dtype, d, v) and _wgmma_deep_bytes(d, v) <= WGMMA_MAX_SHARED
 
 
 def wgmma_supported(dtype: str, d: int, v: int) -> bool:
@@ -158,6 +180,9 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     if target == "cuda" and wgmma_supported(inst.dtype, d, v):
         wgmma = _symbol(wgmma_name(type_name, d, v), inst.dtype, inst.params, "split_pass_wgmma")
         kernels = (*kernels, wgmma)
+    if target == "cuda" and wgmma_has_short(inst.dtype, d, v):
+        short = wgmma_short_name(type_name, d, v)
+        kernels = (*kernels, _symbol(short, inst.dtype, inst.params, "split_pass_wgmma_short"))
     return TranslationUnit(
         stem=one_pass_name(type_name, d, v),
         source=render(inst.dtype, [("pair", d, v)]),
@@ -227,6 +252,8 @@ def _render_cuda(dtype: str, items: list[tuple]) -> str:
             lines.append(f"AOTC_SDPA_VECTOR({type_name}, {value_type}, {d}, {v})")
             if wgmma_supported(dtype, d, v):
                 lines.append(f"AOTC_SDPA_VECTOR_WGMMA({type_name}, {value_type}, {d}, {v})")
+            if wgmma_has_short(dtype, d, v):
+                lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({type_name}, {value_type}, {d}, {v})")
         else:
             _, v = item
             lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({type_name}, {value_type}, {v})")

@@ -27,6 +27,7 @@ from aotc.families.sdpa_vector import (
     split_pass_name,
     wgmma_name,
     wgmma_shared_bytes,
+    wgmma_short_name,
     wgmma_supported,
 )
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
@@ -91,6 +92,10 @@ WGMMA_WIDE_HEADS = 1024  # D + V
 # against 15.4 and 15.8; 128/128 GQA 12 at 5 tokens 12.4 against 14.2 (H100, round 20).
 WGMMA_MIN_TILES = 4
 WGMMA_NARROW_MIN_TILES = 2
+# Key tiles a split needs for the wgmma kernel's two-deep K and V slots (kDeepMinTiles of
+# sdpa_vector_wgmma.cuh); where no split has that many, the plan takes the one-deep entry point
+# (wgmma_short_name): 192/128 GQA 8 at 8 tokens, B=1 N=4096, 13.5 us against 14.1 (H100, round 21).
+WGMMA_DEEP_MIN_TILES = 3
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -493,7 +498,9 @@ def plan_cuda(
     combine = combine_name(type_name, p.v_dim)
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
     if wgmma and {wg_kernel, combine} <= set(available) and _wgmma_serves(p, sm_count):
-        return _plan_wgmma(p, wg_kernel, combine, scale, sm_count, num_splits)
+        short = wgmma_short_name(type_name, p.qk_dim, p.v_dim)
+        short_kernel = short if short in available else None
+        return _plan_wgmma(p, wg_kernel, short_kernel, combine, scale, sm_count, num_splits)
 
     layout = block_layout(p, arch, sm_count)
     one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
@@ -703,13 +710,17 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
 def _plan_wgmma(
     p: AttentionProblem,
     kernel: str,
+    short_kernel: str | None,
     combine: str,
     scale: float,
     sm_count: int,
     num_splits: int | None,
 ) -> list[Launch]:
-    """The wgmma split pass (one block per SM) and the combine, also for a single split."""
+    """The wgmma split pass (one block per SM) and the combine, also for a single split; its
+    one-deep entry point (`short_kernel`, where the image has one) when every split is short."""
     row_groups, num_splits, keys_per_split = _wgmma_grid(p, sm_count, num_splits)
+    two_deep = short_kernel is None or keys_per_split > (WGMMA_DEEP_MIN_TILES - 1) * WGMMA_KEYS
+    kernel = kernel if two_deep else short_kernel
     base_blocks = p.batch * p.kv_heads * row_groups
     params = pack_params(
         scale=scale,
@@ -722,7 +733,7 @@ def _plan_wgmma(
     )
     grid = (base_blocks * num_splits, 1, 1)
     block = (WGMMA_THREADS, 1, 1)
-    smem = wgmma_shared_bytes(p.qk_dim, p.v_dim)
+    smem = wgmma_shared_bytes(p.qk_dim, p.v_dim, two_deep)
     split_pass, combine_pass = _split_launches(
         p, kernel, combine, num_splits, grid, block, smem, params
     )
