@@ -660,8 +660,9 @@ WGMMA_PARTS_PAIRS = [(576, 512), (320, 256), (192, 128), (64, 128)]
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
-    """Every part shape compiles for sm_90a, and ptxas keeps the MMAs asynchronous: it reports
-    C7520 when it serializes wgmma and C7519 when it injects warpgroup arrives around them."""
+    """Every part shape (and a one-deep entry point) compiles for sm_90a, and ptxas keeps the
+    MMAs asynchronous: it reports C7520 when it serializes wgmma and C7519 when it injects
+    warpgroup arrives around them."""
     assert all(wgmma_supported("bfloat16", d, v) for d, v in WGMMA_PARTS_PAIRS)
     src = tmp_path / "wgmma.cu"
     src.write_text(
@@ -670,6 +671,7 @@ def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
             f"AOTC_SDPA_VECTOR_WGMMA(bfloat16, __nv_bfloat16, {d}, {v})\n"
             for d, v in WGMMA_PARTS_PAIRS
         )
+        + "AOTC_SDPA_VECTOR_WGMMA_SHORT(bfloat16, __nv_bfloat16, 192, 128)\n"
     )
     result = subprocess.run(
         ["nvcc", "-O3", "-std=c++17", f"-I{REPO / 'kernels' / 'cuda'}",
@@ -678,7 +680,7 @@ def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    entries = result.stderr.count("Compiling entry function 'sdpa_vector_wgmma_bfloat16_")
-    assert entries == len(WGMMA_PARTS_PAIRS), result.stderr[-4000:]
+    entries = result.stderr.count("Compiling entry function 'sdpa_vector_wgmma_")
+    assert entries == len(WGMMA_PARTS_PAIRS) + 1, result.stderr[-4000:]  # and one short
     for code in ("C7520", "C7519"):
         assert code not in result.stderr, result.stderr[-4000:]
