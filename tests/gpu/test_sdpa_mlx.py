@@ -227,6 +227,27 @@ def test_mla_plans_the_wgmma_kernel_on_hopper(library):
     assert launches[0].kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
 
 
+@pytest.mark.parametrize(
+    ("n", "short"), [(4096, True), (8192, False)], ids=["2-tile splits", "4-tile splits"]
+)
+def test_speculative_rows_take_both_wgmma_entry_points(library, n, short):
+    """GQA 8 at 8 tokens (64 rows a KV head) at batch 1 on an sm_90 GPU: splits of 2 key tiles
+    take the one-deep build (`_short_`), of 4 the two-deep one; both match the reference."""
+    from aotc.families.sdpa_vector.cuda import plan_cuda
+    from aotc.families.sdpa_vector.problem import describe
+
+    arch = str(mx.device_info().get("architecture", ""))
+    if arch != "sm_90":
+        pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
+    q = mx.zeros((1, 32, 8, 192), dtype=mx.bfloat16)
+    k = mx.zeros((1, 4, n, 192), dtype=mx.bfloat16)
+    v = mx.zeros((1, 4, n, 128), dtype=mx.bfloat16)
+    first = plan_cuda(describe(q, k, v, "causal"), available=library.kernel_names, wgmma=True)[0]
+    assert first.kernel.startswith("sdpa_vector_wgmma_")
+    assert first.kernel.startswith("sdpa_vector_wgmma_short_") == short, first.kernel
+    check(d=192, v_dim=128, hkv=4, gqa=8, lq=8, n=n, mask="causal")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(("lq", "mask", "sinks"), [(1, None, False), (3, "causal", True)])
 def test_mla_shapes_with_their_own_values(dtype, lq, mask, sinks):
