@@ -17,16 +17,10 @@ from pathlib import Path
 
 from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
-    CUDA_VALUE_TYPES,
     combine_name,
-    fused_split_name,
-    many_rows_name,
-    one_pass_name,
-    split_pass_name,
-    wgmma_has_short,
-    wgmma_name,
-    wgmma_short_name,
-    wgmma_supported,
+    cuda_combine_macro,
+    cuda_pair_kernels,
+    cuda_pair_macros,
 )
 from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
 
@@ -41,30 +35,18 @@ def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) ->
     lines = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", '#include "sdpa_vector_wgmma.cuh"']
     pairs = sorted(set(pairs))
     for dtype in dtypes:
-        tn, t = KERNEL_TYPE_NAMES[dtype], CUDA_VALUE_TYPES[dtype]
         for d, v in pairs:
-            lines.append(f"AOTC_SDPA_VECTOR({tn}, {t}, {d}, {v})")
-            if wgmma_supported(dtype, d, v):
-                lines.append(f"AOTC_SDPA_VECTOR_WGMMA({tn}, {t}, {d}, {v})")
-            if wgmma_has_short(dtype, d, v):
-                lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({tn}, {t}, {d}, {v})")
-        for v in sorted({v for _, v in pairs}):
-            lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({tn}, {t}, {v})")
+            lines += cuda_pair_macros(dtype, d, v)
+        lines += [cuda_combine_macro(dtype, v) for v in sorted({v for _, v in pairs})]
     return "\n".join(lines) + "\n"
 
 
 def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set[str]:
     names = set()
     for dtype in dtypes:
-        tn = KERNEL_TYPE_NAMES[dtype]
         for d, v in pairs:
-            one_tile = {one_pass_name(tn, d, v), split_pass_name(tn, d, v)}
-            one_tile.add(fused_split_name(tn, d, v))
-            names |= one_tile | {many_rows_name(n) for n in one_tile} | {combine_name(tn, v)}
-            if wgmma_supported(dtype, d, v):
-                names.add(wgmma_name(tn, d, v))
-            if wgmma_has_short(dtype, d, v):
-                names.add(wgmma_short_name(tn, d, v))
+            names |= {name for name, _ in cuda_pair_kernels(dtype, d, v)}
+            names.add(combine_name(KERNEL_TYPE_NAMES[dtype], v))
     return names
 
 

@@ -74,29 +74,37 @@ WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_MAX_SHARED = 232448
 
 
+_WGMMA_ATOM = 64 * 128  # bytes of one 64-row, 128-byte column atom
+_WGMMA_PART_BARRIERS = 3 * 8  # an mbarrier per part (3) of a tile slot
+
+
+def _wgmma_fixed_bytes(d: int) -> int:
+    """Shared bytes of WCfg besides the tile slots: Q, P, rescale factors, alignment."""
+    return (d // 64) * _WGMMA_ATOM + _WGMMA_ATOM + 64 * 4 + 1024
+
+
 def _wgmma_deep_bytes(d: int, v: int) -> int:
-    atom, parts = 64 * 128, 3
-    return _wgmma_q_and_rest(d) + 2 * (d // 64 + v // 64) * atom + 4 * parts * 8
+    """WCfg's two-deep layout: two K and two V tile slots."""
+    return _wgmma_fixed_bytes(d) + 2 * (d // 64 + v // 64) * _WGMMA_ATOM + 4 * _WGMMA_PART_BARRIERS
 
 
-def _wgmma_q_and_rest(d: int) -> int:
-    atom = 64 * 128
-    return (d // 64) * atom + atom + 64 * 4 + 1024
+def _wgmma_deep_fits(d: int, v: int) -> bool:
+    return _wgmma_deep_bytes(d, v) <= WGMMA_MAX_SHARED
 
 
 def wgmma_shared_bytes(d: int, v: int, two_deep: bool = True) -> int:
     """Two K and two V tile slots where they fit and `two_deep` (WCfg::DEEP), else two slots of
     the wider."""
-    if two_deep and _wgmma_deep_bytes(d, v) <= WGMMA_MAX_SHARED:
+    if two_deep and _wgmma_deep_fits(d, v):
         return _wgmma_deep_bytes(d, v)
-    atom, parts = 64 * 128, 3
-    return _wgmma_q_and_rest(d) + 2 * max(d // 64, v // 64) * atom + 2 * parts * 8
+    two_slots = 2 * max(d // 64, v // 64) * _WGMMA_ATOM + 2 * _WGMMA_PART_BARRIERS
+    return _wgmma_fixed_bytes(d) + two_slots
 
 
 def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
     """Whether the pair also gets the one-deep entry point (wgmma_short_name): its two-deep
     layout fits (WCfg::DEEP_FITS), so the default entry point differs from one deep."""
-    return wgmma_supported(dtype, d, v) and _wgmma_deep_bytes(d, v) <= WGMMA_MAX_SHARED
+    return wgmma_supported(dtype, d, v) and _wgmma_deep_fits(d, v)
 
 
 def wgmma_supported(dtype: str, d: int, v: int) -> bool:
@@ -163,30 +171,50 @@ def _parse_pair(node: Node) -> Params:
     return (("D", d), ("V", v))
 
 
+def cuda_pair_kernels(dtype: str, d: int, v: int) -> list[tuple[str, str]]:
+    """(name, variant) of every CUDA entry point that `cuda_pair_macros` instantiates for a pair,
+    in index order."""
+    type_name = KERNEL_TYPE_NAMES[dtype]
+    base = [
+        (one_pass_name(type_name, d, v), "one_pass"),
+        (split_pass_name(type_name, d, v), "split_pass"),
+        (fused_split_name(type_name, d, v), "split_fused"),
+    ]
+    kernels = base + [(many_rows_name(name), f"{variant}_rows") for name, variant in base]
+    if wgmma_supported(dtype, d, v):
+        kernels.append((wgmma_name(type_name, d, v), "split_pass_wgmma"))
+    if wgmma_has_short(dtype, d, v):
+        kernels.append((wgmma_short_name(type_name, d, v), "split_pass_wgmma_short"))
+    return kernels
+
+
+def cuda_pair_macros(dtype: str, d: int, v: int) -> list[str]:
+    """The macro lines of kernels/cuda/*.cuh that instantiate a pair's CUDA entry points."""
+    args = f"{KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {d}, {v}"
+    lines = [f"AOTC_SDPA_VECTOR({args})"]
+    if wgmma_supported(dtype, d, v):
+        lines.append(f"AOTC_SDPA_VECTOR_WGMMA({args})")
+    if wgmma_has_short(dtype, d, v):
+        lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({args})")
+    return lines
+
+
+def cuda_combine_macro(dtype: str, v: int) -> str:
+    return f"AOTC_SDPA_VECTOR_AGGREGATE({KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {v})"
+
+
 def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     type_name = KERNEL_TYPE_NAMES[inst.dtype]
     d, v = inst.param("D"), inst.param("V")
-    kernels = (
-        _symbol(one_pass_name(type_name, d, v), inst.dtype, inst.params, "one_pass"),
-        _symbol(split_pass_name(type_name, d, v), inst.dtype, inst.params, "split_pass"),
-    )
     if target == "cuda":
-        fused = _symbol(fused_split_name(type_name, d, v), inst.dtype, inst.params, "split_fused")
-        rows = tuple(
-            _symbol(many_rows_name(k.name), inst.dtype, inst.params, f"{k.variant}_rows")
-            for k in (*kernels, fused)
-        )
-        kernels = (*kernels, fused, *rows)
-    if target == "cuda" and wgmma_supported(inst.dtype, d, v):
-        wgmma = _symbol(wgmma_name(type_name, d, v), inst.dtype, inst.params, "split_pass_wgmma")
-        kernels = (*kernels, wgmma)
-    if target == "cuda" and wgmma_has_short(inst.dtype, d, v):
-        short = wgmma_short_name(type_name, d, v)
-        kernels = (*kernels, _symbol(short, inst.dtype, inst.params, "split_pass_wgmma_short"))
+        named = cuda_pair_kernels(inst.dtype, d, v)
+    else:
+        named = [(one_pass_name(type_name, d, v), "one_pass")]
+        named.append((split_pass_name(type_name, d, v), "split_pass"))
     return TranslationUnit(
         stem=one_pass_name(type_name, d, v),
         source=render(inst.dtype, [("pair", d, v)]),
-        kernels=kernels,
+        kernels=tuple(_symbol(name, inst.dtype, inst.params, variant) for name, variant in named),
         origins=(inst.origin,),
     )
 
@@ -237,7 +265,6 @@ def _render_metal(dtype: str, items: list[tuple]) -> str:
 
 
 def _render_cuda(dtype: str, items: list[tuple]) -> str:
-    type_name, value_type = KERNEL_TYPE_NAMES[dtype], CUDA_VALUE_TYPES[dtype]
     lines = [
         _HEADER,
         "#include <cuda_fp16.h>",
@@ -248,15 +275,9 @@ def _render_cuda(dtype: str, items: list[tuple]) -> str:
     ]
     for item in items:
         if item[0] == "pair":
-            _, d, v = item
-            lines.append(f"AOTC_SDPA_VECTOR({type_name}, {value_type}, {d}, {v})")
-            if wgmma_supported(dtype, d, v):
-                lines.append(f"AOTC_SDPA_VECTOR_WGMMA({type_name}, {value_type}, {d}, {v})")
-            if wgmma_has_short(dtype, d, v):
-                lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({type_name}, {value_type}, {d}, {v})")
+            lines += cuda_pair_macros(dtype, *item[1:])
         else:
-            _, v = item
-            lines.append(f"AOTC_SDPA_VECTOR_AGGREGATE({type_name}, {value_type}, {v})")
+            lines.append(cuda_combine_macro(dtype, item[1]))
     return "\n".join(lines) + "\n"
 
 

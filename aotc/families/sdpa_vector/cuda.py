@@ -719,7 +719,7 @@ def _plan_wgmma(
     """The wgmma split pass (one block per SM) and the combine, also for a single split; its
     one-deep entry point (`short_kernel`, where the image has one) when every split is short."""
     row_groups, num_splits, keys_per_split = _wgmma_grid(p, sm_count, num_splits)
-    two_deep = short_kernel is None or keys_per_split > (WGMMA_DEEP_MIN_TILES - 1) * WGMMA_KEYS
+    two_deep = short_kernel is None or keys_per_split >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernel if two_deep else short_kernel
     base_blocks = p.batch * p.kv_heads * row_groups
     params = pack_params(
