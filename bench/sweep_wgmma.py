@@ -29,7 +29,7 @@ def main() -> None:
     lib = h.load_library()
     shapes, splits_list = SHAPES, SPLITS
     if "--few-rows" in sys.argv:
-        cuda_plan.WGMMA_MIN_ROWS = 1
+        cuda_plan.WGMMA_MIN_ROWS = cuda_plan.WGMMA_SMALL_HEADS_MIN_ROWS = 1
         shapes, splits_list = FEW_ROWS, (None, 2, 4)
     if "--plan-only" in sys.argv:
         splits_list = (None,)

@@ -550,8 +550,9 @@ def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():
 
 
 def test_wgmma_serves_more_rows_than_a_register_block():
-    """33-63 rows a KV head: wgmma's one 64-row group reads K and V once, where the mma.sync
-    kernels' row groups of 32 read them twice or more; not where its grid would be tiny."""
+    """33-63 rows a KV head (17-63 past 128/128): wgmma's one 64-row group reads K and V once,
+    where the mma.sync kernels' row groups of 32 read them twice or more (or, at 17-32 rows,
+    once but below copy speed); not where its grid would be tiny."""
     names = NAMES | {"sdpa_vector_wgmma_bfloat16_t_192_128", "sdpa_vector_wgmma_bfloat16_t_128_128"}
 
     def first(**kw):
@@ -560,7 +561,13 @@ def test_wgmma_serves_more_rows_than_a_register_block():
     long_kv = dict(kv_len=32768)
     assert first(q_len=5, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 40 rows
     assert first(q_len=7, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 56 rows
-    assert not first(q_len=4, **long_kv).startswith("sdpa_vector_wgmma")  # 32 rows
+    # 17-32 rows: heads wider than 128/128 take wgmma, 128/128 keeps two register m-tiles.
+    assert first(q_len=4, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 32 rows
+    assert first(q_len=3, **long_kv) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # 24 rows
+    assert not first(q_len=2, **long_kv).startswith("sdpa_vector_wgmma")  # 16 rows
+    square = dict(long_kv, qk_dim=128, v_dim=128)
+    assert not first(q_len=4, **square).startswith("sdpa_vector_wgmma")  # 32 rows
+    assert first(q_len=5, **square) == "sdpa_vector_wgmma_bfloat16_t_128_128"  # 40 rows
     assert first(q_len=5) == "sdpa_vector_wgmma_bfloat16_t_192_128"  # N=4096: 64 blocks
     gqa12 = dict(q_heads=48, q_len=3, qk_dim=128, v_dim=128)  # 36 rows
     assert first(**gqa12, batch=8, kv_len=8192).startswith("sdpa_vector_wgmma")

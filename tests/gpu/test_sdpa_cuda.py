@@ -328,14 +328,18 @@ def test_wgmma_masks_and_query_tokens(lib, lq, mask):
 
 
 @needs_sm90
-@pytest.mark.parametrize("lq", [4, 5, 7])
+@pytest.mark.parametrize("lq", [2, 3, 4, 5, 7])
 @pytest.mark.parametrize("mask", [None, "causal", "bool"])
 def test_wgmma_serves_more_rows_than_a_register_block(lib, lq, mask):
-    """GQA 8 at 5 and 7 tokens (40, 56 rows) takes wgmma's one padded 64-row group; at 4 tokens
-    (32 rows) the two-m-tile register path keeps it."""
+    """GQA 8 at 3-7 tokens (24-56 rows) takes wgmma's one padded 64-row group; at 2 tokens (16
+    rows) one m-tile of the register path holds them. 128/128 keeps 17-32 rows on the register
+    path (4 tokens, 32 rows), wgmma from 33 (5 tokens)."""
     shape = dict(b=2, hq=32, hkv=4, lq=lq, n=4096, d=192, v=128)
-    assert _first_kernel(lib, **shape).startswith("sdpa_vector_wgmma_") == (lq > 4)
+    assert _first_kernel(lib, **shape).startswith("sdpa_vector_wgmma_") == (lq > 2)
     check(lib, **shape, mask=mask, dtype="float16" if mask == "bool" else "bfloat16")
+    square = dict(shape, d=128, v=128)
+    assert _first_kernel(lib, **square).startswith("sdpa_vector_wgmma_") == (lq > 4)
+    check(lib, **square, mask=mask, seed=1)
 
 
 @needs_sm90

@@ -74,12 +74,19 @@ def combine_threads(v_dim: int, num_splits: int) -> int:
 # K and V once per row group. H100, bench/NOTES.md round 20, us, mma.sync plan / wgmma: 192/128
 # N=32768 GQA 8 at 5 and 7 tokens (40, 56 rows) B=1 70.7-72.2 / 44.4-47.4, B=8 417-419 / 258;
 # GQA 12 at 3 tokens (36 rows) B=8 N=8192 124-125 / 72; 256/128 B=1 N=8192 at 7 tokens 29.8 /
-# 20.5. Up to 32 rows mma.sync stays ahead (192/128 B=8 at 8 tokens 476 / 503).
+# 20.5. With two-deep K and V slots (round 21) it also leads at 17-32 rows for heads wider than
+# 128/128 (round 22, us, register path / wgmma, GQA 4 at 8 tokens): 192/128 B=8 N=32768 470-473
+# / 445-446 (H100), 431 / 326-349 (H200); 256/128 B=1 N=32768 83 / 77-78, 76 / 57; 320/256 B=8
+# N=8192 361 / 216-217, 366-367 / 149-150; short KV (B=1 N=1024-4096) even or ahead. 128/128's
+# register block already reads at copy there (H200 263 / 288-297 on wgmma, round 21): it keeps
+# the register path up to 32 rows.
 WGMMA_ROWS = 64
 WGMMA_KEYS = 64
 WGMMA_ATOM_COLS = 64  # 16-bit columns of one 128-byte swizzle atom
 WGMMA_THREADS = 384
-WGMMA_MIN_ROWS = 33
+WGMMA_MIN_ROWS = 17
+WGMMA_SMALL_HEADS = 256  # D + V up to this: wgmma from WGMMA_SMALL_HEADS_MIN_ROWS
+WGMMA_SMALL_HEADS_MIN_ROWS = 33
 # Below 64 rows, a wgmma grid this far under the SM count leaves the short, latency-bound call
 # to mma.sync's many blocks (GQA 12, 3 tokens, B=1 N=1024: 16 wgmma blocks 11.6 us against 10.3).
 WGMMA_MIN_GRID_SHARE = 4  # sm_count // this
@@ -555,10 +562,15 @@ def _wgmma_serves(p: AttentionProblem, sm_count: int) -> bool:
     rows = p.gqa_factor * p.q_len
     if rows >= WGMMA_ROWS or _wide_heads(p):
         return True
-    if rows < WGMMA_MIN_ROWS:
+    if rows < _wgmma_min_rows(p):
         return False
     row_groups, splits, _ = _wgmma_grid(p, sm_count, None)
     return p.batch * p.kv_heads * row_groups * splits >= sm_count // WGMMA_MIN_GRID_SHARE
+
+
+def _wgmma_min_rows(p: AttentionProblem) -> int:
+    small = p.qk_dim + p.v_dim <= WGMMA_SMALL_HEADS
+    return WGMMA_SMALL_HEADS_MIN_ROWS if small else WGMMA_MIN_ROWS
 
 
 def _wgmma_grid(p: AttentionProblem, sm_count: int, num_splits: int | None) -> tuple[int, int, int]:
