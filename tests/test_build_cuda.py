@@ -15,7 +15,7 @@ from aotc.artifact import read_index, sha256_file
 from aotc.build import build_target
 from aotc.errors import BuildFailed
 from aotc.families.base import kernels_dir
-from aotc.families.sdpa_vector.cuda import blocks_per_sm_cap, kernel_config
+from aotc.families.sdpa_vector.cuda import WGMMA_THREADS, blocks_per_sm_cap, kernel_config
 from aotc.formats.fatbin import read_fatbin
 from aotc.manifest import load_manifest
 
@@ -253,6 +253,13 @@ def test_shipped_kernels_fit_the_plans_blocks_per_sm_without_spills(write_manife
         # the plan counts to be resident together.
         assert -(-registers // 8) * 8 * cfg.threads * blocks <= 65536, (name, registers)
         assert stack <= 16, (name, registers, stack)
+    # The wgmma entry points: no stack; the dual one fits two 384-thread blocks an SM.
+    wgmma = {name: use for name, use in usage.items() if "_wgmma_" in name}
+    assert len(wgmma) == 3, usage
+    for name, (registers, stack) in wgmma.items():
+        blocks = 2 if "_wgmma_dual_" in name else 1
+        assert -(-registers // 8) * 8 * WGMMA_THREADS * blocks <= 65536, (name, registers)
+        assert stack == 0, (name, registers, stack)
 
 
 @pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump is neither on PATH nor installed")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aotc.families.sdpa_vector import wgmma_has_short, wgmma_supported
+from aotc.families.sdpa_vector import wgmma_has_dual, wgmma_has_short, wgmma_supported
 from aotc.families.sdpa_vector.cuda import (
     COMBINE_SIZE,
     FUSED_MAX_SPLITS,
@@ -396,9 +396,9 @@ PROBE = r"""
 #include "sdpa_vector_wgmma.cuh"
 using namespace aotc_sdpa;
 template <typename T, int D, int V> void wcfg(const char* n) {
-  std::printf("wgmma %s %d %d %d %d %d %d\n", n, D, V, (int)wg::supported<T, D, V>(),
+  std::printf("wgmma %s %d %d %d %d %d %d %d\n", n, D, V, (int)wg::supported<T, D, V>(),
               wg::WCfg<D, V>::SMEM, wg::WCfg<D, V, false>::SMEM,
-              (int)wg::WCfg<D, V>::DEEP_FITS);
+              (int)wg::WCfg<D, V>::DEEP_FITS, (int)wg::WCfg<D, V>::TWO_BLOCKS_FIT);
 }
 template <typename T, int D, int V> void cfg(const char* n) {
   using C = Cfg<T, D, V>;
@@ -416,6 +416,7 @@ int main() {
   wcfg<__nv_bfloat16, 256, 128>("bfloat16"); wcfg<__nv_bfloat16, 128, 128>("bfloat16");
   wcfg<__half, 512, 512>("float16"); wcfg<__nv_bfloat16, 448, 384>("bfloat16");
   wcfg<float, 192, 128>("float32"); wcfg<__half, 80, 80>("float16");
+  wcfg<__half, 64, 128>("float16"); wcfg<__nv_bfloat16, 128, 256>("bfloat16");
   // batch 1, 32 query heads, one token, 32 splits, V = 128, a flag slot per (row, split)
   std::printf("scratch %lld\n", fused_scratch_words(32LL * 32, 128, 32LL * 32));
   std::printf("wparams %zu %zu %zu %zu\n", sizeof(wg::WParams), offsetof(wg::WParams, maps),
@@ -454,11 +455,13 @@ def test_header_layout_matches_plan(tmp_path):
         if kind in ("scratch", "wparams"):
             continue
         if kind == "wgmma":
-            d, v, supported, smem, smem_short, deep_fits = map(int, nums)
+            d, v, supported, smem, smem_short, deep_fits, two_blocks = map(int, nums)
             assert wgmma_supported(dtype, d, v) == bool(supported), line
             assert wgmma_shared_bytes(d, v) == smem, line
             assert wgmma_shared_bytes(d, v, two_deep=False) == smem_short, line
             assert wgmma_has_short(dtype, d, v) == (bool(supported) and bool(deep_fits)), line
+            dual = bool(supported) and bool(deep_fits) and bool(two_blocks)
+            assert wgmma_has_dual(dtype, d, v) == dual, line
             continue
         d, v, nw, tk, stages, max_stages, ks, mt_max, smem1, smem2, smem4 = map(int, nums)
         cfg = kernel_config(dtype, d, v)
@@ -617,6 +620,38 @@ def test_wgmma_short_splits_take_the_one_deep_entry_point():
     assert mla_first.kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
 
 
+def test_two_row_groups_take_the_dual_entry_point():
+    """128/128 KV heads of 2+ 64-row groups run two blocks an SM (the dual entry point), their
+    splits sized for one wave of 2 x 132 blocks, where those splits keep 16+ tiles."""
+    deep, short, dual = (
+        f"sdpa_vector_wgmma{s}_bfloat16_t_128_128" for s in ("", "_short", "_dual")
+    )
+    names = WG_NAMES | {deep, short, dual}
+
+    def split_pass(available=names, num_splits=None, **kw):
+        p = problem(qk_dim=128, v_dim=128, **kw)
+        first = plan_cuda(p, available=available, sm_count=132, wgmma=True, num_splits=num_splits)
+        return first[0].kernel, first[0].grid[0], first[0].shared_memory
+
+    deep_bytes = wgmma_shared_bytes(128, 128)
+    gqa16 = dict(q_heads=64, kv_heads=4, q_len=8, kv_len=32768)  # 128 rows: two groups
+    # B=8: 64 row groups, 4 splits of 128 tiles (256 blocks; one block an SM would run 2).
+    assert split_pass(batch=8, **gqa16) == (dual, 256, deep_bytes)
+    assert split_pass(names - {dual}, batch=8, **gqa16) == (deep, 128, deep_bytes)
+    assert split_pass(batch=1, **dict(gqa16, q_len=6)) == (dual, 256, deep_bytes)  # 96 rows
+    assert split_pass(batch=4, **dict(gqa16, kv_len=8192)) == (dual, 256, deep_bytes)  # 16 tiles
+    # Splits under 16 tiles at 2 x 132 blocks: the one-block plan.
+    assert split_pass(batch=2, **dict(gqa16, kv_len=8192)) == (deep, 128, deep_bytes)  # 8
+    assert split_pass(batch=1, **dict(gqa16, kv_len=8192)) == (deep, 128, deep_bytes)  # 4
+    assert split_pass(num_splits=1, **dict(gqa16, kv_len=1025))[0] == dual  # 17 tiles
+    assert split_pass(num_splits=1, **dict(gqa16, kv_len=1000))[0] == dual  # 16, partial
+    assert split_pass(num_splits=1, **dict(gqa16, kv_len=960))[0] == deep  # 15 tiles
+    # One row group (GQA 8 at 8 tokens) keeps one block an SM; 192/128 has no dual build.
+    assert split_pass(batch=8, **dict(gqa16, q_heads=32))[:2] == (deep, 128)
+    assert not wgmma_has_dual("bfloat16", 192, 128) and wgmma_has_dual("float16", 128, 128)
+    assert wgmma_has_dual("bfloat16", 128, 128) and not wgmma_has_dual("float32", 128, 128)
+
+
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
     launches = plan_cuda(
         mla(q_heads=96, q_len=3, kv_len=50), available=WG_NAMES, sm_count=132, wgmma=True
@@ -667,9 +702,9 @@ WGMMA_PARTS_PAIRS = [(576, 512), (320, 256), (192, 128), (64, 128)]
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
-    """Every part shape (and a one-deep entry point) compiles for sm_90a, and ptxas keeps the
-    MMAs asynchronous: it reports C7520 when it serializes wgmma and C7519 when it injects
-    warpgroup arrives around them."""
+    """Every part shape (and a one-deep and a dual entry point) compiles for sm_90a, and ptxas
+    keeps the MMAs asynchronous: it reports C7520 when it serializes wgmma and C7519 when it
+    injects warpgroup arrives around them."""
     assert all(wgmma_supported("bfloat16", d, v) for d, v in WGMMA_PARTS_PAIRS)
     src = tmp_path / "wgmma.cu"
     src.write_text(
@@ -679,6 +714,7 @@ def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
             for d, v in WGMMA_PARTS_PAIRS
         )
         + "AOTC_SDPA_VECTOR_WGMMA_SHORT(bfloat16, __nv_bfloat16, 192, 128)\n"
+        + "AOTC_SDPA_VECTOR_WGMMA_DUAL(bfloat16, __nv_bfloat16, 128, 128)\n"
     )
     result = subprocess.run(
         ["nvcc", "-O3", "-std=c++17", f"-I{REPO / 'kernels' / 'cuda'}",
@@ -688,6 +724,6 @@ def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     entries = result.stderr.count("Compiling entry function 'sdpa_vector_wgmma_")
-    assert entries == len(WGMMA_PARTS_PAIRS) + 1, result.stderr[-4000:]  # and one short
+    assert entries == len(WGMMA_PARTS_PAIRS) + 2, result.stderr[-4000:]  # one short, one dual
     for code in ("C7520", "C7519"):
         assert code not in result.stderr, result.stderr[-4000:]

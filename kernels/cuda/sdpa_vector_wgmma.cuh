@@ -55,6 +55,11 @@ struct KParts {
 };
 
 constexpr int kSharedLimit = 232448;  // Hopper's opt-in shared memory per block
+constexpr int kSharedPerSM = 233472;  // Hopper's shared memory per SM
+constexpr int kBlockReserve = 1024;   // shared memory the system keeps per resident block
+// Heads up to this D + V keep a block's state in 80 registers a thread (65536 / 768) without
+// spills, so two blocks can share an SM (the dual entry points).
+constexpr int kTwoBlockHeads = 256;
 constexpr int kDeepMinTiles = 3;      // key tiles of a split that takes two-deep K and V slots
 
 // Mirrored by wgmma_shared_bytes() in aotc/families/sdpa_vector/__init__.py.
@@ -79,6 +84,9 @@ struct WCfg {
   static constexpr int SLOTS_BYTES = DEEP ? DEEP_SLOT_BYTES : 2 * cmax(DA, VA) * kAtom;
   static constexpr int BAR_BYTES = bar_bytes(SLOTS);
   static constexpr int SMEM = Q_BYTES + SLOTS_BYTES + BAR_BYTES + REST;
+  // Two blocks of this layout fit an SM's registers and shared memory (the dual entry point).
+  static constexpr bool TWO_BLOCKS_FIT =
+      D + V <= kTwoBlockHeads && 2 * (SMEM + kBlockReserve) <= kSharedPerSM;
   // Byte offset of slot s in the slot area.
   __host__ __device__ static constexpr int slot_offset(int s) {
     return DEEP ? (s < 2 ? s * DA : 2 * DA + (s - 2) * VA) * kAtom : s * cmax(DA, VA) * kAtom;
@@ -710,12 +718,13 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   }
 }
 
-template <typename T, int D, int V, bool TWO_DEEP>
+template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             float* partials, float* maxs, float* sums,
                                             const WParams& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (supported<T, D, V>()) {
+    static_assert(BLOCKS == 1 || WCfg<D, V, TWO_DEEP>::TWO_BLOCKS_FIT, "two blocks do not fit");
     extern __shared__ __align__(1024) char aotc_wg_smem[];
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
@@ -731,16 +740,25 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 }  // namespace aotc_sdpa
 #undef AOTC_SKIP
 
-#define AOTC_SDPA_VECTOR_WGMMA_ENTRY(NAME, T, D, V, TWO_DEEP)                                 \
-  extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                  \
+// BLOCKS: blocks an SM must hold (launch bounds); 2 caps a thread at 80 registers.
+#define AOTC_SDPA_VECTOR_WGMMA_ENTRY(NAME, T, D, V, TWO_DEEP, BLOCKS)                         \
+  extern "C" __global__ void __launch_bounds__(384, BLOCKS) NAME(                             \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
       float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
-    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP>(q, k, v, mask, partials, maxs, sums, p);   \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP, BLOCKS>(q, k, v, mask, partials, maxs,     \
+                                                          sums, p);                          \
   }
 #define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V) \
-  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true)
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true, 1)
 // The same kernel built one deep, for pairs whose DEEP layout fits: the plan takes it where
 // every split holds fewer than kDeepMinTiles tiles. Such short calls ran 0.3-0.7 us slower in the
 // two-deep kernel on the very same one-deep flow (its code; bench/NOTES.md round 21).
 #define AOTC_SDPA_VECTOR_WGMMA_SHORT(TN, T, D, V) \
-  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_short_##TN##_##D##_##V, T, D, V, false)
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_short_##TN##_##D##_##V, T, D, V, false, 1)
+// Two blocks an SM (WCfg::TWO_BLOCKS_FIT), for KV heads of 2+ row groups: there the kernel is
+// bound by each block's serial S, softmax, P V chain, and a second block's MMAs fill its gaps
+// (128/128 GQA 16 at 8 tokens, B=8 N=32768: 219-225 us against 241-243 one block an SM, H100;
+// 221-222 against 239-242, H200). One row group loses 1-12% on it (80 registers, twice the
+// partial rows to merge), and so do splits of under 16 tiles (bench/NOTES.md round 22).
+#define AOTC_SDPA_VECTOR_WGMMA_DUAL(TN, T, D, V) \
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_dual_##TN##_##D##_##V, T, D, V, true, 2)

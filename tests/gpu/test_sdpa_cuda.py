@@ -369,6 +369,31 @@ def test_wgmma_two_deep_slots(lib, pair, n, tma):
 
 
 @needs_sm90
+@pytest.mark.parametrize("lq", [8, 6], ids=["128_rows", "96_rows"])
+@pytest.mark.parametrize(
+    ("n", "splits", "dual"),
+    [(16384, None, True), (2100, 2, True), (1030, 1, True), (4096, None, False), (1000, 3, False)],
+    ids=["n16384", "n2100_2_splits", "n1030_one_split", "n4096_4_tile_splits", "n1000_3_splits"],
+)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+def test_wgmma_dual_blocks(lib, lq, n, splits, dual, tma):
+    """128/128 KV heads of two row groups (GQA 16 at 8 tokens; at 6 the second group is half
+    padding) take the dual entry point, two blocks an SM, where its splits keep 16+ tiles (whole,
+    or a partial last one); with shorter splits the one-block plan serves them."""
+    shape = dict(b=2, hq=64, hkv=4, lq=lq, n=n, d=128, v=128, num_splits=splits)
+    lib.tma = tma
+    try:
+        kernel = _first_kernel(lib, **shape)
+        assert kernel.startswith("sdpa_vector_wgmma_dual_") == dual, kernel
+        assert kernel.startswith("sdpa_vector_wgmma_"), kernel
+        check(lib, **shape)
+        check(lib, **shape, mask="causal", dtype="float16", seed=2)
+        assert lib.last_maps_ok == (3 if tma else 0)
+    finally:
+        lib.tma = True
+
+
+@needs_sm90
 @pytest.mark.parametrize("splits", [1, 5])
 def test_wgmma_sinks_and_forced_splits(lib, splits):
     check(lib, hq=128, hkv=1, n=1500, d=576, v=512, sinks=True, view_of_k=True, num_splits=splits)

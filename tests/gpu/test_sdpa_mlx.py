@@ -248,6 +248,23 @@ def test_speculative_rows_take_both_wgmma_entry_points(library, n, short):
     check(d=192, v_dim=128, hkv=4, gqa=8, lq=8, n=n, mask="causal")
 
 
+def test_two_row_groups_take_the_dual_wgmma_entry_point(library):
+    """128/128 GQA 16 at 8 tokens (two 64-row groups a KV head), 32k keys, on an sm_90 GPU: the
+    manifest's library serves it with two blocks an SM (`_dual_`, 16-tile splits), matching the
+    reference."""
+    from aotc.families.sdpa_vector.cuda import plan_cuda
+    from aotc.families.sdpa_vector.problem import describe
+
+    arch = str(mx.device_info().get("architecture", ""))
+    if arch != "sm_90":
+        pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
+    q = mx.zeros((1, 64, 8, 128), dtype=mx.bfloat16)
+    k = v = mx.zeros((1, 4, 32768, 128), dtype=mx.bfloat16)
+    first = plan_cuda(describe(q, k, v, "causal"), available=library.kernel_names, wgmma=True)[0]
+    assert first.kernel == "sdpa_vector_wgmma_dual_bfloat16_t_128_128", first.kernel
+    check(d=128, v_dim=128, hkv=4, gqa=16, lq=8, n=32768, mask="causal")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(("lq", "mask", "sinks"), [(1, None, False), (3, "causal", True)])
 def test_mla_shapes_with_their_own_values(dtype, lq, mask, sinks):

@@ -66,6 +66,12 @@ def wgmma_short_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_wgmma_short_{type_name}_{d}_{v}"
 
 
+def wgmma_dual_name(type_name: str, d: int, v: int) -> str:
+    """The two-deep wgmma split pass with two blocks an SM (80 registers a thread), for KV heads
+    of 2+ row groups (bench/NOTES.md round 22). Only pairs with wgmma_has_dual have it."""
+    return f"sdpa_vector_wgmma_dual_{type_name}_{d}_{v}"
+
+
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
 # (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
@@ -99,6 +105,19 @@ def wgmma_shared_bytes(d: int, v: int, two_deep: bool = True) -> int:
         return _wgmma_deep_bytes(d, v)
     two_slots = 2 * max(d // 64, v // 64) * _WGMMA_ATOM + 2 * _WGMMA_PART_BARRIERS
     return _wgmma_fixed_bytes(d) + two_slots
+
+
+_WGMMA_SHARED_PER_SM = 233472  # kSharedPerSM
+_WGMMA_BLOCK_RESERVE = 1024  # kBlockReserve
+_WGMMA_TWO_BLOCK_HEADS = 256  # kTwoBlockHeads
+
+
+def wgmma_has_dual(dtype: str, d: int, v: int) -> bool:
+    """Whether the pair also gets the two-blocks-an-SM entry point (wgmma_dual_name): two of its
+    two-deep blocks fit an SM (WCfg::TWO_BLOCKS_FIT)."""
+    block = _wgmma_deep_bytes(d, v) + _WGMMA_BLOCK_RESERVE
+    fits = d + v <= _WGMMA_TWO_BLOCK_HEADS and 2 * block <= _WGMMA_SHARED_PER_SM
+    return wgmma_has_short(dtype, d, v) and fits
 
 
 def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
@@ -185,6 +204,8 @@ def cuda_pair_kernels(dtype: str, d: int, v: int) -> list[tuple[str, str]]:
         kernels.append((wgmma_name(type_name, d, v), "split_pass_wgmma"))
     if wgmma_has_short(dtype, d, v):
         kernels.append((wgmma_short_name(type_name, d, v), "split_pass_wgmma_short"))
+    if wgmma_has_dual(dtype, d, v):
+        kernels.append((wgmma_dual_name(type_name, d, v), "split_pass_wgmma_dual"))
     return kernels
 
 
@@ -196,6 +217,8 @@ def cuda_pair_macros(dtype: str, d: int, v: int) -> list[str]:
         lines.append(f"AOTC_SDPA_VECTOR_WGMMA({args})")
     if wgmma_has_short(dtype, d, v):
         lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({args})")
+    if wgmma_has_dual(dtype, d, v):
+        lines.append(f"AOTC_SDPA_VECTOR_WGMMA_DUAL({args})")
     return lines
 
 

@@ -25,6 +25,7 @@ from aotc.families.sdpa_vector import (
     many_rows_name,
     one_pass_name,
     split_pass_name,
+    wgmma_dual_name,
     wgmma_name,
     wgmma_shared_bytes,
     wgmma_short_name,
@@ -103,6 +104,15 @@ WGMMA_NARROW_MIN_TILES = 2
 # sdpa_vector_wgmma.cuh); where no split has that many, the plan takes the one-deep entry point
 # (wgmma_short_name): 192/128 GQA 8 at 8 tokens, B=1 N=4096, 13.5 us against 14.1 (H100, round 21).
 WGMMA_DEEP_MIN_TILES = 3
+# KV heads of this many 64-row groups (GQA 16 at 8 tokens: 2) take the dual entry point where the
+# image has one (128/128): two blocks an SM, each bound by its serial S, softmax and P V chain,
+# fill each other's gaps, where its splits (sized for 2 x the SMs) keep WGMMA_DUAL_MIN_TILES
+# tiles. 128/128 GQA 16 at 8 tokens, us, dual / one block (bench/NOTES.md round 22): B=8
+# N=32768 219-225 / 241-243 (H100), 221-222 / 239-242 (H200); H200 B=4 N=32768 116 / 125, N=8192
+# (16-tile splits) 37.5 / 39; shorter splits lose: B=2 N=8192 (8 tiles) 25-26 / 24-25, B=1 (4)
+# 18.5 / 17.3. One row group (GQA 8 at 8 tokens) loses 1-12% (80 registers, round 22).
+WGMMA_DUAL_MIN_ROW_GROUPS = 2
+WGMMA_DUAL_MIN_TILES = 16
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -505,9 +515,11 @@ def plan_cuda(
     combine = combine_name(type_name, p.v_dim)
     wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
     if wgmma and {wg_kernel, combine} <= set(available) and _wgmma_serves(p, sm_count):
-        short = wgmma_short_name(type_name, p.qk_dim, p.v_dim)
-        short_kernel = short if short in available else None
-        return _plan_wgmma(p, wg_kernel, short_kernel, combine, scale, sm_count, num_splits)
+        short, dual = (f(type_name, p.qk_dim, p.v_dim) for f in (wgmma_short_name, wgmma_dual_name))
+        kernels = WgmmaKernels(
+            wg_kernel, short if short in available else None, dual if dual in available else None
+        )
+        return _plan_wgmma(p, kernels, combine, scale, sm_count, num_splits)
 
     layout = block_layout(p, arch, sm_count)
     one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
@@ -573,14 +585,21 @@ def _wgmma_min_rows(p: AttentionProblem) -> int:
     return WGMMA_SMALL_HEADS_MIN_ROWS if small else WGMMA_MIN_ROWS
 
 
-def _wgmma_grid(p: AttentionProblem, sm_count: int, num_splits: int | None) -> tuple[int, int, int]:
+def _wgmma_row_groups(p: AttentionProblem) -> int:
+    return -(-p.gqa_factor * p.q_len // WGMMA_ROWS)
+
+
+def _wgmma_grid(
+    p: AttentionProblem, resident_blocks: int, num_splits: int | None
+) -> tuple[int, int, int]:
     """(row groups, key splits, keys per split) of the wgmma split pass: whole 64-key tiles,
-    at least _wgmma_min_tiles a split unless `num_splits` forces the count."""
-    row_groups = -(-p.gqa_factor * p.q_len // WGMMA_ROWS)
+    at least _wgmma_min_tiles a split unless `num_splits` forces the count; one wave of
+    `resident_blocks` (the SM count, or twice it for the dual entry point)."""
+    row_groups = _wgmma_row_groups(p)
     tiles = -(-p.kv_len // WGMMA_KEYS)
     if num_splits is None:
         base_blocks = p.batch * p.kv_heads * row_groups
-        num_splits = _one_wave_split_count(base_blocks, sm_count, tiles, _wgmma_min_tiles(p))
+        num_splits = _one_wave_split_count(base_blocks, resident_blocks, tiles, _wgmma_min_tiles(p))
     return row_groups, *_whole_tile_splits(p.kv_len, WGMMA_KEYS, num_splits)
 
 
@@ -719,21 +738,49 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
     return _split_count(base_blocks, sm_count, tiles, min_tiles)
 
 
+@dataclass(frozen=True)
+class WgmmaKernels:
+    """A pair's wgmma entry points in the loaded images: two deep (always), one deep (`short`)
+    and two blocks an SM (`dual`), None where absent."""
+
+    deep: str
+    short: str | None = None
+    dual: str | None = None
+
+
 def _plan_wgmma(
     p: AttentionProblem,
-    kernel: str,
-    short_kernel: str | None,
+    kernels: WgmmaKernels,
     combine: str,
     scale: float,
     sm_count: int,
     num_splits: int | None,
 ) -> list[Launch]:
-    """The wgmma split pass (one block per SM) and the combine, also for a single split; its
-    one-deep entry point (`short_kernel`, where the image has one) when every split is short."""
-    row_groups, num_splits, keys_per_split = _wgmma_grid(p, sm_count, num_splits)
-    two_deep = short_kernel is None or keys_per_split >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
-    kernel = kernel if two_deep else short_kernel
-    base_blocks = p.batch * p.kv_heads * row_groups
+    """The wgmma split pass and the combine, also for a single split: two blocks an SM (the
+    dual entry point) for KV heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep
+    WGMMA_DUAL_MIN_TILES tiles there; else one block an SM, one deep (`short`) when every split
+    is short."""
+    if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
+        grid = _wgmma_grid(p, 2 * sm_count, num_splits)
+        if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
+            return _wgmma_launches(p, kernels.dual, True, grid, combine, scale)
+    grid = _wgmma_grid(p, sm_count, num_splits)
+    two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
+    kernel = kernels.deep if two_deep else kernels.short
+    return _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
+
+
+def _wgmma_launches(
+    p: AttentionProblem,
+    kernel: str,
+    two_deep: bool,
+    grid: tuple[int, int, int],
+    combine: str,
+    scale: float,
+) -> list[Launch]:
+    """`kernel`'s split pass over `grid` (_wgmma_grid's row groups, splits, keys per split) and
+    the combine."""
+    row_groups, num_splits, keys_per_split = grid
     params = pack_params(
         scale=scale,
         problem=p,
@@ -743,11 +790,10 @@ def _plan_wgmma(
         row_groups=row_groups,
         stages=2,
     )
-    grid = (base_blocks * num_splits, 1, 1)
-    block = (WGMMA_THREADS, 1, 1)
+    blocks = (p.batch * p.kv_heads * row_groups * num_splits, 1, 1)
     smem = wgmma_shared_bytes(p.qk_dim, p.v_dim, two_deep)
     split_pass, combine_pass = _split_launches(
-        p, kernel, combine, num_splits, grid, block, smem, params
+        p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params
     )
     # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom.
     maps = tuple(TensorMap(name, WGMMA_ATOM_COLS, WGMMA_KEYS) for name in ("k", "v"))
