@@ -758,7 +758,7 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 // Two blocks an SM (WCfg::TWO_BLOCKS_FIT), for KV heads of 2+ row groups: there the kernel is
 // bound by each block's serial S, softmax, P V chain, and a second block's MMAs fill its gaps
 // (128/128 GQA 16 at 8 tokens, B=8 N=32768: 219-225 us against 241-243 one block an SM, H100;
-// 221-222 against 239-242, H200). One row group loses 1-12% on it (80 registers, twice the
+// 221-222 against 239-242, H200). One row group loses 1-15% on it (80 registers, twice the
 // partial rows to merge), and so do splits of under 16 tiles (bench/NOTES.md round 22).
 #define AOTC_SDPA_VECTOR_WGMMA_DUAL(TN, T, D, V) \
   AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_dual_##TN##_##D##_##V, T, D, V, true, 2)

@@ -110,7 +110,7 @@ WGMMA_DEEP_MIN_TILES = 3
 # tiles. 128/128 GQA 16 at 8 tokens, us, dual / one block (bench/NOTES.md round 22): B=8
 # N=32768 219-225 / 241-243 (H100), 221-222 / 239-242 (H200); H200 B=4 N=32768 116 / 125, N=8192
 # (16-tile splits) 37.5 / 39; shorter splits lose: B=2 N=8192 (8 tiles) 25-26 / 24-25, B=1 (4)
-# 18.5 / 17.3. One row group (GQA 8 at 8 tokens) loses 1-12% (80 registers, round 22).
+# 18.5 / 17.3. One row group (GQA 8 at 8 tokens) loses 1-15% (80 registers, round 22).
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
 WGMMA_DUAL_MIN_TILES = 16
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
