@@ -211,20 +211,28 @@ def test_gradients_fall_back_to_mlx(n, mask, sinks):
         assert mx.allclose(a, b, atol=2e-3, rtol=1e-2).item()
 
 
-def test_mla_plans_the_wgmma_kernel_on_hopper(library):
-    """On an sm_90 GPU the manifest's sm_90a image serves 64+ rows per KV head with wgmma."""
+def _hopper_first_kernel(library, q, k, v, mask=None) -> str:
+    """The kernel of the first launch the plan takes for these inputs from `library` on an sm_90
+    GPU, whose sm_90a image runs wgmma; skips on other GPUs."""
     from aotc.families.sdpa_vector.cuda import plan_cuda
     from aotc.families.sdpa_vector.problem import describe
-    from aotc.runtime.cuda import wgmma_runs
 
     arch = str(mx.device_info().get("architecture", ""))
     if arch != "sm_90":
         pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
-    assert wgmma_runs(library.index.data["options"]["archs"], arch)
+    problem = describe(q, k, v, mask)
+    return plan_cuda(problem, available=library.kernel_names, wgmma=True)[0].kernel
+
+
+def test_mla_plans_the_wgmma_kernel_on_hopper(library):
+    """On an sm_90 GPU the manifest's sm_90a image serves 64+ rows per KV head with wgmma."""
+    from aotc.runtime.cuda import wgmma_runs
+
     q = mx.zeros((1, 128, 1, 576), dtype=mx.bfloat16)
     k = mx.zeros((1, 1, 4096, 576), dtype=mx.bfloat16)
-    launches = plan_cuda(describe(q, k, k[..., :512]), available=library.kernel_names, wgmma=True)
-    assert launches[0].kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
+    kernel = _hopper_first_kernel(library, q, k, k[..., :512])
+    assert wgmma_runs(library.index.data["options"]["archs"], "sm_90")
+    assert kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
 
 
 @pytest.mark.parametrize(
@@ -233,18 +241,12 @@ def test_mla_plans_the_wgmma_kernel_on_hopper(library):
 def test_speculative_rows_take_both_wgmma_entry_points(library, n, short):
     """GQA 8 at 8 tokens (64 rows a KV head) at batch 1 on an sm_90 GPU: splits of 2 key tiles
     take the one-deep build (`_short_`), of 4 the two-deep one; both match the reference."""
-    from aotc.families.sdpa_vector.cuda import plan_cuda
-    from aotc.families.sdpa_vector.problem import describe
-
-    arch = str(mx.device_info().get("architecture", ""))
-    if arch != "sm_90":
-        pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
     q = mx.zeros((1, 32, 8, 192), dtype=mx.bfloat16)
     k = mx.zeros((1, 4, n, 192), dtype=mx.bfloat16)
     v = mx.zeros((1, 4, n, 128), dtype=mx.bfloat16)
-    first = plan_cuda(describe(q, k, v, "causal"), available=library.kernel_names, wgmma=True)[0]
-    assert first.kernel.startswith("sdpa_vector_wgmma_")
-    assert first.kernel.startswith("sdpa_vector_wgmma_short_") == short, first.kernel
+    kernel = _hopper_first_kernel(library, q, k, v, "causal")
+    assert kernel.startswith("sdpa_vector_wgmma_")
+    assert kernel.startswith("sdpa_vector_wgmma_short_") == short, kernel
     check(d=192, v_dim=128, hkv=4, gqa=8, lq=8, n=n, mask="causal")
 
 
@@ -252,16 +254,10 @@ def test_two_row_groups_take_the_dual_wgmma_entry_point(library):
     """128/128 GQA 16 at 8 tokens (two 64-row groups a KV head), 32k keys, on an sm_90 GPU: the
     manifest's library serves it with two blocks an SM (`_dual_`, 16-tile splits), matching the
     reference."""
-    from aotc.families.sdpa_vector.cuda import plan_cuda
-    from aotc.families.sdpa_vector.problem import describe
-
-    arch = str(mx.device_info().get("architecture", ""))
-    if arch != "sm_90":
-        pytest.skip(f"the wgmma kernel runs on sm_90 GPUs; this one is {arch}")
     q = mx.zeros((1, 64, 8, 128), dtype=mx.bfloat16)
     k = v = mx.zeros((1, 4, 32768, 128), dtype=mx.bfloat16)
-    first = plan_cuda(describe(q, k, v, "causal"), available=library.kernel_names, wgmma=True)[0]
-    assert first.kernel == "sdpa_vector_wgmma_dual_bfloat16_t_128_128", first.kernel
+    kernel = _hopper_first_kernel(library, q, k, v, "causal")
+    assert kernel == "sdpa_vector_wgmma_dual_bfloat16_t_128_128", kernel
     check(d=128, v_dim=128, hkv=4, gqa=16, lq=8, n=32768, mask="causal")
 
 

@@ -190,6 +190,22 @@ def _parse_pair(node: Node) -> Params:
     return (("D", d), ("V", v))
 
 
+def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]]:
+    """(name, index variant, macro) of the pair's wgmma entry points, in index order: the
+    two-deep build, the one-deep (`_short`) and the two-blocks-an-SM (`_dual`) ones."""
+    type_name = KERNEL_TYPE_NAMES[dtype]
+    table = (
+        (wgmma_supported, wgmma_name, ""),
+        (wgmma_has_short, wgmma_short_name, "_short"),
+        (wgmma_has_dual, wgmma_dual_name, "_dual"),
+    )
+    return [
+        (name(type_name, d, v), f"split_pass_wgmma{kind}", f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")
+        for has, name, kind in table
+        if has(dtype, d, v)
+    ]
+
+
 def cuda_pair_kernels(dtype: str, d: int, v: int) -> list[tuple[str, str]]:
     """(name, variant) of every CUDA entry point that `cuda_pair_macros` instantiates for a pair,
     in index order."""
@@ -200,26 +216,14 @@ def cuda_pair_kernels(dtype: str, d: int, v: int) -> list[tuple[str, str]]:
         (fused_split_name(type_name, d, v), "split_fused"),
     ]
     kernels = base + [(many_rows_name(name), f"{variant}_rows") for name, variant in base]
-    if wgmma_supported(dtype, d, v):
-        kernels.append((wgmma_name(type_name, d, v), "split_pass_wgmma"))
-    if wgmma_has_short(dtype, d, v):
-        kernels.append((wgmma_short_name(type_name, d, v), "split_pass_wgmma_short"))
-    if wgmma_has_dual(dtype, d, v):
-        kernels.append((wgmma_dual_name(type_name, d, v), "split_pass_wgmma_dual"))
-    return kernels
+    return kernels + [(name, variant) for name, variant, _ in _wgmma_entry_points(dtype, d, v)]
 
 
 def cuda_pair_macros(dtype: str, d: int, v: int) -> list[str]:
     """The macro lines of kernels/cuda/*.cuh that instantiate a pair's CUDA entry points."""
     args = f"{KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {d}, {v}"
-    lines = [f"AOTC_SDPA_VECTOR({args})"]
-    if wgmma_supported(dtype, d, v):
-        lines.append(f"AOTC_SDPA_VECTOR_WGMMA({args})")
-    if wgmma_has_short(dtype, d, v):
-        lines.append(f"AOTC_SDPA_VECTOR_WGMMA_SHORT({args})")
-    if wgmma_has_dual(dtype, d, v):
-        lines.append(f"AOTC_SDPA_VECTOR_WGMMA_DUAL({args})")
-    return lines
+    wgmma = [f"{macro}({args})" for _, _, macro in _wgmma_entry_points(dtype, d, v)]
+    return [f"AOTC_SDPA_VECTOR({args})", *wgmma]
 
 
 def cuda_combine_macro(dtype: str, v: int) -> str:

@@ -112,6 +112,7 @@ WGMMA_DEEP_MIN_TILES = 3
 # (16-tile splits) 37.5 / 39; shorter splits lose: B=2 N=8192 (8 tiles) 25-26 / 24-25, B=1 (4)
 # 18.5 / 17.3. One row group (GQA 8 at 8 tokens) loses 1-15% (80 registers, round 22).
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
+WGMMA_DUAL_BLOCKS_PER_SM = 2  # the dual entry point's launch bounds
 WGMMA_DUAL_MIN_TILES = 16
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
@@ -513,13 +514,9 @@ def plan_cuda(
     if scale is None:
         scale = 1.0 / math.sqrt(p.qk_dim)
     combine = combine_name(type_name, p.v_dim)
-    wg_kernel = wgmma_name(type_name, p.qk_dim, p.v_dim)
-    if wgmma and {wg_kernel, combine} <= set(available) and _wgmma_serves(p, sm_count):
-        short, dual = (f(type_name, p.qk_dim, p.v_dim) for f in (wgmma_short_name, wgmma_dual_name))
-        kernels = WgmmaKernels(
-            wg_kernel, short if short in available else None, dual if dual in available else None
-        )
-        return _plan_wgmma(p, kernels, combine, scale, sm_count, num_splits)
+    wg_kernels = WgmmaKernels.loaded(type_name, p.qk_dim, p.v_dim, available) if wgmma else None
+    if wg_kernels and combine in available and _wgmma_serves(p, sm_count):
+        return _plan_wgmma(p, wg_kernels, combine, scale, sm_count, num_splits)
 
     layout = block_layout(p, arch, sm_count)
     one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
@@ -747,6 +744,18 @@ class WgmmaKernels:
     short: str | None = None
     dual: str | None = None
 
+    @classmethod
+    def loaded(
+        cls, type_name: str, d: int, v: int, available: set[str] | frozenset[str]
+    ) -> WgmmaKernels | None:
+        """The entry points `available` holds; None without the two-deep one."""
+        deep, short, dual = (
+            name(type_name, d, v) for name in (wgmma_name, wgmma_short_name, wgmma_dual_name)
+        )
+        if deep not in available:
+            return None
+        return cls(deep, short if short in available else None, dual if dual in available else None)
+
 
 def _plan_wgmma(
     p: AttentionProblem,
@@ -761,7 +770,7 @@ def _plan_wgmma(
     WGMMA_DUAL_MIN_TILES tiles there; else one block an SM, one deep (`short`) when every split
     is short."""
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
-        grid = _wgmma_grid(p, 2 * sm_count, num_splits)
+        grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
             return _wgmma_launches(p, kernels.dual, True, grid, combine, scale)
     grid = _wgmma_grid(p, sm_count, num_splits)
