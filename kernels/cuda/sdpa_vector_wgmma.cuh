@@ -494,7 +494,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // Parity of the fill of a slot that holds tile t: two-deep slots fill every other tile.
   auto parity = [&](int t) { return (two_deep ? t >> 1 : t) & 1; };
   // Separate V, two deep: tile t + 2 refills tile t's K and V slots (else tile t + 1 does).
-  const bool own_v_two_deep = C::DEEP && !v_in_k && two_deep;
+  const bool own_v_two_deep = !v_in_k && two_deep;
   auto slot_at = [&](int slot) { return slots + C::slot_offset(slot); };
   auto bar = [&](int slot, int part) { return sBars + (slot * kParts + part) * 8; };
   // A tile lands in parts, each staged by one warpgroup and waited for on its own mbarrier.
@@ -529,7 +529,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   };
   // This warpgroup's half of V(t) into its slot (separate V only).
   auto stage_v = [&](int t) {
-    const int slot = C::DEEP ? vslot(t) : 1;  // (stage_v only runs for separate V)
+    const int slot = vslot(t);
     const uint32_t dst = slot_at(slot);
     if (AOTC_SKIP(2) && t >= (own_v_two_deep ? 2 : 1)) skip_stage(bar(slot, wg - 1));
     else
