@@ -52,9 +52,27 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
 
 def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[str] = ()) -> None:
     """`src` to the fatbin `out` as the CUDA target builds a library: nvcc with its flags (and
-    `flags`, whose -I come first) per arch to relocatable cubins, nvlink, fatbinary."""
+    `flags`, whose -I come first) per arch to relocatable cubins, nvlink, fatbinary. A
+    `compute_XX` arch adds PTX instead, which the driver compiles for the GPU at load."""
     images = []
     for arch in archs:
+        if arch.startswith("compute_"):
+            ptx = out.with_suffix(f".{arch}.ptx")
+            _run(
+                [
+                    "nvcc",
+                    *NVCC_FLAGS,
+                    *flags,
+                    f"-I{KERNELS}",
+                    "-ptx",
+                    f"-arch={arch}",
+                    "-o",
+                    ptx,
+                    src,
+                ]
+            )
+            images.append(f"--image3=kind=ptx,sm={fatbin_sm(arch)},file={ptx}")
+            continue
         rdc, cubin = out.with_suffix(f".{arch}.rdc.cubin"), out.with_suffix(f".{arch}.cubin")
         nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}", "-cubin", f"-arch={arch}"]
         _run([*nvcc, "-o", rdc, src])
@@ -106,8 +124,12 @@ def build_fatbin(
 
 
 if __name__ == "__main__":
+    # python3 -m bench.build_harness DIR [JOBS] [ARCH ...]: ARCH defaults to sm_90a; compute_80
+    # builds PTX whose sm_80 source paths an H100 runs (JIT-compiled) for the harness GPU tests.
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".gpu/sdpa")
+    jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    archs = tuple(sys.argv[3:]) or ("sm_90a",)
     start = time.time()
-    path = build_fatbin(PAIRS, out_dir=out, jobs=int(sys.argv[2]) if len(sys.argv) > 2 else 8)
+    path = build_fatbin(PAIRS, out_dir=out, jobs=jobs, archs=archs)
     (out / "current").write_text(path.name)
     print(f"built {path} in {time.time() - start:.0f} s")

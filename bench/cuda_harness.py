@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from aotc.families.sdpa_vector.cuda import Launch, plan_cuda, run_cuda
+from aotc.families.sdpa_vector.cuda import TYPICAL_SM_COUNTS, Launch, plan_cuda, run_cuda
 from aotc.families.sdpa_vector.problem import AttentionProblem, MaskKind
+from aotc.formats.fatbin import read_fatbin
 from bench.build_harness import build_fatbin, kernel_names  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,20 @@ class Library:
             module = ctypes.c_void_p()
             self._check(self.cuda.cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
             self.modules.append((module, data))
+        major, minor = torch.cuda.get_device_capability(0)
+        self.arch = image_arch([data for _, data in self.modules], major * 10 + minor)
+        # Plans for the image's arch, with that arch's usual SM count where it is not this GPU's
+        # (a compute_80 image is planned as for an A100: the grids one would run).
+        self.plan_arch = plan_arch(self.arch)
+        self.plan_sm_count = (
+            None
+            if self.plan_arch == f"sm_{major}{minor}"
+            else TYPICAL_SM_COUNTS.get(self.plan_arch)
+        )
         self._smem_set: dict[str, int] = {}
-        self.wgmma_ok = True  # False: plan without the wgmma kernel (baselines, comparisons)
+        # False: plan without the wgmma kernel (baselines, comparisons). It only runs from an
+        # sm_90a image on an sm_90 GPU.
+        self.wgmma_ok = self.arch == "sm_90a"
         self.fused_ok = True  # False: split plans take the separate combine kernel
         self.poison = False  # fill outputs with NaN before each launch (tests)
         self.tma = True  # False: leave tensor maps unencoded (kernels take their cp.async path)
@@ -196,6 +209,25 @@ class Library:
         return bytes(out) if rc == 0 else None
 
 
+def image_arch(fatbins: list[bytes], device_sm: int) -> str:
+    """The arch of the code the driver runs from these fatbins on a GPU of `device_sm`: its own
+    SASS ("sm_90a"), else the newest PTX it can JIT ("compute_80": the sm_80 image's source
+    paths, compiled for this GPU). All modules of a harness build hold the same images."""
+    entries = read_fatbin(fatbins[0]).entries
+    sass = [e.arch for e in entries if e.kind == "elf" and e.sm == device_sm]
+    if sass:
+        return max(sass, key=lambda arch: arch.endswith("a"))
+    ptx = [e for e in entries if e.kind == "ptx" and e.sm <= device_sm]
+    if not ptx:
+        raise RuntimeError(f"the harness fatbin has no image for sm_{device_sm}")
+    return max(ptx, key=lambda e: e.sm).arch
+
+
+def plan_arch(image: str) -> str:
+    """The arch the plan sizes blocks for: the image's (PTX of compute_80 runs sm_80's paths)."""
+    return "sm_" + image.split("_", 1)[1].rstrip("af")
+
+
 def load_library(listing: str | Path | None = None) -> Library:
     """The kernels of a fatbin list (`bench.variants` builds them), or by default the harness
     fatbin `python3 -m bench.build_harness .gpu/sdpa` last built."""
@@ -235,19 +267,18 @@ def plan_for(
 ):
     problem = problem_of(q, k, v, mask, sinks)
     if sm_count is None:
-        sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+        sm_count = lib.plan_sm_count or torch.cuda.get_device_properties(0).multi_processor_count
     names = lib.names() or set(lib.functions)
     if not lib.fused_ok:
         names = {name for name in names if "_2pass_fused_" not in name}
-    # The harness builds sm_90a only (build_harness.build_fatbin): wgmma runs on any sm_90 GPU.
-    wgmma = torch.cuda.get_device_capability(0) == (9, 0) and lib.wgmma_ok
     return plan_cuda(
         problem,
         available=names,
         sm_count=sm_count,
         scale=scale,
+        arch=lib.plan_arch,
         num_splits=num_splits,
-        wgmma=wgmma,
+        wgmma=lib.wgmma_ok,
     )
 
 

@@ -45,6 +45,9 @@ MASK_KINDS = {"none": 0, "causal": 1, "bool": 2, "additive": 3}
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 MAX_QUERY_TOKENS = 8
 DEFAULT_SM_COUNT = 132
+# The SM counts of each architecture's most common part (A100, A10/A6000, L40/4090 class), where
+# the driver cannot say.
+TYPICAL_SM_COUNTS = {"sm_80": 108, "sm_86": 84, "sm_89": 128}
 # Per-block dynamic shared memory opt-in limit and per-SM shared memory (H100/H200: 227 KB and
 # 228 KB; A100: 163 KB and 164 KB).
 SHARED_LIMITS = {"sm_80": (166912, 167936), "sm_90": (232448, 233472)}
@@ -936,7 +939,7 @@ def device_facts() -> tuple[int, str]:
         pass
     sm_count = cuda_runtime.sm_count()  # device 0: MLX's Python Device has no index to ask
     if not sm_count:
-        sm_count = {"sm_80": 108, "sm_86": 84, "sm_89": 128}.get(arch, DEFAULT_SM_COUNT)
+        sm_count = TYPICAL_SM_COUNTS.get(arch, DEFAULT_SM_COUNT)
     return sm_count, arch
 
 
