@@ -47,7 +47,17 @@ def load_manifest(path: Path | str, text: str | None = None) -> Manifest:
                 warnings.append(f"{inst.origin}: {inst.label} repeats {seen[inst]}; merged")
                 continue
             seen[inst] = inst.origin
+            warnings += _dispatch_warnings(inst, targets)
     return Manifest(path, library, targets, tuple(seen), tuple(warnings))
+
+
+def _dispatch_warnings(inst: Instantiation, targets: dict[str, TargetOptions]) -> list[str]:
+    family = FAMILIES[inst.family]
+    found = (
+        family.dispatch_warning(target, targets[target], inst.dtype, dict(inst.params))
+        for target in sorted(inst.targets)
+    )
+    return [f"{inst.origin}: {warning}" for warning in found if warning]
 
 
 def _required(parent: Node, mapping: dict[str, Node], key: str) -> Node:

@@ -192,6 +192,31 @@ def test_duplicates_are_merged_with_a_warning(write_manifest):
     assert "repeats" in manifest.warnings[0] and "merged" in manifest.warnings[0]
 
 
+@pytest.mark.parametrize(
+    ("cuda", "warned"),
+    [
+        ("{archs: [sm_80, sm_90a], ptx: compute_90}", "sm_80"),
+        ("{archs: [sm_90a], ptx: compute_80}", "compute_80"),
+        ("{archs: [sm_86, sm_80], ptx: null}", "sm_86, sm_80"),
+        ("{archs: [sm_90a], ptx: compute_90}", None),
+    ],
+)
+def test_instantiations_no_block_of_an_arch_holds_are_warned(write_manifest, cuda, warned):
+    """fp32 576/512 needs 182976 bytes of shared memory a block: over sm_8x's 166912, within
+    sm_90's. It still builds (sm_90 runs it); on sm_8x its calls fall back to MLX."""
+    text = VALID.replace("{archs: [sm_80, sm_90a], ptx: compute_90}", cuda)
+    text = text.replace("dtypes: [float16, bfloat16]", "dtypes: [float32, bfloat16]")
+    manifest = load_manifest(write_manifest(text))
+    assert "sdpa_vector float32 D=576 V=512" in {i.label for i in manifest.instantiations}
+    if warned is None:
+        assert manifest.warnings == ()
+        return
+    (warning,) = manifest.warnings
+    assert "manifest.yaml:8: kernels[0].head_dims[1]: float32" in warning, warning
+    assert f"float32 D=576 V=512 cannot run on {warned}: a block needs 182976 bytes" in warning
+    assert "166912" in warning and "fall back to MLX" in warning
+
+
 def test_missing_targets_means_every_target_with_defaults(write_manifest):
     text = "library: x\nkernels:\n  - {family: sdpa_vector, dtypes: [float32], head_dims: [64]}\n"
     manifest = load_manifest(write_manifest(text))

@@ -6,10 +6,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aotc.errors import Location
 from aotc.located_yaml import Node
+
+if TYPE_CHECKING:
+    from aotc.targets.base import TargetOptions
 
 # Manifest dtype -> the type name used in kernel names (MLX's Metal spelling, kept on every target).
 KERNEL_TYPE_NAMES = {"float16": "float16_t", "bfloat16": "bfloat16_t", "float32": "float"}
@@ -86,6 +89,13 @@ class Family(Protocol):
 
     def unsupported_reason(self, target: str, dtype: str, params: dict[str, int]) -> str | None:
         """Why this instantiation cannot be built for `target`, or None."""
+        ...
+
+    def dispatch_warning(
+        self, target: str, options: TargetOptions, dtype: str, params: dict[str, int]
+    ) -> str | None:
+        """Why this instantiation, built, can never be dispatched on some of the GPUs the
+        target's options build for (its calls fall back there), or None."""
         ...
 
     def translation_units(

@@ -18,6 +18,7 @@ from aotc.families.base import (
 )
 from aotc.located_yaml import Node
 from aotc.mlx_info import mlx_include_dir
+from aotc.targets.base import TargetOptions
 
 NAME = "sdpa_vector"
 CUDA_VALUE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -154,6 +155,25 @@ class SdpaVectorFamily:
                     f"are multiples of {multiple} between {multiple} and {MAX_HEAD_DIM}"
                 )
         return None
+
+    def dispatch_warning(
+        self, target: str, options: TargetOptions, dtype: str, params: dict[str, int]
+    ) -> str | None:
+        if target != "cuda":
+            return None
+        from aotc.families.sdpa_vector.cuda import unserved_archs
+
+        archs = [*getattr(options, "archs", ()), *filter(None, [getattr(options, "ptx", None)])]
+        unserved = unserved_archs(dtype, params["D"], params["V"], archs)
+        if not unserved:
+            return None
+        need, limit = unserved[0][1:]
+        names = ", ".join(arch for arch, _, _ in unserved)
+        return (
+            f"{dtype} D={params['D']} V={params['V']} cannot run on {names}: a block needs {need} "
+            f"bytes of shared memory, over the {limit} a block may take there; such calls fall "
+            "back to MLX's own op"
+        )
 
     def translation_units(
         self, target: str, insts: Sequence[Instantiation]

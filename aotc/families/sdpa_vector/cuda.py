@@ -395,6 +395,17 @@ class BlockLayout:
         return self.sm_count * self.per_sm
 
 
+def unserved_archs(dtype: str, d: int, v: int, archs: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(arch, bytes a block needs, the arch's limit) for each of `archs` (sm_XX, compute_XX)
+    where no block of (dtype, d, v) fits: one m-tile at two stages is the smallest, and the plan
+    refuses calls there (`_m_tiles` raises Unsupported)."""
+    need = kernel_config(dtype, d, v).shared_bytes(1)
+    limits = {
+        a: SHARED_LIMITS["sm_80" if a.split("_")[-1].startswith("8") else "sm_90"][0] for a in archs
+    }
+    return [(a, need, limit) for a, limit in limits.items() if need > limit]
+
+
 def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
     sm_8x = arch.startswith("sm_8")
     max_shared, sm_shared = SHARED_LIMITS["sm_80" if sm_8x else "sm_90"]
