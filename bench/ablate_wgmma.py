@@ -4,7 +4,8 @@
     python3 -m bench.ablate_wgmma run DIR      (on the GPU)
 
 Bits of Params::reserved: 1 skips S = Q K^T, 2 skips O += P V, 4 skips the K loads after the
-first tile. Results are wrong by design; only the times mean something.
+first tile, 8 the partials' stores, 16 every K load, 32 Q's load. Results are wrong by design;
+only the times mean something. "alone": the split pass without its combine kernel.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ MODES = {
     5: "no S/loads",
     6: "no PV/loads",
     7: "softmax+barriers",
+    15: "... no partials",
+    23: "... no loads at all",
+    55: "... no loads, no Q",
+    63: "softmax+barriers only",
 }
 SHAPES = [
     (8, 128, 1, 32768, 576, 512, True),
     (8, 64, 1, 32768, 576, 512, True),  # one row group: each K tile read once from L2
     (1, 128, 1, 32768, 576, 512, True),
+    (8, 128, 1, 8192, 576, 512, True),
 ]
 
 
@@ -60,7 +66,23 @@ def run(out: Path) -> None:
                 for p in base
             ]
             cells.append(f"{name} {time_plans(lib, sets, plans, scale) * 1e6:.1f}")
+            if mode in (0, 7, 15, 23, 55, 63):
+                cells.append(f"{name} alone {_split_pass_alone(lib, sets, plans) * 1e6:.1f}")
         print((b, hq, hkv, n, d, v), f"g{base[0][0].grid[0]}", " | ".join(cells), flush=True)
+
+
+def _split_pass_alone(lib, sets, plans) -> float:
+    """Seconds per call of the plans' split passes without their combine kernel."""
+    from functools import partial
+
+    from aotc.families.sdpa_vector.cuda import prepare_launch, preparer
+    from bench.bench_sdpa import time_graph
+
+    fns = []
+    for (q, k, v), plan in zip(sets, plans, strict=True):
+        inputs = [{"q": q, "k": k, "v": v}[name] for name in plan[0].inputs]
+        fns.append(partial(prepare_launch(plan[0], preparer(lib.launch_fn)), inputs))
+    return time_graph(fns)
 
 
 if __name__ == "__main__":

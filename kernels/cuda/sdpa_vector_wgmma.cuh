@@ -517,7 +517,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
                                             key_begin + t * kKeys, key_end, tid & 127,
                                             bar(slot, part), kmap, kvh, b);
     };
-    if (AOTC_SKIP(2) && t > 1) skip_stage(bar(slot, part));
+    if ((AOTC_SKIP(2) && t > 1) || AOTC_SKIP(4)) skip_stage(bar(slot, part));
     else if (part == 0 && v_in_k) cols(Atoms<InK::CUT0>{}, 0);
     else if (part == 0) cols(Atoms<OwnV::CUT0>{}, 0);
     else if (part == 1 && v_in_k) cols(Atoms<InK::CUT1 - InK::CUT0>{}, InK::CUT0);
@@ -531,7 +531,8 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   auto stage_v = [&](int t) {
     const int slot = vslot(t);
     const uint32_t dst = slot_at(slot);
-    if (AOTC_SKIP(2) && t >= (own_v_two_deep ? 2 : 1)) skip_stage(bar(slot, wg - 1));
+    if ((AOTC_SKIP(2) && t >= (own_v_two_deep ? 2 : 1)) || AOTC_SKIP(4))
+      skip_stage(bar(slot, wg - 1));
     else
       stage_cols<T, VH>(dst, gQ + (dst - sQ), vbase, p.v_strides, vvec, (wg - 1) * VH,
                         key_begin + t * kKeys, key_end, tid & 127, bar(slot, wg - 1), vmap, kvh,
@@ -552,7 +553,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
   }
   __syncthreads();  // the mbarriers are initialised before any arrival
-  stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
+  if (!AOTC_SKIP(5)) stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
   cp_async_commit();
   if (wg > 0) {
     stage_k_all(0, 0);
@@ -659,7 +660,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
       const int rr = row0 + wrow + 8 * h;
-      if (rr < R && quad == 0) {
+      if (rr < R && quad == 0 && !AOTC_SKIP(3)) {
         const long long row = out_row(p, b, kvh, rr);
         maxs[row * S + split] = m[h];
         sums[row * S + split] = l[h];
@@ -707,7 +708,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int rr = row0 + wrow + 8 * h;
-      if (rr >= R) continue;
+      if (rr >= R || AOTC_SKIP(3)) continue;
       const long long row = out_row(p, b, kvh, rr);
       float* dst = partials + (row * S + split) * V + half * NV + 2 * quad;
 #pragma unroll
