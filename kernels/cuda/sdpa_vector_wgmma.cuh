@@ -26,7 +26,9 @@
 // strictly alternately (an arrival for tile t + 1 always follows the wait for tile t), so
 // counts never mix. Tiles are handed over by the parts' mbarriers (phase = fill count & 1).
 // Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
-// merges the splits and applies sinks.
+// merges the splits and applies sinks. The pair entry points run in clusters of two blocks
+// (key splits 2j and 2j + 1) that first merge their two splits through distributed shared
+// memory, each block writing half the rows: one partial per two splits.
 //
 // Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums,
 // WParams): Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them),
@@ -204,6 +206,39 @@ __device__ __forceinline__ void bar_arrive() {
   asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
 }
 constexpr int kBarPReady = 1, kBarPFree = 2;
+constexpr int kBarDone = 3;  // pair entry points: every warpgroup is done with Q and the slots
+
+// ---------------------------------------------------------------- clusters of two (PAIR)
+// Both blocks of the cluster arrive, then wait: release and acquire at cluster scope, so each
+// sees the other's (and its own) shared-memory writes before the barrier.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// The address of shared-window address `addr` in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ float ld_cluster(uint32_t addr) {
+  float x;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(x) : "r"(addr) : "memory");
+  return x;
+}
+__device__ __forceinline__ float4 ld_cluster4(uint32_t addr) {
+  float4 x;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w)
+               : "r"(addr)
+               : "memory");
+  return x;
+}
 
 // mbarriers (shared-window addresses) of the tile atoms.
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -434,7 +469,83 @@ __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, co
   }
 }
 
-template <typename T, int D, int V, bool TWO_DEEP>
+// Pair entry points: the two blocks of a cluster are key splits 2j and 2j + 1 (ranks 0 and 1) of
+// one (batch, KV head, row group); the split count is even.
+__device__ __forceinline__ BlockWork pair_block_work(const Params& p) {
+  int bid = blockIdx.x;
+  const int rank = bid & 1;
+  bid >>= 1;
+  BlockWork w;
+  w.rg = bid % p.row_groups;
+  bid /= p.row_groups;
+  const int pairs = p.num_splits / 2;
+  w.split = 2 * (bid % pairs) + rank;
+  bid /= pairs;
+  w.kvh = bid % p.kv_heads;
+  w.b = bid / p.kv_heads;
+  w.key_begin = w.split * p.keys_per_split;
+  w.key_end = min(p.kv_len, w.key_begin + p.keys_per_split);
+  return w;
+}
+
+// Pair entry points: the O rows (stride V + 8 floats: a warp's float2 stores take two
+// wavefronts) and each row's max and sum, over Q and the slots once every MMA is done.
+template <int D, int V, bool TWO_DEEP>
+struct PairCfg {
+  static constexpr int ROW = V + 8;
+  static constexpr int STATS = kRows * ROW * 4;                 // byte offset of maxs, then sums
+  static constexpr int WEIGHTS = STATS + 2 * kRows * 4;         // this block's rows' merge weights
+  static constexpr int BYTES = WEIGHTS + 2 * (kRows / 2) * 4;
+  static_assert(BYTES <= WCfg<D, V, TWO_DEEP>::Q_BYTES + WCfg<D, V, TWO_DEEP>::SLOTS_BYTES,
+                "the pair exchange does not fit over Q and the slots");
+};
+
+// Pair entry points: merges the cluster's two splits into one partial (split / 2 of
+// num_splits / 2). Block `rank` takes rows [32 rank, 32 rank + 32): its own O rows and the
+// peer's, read from the peer's shared memory, written out as whole rows (16-byte stores).
+template <int D, int V, bool TWO_DEEP>
+__device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* gX,
+                                           float* __restrict__ partials,
+                                           float* __restrict__ maxs, float* __restrict__ sums,
+                                           int b, int kvh, int row0, int R, int split) {
+  using PC = PairCfg<D, V, TWO_DEEP>;
+  constexpr int kHalf = kRows / 2, C4 = V / 4;
+  const int tid = threadIdx.x, S2 = p.num_splits / 2, out_split = split / 2;
+  cluster_sync();  // both blocks' O rows and statistics are in place
+  const uint32_t rank = cluster_rank();
+  const uint32_t peer = cluster_addr(sX, rank ^ 1);
+  const float* const stats = reinterpret_cast<const float*>(gX + PC::STATS);
+  float* const weights = reinterpret_cast<float*>(gX + PC::WEIGHTS);
+  if (tid < kHalf) {
+    const int r = rank * kHalf + tid;
+    const float ma = stats[r], la = stats[kRows + r];
+    const float mb = ld_cluster(peer + PC::STATS + r * 4);
+    const float lb = ld_cluster(peer + PC::STATS + (kRows + r) * 4);
+    const float mx = fmaxf(ma, mb), mu = mx == -INFINITY ? 0.f : mx;
+    const float wa = exp2f(ma - mu), wb = exp2f(mb - mu);
+    weights[tid] = wa;
+    weights[kHalf + tid] = wb;
+    if (row0 + r < R) {
+      const long long row = out_row(p, b, kvh, row0 + r);
+      maxs[row * S2 + out_split] = mx;
+      sums[row * S2 + out_split] = wa * la + wb * lb;
+    }
+  }
+  bar_sync<kBarDone, kThreads>();  // the weights are in place
+  for (int i = tid; i < kHalf * C4; i += kThreads) {
+    const int lr = i / C4, c4 = i - lr * C4, r = rank * kHalf + lr;
+    if (row0 + r >= R) break;  // rows only grow with i
+    const uint32_t off = (r * PC::ROW + c4 * 4) * 4;
+    const float4 x = *reinterpret_cast<const float4*>(gX + off), y = ld_cluster4(peer + off);
+    const float wa = weights[lr], wb = weights[kHalf + lr];
+    const long long row = out_row(p, b, kvh, row0 + r);
+    *reinterpret_cast<float4*>(partials + (row * S2 + out_split) * V + c4 * 4) = make_float4(
+        wa * x.x + wb * y.x, wa * x.y + wb * y.y, wa * x.z + wb * y.z, wa * x.w + wb * y.w);
+  }
+  cluster_sync();  // the peer is done reading this block's rows
+}
+
+template <typename T, int D, int V, bool TWO_DEEP, bool PAIR>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
                                             float* __restrict__ partials,
@@ -449,7 +560,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const int quad = lane & 3;
   const int wrow = ((tid & 127) >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow, wrow + 8
 
-  const BlockWork w = block_work(p);
+  const BlockWork w = PAIR ? pair_block_work(p) : block_work(p);
   const int split = w.split, kvh = w.kvh, b = w.b;
   const int R = p.q_heads / p.kv_heads * p.q_len;  // query rows of the KV head
   const int row0 = w.rg * kRows;
@@ -660,10 +771,21 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
       const int rr = row0 + wrow + 8 * h;
-      if (rr < R && quad == 0 && !AOTC_SKIP(3)) {
+      if (!PAIR && rr < R && quad == 0 && !AOTC_SKIP(3)) {
         const long long row = out_row(p, b, kvh, rr);
         maxs[row * S + split] = m[h];
         sums[row * S + split] = l[h];
+      }
+    }
+    if constexpr (PAIR) {  // the statistics, to merge (merge_pair)
+      bar_sync<kBarDone, kThreads>();
+      float* const stats = reinterpret_cast<float*>(gQ + PairCfg<D, V, TWO_DEEP>::STATS);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (quad == 0) {
+          stats[wrow + 8 * h] = m[h];
+          stats[kRows + wrow + 8 * h] = l[h];
+        }
       }
     }
   } else {
@@ -704,22 +826,37 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       if (!v_in_k && next) stage_v(tn);
       if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
     }
-    // ---- unnormalised partial O of the split
+    // ---- unnormalised partial O of the split (pairs: into shared memory, to merge)
+    if constexpr (PAIR) {
+      bar_sync<kBarDone, kThreads>();
+      float* const rows = reinterpret_cast<float*>(gQ) + half * NV + 2 * quad;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int rr = row0 + wrow + 8 * h;
-      if (rr >= R || AOTC_SKIP(3)) continue;
-      const long long row = out_row(p, b, kvh, rr);
-      float* dst = partials + (row * S + split) * V + half * NV + 2 * quad;
+      for (int h = 0; h < 2; ++h) {
+        float* dst = rows + (wrow + 8 * h) * PairCfg<D, V, TWO_DEEP>::ROW;
 #pragma unroll
-      for (int n = 0; n < NV / 8; ++n)
-        *reinterpret_cast<float2*>(dst + 8 * n) =
-            make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+        for (int n = 0; n < NV / 8; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) =
+              make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = row0 + wrow + 8 * h;
+        if (rr >= R || AOTC_SKIP(3)) continue;
+        const long long row = out_row(p, b, kvh, rr);
+        float* dst = partials + (row * S + split) * V + half * NV + 2 * quad;
+#pragma unroll
+        for (int n = 0; n < NV / 8; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) =
+              make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+      }
     }
   }
+  if constexpr (PAIR)
+    merge_pair<D, V, TWO_DEEP>(p, sQ, gQ, partials, maxs, sums, b, kvh, row0, R, split);
 }
 
-template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS>
+template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             float* partials, float* maxs, float* sums,
                                             const WParams& p) {
@@ -729,8 +866,10 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     extern __shared__ __align__(1024) char aotc_wg_smem[];
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads) __trap();
-    wgmma_block<T, D, V, TWO_DEEP>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
+    if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
+        (PAIR && p.p.num_splits % 2 != 0))
+      __trap();
+    wgmma_block<T, D, V, TWO_DEEP, PAIR>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
     return;
   }
 #endif
@@ -741,25 +880,37 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 }  // namespace aotc_sdpa
 #undef AOTC_SKIP
 
-// BLOCKS: blocks an SM must hold (launch bounds); 2 caps a thread at 80 registers.
-#define AOTC_SDPA_VECTOR_WGMMA_ENTRY(NAME, T, D, V, TWO_DEEP, BLOCKS)                         \
-  extern "C" __global__ void __launch_bounds__(384, BLOCKS) NAME(                             \
+// BLOCKS: blocks an SM must hold (launch bounds); 2 caps a thread at 80 registers. PAIR: the
+// blocks come in clusters of two that merge their splits (CLUSTER: the attribute, sm_90 only).
+#define AOTC_SDPA_VECTOR_WGMMA_ENTRY(NAME, T, D, V, TWO_DEEP, BLOCKS, PAIR, CLUSTER)          \
+  extern "C" __global__ void CLUSTER __launch_bounds__(384, BLOCKS) NAME(                     \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
       float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
-    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP, BLOCKS>(q, k, v, mask, partials, maxs,     \
-                                                          sums, p);                          \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP, BLOCKS, PAIR>(q, k, v, mask, partials,     \
+                                                                maxs, sums, p);              \
   }
 #define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V) \
-  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true, 1)
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true, 1, false, )
 // The same kernel built one deep, for pairs whose DEEP layout fits: the plan takes it where
 // every split holds fewer than kDeepMinTiles tiles. Such short calls ran 0.3-0.7 us slower in the
 // two-deep kernel on the very same one-deep flow (its code; bench/NOTES.md round 21).
 #define AOTC_SDPA_VECTOR_WGMMA_SHORT(TN, T, D, V) \
-  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_short_##TN##_##D##_##V, T, D, V, false, 1)
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_short_##TN##_##D##_##V, T, D, V, false, 1, false, )
 // Two blocks an SM (WCfg::TWO_BLOCKS_FIT), for KV heads of 2+ row groups: there the kernel is
 // bound by each block's serial S, softmax, P V chain, and a second block's MMAs fill its gaps
 // (128/128 GQA 16 at 8 tokens, B=8 N=32768: 219-225 us against 241-243 one block an SM, H100;
 // 221-222 against 239-242, H200). One row group loses 1-15% on it (80 registers, twice the
 // partial rows to merge), and so do splits of under 16 tiles (bench/NOTES.md round 22).
 #define AOTC_SDPA_VECTOR_WGMMA_DUAL(TN, T, D, V) \
-  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_dual_##TN##_##D##_##V, T, D, V, true, 2)
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_dual_##TN##_##D##_##V, T, D, V, true, 2, false, )
+// Clusters of two blocks (key splits 2j and 2j + 1) that merge their splits through distributed
+// shared memory before writing one partial: half the partials' stores and the combine's reads
+// (MLA: 16.8 MB of each a call; bench/NOTES.md round 23). A cluster attribute is sm_90's only.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define AOTC_WG_PAIR_CLUSTER
+#else
+#define AOTC_WG_PAIR_CLUSTER __cluster_dims__(2, 1, 1)
+#endif
+#define AOTC_SDPA_VECTOR_WGMMA_PAIR(TN, T, D, V)                                               \
+  AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_pair_##TN##_##D##_##V, T, D, V, true, 1, true, \
+                               AOTC_WG_PAIR_CLUSTER)

@@ -488,3 +488,39 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
         assert lib.last_maps_ok == 0
         ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
         assert h.rel_err(out, ref) < TOL["bfloat16"]
+
+
+# Splits of 8-16 tiles (the plan's window for pairs).
+PAIR_CASES = {
+    "b1_plan": dict(n=32768, view_of_k=True),  # 64 splits merged into 32
+    "two_splits": dict(b=2, n=1000, num_splits=2, view_of_k=True),  # one merged partial
+    "partial_tile": dict(n=5000, num_splits=6, view_of_k=True),
+    "own_v": dict(hq=64, n=3000, num_splits=4),
+    "sinks": dict(b=2, n=3000, num_splits=4, sinks=True, view_of_k=True),
+    "causal_2_tokens": dict(hq=64, lq=2, n=2000, num_splits=4, mask="causal", view_of_k=True),
+    "bool_mask": dict(n=3000, num_splits=4, mask="bool", view_of_k=True),
+    "96_rows": dict(hq=96, n=3000, num_splits=4, view_of_k=True),  # a half-empty row group
+    "float16": dict(n=3000, num_splits=4, dtype="float16"),
+}
+
+
+@needs_sm90
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+@pytest.mark.parametrize("case", list(PAIR_CASES))
+def test_wgmma_pair_clusters(lib, case, tma):
+    """MLA's splits in clusters of two (the pair entry point): each block keeps half the
+    rows of both splits, merged through distributed shared memory, and the combine merges half
+    as many partials."""
+    shape = dict(dict(hq=128, hkv=1, d=576, v=512), **PAIR_CASES[case])
+    plan_shape = {
+        k: x for k, x in shape.items() if k in ("b", "hq", "hkv", "lq", "n", "num_splits")
+    }
+    kernel = _first_kernel(lib, d=576, v=512, dtype=shape.get("dtype", "bfloat16"), **plan_shape)
+    assert kernel.startswith("sdpa_vector_wgmma_pair_"), kernel
+    lib.tma = tma
+    try:
+        for seed in range(2):  # the second call reuses the first one's buffers
+            lib.poison = seed == 0
+            check(lib, seed=seed, **shape)
+    finally:
+        lib.tma, lib.poison = True, True

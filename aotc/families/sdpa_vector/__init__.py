@@ -73,6 +73,13 @@ def wgmma_dual_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_wgmma_dual_{type_name}_{d}_{v}"
 
 
+def wgmma_pair_name(type_name: str, d: int, v: int) -> str:
+    """The two-deep wgmma split pass in clusters of two blocks that merge their key splits
+    before writing (half the partials), for wide heads (wgmma_has_pair; bench/NOTES.md round
+    23)."""
+    return f"sdpa_vector_wgmma_pair_{type_name}_{d}_{v}"
+
+
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
 # (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
@@ -119,6 +126,15 @@ def wgmma_has_dual(dtype: str, d: int, v: int) -> bool:
     block = _wgmma_deep_bytes(d, v) + _WGMMA_BLOCK_RESERVE
     fits = d + v <= _WGMMA_TWO_BLOCK_HEADS and 2 * block <= _WGMMA_SHARED_PER_SM
     return wgmma_has_short(dtype, d, v) and fits
+
+
+WGMMA_PAIR_HEADS = 1024  # D + V from which a pair gets the cluster entry point (MLA's 576/512)
+
+
+def wgmma_has_pair(dtype: str, d: int, v: int) -> bool:
+    """Whether the pair also gets the clusters-of-two entry point (wgmma_pair_name): heads this
+    wide write 128 KB of partials a block, which pairs halve."""
+    return wgmma_supported(dtype, d, v) and d + v >= WGMMA_PAIR_HEADS
 
 
 def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
@@ -212,12 +228,14 @@ def _parse_pair(node: Node) -> Params:
 
 def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]]:
     """(name, index variant, macro) of the pair's wgmma entry points, in index order: the
-    two-deep build, the one-deep (`_short`) and the two-blocks-an-SM (`_dual`) ones."""
+    two-deep build, the one-deep (`_short`), the two-blocks-an-SM (`_dual`) and the
+    clusters-of-two (`_pair`) ones."""
     type_name = KERNEL_TYPE_NAMES[dtype]
     table = (
         (wgmma_supported, wgmma_name, ""),
         (wgmma_has_short, wgmma_short_name, "_short"),
         (wgmma_has_dual, wgmma_dual_name, "_dual"),
+        (wgmma_has_pair, wgmma_pair_name, "_pair"),
     )
     return [
         (name(type_name, d, v), f"split_pass_wgmma{kind}", f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")
