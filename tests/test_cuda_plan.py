@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from aotc.families.sdpa_vector import wgmma_has_dual, wgmma_has_short, wgmma_supported
+from aotc.families.sdpa_vector import (
+    wgmma_has_dual,
+    wgmma_has_pair,
+    wgmma_has_short,
+    wgmma_supported,
+)
 from aotc.families.sdpa_vector.cuda import (
+    COMBINE_FORMAT,
     COMBINE_SIZE,
     FUSED_MAX_SPLITS,
     LONG_SPLIT_TILES,
@@ -650,6 +656,46 @@ def test_two_row_groups_take_the_dual_entry_point():
     assert split_pass(batch=8, **dict(gqa16, q_heads=32))[:2] == (deep, 128)
     assert not wgmma_has_dual("bfloat16", 192, 128) and wgmma_has_dual("float16", 128, 128)
     assert wgmma_has_dual("bfloat16", 128, 128) and not wgmma_has_dual("float32", 128, 128)
+
+
+def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
+    """KV heads of 64+ rows with wide heads (MLA), split an even number of ways into splits of
+    8-16 tiles, take the clusters-of-two entry point: the same grid and keys, one partial per
+    two splits, and a combine over half the splits. Odd split counts, shorter or longer splits,
+    fewer rows, the switch off or an image without it keep the two-deep kernel."""
+    from aotc.families.sdpa_vector import cuda
+
+    pair, deep = (f"sdpa_vector_wgmma{s}_bfloat16_t_576_512" for s in ("_pair", ""))
+    names = WG_NAMES | {pair}
+
+    def plan(available=names, num_splits=None, **kw):
+        p = mla(**kw)
+        return plan_cuda(p, available=available, sm_count=132, wgmma=True, num_splits=num_splits)
+
+    cases = (
+        (dict(batch=1), 64),  # 8 tiles a split
+        (dict(batch=8, kv_len=8192), 8),  # 16
+        (dict(batch=2, q_heads=64), 64),  # one row group, 8
+    )
+    for kw, splits in cases:
+        first, merge = plan(**kw)
+        assert first.kernel == pair and first.grid == (128, 1, 1), kw
+        assert unpack(first)[8] == splits  # the split pass's own split count
+        stats = (kw["batch"], kw.get("q_heads", 128), 1, splits // 2)
+        assert [shape for _, shape, _ in first.outputs] == [(*stats, 512), stats, stats]
+        assert struct.unpack(COMBINE_FORMAT, merge.params)[1] == splits // 2
+        assert first.params == plan(names - {pair}, **kw)[0].params  # same keys, same blocks
+    assert plan(num_splits=2, kv_len=1000)[0].kernel == pair  # 8 tiles, one merged partial
+    assert plan(num_splits=2, kv_len=2049)[0].kernel == deep  # 17 tiles
+    assert plan(batch=8)[0].kernel == deep  # 64 tiles a split
+    assert plan(batch=1, kv_len=8192)[0].kernel == deep  # 4 tiles a split
+    assert plan(num_splits=7, kv_len=3000)[0].kernel == deep  # odd
+    assert plan(batch=1, q_heads=32)[0].kernel == deep  # 32 rows: partials of 32 rows
+    assert plan(names - {pair}, batch=1)[0].kernel == deep
+    monkeypatch.setattr(cuda, "WGMMA_PAIRS", 0)
+    assert plan(batch=1)[0].kernel == deep
+    assert wgmma_has_pair("bfloat16", 576, 512) and wgmma_has_pair("float16", 576, 512)
+    assert not wgmma_has_pair("float32", 576, 512) and not wgmma_has_pair("bfloat16", 192, 128)
 
 
 def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():

@@ -261,6 +261,23 @@ def test_two_row_groups_take_the_dual_wgmma_entry_point(library):
     check(d=128, v_dim=128, hkv=4, gqa=16, lq=8, n=32768, mask="causal")
 
 
+def test_mla_batch_1_takes_the_pair_entry_point(library):
+    """MLA at batch 1, 32k keys of a latent cache (V its first 512 columns): 64 splits of 8
+    tiles, merged in clusters of two (`_pair_`) before the combine, on an sm_90 GPU."""
+    mx.random.seed(23)
+    q = mx.random.normal((1, 128, 1, 576)).astype(mx.bfloat16)
+    cache = mx.random.normal((1, 1, 32768 + 64, 576)).astype(mx.bfloat16)
+    mx.eval(q, cache)
+    k = cache[:, :, :32768]
+    v = k[..., :512]
+    kernel = _hopper_first_kernel(library, q, k, v)
+    assert kernel == "sdpa_vector_wgmma_pair_bfloat16_t_576_512", kernel
+    got = aotc.sdpa_vector(q, k, v, scale=576**-0.5)
+    want = reference(q, k, v, 576**-0.5, None, None)
+    error = mx.abs(got.astype(mx.float32) - want).max().item()
+    assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(("lq", "mask", "sinks"), [(1, None, False), (3, "causal", True)])
 def test_mla_shapes_with_their_own_values(dtype, lq, mask, sinks):

@@ -27,6 +27,7 @@ from aotc.families.sdpa_vector import (
     split_pass_name,
     wgmma_dual_name,
     wgmma_name,
+    wgmma_pair_name,
     wgmma_shared_bytes,
     wgmma_short_name,
     wgmma_supported,
@@ -117,6 +118,15 @@ WGMMA_DEEP_MIN_TILES = 3
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
 WGMMA_DUAL_BLOCKS_PER_SM = 2  # the dual entry point's launch bounds
 WGMMA_DUAL_MIN_TILES = 16
+# The clusters-of-two entry point (wide heads) serves one-block-an-SM plans of an even split
+# count whose splits hold WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles (WGMMA_PAIRS = 0
+# turns it off, for A/B runs). H100, bench/NOTES.md round 23, us, pairs / one block: MLA B=1
+# N=32768 (8 tiles) 36.6-36.7 / 38.4; B=8 N=8192 (16) 51.4-53.8 / 52.6-55.2; 64 MLA heads B=2
+# N=32768 (8) 45.5-45.8 / 47.2-47.3; but 4-tile splits (B=1 N=8192) 25.0-25.3 / 24.1, and 64
+# tiles with two row groups (B=8 N=32768) 146.9-151.2 / 143.8-144.5.
+WGMMA_PAIRS = 1
+WGMMA_PAIR_MIN_TILES = 8
+WGMMA_PAIR_MAX_TILES = 16
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -691,11 +701,14 @@ def _split_launches(
     block: tuple[int, int, int],
     smem: int,
     params: bytes,
+    merged: int = 1,
 ) -> list[Launch]:
-    """A split pass writing (partials, maxs, sums) and the combine that merges them."""
+    """A split pass writing (partials, maxs, sums), one per `merged` of its `num_splits`, and
+    the combine that merges them."""
     inputs = _attention_inputs(p)
-    threads = combine_threads(p.v_dim, num_splits)
-    stat_shape = (p.batch, p.q_heads, p.q_len, num_splits)
+    partial_count = num_splits // merged
+    threads = combine_threads(p.v_dim, partial_count)
+    stat_shape = (p.batch, p.q_heads, p.q_len, partial_count)
     part_shape = (*stat_shape, p.v_dim)
     return [
         Launch(
@@ -720,7 +733,7 @@ def _split_launches(
             (p.batch * p.q_heads * p.q_len, 1, 1),
             (threads, 1, 1),
             16 * threads,  # one float4 per thread: split groups' partial sums
-            pack_combine_params(p, num_splits),
+            pack_combine_params(p, partial_count),
             (),
             () if p.has_sinks else (3,),
         ),
@@ -751,24 +764,24 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
 
 @dataclass(frozen=True)
 class WgmmaKernels:
-    """A pair's wgmma entry points in the loaded images: two deep (always), one deep (`short`)
-    and two blocks an SM (`dual`), None where absent."""
+    """A pair's wgmma entry points in the loaded images: two deep (always), one deep (`short`),
+    two blocks an SM (`dual`) and clusters of two (`pair`), None where absent."""
 
     deep: str
     short: str | None = None
     dual: str | None = None
+    pair: str | None = None
 
     @classmethod
     def loaded(
         cls, type_name: str, d: int, v: int, available: set[str] | frozenset[str]
     ) -> WgmmaKernels | None:
         """The entry points `available` holds; None without the two-deep one."""
-        deep, short, dual = (
-            name(type_name, d, v) for name in (wgmma_name, wgmma_short_name, wgmma_dual_name)
-        )
+        names = (wgmma_name, wgmma_short_name, wgmma_dual_name, wgmma_pair_name)
+        deep, *others = (name(type_name, d, v) for name in names)
         if deep not in available:
             return None
-        return cls(deep, short if short in available else None, dual if dual in available else None)
+        return cls(deep, *(name if name in available else None for name in others))
 
 
 def _plan_wgmma(
@@ -781,16 +794,30 @@ def _plan_wgmma(
 ) -> list[Launch]:
     """The wgmma split pass and the combine, also for a single split: two blocks an SM (the
     dual entry point) for KV heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep
-    WGMMA_DUAL_MIN_TILES tiles there; else one block an SM, one deep (`short`) when every split
-    is short."""
+    WGMMA_DUAL_MIN_TILES tiles there; else one block an SM: in clusters of two that merge their
+    splits (`pair`) for KV heads of 64+ rows split an even number of ways, one deep (`short`)
+    when every split is short."""
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
             return _wgmma_launches(p, kernels.dual, True, grid, combine, scale)
     grid = _wgmma_grid(p, sm_count, num_splits)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
+    if kernels.pair and two_deep and _pairs_pay(p, grid):
+        return _wgmma_launches(p, kernels.pair, True, grid, combine, scale, merged=2)
     kernel = kernels.deep if two_deep else kernels.short
     return _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
+
+
+def _pairs_pay(p: AttentionProblem, grid: tuple[int, int, int]) -> bool:
+    """Whether the clusters-of-two entry point serves a one-block-an-SM grid: an even split
+    count, KV heads of 64+ rows (whose partials pairs halve), and splits of
+    WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles."""
+    _, num_splits, keys_per_split = grid
+    tiles = keys_per_split // WGMMA_KEYS
+    full_rows = p.gqa_factor * p.q_len >= WGMMA_ROWS
+    window = WGMMA_PAIR_MIN_TILES <= tiles <= WGMMA_PAIR_MAX_TILES
+    return bool(WGMMA_PAIRS) and full_rows and num_splits % 2 == 0 and window
 
 
 def _wgmma_launches(
@@ -800,9 +827,10 @@ def _wgmma_launches(
     grid: tuple[int, int, int],
     combine: str,
     scale: float,
+    merged: int = 1,
 ) -> list[Launch]:
     """`kernel`'s split pass over `grid` (_wgmma_grid's row groups, splits, keys per split) and
-    the combine."""
+    the combine; the split pass writes one partial per `merged` splits (2: the pair kernel)."""
     row_groups, num_splits, keys_per_split = grid
     params = pack_params(
         scale=scale,
@@ -816,7 +844,7 @@ def _wgmma_launches(
     blocks = (p.batch * p.kv_heads * row_groups * num_splits, 1, 1)
     smem = wgmma_shared_bytes(p.qk_dim, p.v_dim, two_deep)
     split_pass, combine_pass = _split_launches(
-        p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params
+        p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params, merged
     )
     # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom.
     maps = tuple(TensorMap(name, WGMMA_ATOM_COLS, WGMMA_KEYS) for name in ("k", "v"))
