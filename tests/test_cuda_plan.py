@@ -659,39 +659,44 @@ def test_two_row_groups_take_the_dual_entry_point():
 
 
 def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
-    """KV heads of 64+ rows with wide heads (MLA), split an even number of ways into splits of
-    8-16 tiles, take the clusters-of-two entry point: the same grid and keys, one partial per
-    two splits, and a combine over half the splits. Odd split counts, shorter or longer splits,
-    fewer rows, the switch off or an image without it keep the two-deep kernel."""
+    """KV heads of 64+ rows with wide heads (MLA) whose grid, split down to 2 tiles, fills the
+    GPU with an even split count of 2-16 tiles a split take the clusters-of-two entry point:
+    one partial per two splits and a combine over half the splits. Grids that do not fill the
+    GPU, longer splits, odd counts, fewer rows, the switch off or an image without it keep the
+    two-deep kernel and its 4-tile splits."""
     from aotc.families.sdpa_vector import cuda
 
     pair, deep = (f"sdpa_vector_wgmma{s}_bfloat16_t_576_512" for s in ("_pair", ""))
     names = WG_NAMES | {pair}
 
-    def plan(available=names, num_splits=None, **kw):
+    def plan(available=names, num_splits=None, sm_count=132, **kw):
         p = mla(**kw)
-        return plan_cuda(p, available=available, sm_count=132, wgmma=True, num_splits=num_splits)
+        return plan_cuda(
+            p, available=available, sm_count=sm_count, wgmma=True, num_splits=num_splits
+        )
 
-    cases = (
-        (dict(batch=1), 64),  # 8 tiles a split
-        (dict(batch=8, kv_len=8192), 8),  # 16
-        (dict(batch=2, q_heads=64), 64),  # one row group, 8
+    cases = (  # (shape, splits, keys a split): every grid 128 blocks
+        (dict(batch=1), 64, 512),  # 8 tiles: the two-deep plan's grid too
+        (dict(batch=8, kv_len=8192), 8, 1024),
+        (dict(batch=2, kv_len=8192), 32, 256),
+        (dict(batch=1, kv_len=8192), 64, 128),  # 2 tiles, where the two-deep plan takes 4
+        (dict(batch=2, q_heads=64), 64, 512),  # one row group
     )
-    for kw, splits in cases:
+    for kw, splits, keys in cases:
         first, merge = plan(**kw)
         assert first.kernel == pair and first.grid == (128, 1, 1), kw
-        assert unpack(first)[8] == splits  # the split pass's own split count
+        assert unpack(first)[8:10] == (splits, keys), kw
         stats = (kw["batch"], kw.get("q_heads", 128), 1, splits // 2)
         assert [shape for _, shape, _ in first.outputs] == [(*stats, 512), stats, stats]
         assert struct.unpack(COMBINE_FORMAT, merge.params)[1] == splits // 2
-        assert first.params == plan(names - {pair}, **kw)[0].params  # same keys, same blocks
-    assert plan(num_splits=2, kv_len=1000)[0].kernel == pair  # 8 tiles, one merged partial
-    assert plan(num_splits=2, kv_len=2049)[0].kernel == deep  # 17 tiles
+    one_block = plan(names - {pair}, batch=1, kv_len=8192)[0]
+    assert one_block.kernel == deep and unpack(one_block)[8:10] == (32, 256)  # 64 blocks
+    assert plan(batch=1, kv_len=4096)[0].kernel == deep  # 2-tile splits: 64 blocks
     assert plan(batch=8)[0].kernel == deep  # 64 tiles a split
-    assert plan(batch=1, kv_len=8192)[0].kernel == deep  # 4 tiles a split
-    assert plan(num_splits=7, kv_len=3000)[0].kernel == deep  # odd
+    assert plan(num_splits=2, kv_len=1000)[0].kernel == deep  # 32 blocks
+    assert plan(num_splits=2, kv_len=1000, sm_count=32)[0].kernel == pair  # ... of 32 SMs
+    assert plan(num_splits=7, kv_len=3000, sm_count=112)[0].kernel == deep  # odd
     assert plan(batch=1, q_heads=32)[0].kernel == deep  # 32 rows: partials of 32 rows
-    assert plan(names - {pair}, batch=1)[0].kernel == deep
     monkeypatch.setattr(cuda, "WGMMA_PAIRS", 0)
     assert plan(batch=1)[0].kernel == deep
     assert wgmma_has_pair("bfloat16", 576, 512) and wgmma_has_pair("float16", 576, 512)

@@ -490,11 +490,13 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
         assert h.rel_err(out, ref) < TOL["bfloat16"]
 
 
-# Splits of 8-16 tiles (the plan's window for pairs).
+# Splits of 2-16 tiles; forced grids are planned as for a GPU they fill (the plan pairs only
+# grids that fill 90% of the SMs).
 PAIR_CASES = {
     "b1_plan": dict(n=32768, view_of_k=True),  # 64 splits merged into 32
     "two_splits": dict(b=2, n=1000, num_splits=2, view_of_k=True),  # one merged partial
     "partial_tile": dict(n=5000, num_splits=6, view_of_k=True),
+    "two_tiles": dict(n=1000, num_splits=8, view_of_k=True),
     "own_v": dict(hq=64, n=3000, num_splits=4),
     "sinks": dict(b=2, n=3000, num_splits=4, sinks=True, view_of_k=True),
     "causal_2_tokens": dict(hq=64, lq=2, n=2000, num_splits=4, mask="causal", view_of_k=True),
@@ -511,16 +513,22 @@ def test_wgmma_pair_clusters(lib, case, tma):
     """MLA's splits in clusters of two (the pair entry point): each block keeps half the
     rows of both splits, merged through distributed shared memory, and the combine merges half
     as many partials."""
-    shape = dict(dict(hq=128, hkv=1, d=576, v=512), **PAIR_CASES[case])
+    shape = dict(dict(b=1, hq=128, hkv=1, lq=1, d=576, v=512), **PAIR_CASES[case])
     plan_shape = {
         k: x for k, x in shape.items() if k in ("b", "hq", "hkv", "lq", "n", "num_splits")
     }
-    kernel = _first_kernel(lib, d=576, v=512, dtype=shape.get("dtype", "bfloat16"), **plan_shape)
-    assert kernel.startswith("sdpa_vector_wgmma_pair_"), kernel
+    splits = shape.get("num_splits")
+    row_groups = -(-shape["hq"] * shape["lq"] // (64 * shape["hkv"]))
+    sm_count = lib.plan_sm_count
+    lib.plan_sm_count = splits and shape["b"] * shape["hkv"] * row_groups * splits
     lib.tma = tma
     try:
+        kernel = _first_kernel(
+            lib, d=576, v=512, dtype=shape.get("dtype", "bfloat16"), **plan_shape
+        )
+        assert kernel.startswith("sdpa_vector_wgmma_pair_"), kernel
         for seed in range(2):  # the second call reuses the first one's buffers
             lib.poison = seed == 0
             check(lib, seed=seed, **shape)
     finally:
-        lib.tma, lib.poison = True, True
+        lib.tma, lib.poison, lib.plan_sm_count = True, True, sm_count

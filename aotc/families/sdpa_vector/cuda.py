@@ -118,14 +118,15 @@ WGMMA_DEEP_MIN_TILES = 3
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
 WGMMA_DUAL_BLOCKS_PER_SM = 2  # the dual entry point's launch bounds
 WGMMA_DUAL_MIN_TILES = 16
-# The clusters-of-two entry point (wide heads) serves one-block-an-SM plans of an even split
-# count whose splits hold WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles (WGMMA_PAIRS = 0
-# turns it off, for A/B runs). H100, bench/NOTES.md round 23, us, pairs / one block: MLA B=1
-# N=32768 (8 tiles) 36.6-36.7 / 38.4; B=8 N=8192 (16) 51.4-53.8 / 52.6-55.2; 64 MLA heads B=2
-# N=32768 (8) 45.5-45.8 / 47.2-47.3; but 4-tile splits (B=1 N=8192) 25.0-25.3 / 24.1, and 64
-# tiles with two row groups (B=8 N=32768) 146.9-151.2 / 143.8-144.5.
+# The clusters-of-two entry point (wide heads) serves one-block-an-SM grids that fill the GPU
+# with an even split count of WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles a split
+# (WGMMA_PAIRS = 0 turns it off, for A/B runs). H100, bench/NOTES.md round 23, us, pairs / one
+# block: MLA B=1 N=32768 (8 tiles) 36.6-37.4 / 38.4-38.5; B=8 N=8192 (16) 51.4-53.8 /
+# 52.6-55.2; B=2 N=8192 (4) 28.6-28.9 / 32.0-32.3; B=1 N=8192 (2 tiles, 128 blocks) 24.1-24.2
+# / 24.5-24.9 at the one-block plan's 4. But 64-block grids (B=1 N=8192 at 4 tiles: 25.0-25.3
+# / 24.1) and 64-tile splits of two row groups (B=8 N=32768: 146.9-151.2 / 143.8-144.5) lost.
 WGMMA_PAIRS = 1
-WGMMA_PAIR_MIN_TILES = 8
+WGMMA_PAIR_MIN_TILES = 2
 WGMMA_PAIR_MAX_TILES = 16
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
@@ -611,16 +612,17 @@ def _wgmma_row_groups(p: AttentionProblem) -> int:
 
 
 def _wgmma_grid(
-    p: AttentionProblem, resident_blocks: int, num_splits: int | None
+    p: AttentionProblem, resident_blocks: int, num_splits: int | None, min_tiles: int | None = None
 ) -> tuple[int, int, int]:
     """(row groups, key splits, keys per split) of the wgmma split pass: whole 64-key tiles,
-    at least _wgmma_min_tiles a split unless `num_splits` forces the count; one wave of
-    `resident_blocks` (the SM count, or twice it for the dual entry point)."""
+    at least `min_tiles` (by default _wgmma_min_tiles) a split unless `num_splits` forces the
+    count; one wave of `resident_blocks` (the SM count, or twice it for the dual entry point)."""
     row_groups = _wgmma_row_groups(p)
     tiles = -(-p.kv_len // WGMMA_KEYS)
     if num_splits is None:
         base_blocks = p.batch * p.kv_heads * row_groups
-        num_splits = _one_wave_split_count(base_blocks, resident_blocks, tiles, _wgmma_min_tiles(p))
+        least = _wgmma_min_tiles(p) if min_tiles is None else min_tiles
+        num_splits = _one_wave_split_count(base_blocks, resident_blocks, tiles, least)
     return row_groups, *_whole_tile_splits(p.kv_len, WGMMA_KEYS, num_splits)
 
 
@@ -795,29 +797,34 @@ def _plan_wgmma(
     """The wgmma split pass and the combine, also for a single split: two blocks an SM (the
     dual entry point) for KV heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep
     WGMMA_DUAL_MIN_TILES tiles there; else one block an SM: in clusters of two that merge their
-    splits (`pair`) for KV heads of 64+ rows split an even number of ways, one deep (`short`)
-    when every split is short."""
+    splits (`pair`) where _pairs_pay, one deep (`short`) when every split is short."""
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
             return _wgmma_launches(p, kernels.dual, True, grid, combine, scale)
+    if kernels.pair:
+        # Pairs halve the partials that made short splits cost more (_wgmma_min_tiles), so
+        # their grid may split down to WGMMA_PAIR_MIN_TILES tiles.
+        paired = _wgmma_grid(p, sm_count, num_splits, WGMMA_PAIR_MIN_TILES)
+        if _pairs_pay(p, paired, sm_count):
+            return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     grid = _wgmma_grid(p, sm_count, num_splits)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
-    if kernels.pair and two_deep and _pairs_pay(p, grid):
-        return _wgmma_launches(p, kernels.pair, True, grid, combine, scale, merged=2)
     kernel = kernels.deep if two_deep else kernels.short
     return _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
 
 
-def _pairs_pay(p: AttentionProblem, grid: tuple[int, int, int]) -> bool:
-    """Whether the clusters-of-two entry point serves a one-block-an-SM grid: an even split
-    count, KV heads of 64+ rows (whose partials pairs halve), and splits of
-    WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles."""
-    _, num_splits, keys_per_split = grid
+def _pairs_pay(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> bool:
+    """Whether the clusters-of-two entry point serves a one-block-an-SM grid: KV heads of 64+
+    rows (whose partials pairs halve), an even split count of WGMMA_PAIR_MIN_TILES to
+    WGMMA_PAIR_MAX_TILES tiles a split, and a grid that fills 90% of the SMs."""
+    row_groups, num_splits, keys_per_split = grid
     tiles = keys_per_split // WGMMA_KEYS
+    blocks = p.batch * p.kv_heads * row_groups * num_splits
     full_rows = p.gqa_factor * p.q_len >= WGMMA_ROWS
     window = WGMMA_PAIR_MIN_TILES <= tiles <= WGMMA_PAIR_MAX_TILES
-    return bool(WGMMA_PAIRS) and full_rows and num_splits % 2 == 0 and window
+    fills = 10 * blocks >= 9 * sm_count
+    return bool(WGMMA_PAIRS) and full_rows and num_splits % 2 == 0 and window and fills
 
 
 def _wgmma_launches(
