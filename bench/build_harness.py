@@ -22,6 +22,7 @@ from aotc.families.sdpa_vector import (
     cuda_pair_kernels,
     cuda_pair_macros,
 )
+from aotc.formats.fatbin import read_fatbin
 from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,25 @@ def build_fatbin(
     # One module per dtype/pair, listed by file name (relative to the list's folder).
     fatbin.write_text("\n".join(o.name for o in objs))
     return fatbin
+
+
+def image_arch(fatbins: list[bytes], device_sm: int) -> str:
+    """The arch of the code the driver runs from these fatbins on a GPU of `device_sm`: its own
+    SASS ("sm_90a"), else the newest PTX it can JIT ("compute_80": the sm_80 image's source
+    paths, compiled for this GPU). All modules of a harness build hold the same images."""
+    entries = read_fatbin(fatbins[0]).entries
+    sass = [e.arch for e in entries if e.kind == "elf" and e.sm == device_sm]
+    if sass:
+        return max(sass, key=lambda arch: arch.endswith("a"))
+    ptx = [e for e in entries if e.kind == "ptx" and e.sm <= device_sm]
+    if not ptx:
+        raise RuntimeError(f"the harness fatbin has no image for sm_{device_sm}")
+    return max(ptx, key=lambda e: e.sm).arch
+
+
+def plan_arch(image: str) -> str:
+    """The arch the plan sizes blocks for: the image's (PTX of compute_80 runs sm_80's paths)."""
+    return "sm_" + image.split("_", 1)[1].rstrip("af")
 
 
 if __name__ == "__main__":

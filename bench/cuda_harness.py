@@ -18,8 +18,7 @@ import torch
 
 from aotc.families.sdpa_vector.cuda import TYPICAL_SM_COUNTS, Launch, plan_cuda, run_cuda
 from aotc.families.sdpa_vector.problem import AttentionProblem, MaskKind
-from aotc.formats.fatbin import read_fatbin
-from bench.build_harness import build_fatbin, kernel_names  # noqa: F401 (re-exported)
+from bench.build_harness import build_fatbin, image_arch, kernel_names, plan_arch  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
@@ -207,25 +206,6 @@ class Library:
             ctypes.c_int(0),  # out-of-bounds elements read as zeros
         )
         return bytes(out) if rc == 0 else None
-
-
-def image_arch(fatbins: list[bytes], device_sm: int) -> str:
-    """The arch of the code the driver runs from these fatbins on a GPU of `device_sm`: its own
-    SASS ("sm_90a"), else the newest PTX it can JIT ("compute_80": the sm_80 image's source
-    paths, compiled for this GPU). All modules of a harness build hold the same images."""
-    entries = read_fatbin(fatbins[0]).entries
-    sass = [e.arch for e in entries if e.kind == "elf" and e.sm == device_sm]
-    if sass:
-        return max(sass, key=lambda arch: arch.endswith("a"))
-    ptx = [e for e in entries if e.kind == "ptx" and e.sm <= device_sm]
-    if not ptx:
-        raise RuntimeError(f"the harness fatbin has no image for sm_{device_sm}")
-    return max(ptx, key=lambda e: e.sm).arch
-
-
-def plan_arch(image: str) -> str:
-    """The arch the plan sizes blocks for: the image's (PTX of compute_80 runs sm_80's paths)."""
-    return "sm_" + image.split("_", 1)[1].rstrip("af")
 
 
 def load_library(listing: str | Path | None = None) -> Library:

@@ -279,3 +279,25 @@ def test_bench_harness_compiles_the_shipped_kernels(write_manifest, tmp_path):
         harness.update(resource_usage(listing.parent / module))
     assert len(shipped) >= 4 and set(shipped) <= set(harness)
     assert {name: harness[name] for name in shipped} == shipped
+
+
+def test_harness_images_decide_the_arch_it_plans_for(tmp_path):
+    """A harness built as PTX for compute_80 runs the sm_80 image's source paths on sm_80 and
+    newer GPUs (the driver compiles it at load) and is planned for sm_80; an sm_90a build runs
+    its own SASS on an sm_90 GPU only."""
+    from bench.build_harness import build_fatbin, image_arch, plan_arch
+
+    def modules(archs: tuple[str, ...]) -> list[bytes]:
+        out = tmp_path / archs[0]
+        listing = build_fatbin([(128, 128)], ["bfloat16"], archs=archs, out_dir=out, jobs=2)
+        return [(listing.parent / name).read_bytes() for name in listing.read_text().split()]
+
+    ptx = modules(("compute_80",))
+    assert image_arch(ptx, 90) == image_arch(ptx, 80) == "compute_80"
+    assert plan_arch("compute_80") == "sm_80"
+    with pytest.raises(RuntimeError, match="no image for sm_75"):
+        image_arch(ptx, 75)
+    sass = modules(("sm_90a",))
+    assert image_arch(sass, 90) == "sm_90a" and plan_arch("sm_90a") == "sm_90"
+    with pytest.raises(RuntimeError, match="no image for sm_80"):
+        image_arch(sass, 80)
