@@ -138,7 +138,7 @@ def _fatbin_kernels(path: Path, manifest: Manifest, report: TargetReport) -> set
 
     fatbin = read_fatbin(path.read_bytes())
     options = manifest.targets["cuda"]
-    wanted = set(options.archs) | ({options.ptx} if options.ptx else set())
+    wanted = set(options.images)
     if set(fatbin.archs()) != wanted:
         held, asked = ", ".join(sorted(fatbin.archs())), ", ".join(sorted(wanted))
         report.fail(Verdict.TARGET_MISMATCH, f"holds {held}, manifest wants {asked}")

@@ -56,27 +56,15 @@ def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[s
     `flags`, whose -I come first) per arch to relocatable cubins, nvlink, fatbinary. A
     `compute_XX` arch adds PTX instead, which the driver compiles for the GPU at load."""
     images = []
+    nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}"]
     for arch in archs:
         if arch.startswith("compute_"):
             ptx = out.with_suffix(f".{arch}.ptx")
-            _run(
-                [
-                    "nvcc",
-                    *NVCC_FLAGS,
-                    *flags,
-                    f"-I{KERNELS}",
-                    "-ptx",
-                    f"-arch={arch}",
-                    "-o",
-                    ptx,
-                    src,
-                ]
-            )
+            _run([*nvcc, "-ptx", f"-arch={arch}", "-o", ptx, src])
             images.append(f"--image3=kind=ptx,sm={fatbin_sm(arch)},file={ptx}")
             continue
         rdc, cubin = out.with_suffix(f".{arch}.rdc.cubin"), out.with_suffix(f".{arch}.cubin")
-        nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}", "-cubin", f"-arch={arch}"]
-        _run([*nvcc, "-o", rdc, src])
+        _run([*nvcc, "-cubin", f"-arch={arch}", "-o", rdc, src])
         _run(["nvlink", f"--arch={arch}", rdc, "-o", cubin])
         images.append(f"--image3=kind=elf,sm={fatbin_sm(arch)},file={cubin}")
     _run(["fatbinary", f"--create={out}", "-64", *images])

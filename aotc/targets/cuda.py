@@ -36,6 +36,11 @@ class CudaOptions:
     def to_json(self) -> dict:
         return {"archs": list(self.archs), "ptx": self.ptx}
 
+    @property
+    def images(self) -> tuple[str, ...]:
+        """Every image the fatbin holds: the SASS archs, then the PTX arch if any."""
+        return (*self.archs, *([self.ptx] if self.ptx else []))
+
     def compile_flags(self) -> list[str]:
         return list(NVCC_FLAGS)
 

@@ -19,6 +19,7 @@ from aotc.families.base import (
 from aotc.located_yaml import Node
 from aotc.mlx_info import mlx_include_dir
 from aotc.targets.base import TargetOptions
+from aotc.targets.cuda import CudaOptions
 
 NAME = "sdpa_vector"
 CUDA_VALUE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -175,12 +176,11 @@ class SdpaVectorFamily:
     def dispatch_warning(
         self, target: str, options: TargetOptions, dtype: str, params: dict[str, int]
     ) -> str | None:
-        if target != "cuda":
+        if not isinstance(options, CudaOptions):
             return None
         from aotc.families.sdpa_vector.cuda import unserved_archs
 
-        archs = [*getattr(options, "archs", ()), *filter(None, [getattr(options, "ptx", None)])]
-        unserved = unserved_archs(dtype, params["D"], params["V"], archs)
+        unserved = unserved_archs(dtype, params["D"], params["V"], options.images)
         if not unserved:
             return None
         need, limit = unserved[0][1:]

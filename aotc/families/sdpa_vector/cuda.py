@@ -411,15 +411,22 @@ def unserved_archs(dtype: str, d: int, v: int, archs: Sequence[str]) -> list[tup
     where no block of (dtype, d, v) fits: one m-tile at two stages is the smallest, and the plan
     refuses calls there (`_m_tiles` raises Unsupported)."""
     need = kernel_config(dtype, d, v).shared_bytes(1)
-    limits = {
-        a: SHARED_LIMITS["sm_80" if a.split("_")[-1].startswith("8") else "sm_90"][0] for a in archs
-    }
-    return [(a, need, limit) for a, limit in limits.items() if need > limit]
+    limits = {arch: _shared_limits(arch)[0] for arch in archs}
+    return [(arch, need, limit) for arch, limit in limits.items() if need > limit]
+
+
+def _shared_limits(arch: str) -> tuple[int, int]:
+    """SHARED_LIMITS of an arch (sm_XX, compute_XX): sm_8x's, else sm_90's."""
+    return SHARED_LIMITS["sm_80" if _sm_8x(arch) else "sm_90"]
+
+
+def _sm_8x(arch: str) -> bool:
+    return arch.split("_", 1)[-1].startswith("8")
 
 
 def block_layout(p: AttentionProblem, arch: str, sm_count: int) -> BlockLayout:
-    sm_8x = arch.startswith("sm_8")
-    max_shared, sm_shared = SHARED_LIMITS["sm_80" if sm_8x else "sm_90"]
+    sm_8x = _sm_8x(arch)
+    max_shared, sm_shared = _shared_limits(arch)
     cfg = kernel_config(p.dtype, p.qk_dim, p.v_dim)
     rows = p.gqa_factor * p.q_len
     layout = _layout(p, cfg, _m_tiles(rows, cfg, max_shared), sm_count, max_shared, sm_shared)
