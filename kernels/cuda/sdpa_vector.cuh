@@ -366,17 +366,26 @@ struct BlockWork {
   int rg, split, kvh, b, key_begin, key_end;
 };
 
-__device__ __forceinline__ BlockWork block_work(const Params& p) {
-  int bid = blockIdx.x;
+// Block `bid` of a grid laid out as above with `splits` key splits; keys not set.
+__device__ __forceinline__ BlockWork decode_block(const Params& p, int bid, int splits) {
   BlockWork w;
   w.rg = bid % p.row_groups;
   bid /= p.row_groups;
-  w.split = bid % p.num_splits;
-  bid /= p.num_splits;
+  w.split = bid % splits;
+  bid /= splits;
   w.kvh = bid % p.kv_heads;
   w.b = bid / p.kv_heads;
+  return w;
+}
+
+__device__ __forceinline__ void set_keys(BlockWork& w, const Params& p) {
   w.key_begin = w.split * p.keys_per_split;
   w.key_end = min(p.kv_len, w.key_begin + p.keys_per_split);
+}
+
+__device__ __forceinline__ BlockWork block_work(const Params& p) {
+  BlockWork w = decode_block(p, blockIdx.x, p.num_splits);
+  set_keys(w, p);
   return w;
 }
 

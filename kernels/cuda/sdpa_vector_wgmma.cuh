@@ -449,42 +449,43 @@ __device__ __forceinline__ void mask_scores(float (&s)[32], const Params& p, con
 
 // ---------------------------------------------------------------- the block
 // Q rows (row r = g * Lq + i of this KV head's group) into the atoms at `dst`, zero past R; by
-// all threads of the block.
+// all threads of the block. The 16-byte path gives each warp whole rows (RPW at once where a row
+// is under 32 chunks), so a row's address is computed once, not once per chunk: at 576 columns
+// the per-chunk form spent ~12 iterations of 64-bit index arithmetic and divisions a thread.
 template <typename T, int D>
 __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, const Params& p,
                                         int b, int kvh, int row0, int R) {
   constexpr int CH = D / 8;
-  const bool qvec = vec_ok(q, p.q_strides);
-  const int per = qvec ? CH : D;
-  for (int c = threadIdx.x; c < kRows * per; c += kThreads) {
-    const int r = c / per, x = c - r * per;
-    const int rr = row0 + r;
-    const T* src = rr < R ? q_row(q, p, b, kvh, rr) : q;
-    if (qvec) {
-      cp_async16_to(dst + sw_offset(r, x), src + x * 8, rr < R ? 16 : 0);
-    } else {
-      const T val = rr < R ? src[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);
-      *reinterpret_cast<T*>(gdst + sw_offset(r, x >> 3) + (x & 7) * 2) = val;
+  if (vec_ok(q, p.q_strides)) {
+    constexpr int RPW = CH < 32 && 32 % CH == 0 ? 32 / CH : 1;  // rows a warp covers at once
+    constexpr int PER = cdiv(CH, 32);                           // chunks a lane takes of a row
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int c0 = RPW > 1 ? lane % CH : lane;
+#pragma unroll 1
+    for (int r = warp * RPW + (RPW > 1 ? lane / CH : 0); r < kRows; r += kThreads / 32 * RPW) {
+      const int rr = row0 + r;
+      const T* src = rr < R ? q_row(q, p, b, kvh, rr) : q;
+#pragma unroll
+      for (int u = 0; u < PER; ++u)
+        if (CH % 32 == 0 || RPW > 1 || c0 + 32 * u < CH)
+          cp_async16_to(dst + sw_offset(r, c0 + 32 * u), src + (c0 + 32 * u) * 8, rr < R ? 16 : 0);
     }
+    return;
+  }
+  for (int c = threadIdx.x; c < kRows * D; c += kThreads) {
+    const int r = c / D, x = c - r * D;
+    const int rr = row0 + r;
+    const T val = rr < R ? q_row(q, p, b, kvh, rr)[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);
+    *reinterpret_cast<T*>(gdst + sw_offset(r, x >> 3) + (x & 7) * 2) = val;
   }
 }
 
 // Pair entry points: the two blocks of a cluster are key splits 2j and 2j + 1 (ranks 0 and 1) of
 // one (batch, KV head, row group); the split count is even.
 __device__ __forceinline__ BlockWork pair_block_work(const Params& p) {
-  int bid = blockIdx.x;
-  const int rank = bid & 1;
-  bid >>= 1;
-  BlockWork w;
-  w.rg = bid % p.row_groups;
-  bid /= p.row_groups;
-  const int pairs = p.num_splits / 2;
-  w.split = 2 * (bid % pairs) + rank;
-  bid /= pairs;
-  w.kvh = bid % p.kv_heads;
-  w.b = bid / p.kv_heads;
-  w.key_begin = w.split * p.keys_per_split;
-  w.key_end = min(p.kv_len, w.key_begin + p.keys_per_split);
+  BlockWork w = decode_block(p, blockIdx.x >> 1, p.num_splits / 2);
+  w.split = 2 * w.split + (blockIdx.x & 1);
+  set_keys(w, p);
   return w;
 }
 
@@ -664,8 +665,14 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
   }
   __syncthreads();  // the mbarriers are initialised before any arrival
-  if (!AOTC_SKIP(5)) stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
-  cp_async_commit();
+  // Q's copies form the one cp.async group. TMA boxes go out first (one thread issues them, so
+  // the tiles' reads start at once); cp.async tiles after Q's group is committed, so that their
+  // copies join no group.
+  auto stage_q_group = [&]() {
+    if (!AOTC_SKIP(5)) stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
+    cp_async_commit();
+  };
+  if (!tma) stage_q_group();
   if (wg > 0) {
     stage_k_all(0, 0);
     if (!v_in_k) stage_v(0);
@@ -675,6 +682,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       stage_v(1);
     }
   }
+  if (tma) stage_q_group();
   cp_async_wait<0>();  // Q's group; the tiles' copies are in no group
   fence_async_shared();
   __syncthreads();
