@@ -659,8 +659,8 @@ def test_two_row_groups_take_the_dual_entry_point():
 
 
 def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
-    """KV heads of 64+ rows with wide heads (MLA) whose grid, split down to 2 tiles, fills the
-    GPU with an even split count of 2-16 tiles a split take the clusters-of-two entry point:
+    """KV heads of 64+ rows with wide heads (MLA) whose grid, split down to 1 tile, fills the
+    GPU with an even split count of 1-32 tiles a split take the clusters-of-two entry point:
     one partial per two splits and a combine over half the splits. Grids that do not fill the
     GPU, longer splits, odd counts, fewer rows, the switch off or an image without it keep the
     two-deep kernel and its 4-tile splits."""
@@ -680,6 +680,8 @@ def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
         (dict(batch=8, kv_len=8192), 8, 1024),
         (dict(batch=2, kv_len=8192), 32, 256),
         (dict(batch=1, kv_len=8192), 64, 128),  # 2 tiles, where the two-deep plan takes 4
+        (dict(batch=1, kv_len=4096), 64, 64),  # 1 tile: 128 blocks, not the plan's 32
+        (dict(batch=4), 16, 2048),  # 32 tiles
         (dict(batch=2, q_heads=64), 64, 512),  # one row group
     )
     for kw, splits, keys in cases:
@@ -691,7 +693,7 @@ def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
         assert struct.unpack(COMBINE_FORMAT, merge.params)[1] == splits // 2
     one_block = plan(names - {pair}, batch=1, kv_len=8192)[0]
     assert one_block.kernel == deep and unpack(one_block)[8:10] == (32, 256)  # 64 blocks
-    assert plan(batch=1, kv_len=4096)[0].kernel == deep  # 2-tile splits: 64 blocks
+    assert plan(batch=1, kv_len=2048)[0].kernel == deep  # 1-tile splits: 64 blocks
     assert plan(batch=8)[0].kernel == deep  # 64 tiles a split
     assert plan(num_splits=2, kv_len=1000)[0].kernel == deep  # 32 blocks
     assert plan(num_splits=2, kv_len=1000, sm_count=32)[0].kernel == pair  # ... of 32 SMs

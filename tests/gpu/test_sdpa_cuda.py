@@ -490,10 +490,13 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
         assert h.rel_err(out, ref) < TOL["bfloat16"]
 
 
-# Splits of 2-16 tiles; forced grids are planned as for a GPU they fill (the plan pairs only
+# Splits of 1-32 tiles; forced grids are planned as for a GPU they fill (the plan pairs only
 # grids that fill 90% of the SMs).
 PAIR_CASES = {
     "b1_plan": dict(n=32768, view_of_k=True),  # 64 splits merged into 32
+    "one_tile_plan": dict(n=4096, view_of_k=True),  # 64 splits of one tile
+    "one_tile_partial": dict(n=1000, num_splits=16, view_of_k=True),  # the last of 40 keys
+    "32_tiles_plan": dict(b=4, n=32768, view_of_k=True),  # 16 splits of 32 tiles
     "two_splits": dict(b=2, n=1000, num_splits=2, view_of_k=True),  # one merged partial
     "partial_tile": dict(n=5000, num_splits=6, view_of_k=True),
     "two_tiles": dict(n=1000, num_splits=8, view_of_k=True),

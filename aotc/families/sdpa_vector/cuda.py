@@ -125,9 +125,13 @@ WGMMA_DUAL_MIN_TILES = 16
 # 52.6-55.2; B=2 N=8192 (4) 28.6-28.9 / 32.0-32.3; B=1 N=8192 (2 tiles, 128 blocks) 24.1-24.2
 # / 24.5-24.9 at the one-block plan's 4. But 64-block grids (B=1 N=8192 at 4 tiles: 25.0-25.3
 # / 24.1) and 64-tile splits of two row groups (B=8 N=32768: 146.9-151.2 / 143.8-144.5) lost.
+# Round 24 (H200, 2e6cfe4's kernels): 1-tile splits on 128 blocks beat the one-block plan's 32
+# (MLA B=1 N=4096 17.3 / 19.8-19.9 us, B=2 N=2048 16.8-16.9 / 19.2-19.4), and 32-tile splits
+# gained or tied (B=2 N=65536 78.2-78.4 / 82.2-83.1, B=4 N=32768 77.4-78.3 / 80.3-80.7,
+# B=16 N=8192 80.5-81.0 / 80.6-80.7); 64 tiles still lost (141.9-142.3 / 140.3-140.7).
 WGMMA_PAIRS = 1
-WGMMA_PAIR_MIN_TILES = 2
-WGMMA_PAIR_MAX_TILES = 16
+WGMMA_PAIR_MIN_TILES = 1
+WGMMA_PAIR_MAX_TILES = 32
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -811,7 +815,7 @@ def _plan_wgmma(
             return _wgmma_launches(p, kernels.dual, True, grid, combine, scale)
     if kernels.pair:
         # Pairs halve the partials that made short splits cost more (_wgmma_min_tiles), so
-        # their grid may split down to WGMMA_PAIR_MIN_TILES tiles.
+        # their grid may split down to WGMMA_PAIR_MIN_TILES tile.
         paired = _wgmma_grid(p, sm_count, num_splits, WGMMA_PAIR_MIN_TILES)
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
