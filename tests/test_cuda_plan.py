@@ -659,10 +659,10 @@ def test_two_row_groups_take_the_dual_entry_point():
 
 
 def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
-    """KV heads of 64+ rows with wide heads (MLA) whose grid, split down to 1 tile, fills the
-    GPU with an even split count of 1-32 tiles a split take the clusters-of-two entry point:
-    one partial per two splits and a combine over half the splits. Grids that do not fill the
-    GPU, longer splits, odd counts, fewer rows, the switch off or an image without it keep the
+    """KV heads of 64+ rows with wide heads (MLA) whose grid, split down to 1 tile, has an even
+    split count of 1-32 tiles a split take the clusters-of-two entry point: one partial per two
+    splits and a combine over half the splits, also where the grid leaves SMs idle (short KV).
+    Longer splits, odd counts, fewer rows, the switch off or an image without it keep the
     two-deep kernel and its 4-tile splits."""
     from aotc.families.sdpa_vector import cuda
 
@@ -693,10 +693,12 @@ def test_mla_splits_merge_in_clusters_of_two(monkeypatch):
         assert struct.unpack(COMBINE_FORMAT, merge.params)[1] == splits // 2
     one_block = plan(names - {pair}, batch=1, kv_len=8192)[0]
     assert one_block.kernel == deep and unpack(one_block)[8:10] == (32, 256)  # 64 blocks
-    assert plan(batch=1, kv_len=2048)[0].kernel == deep  # 1-tile splits: 64 blocks
+    for kv_len, blocks in ((2048, 64), (512, 16)):  # 1-tile splits on part of the GPU
+        short = plan(batch=1, kv_len=kv_len)[0]
+        assert short.kernel == pair and short.grid == (blocks, 1, 1), kv_len
+        assert unpack(short)[8:10] == (blocks // 2, 64), kv_len
     assert plan(batch=8)[0].kernel == deep  # 64 tiles a split
-    assert plan(num_splits=2, kv_len=1000)[0].kernel == deep  # 32 blocks
-    assert plan(num_splits=2, kv_len=1000, sm_count=32)[0].kernel == pair  # ... of 32 SMs
+    assert plan(num_splits=2, kv_len=1000)[0].kernel == pair  # 4 blocks of 8 tiles
     assert plan(num_splits=7, kv_len=3000, sm_count=112)[0].kernel == deep  # odd
     assert plan(batch=1, q_heads=32)[0].kernel == deep  # 32 rows: partials of 32 rows
     monkeypatch.setattr(cuda, "WGMMA_PAIRS", 0)

@@ -490,8 +490,7 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
         assert h.rel_err(out, ref) < TOL["bfloat16"]
 
 
-# Splits of 1-32 tiles; forced grids are planned as for a GPU they fill (the plan pairs only
-# grids that fill 90% of the SMs).
+# Splits of 1-32 tiles; forced grids are planned as for a GPU they fill.
 PAIR_CASES = {
     "b1_plan": dict(n=32768, view_of_k=True),  # 64 splits merged into 32
     "one_tile_plan": dict(n=4096, view_of_k=True),  # 64 splits of one tile

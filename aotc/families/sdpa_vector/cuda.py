@@ -118,8 +118,8 @@ WGMMA_DEEP_MIN_TILES = 3
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
 WGMMA_DUAL_BLOCKS_PER_SM = 2  # the dual entry point's launch bounds
 WGMMA_DUAL_MIN_TILES = 16
-# The clusters-of-two entry point (wide heads) serves one-block-an-SM grids that fill the GPU
-# with an even split count of WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles a split
+# The clusters-of-two entry point (wide heads) serves one-block-an-SM grids with an even split
+# count of WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles a split
 # (WGMMA_PAIRS = 0 turns it off, for A/B runs). H100, bench/NOTES.md round 23, us, pairs / one
 # block: MLA B=1 N=32768 (8 tiles) 36.6-37.4 / 38.4-38.5; B=8 N=8192 (16) 51.4-53.8 /
 # 52.6-55.2; B=2 N=8192 (4) 28.6-28.9 / 32.0-32.3; B=1 N=8192 (2 tiles, 128 blocks) 24.1-24.2
@@ -132,6 +132,12 @@ WGMMA_DUAL_MIN_TILES = 16
 WGMMA_PAIRS = 1
 WGMMA_PAIR_MIN_TILES = 1
 WGMMA_PAIR_MAX_TILES = 32
+# Percent of the SMs a pair grid must cover. Round 23 asked 90: pairs lost on 64-block grids
+# of 4-tile splits, the one-block grid's size. Split down to 1 tile, a pair grid is never
+# smaller than the one-block plan's, and short-KV MLA ran 10-22% faster on any of them (H200,
+# round 24: B=1 N=2048 64 blocks 15.4-15.5 us against 16 blocks 18.9; B=1 N=1024 32 against
+# 8, 14.3-14.6 / 18.2; B=1 N=512 16 against 4, 14.1-14.3 / 18.0-18.2).
+WGMMA_PAIR_MIN_FILL = 0
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -828,13 +834,14 @@ def _plan_wgmma(
 def _pairs_pay(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> bool:
     """Whether the clusters-of-two entry point serves a one-block-an-SM grid: KV heads of 64+
     rows (whose partials pairs halve), an even split count of WGMMA_PAIR_MIN_TILES to
-    WGMMA_PAIR_MAX_TILES tiles a split, and a grid that fills 90% of the SMs."""
+    WGMMA_PAIR_MAX_TILES tiles a split, and a grid that covers WGMMA_PAIR_MIN_FILL% of the
+    SMs."""
     row_groups, num_splits, keys_per_split = grid
     tiles = keys_per_split // WGMMA_KEYS
     blocks = p.batch * p.kv_heads * row_groups * num_splits
     full_rows = p.gqa_factor * p.q_len >= WGMMA_ROWS
     window = WGMMA_PAIR_MIN_TILES <= tiles <= WGMMA_PAIR_MAX_TILES
-    fills = 10 * blocks >= 9 * sm_count
+    fills = 100 * blocks >= WGMMA_PAIR_MIN_FILL * sm_count
     return bool(WGMMA_PAIRS) and full_rows and num_splits % 2 == 0 and window and fills
 
 
