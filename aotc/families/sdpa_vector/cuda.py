@@ -831,17 +831,22 @@ def _plan_wgmma(
     return _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
 
 
+def _wgmma_blocks(p: AttentionProblem, grid: tuple[int, int, int]) -> int:
+    """Blocks of the wgmma split pass over `grid` (_wgmma_grid's row groups, splits, keys)."""
+    row_groups, num_splits, _ = grid
+    return p.batch * p.kv_heads * row_groups * num_splits
+
+
 def _pairs_pay(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> bool:
     """Whether the clusters-of-two entry point serves a one-block-an-SM grid: KV heads of 64+
     rows (whose partials pairs halve), an even split count of WGMMA_PAIR_MIN_TILES to
     WGMMA_PAIR_MAX_TILES tiles a split, and a grid that covers WGMMA_PAIR_MIN_FILL% of the
     SMs."""
-    row_groups, num_splits, keys_per_split = grid
+    _, num_splits, keys_per_split = grid
     tiles = keys_per_split // WGMMA_KEYS
-    blocks = p.batch * p.kv_heads * row_groups * num_splits
     full_rows = p.gqa_factor * p.q_len >= WGMMA_ROWS
     window = WGMMA_PAIR_MIN_TILES <= tiles <= WGMMA_PAIR_MAX_TILES
-    fills = 100 * blocks >= WGMMA_PAIR_MIN_FILL * sm_count
+    fills = 100 * _wgmma_blocks(p, grid) >= WGMMA_PAIR_MIN_FILL * sm_count
     return bool(WGMMA_PAIRS) and full_rows and num_splits % 2 == 0 and window and fills
 
 
@@ -866,7 +871,7 @@ def _wgmma_launches(
         row_groups=row_groups,
         stages=2,
     )
-    blocks = (p.batch * p.kv_heads * row_groups * num_splits, 1, 1)
+    blocks = (_wgmma_blocks(p, grid), 1, 1)
     smem = wgmma_shared_bytes(p.qk_dim, p.v_dim, two_deep)
     split_pass, combine_pass = _split_launches(
         p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params, merged
