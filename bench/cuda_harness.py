@@ -167,15 +167,16 @@ class Library:
         launch contract's tail of Params (docs/ARCHITECTURE.md), as the MLX primitive packs it."""
         out = bytearray(-offset % 64)
         ok = 0
-        for i, (index, box_cols, box_rows) in enumerate(maps):
-            encoded = self._encode(inputs[index], box_cols, box_rows) if self.tma else None
+        for i, (index, *box) in enumerate(maps):
+            encoded = self._encode(inputs[index], box) if self.tma else None
             ok |= (encoded is not None) << i
             out += encoded or bytes(128)
         out += struct.pack("@I", ok)
         self.last_maps_ok = ok
         return bytes(out + bytes(-(offset + len(out)) % 64))  # to 64 bytes from Params' start
 
-    def _encode(self, t: torch.Tensor, box_cols: int, box_rows: int) -> bytes | None:
+    def _encode(self, t: torch.Tensor, box: list[int]) -> bytes | None:
+        """`t`'s tiled map in boxes of `box` (innermost first; 1 on the other dimensions)."""
         dtype = CU_TENSOR_MAP_DATA_TYPES[t.dtype]
         if t.stride(-1) != 1:
             return None
@@ -188,7 +189,7 @@ class Library:
             strides.append(nbytes)
             largest = max(largest, nbytes)
         rank = len(dims)
-        box = [box_cols, box_rows] + [1] * (rank - 2)
+        box = (list(box) + [1] * rank)[:rank]
         u64, u32 = ctypes.c_uint64, ctypes.c_uint32
         out = (ctypes.c_uint64 * 16)()
         rc = self.cuda.cuTensorMapEncodeTiled(

@@ -97,16 +97,23 @@ struct PreparedLaunch {
   std::shared_ptr<const aotc::LaunchSpec> spec;
 };
 
-// Tensor maps as Python passes them: (input, box columns, box rows) each.
-using TensorMapArgs = std::vector<std::tuple<int, int64_t, int64_t>>;
+// Tensor maps as Python passes them: (input, box columns, box rows[, box
+// planes]) each.
+using TensorMapArgs = std::vector<std::vector<int64_t>>;
 
 // Box sizes outside uint32 are refused by the spec's checks, not wrapped.
 std::vector<aotc::TensorMapSpec> tensor_map_specs(const TensorMapArgs& maps) {
   std::vector<aotc::TensorMapSpec> specs;
   specs.reserve(maps.size());
-  for (auto& [input, cols, rows] : maps) {
+  for (auto& map : maps) {
+    if (map.size() != 3 && map.size() != 4) {
+      throw std::invalid_argument(
+          "[aotc.cuda_launch] a tensor map is (input, box columns, box rows[, box planes]), "
+          "not " + std::to_string(map.size()) + " numbers");
+    }
     auto box = [](int64_t n) { return n < 1 || n > 256 ? 0u : uint32_t(n); };
-    specs.push_back({input, box(cols), box(rows)});
+    const int input = map[0] < INT32_MIN || map[0] > INT32_MAX ? -1 : int(map[0]);
+    specs.push_back({input, box(map[1]), box(map[2]), map.size() == 4 ? box(map[3]) : 1u});
   }
   return specs;
 }
@@ -271,7 +278,7 @@ The kernel's parameters are (inputs as const pointers..., outputs as pointers...
 value). Params is the int64 strides (elements, all dimensions) of the inputs at the indices
 `strided_inputs`, in that order, filled in at evaluation, followed by the bytes `params`.
 Inputs not in `strided_inputs` are passed row-contiguous. `tensor_maps`: (input index, box
-columns, box rows) of TMA descriptors encoded at evaluation after those bytes (see
+columns, box rows[, box planes]) of TMA descriptors encoded at evaluation after those bytes (see
 docs/ARCHITECTURE.md, "The CUDA launch contract"). `grid` counts blocks. Raises
 ValueError for a CPU stream or malformed arguments, RuntimeError without the CUDA primitive.
 

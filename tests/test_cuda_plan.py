@@ -450,7 +450,8 @@ def test_header_layout_matches_plan(tmp_path):
     (wparams,) = [line for line in lines if line.startswith("wparams ")]
     wsize, maps_at, ok_at, align = map(int, wparams.split()[1:])
     packed = PARAMS_SIZE  # the strides of q, k, v and the mask, then the plan's bytes
-    assert maps_at == -(-packed // 64) * 64 and ok_at == maps_at + 2 * 128 and align == 64
+    maps = len(plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)[0].tensor_maps)
+    assert maps_at == -(-packed // 64) * 64 and ok_at == maps_at + maps * 128 and align == 64
     assert wsize == -(-(ok_at + 4) // 64) * 64
     scratch = [int(line.split()[1]) for line in lines if line.startswith("scratch ")]
     fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
@@ -505,9 +506,22 @@ def test_wgmma_serves_mla_when_the_image_has_it():
     assert keys_per_split % 64 == 0 and splits * keys_per_split >= 32768
     assert first.grid == (8 * 2 * splits, 1, 1)
     assert first.outputs[0][1] == (8, 128, 1, splits, 512)
-    # K and V tiles come by TMA: a box of one 128-byte column atom by 64 keys each.
-    assert first.tensor_maps == (TensorMap("k", 64, 64), TensorMap("v", 64, 64))
+    # K and V tiles come by TMA: a box of one 128-byte column atom by 64 keys each; Q in boxes
+    # of a row group's 64 rows (one token of 64 heads).
+    assert first.tensor_maps == (
+        TensorMap("k", 64, 64),
+        TensorMap("v", 64, 64),
+        TensorMap("q", 64, 1, 64),
+    )
     assert combine.tensor_maps == ()
+
+
+@pytest.mark.parametrize(("q_len", "box"), [(1, (1, 64)), (2, (2, 32)), (8, (8, 8)), (3, (1, 64))])
+def test_q_map_boxes_hold_a_row_group_in_its_row_order(q_len, box):
+    # Rows g * Lq + i: Lq tokens (innermost) of 64 / Lq heads; where Lq does not divide 64 the
+    # kernel stages Q by cp.async and the map (any valid box) goes unread.
+    first, _ = plan_cuda(mla(q_len=q_len), available=WG_NAMES, sm_count=132, wgmma=True)
+    assert first.tensor_maps[2] == TensorMap("q", 64, *box)
 
 
 def test_combine_blocks_take_every_split_in_one_round_trip():
@@ -527,7 +541,8 @@ def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
     launches = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
     maps = []
     compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-1]))
-    assert maps == [[(1, 64, 64), (2, 64, 64)], []]  # k and v are inputs 1 and 2
+    # q, k and v are inputs 0, 1 and 2
+    assert maps == [[(1, 64, 64, 1), (2, 64, 64, 1), (0, 64, 1, 64)], []]
     calls = []
 
     def launch_fn(kernel, inputs, shapes, dtypes, grid, block, smem, params, strided, **kw):
@@ -536,7 +551,7 @@ def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
 
     run_cuda(launches, {"q": "Q", "k": "K", "v": "V"}, launch_fn)
     # Only launches with maps get the keyword: plain launch functions need not know it.
-    assert calls == [{"tensor_maps": [(1, 64, 64), (2, 64, 64)]}, {}]
+    assert calls == [{"tensor_maps": [(1, 64, 64, 1), (2, 64, 64, 1), (0, 64, 1, 64)]}, {}]
 
 
 def test_wgmma_needs_the_flag_the_kernel_and_enough_rows():

@@ -84,6 +84,9 @@ def test_launch_on_cpu_stream_is_a_clear_error(ext, stream):
         ({"tensor_maps": [(0, 0, 64)]}, "box dimensions must be 1 to 256"),
         ({"tensor_maps": [(0, 64, 2**32 + 64)]}, "box dimensions must be 1 to 256"),
         ({"tensor_maps": [(0, 64, 64)] * 9}, "at most 8 tensor maps"),
+        ({"tensor_maps": [(0, 64, 1, 0)]}, "box dimensions must be 1 to 256"),
+        ({"tensor_maps": [(0, 64, 1, 257)]}, "box dimensions must be 1 to 256"),
+        ({"tensor_maps": [(0, 64)]}, "(input, box columns, box rows[, box planes]), not 2"),
     ],
 )
 def test_launch_arguments_are_checked(ext, override, message):

@@ -77,8 +77,8 @@ struct WCfg {
   static constexpr int NV = V / 2;  // output columns per warpgroup
   static constexpr int Q_BYTES = DA * kAtom;
   static constexpr int REST = kAtom + kRows * 4 + 1024;  // P, rescale factors, alignment
-  // An mbarrier per part of each slot.
-  __host__ __device__ static constexpr int bar_bytes(int slots) { return slots * kParts * 8; }
+  // An mbarrier per part of each slot, then Q's (Q by TMA).
+  __host__ __device__ static constexpr int bar_bytes(int slots) { return slots * kParts * 8 + 8; }
   static constexpr int DEEP_SLOT_BYTES = 2 * (DA + VA) * kAtom;
   static constexpr bool DEEP_FITS = Q_BYTES + DEEP_SLOT_BYTES + bar_bytes(4) + REST <= kSharedLimit;
   static constexpr bool DEEP = TWO_DEEP && DEEP_FITS;
@@ -266,16 +266,25 @@ __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar) {
 struct alignas(64) TensorMap {
   unsigned long long bytes[16];
 };
-// The kernel's parameter: Params, then the maps of K and V, each over its whole 4-D array
-// (innermost first: D, keys, heads, batch) in boxes of 64 columns x 64 keys with the 128-byte
-// swizzle, and a word whose bit i says map i was encoded. Where a map could not be (a stride
-// or address TMA cannot take), the block stages its tiles with cp.async instead.
+// The kernel's parameter: Params, then the maps of K, V and Q, each over its whole 4-D array
+// (innermost first: D, keys or tokens, heads, batch) with the 128-byte swizzle, in boxes of 64
+// columns x 64 keys (K, V) or 64 columns x Lq tokens x 64 / Lq heads (Q: 64 rows in the row
+// order g * Lq + i of the block), and a word whose bit i says map i was encoded. Where a map
+// could not be (a stride or address TMA cannot take), the block stages with cp.async instead.
 struct WParams {
   Params p;
-  TensorMap maps[2];
+  TensorMap maps[3];
   unsigned maps_ok;
 };
-constexpr unsigned kAllMaps = 3;
+constexpr unsigned kAllMaps = 3;  // K's and V's
+constexpr unsigned kQMap = 4;
+
+// An L2 policy that keeps the lines a load brings in: every split of a row group reads its Q.
+__device__ __forceinline__ uint64_t l2_evict_last() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 
 // One arrival on `bar` that also expects `bytes` more to land on it (a TMA transaction).
 __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
@@ -656,8 +665,16 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // V(0).
   // A part lands on its mbarrier by the arrivals of its warpgroup's 128 copying threads, or by
   // one arrival that expects the bytes of its TMA boxes.
-  if (tid < C::SLOTS * kParts) {
-    mbar_init(sBars + tid * 8, tma ? 1 : 128);
+  // Q by TMA where K's tiles come so and its boxes hold whole row groups (Lq divides 64): one
+  // thread issues the boxes, and no thread computes a row address or issues a copy. MLA at
+  // B=1-2, N=4096-8192 ran 0.5-0.9 us faster than with cp.async; multicasting Q to both blocks
+  // of a pair (same rows), which needs a cluster barrier first, ran 0.7-2.2 us slower than TMA
+  // alone (H200, bench/NOTES.md round 25). Rows past R get other heads' queries (or zeros past
+  // the array): finite, and never stored.
+  const bool q_tma = tma && (wp.maps_ok & kQMap) != 0 && kRows % p.q_len == 0;
+  const uint32_t qbar = sBars + C::SLOTS * kParts * 8;
+  if (tid <= C::SLOTS * kParts) {
+    mbar_init(sBars + tid * 8, tma || tid == C::SLOTS * kParts ? 1 : 128);
     if (tma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // for TMA
   }
   if (tma && tid == 0) {
@@ -665,10 +682,22 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
   }
   __syncthreads();  // the mbarriers are initialised before any arrival
-  // Q's copies form the one cp.async group. TMA boxes go out first (one thread issues them, so
-  // the tiles' reads start at once); cp.async tiles after Q's group is committed, so that their
-  // copies join no group.
+  auto load_q_boxes = [&]() {
+    const TensorMap* const qmap = &wp.maps[2];
+    const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
+    mbar_arrive_expect(qbar, C::DA * kAtom);
+    for (int a = 0; a < C::DA; ++a)
+      tma_load_box(sQ + a * kAtom, qmap, a * 64, 0, head0, b, qbar, l2_evict_last());
+  };
+  // Else Q's copies form the one cp.async group. TMA boxes go out first (one thread issues
+  // them, so the tiles' reads start at once); cp.async tiles after Q's group is committed, so
+  // that their copies join no group.
   auto stage_q_group = [&]() {
+    if (q_tma) {
+      if (tid == 0 && AOTC_SKIP(5)) mbar_arrive(qbar);
+      else if (tid == 0) load_q_boxes();
+      return;
+    }
     if (!AOTC_SKIP(5)) stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
     cp_async_commit();
   };
@@ -684,6 +713,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   }
   if (tma) stage_q_group();
   cp_async_wait<0>();  // Q's group; the tiles' copies are in no group
+  if (q_tma) mbar_wait(qbar, 0);
   fence_async_shared();
   __syncthreads();
 

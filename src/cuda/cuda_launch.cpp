@@ -419,7 +419,7 @@ bool encode_tensor_map(const mx::array& in, const TensorMapSpec& map, void* out)
   cuuint32_t box[5], unit[5];
   for (int i = 0; i < rank; ++i) {
     dims[i] = cuuint64_t(in.shape(rank - 1 - i));
-    box[i] = i == 0 ? map.box_cols : i == 1 ? map.box_rows : 1;
+    box[i] = i == 0 ? map.box_cols : i == 1 ? map.box_rows : i == 2 ? map.box_planes : 1;
     unit[i] = 1;
   }
   uint64_t largest = size * dims[0];

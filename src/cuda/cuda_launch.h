@@ -59,7 +59,8 @@ using Dim3 = std::array<uint32_t, 3>;
 // A TMA descriptor (CUtensorMap) the launch encodes at evaluation, when the
 // input's address and strides are known: a tiled map of input `input` over all
 // its dimensions (innermost first, the input's own strides) in boxes of
-// box_cols x box_rows on the two innermost dimensions and 1 on the others,
+// box_cols x box_rows x box_planes on the three innermost dimensions and 1 on
+// the others,
 // 128-byte swizzled, with out-of-bounds elements read as zeros. The maps follow
 // the Params bytes at the next 64-byte boundary, 128 bytes each, then a uint32
 // whose bit i says map i was encoded; an input TMA cannot describe (address or
@@ -69,6 +70,7 @@ struct TensorMapSpec {
   int input;
   uint32_t box_cols;
   uint32_t box_rows;
+  uint32_t box_planes = 1;
   bool operator==(const TensorMapSpec&) const = default;
 };
 
@@ -145,7 +147,8 @@ inline void check_launch_args(
   }
   for (auto& map : tensor_maps) {
     check_index(map.input, "tensor map");
-    if (map.box_cols < 1 || map.box_cols > 256 || map.box_rows < 1 || map.box_rows > 256) {
+    auto bad = [](uint32_t n) { return n < 1 || n > 256; };
+    if (bad(map.box_cols) || bad(map.box_rows) || bad(map.box_planes)) {
       fail("a tensor map's box dimensions must be 1 to 256 elements");
     }
   }

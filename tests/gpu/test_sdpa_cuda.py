@@ -29,6 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 PAIRS = [(576, 512), (192, 128), (256, 128), (96, 64), (320, 256)]
 DTYPES = ["float16", "bfloat16", "float32"]
 TOL = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 2e-5}
+# The wgmma split pass's tensor-map bits (WParams::maps_ok): K, V and Q.
+Q_MAP = 4
+ALL_MAPS = 3 | Q_MAP
 # fp32 576/512 blocks need 183 KB of shared memory; an sm_8x SM has 163 KB: the plan refuses
 # them there, and aotc.sdpa_vector falls back to MLX's op.
 SM8X_UNSERVED = {("float32", 576, 512)}
@@ -396,7 +399,7 @@ def test_wgmma_two_deep_slots(lib, pair, n, tma):
             assert one_split.startswith("sdpa_vector_wgmma_short_") == (n <= 128), one_split
             check(lib, **shape, num_splits=1)
             check(lib, b=2, **shape, mask="causal", num_splits=2, dtype="float16")
-            assert lib.last_maps_ok == (3 if tma else 0)
+            assert lib.last_maps_ok == (ALL_MAPS if tma else 0)
     finally:
         lib.tma = True
 
@@ -421,7 +424,7 @@ def test_wgmma_dual_blocks(lib, lq, n, splits, dual, tma):
         assert kernel.startswith("sdpa_vector_wgmma_"), kernel
         check(lib, **shape)
         check(lib, **shape, mask="causal", dtype="float16", seed=2)
-        assert lib.last_maps_ok == (3 if tma else 0)
+        assert lib.last_maps_ok == (ALL_MAPS if tma else 0)
     finally:
         lib.tma = True
 
@@ -466,7 +469,7 @@ def test_wgmma_tile_loads_by_tma_and_by_cp_async(lib, tma, view):
             check(
                 lib, hq=128, hkv=1, n=n, d=576, v=512, mask=mask, view_of_k=view, num_splits=splits
             )
-            assert lib.last_maps_ok == (3 if tma else 0)
+            assert lib.last_maps_ok == (ALL_MAPS if tma else 0)
         check(lib, b=2, hq=64, hkv=2, lq=2, n=300, d=192, v=128, sinks=True, dtype="float16")
     finally:
         lib.tma = True
@@ -485,7 +488,33 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
     columns = _rand((1, 1, 576, 700), dt, gen).transpose(-1, -2)  # column stride 700
     for k in (shifted, columns):
         out = h.run(lib, q, k, k[..., :512], None, None, scale=576**-0.5)
-        assert lib.last_maps_ok == 0
+        assert lib.last_maps_ok == Q_MAP  # Q's map alone: the kernel stages Q by cp.async too
+        ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
+        assert h.rel_err(out, ref) < TOL["bfloat16"]
+
+
+@needs_sm90
+@pytest.mark.parametrize("pair", [False, True], ids=["one_block", "pair"])
+def test_wgmma_q_by_tma_and_by_cp_async(lib, pair):
+    """Q comes by TMA (a pair's blocks each load half of it into both) where its map is
+    encoded and Lq divides 64; an unaligned Q has no map and 3 tokens no box of whole row
+    groups: those blocks stage Q by cp.async while K still comes by TMA."""
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    dt = torch.bfloat16
+    n, splits = (4096, None) if pair else (1000, 1)
+    k = _rand((1, 1, n, 576), dt, gen)
+    aligned = _rand((1, 128, 1, 576), dt, gen)
+    unaligned = _rand((1, 128, 1, 584), dt, gen)[..., 1:577]  # 2-byte offset
+    three = _rand((1, 64, 3, 576), dt, gen)  # 192 rows; 64 % 3 != 0
+    for q, maps in ((aligned, ALL_MAPS), (unaligned, ALL_MAPS & ~Q_MAP), (three, ALL_MAPS)):
+        kernel = h.plan_for(lib, q, k, k[..., :512], scale=1.0, num_splits=splits)[0].kernel
+        assert kernel.startswith("sdpa_vector_wgmma_"), kernel
+        if q is aligned:
+            assert ("_pair_" in kernel) == pair, kernel
+        out = h.run(lib, q, k, k[..., :512], None, None, scale=576**-0.5, num_splits=splits)
+        assert lib.last_maps_ok == maps
         ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
         assert h.rel_err(out, ref) < TOL["bfloat16"]
 

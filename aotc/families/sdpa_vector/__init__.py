@@ -91,6 +91,7 @@ WGMMA_MAX_SHARED = 232448
 
 _WGMMA_ATOM = 64 * 128  # bytes of one 64-row, 128-byte column atom
 _WGMMA_PART_BARRIERS = 3 * 8  # an mbarrier per part (3) of a tile slot
+_WGMMA_Q_BARRIER = 8  # Q's mbarrier (Q by TMA)
 
 
 def _wgmma_fixed_bytes(d: int) -> int:
@@ -100,7 +101,8 @@ def _wgmma_fixed_bytes(d: int) -> int:
 
 def _wgmma_deep_bytes(d: int, v: int) -> int:
     """WCfg's two-deep layout: two K and two V tile slots."""
-    return _wgmma_fixed_bytes(d) + 2 * (d // 64 + v // 64) * _WGMMA_ATOM + 4 * _WGMMA_PART_BARRIERS
+    slots = 2 * (d // 64 + v // 64) * _WGMMA_ATOM
+    return _wgmma_fixed_bytes(d) + slots + 4 * _WGMMA_PART_BARRIERS + _WGMMA_Q_BARRIER
 
 
 def _wgmma_deep_fits(d: int, v: int) -> bool:
@@ -113,6 +115,7 @@ def wgmma_shared_bytes(d: int, v: int, two_deep: bool = True) -> int:
     if two_deep and _wgmma_deep_fits(d, v):
         return _wgmma_deep_bytes(d, v)
     two_slots = 2 * max(d // 64, v // 64) * _WGMMA_ATOM + 2 * _WGMMA_PART_BARRIERS
+    two_slots += _WGMMA_Q_BARRIER
     return _wgmma_fixed_bytes(d) + two_slots
 
 

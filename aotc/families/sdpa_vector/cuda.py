@@ -192,12 +192,13 @@ class Launch:
 @dataclass(frozen=True)
 class TensorMap:
     """A tiled TMA descriptor of one input over all its dimensions (innermost first, the
-    input's own strides), in boxes of `box_cols` x `box_rows` on the two innermost dimensions
-    and 1 on the others, 128-byte swizzled."""
+    input's own strides), in boxes of `box_cols` x `box_rows` x `box_planes` on the three
+    innermost dimensions and 1 on the others, 128-byte swizzled."""
 
     input: str
     box_cols: int
     box_rows: int
+    box_planes: int = 1
 
 
 @dataclass(frozen=True)
@@ -876,9 +877,17 @@ def _wgmma_launches(
     split_pass, combine_pass = _split_launches(
         p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params, merged
     )
-    # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom.
+    # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom; so
+    # does Q, in boxes of a row group's 64 rows (Lq tokens of 64 / Lq heads), where Lq divides
+    # 64 (the kernel stages other Q by cp.async and never reads that map).
     maps = tuple(TensorMap(name, WGMMA_ATOM_COLS, WGMMA_KEYS) for name in ("k", "v"))
-    return [replace(split_pass, tensor_maps=maps), combine_pass]
+    return [replace(split_pass, tensor_maps=(*maps, _q_map(p))), combine_pass]
+
+
+def _q_map(p: AttentionProblem) -> TensorMap:
+    """Q's tensor map for the wgmma split pass: 64 columns x Lq tokens x 64 / Lq heads."""
+    tokens = p.q_len if WGMMA_ROWS % p.q_len == 0 else 1
+    return TensorMap("q", WGMMA_ATOM_COLS, tokens, WGMMA_ROWS // tokens)
 
 
 def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
@@ -965,7 +974,10 @@ def prepare_launch(
         launch.params,
         [launch.inputs.index(name) for name in launch.strided_inputs],
         list(launch.unread),
-        [(launch.inputs.index(m.input), m.box_cols, m.box_rows) for m in launch.tensor_maps],
+        [
+            (launch.inputs.index(m.input), m.box_cols, m.box_rows, m.box_planes)
+            for m in launch.tensor_maps
+        ],
     )
 
 
