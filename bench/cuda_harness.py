@@ -66,6 +66,9 @@ class Library:
         self.poison = False  # fill outputs with NaN before each launch (tests)
         self.tma = True  # False: leave tensor maps unencoded (kernels take their cp.async path)
         self.last_maps_ok: int | None = None  # the bit word of the last launch with tensor maps
+        # Inputs (by index) whose strides are packed as zeros (tests): a kernel that reads such
+        # an input through its tensor map still gets it right, any other read gets row 0.
+        self.zero_strides: set[int] = set()
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -136,7 +139,10 @@ class Library:
         if self.poison:
             for out in outputs:
                 out.fill_(float("nan") if out.is_floating_point() else -1)
-        strides = b"".join(struct.pack("@4q", *inputs[i].stride()) for i in strided_input_indices)
+        strides = b"".join(
+            struct.pack("@4q", *((0,) * 4 if i in self.zero_strides else inputs[i].stride()))
+            for i in strided_input_indices
+        )
         blob = strides + params
         if tensor_maps:
             blob += self._tensor_maps(inputs, tensor_maps, len(blob))
@@ -189,6 +195,8 @@ class Library:
             strides.append(nbytes)
             largest = max(largest, nbytes)
         rank = len(dims)
+        if any(n > 1 for n in box[rank:]):
+            return None  # a box dimension the array does not have (as cuda_launch.cpp)
         box = (list(box) + [1] * rank)[:rank]
         u64, u32 = ctypes.c_uint64, ctypes.c_uint32
         out = (ctypes.c_uint64 * 16)()

@@ -4,6 +4,7 @@
 // when the extension was built against an MLX with a CUDA backend
 // (AOTC_WITH_CUDA, see CMakeLists.txt). On Apple platforms the Metal
 // primitive's bindings are added (AOTC_WITH_METAL).
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -112,7 +113,8 @@ std::vector<aotc::TensorMapSpec> tensor_map_specs(const TensorMapArgs& maps) {
           "not " + std::to_string(map.size()) + " numbers");
     }
     auto box = [](int64_t n) { return n < 1 || n > 256 ? 0u : uint32_t(n); };
-    const int input = map[0] < INT32_MIN || map[0] > INT32_MAX ? -1 : int(map[0]);
+    // Out of int's range: clamped, so that the spec's index checks name the problem.
+    const int input = int(std::clamp<int64_t>(map[0], -1, INT32_MAX));
     specs.push_back({input, box(map[1]), box(map[2]), map.size() == 4 ? box(map[3]) : 1u});
   }
   return specs;

@@ -87,6 +87,7 @@ def test_launch_on_cpu_stream_is_a_clear_error(ext, stream):
         ({"tensor_maps": [(0, 64, 1, 0)]}, "box dimensions must be 1 to 256"),
         ({"tensor_maps": [(0, 64, 1, 257)]}, "box dimensions must be 1 to 256"),
         ({"tensor_maps": [(0, 64)]}, "(input, box columns, box rows[, box planes]), not 2"),
+        ({"tensor_maps": [(2**31, 64, 64)]}, "tensor map input index 2147483647 is not one of"),
     ],
 )
 def test_launch_arguments_are_checked(ext, override, message):

@@ -8,8 +8,8 @@ the `launch_fn` of the family plans (`aotc.families.*.cuda.run_cuda`):
               strided_input_indices, tensor_maps=()) -> list[mx.array]
 
 `grid` counts blocks; `params` are the static bytes of the kernel's Params after the strides the
-primitive fills in, and `tensor_maps` the (input index, box columns, box rows) of the TMA
-descriptors it encodes after them (docs/ARCHITECTURE.md, "The CUDA launch contract").
+primitive fills in, and `tensor_maps` the (input index, box columns, box rows[, box planes]) of
+the TMA descriptors it encodes after them (docs/ARCHITECTURE.md, "The CUDA launch contract").
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class CudaLauncher:
         shared_memory: int,
         params: bytes,
         strided_input_indices: Sequence[int],
-        tensor_maps: Sequence[tuple[int, int, int]] = (),
+        tensor_maps: Sequence[tuple[int, ...]] = (),
     ) -> list[Any]:
         # Sequences pass as they are (the extension takes lists or tuples); dtype names map to
         # mx.Dtype through a cache.

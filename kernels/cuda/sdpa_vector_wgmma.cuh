@@ -32,7 +32,7 @@
 //
 // Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums,
 // WParams): Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them),
-// then K's and V's tensor maps.
+// then K's, V's and Q's tensor maps.
 // Compiled for every arch so that each image has the same symbols; only sm_90a has the body.
 #pragma once
 
@@ -262,7 +262,7 @@ __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar) {
 
 // ---------------------------------------------------------------- tensor memory access (TMA)
 // A CUtensorMap: 128 opaque bytes, 64-byte aligned, encoded by the launch at evaluation (it
-// knows K's and V's addresses and strides only then; see `tensor_maps` of the plan).
+// knows K's, V's and Q's addresses and strides only then; see `tensor_maps` of the plan).
 struct alignas(64) TensorMap {
   unsigned long long bytes[16];
 };
@@ -666,10 +666,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   // A part lands on its mbarrier by the arrivals of its warpgroup's 128 copying threads, or by
   // one arrival that expects the bytes of its TMA boxes.
   // Q by TMA where K's tiles come so and its boxes hold whole row groups (Lq divides 64): one
-  // thread issues the boxes, and no thread computes a row address or issues a copy. MLA at
+  // thread (0) issues the boxes, and no thread computes a row address or issues a copy. MLA at
   // B=1-2, N=4096-8192 ran 0.5-0.9 us faster than with cp.async; multicasting Q to both blocks
   // of a pair (same rows), which needs a cluster barrier first, ran 0.7-2.2 us slower than TMA
-  // alone (H200, bench/NOTES.md round 25). Rows past R get other heads' queries (or zeros past
+  // alone on short MLA rows (H200, bench/NOTES.md round 25). Rows past R get other heads' queries (or zeros past
   // the array): finite, and never stored.
   const bool q_tma = tma && (wp.maps_ok & kQMap) != 0 && kRows % p.q_len == 0;
   const uint32_t qbar = sBars + C::SLOTS * kParts * 8;

@@ -417,6 +417,11 @@ bool encode_tensor_map(const mx::array& in, const TensorMapSpec& map, void* out)
   const uint64_t size = in.itemsize();
   cuuint64_t dims[5], strides[4];
   cuuint32_t box[5], unit[5];
+  // A box dimension over 1 that the array does not have would hold fewer bytes
+  // than the kernel expects: no map.
+  if (rank < 3 && map.box_planes > 1) {
+    return false;
+  }
   for (int i = 0; i < rank; ++i) {
     dims[i] = cuuint64_t(in.shape(rank - 1 - i));
     box[i] = i == 0 ? map.box_cols : i == 1 ? map.box_rows : i == 2 ? map.box_planes : 1;

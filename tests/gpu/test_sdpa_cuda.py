@@ -460,8 +460,8 @@ def test_wgmma_strided_and_scalar_paths(lib):
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
 @pytest.mark.parametrize("view", [False, True], ids=["own_v", "v_of_k"])
 def test_wgmma_tile_loads_by_tma_and_by_cp_async(lib, tma, view):
-    """The launch encodes K's and V's tensor maps and the kernel loads tiles by TMA (KV heads of
-    64+ rows: all cases here); with the maps left unencoded it takes its cp.async path. Both
+    """The launch encodes K's, V's and Q's tensor maps and the kernel loads tiles by TMA (KV heads
+    of 64+ rows: all cases here); with the maps left unencoded it takes its cp.async path. Both
     serve every case."""
     lib.tma = tma
     try:
@@ -496,9 +496,10 @@ def test_wgmma_inputs_tma_cannot_describe_take_cp_async(lib):
 @needs_sm90
 @pytest.mark.parametrize("pair", [False, True], ids=["one_block", "pair"])
 def test_wgmma_q_by_tma_and_by_cp_async(lib, pair):
-    """Q comes by TMA (a pair's blocks each load half of it into both) where its map is
-    encoded and Lq divides 64; an unaligned Q has no map and 3 tokens no box of whole row
-    groups: those blocks stage Q by cp.async while K still comes by TMA."""
+    """Q comes by TMA where its map is encoded and Lq divides 64; an unaligned Q has no map and
+    3 tokens no box of whole row groups: those blocks stage Q by cp.async while K still comes by
+    TMA. With Q's strides packed as zeros only the TMA path (which reads the map) stays right:
+    that tells which path a block took."""
     from bench import cuda_harness as h
 
     gen = torch.Generator(device="cuda").manual_seed(13)
@@ -517,6 +518,12 @@ def test_wgmma_q_by_tma_and_by_cp_async(lib, pair):
         assert lib.last_maps_ok == maps
         ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
         assert h.rel_err(out, ref) < TOL["bfloat16"]
+        lib.zero_strides = {0}  # q's
+        try:
+            out = h.run(lib, q, k, k[..., :512], None, None, scale=576**-0.5, num_splits=splits)
+        finally:
+            lib.zero_strides = set()
+        assert (h.rel_err(out, ref) < TOL["bfloat16"]) == (maps == ALL_MAPS and q is aligned)
 
 
 # Splits of 1-32 tiles; forced grids are planned as for a GPU they fill.

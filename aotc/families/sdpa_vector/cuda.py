@@ -903,7 +903,8 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
 # strided_input_indices, unread_input_indices, tensor_maps) -> call(inputs[, gradient_inputs,
-# gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows) each.
+# gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows, box
+# planes) each.
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 # A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
 # positional arguments. The scale is no kernel input: a plan is made per scale.
