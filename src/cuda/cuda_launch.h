@@ -60,12 +60,12 @@ using Dim3 = std::array<uint32_t, 3>;
 // input's address and strides are known: a tiled map of input `input` over all
 // its dimensions (innermost first, the input's own strides) in boxes of
 // box_cols x box_rows x box_planes on the three innermost dimensions and 1 on
-// the others,
-// 128-byte swizzled, with out-of-bounds elements read as zeros. The maps follow
-// the Params bytes at the next 64-byte boundary, 128 bytes each, then a uint32
-// whose bit i says map i was encoded; an input TMA cannot describe (address or
-// strides not multiples of 16 bytes, ...) leaves its map zero and its bit clear,
-// and the kernel takes another path (docs/ARCHITECTURE.md).
+// the others, 128-byte swizzled, with out-of-bounds elements read as zeros. The
+// maps follow the Params bytes at the next 64-byte boundary, 128 bytes each,
+// then a uint32 whose bit i says map i was encoded; an input TMA cannot
+// describe (address or strides not multiples of 16 bytes, ...) leaves its map
+// zero and its bit clear, and the kernel takes another path
+// (docs/ARCHITECTURE.md).
 struct TensorMapSpec {
   int input;
   uint32_t box_cols;

@@ -118,13 +118,13 @@ WGMMA_DEEP_MIN_TILES = 3
 WGMMA_DUAL_MIN_ROW_GROUPS = 2
 WGMMA_DUAL_BLOCKS_PER_SM = 2  # the dual entry point's launch bounds
 WGMMA_DUAL_MIN_TILES = 16
-# The clusters-of-two entry point (wide heads) serves one-block-an-SM grids with an even split
-# count of WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles a split
-# (WGMMA_PAIRS = 0 turns it off, for A/B runs). H100, bench/NOTES.md round 23, us, pairs / one
-# block: MLA B=1 N=32768 (8 tiles) 36.6-37.4 / 38.4-38.5; B=8 N=8192 (16) 51.4-53.8 /
-# 52.6-55.2; B=2 N=8192 (4) 28.6-28.9 / 32.0-32.3; B=1 N=8192 (2 tiles, 128 blocks) 24.1-24.2
-# / 24.5-24.9 at the one-block plan's 4. But 64-block grids (B=1 N=8192 at 4 tiles: 25.0-25.3
-# / 24.1) and 64-tile splits of two row groups (B=8 N=32768: 146.9-151.2 / 143.8-144.5) lost.
+# The clusters-of-two entry point (wide heads) serves one-block-an-SM grids with an even split count
+# of WGMMA_PAIR_MIN_TILES to WGMMA_PAIR_MAX_TILES tiles a split (WGMMA_PAIRS = 0 turns it off, for
+# A/B runs). H100, bench/NOTES.md round 23, us, pairs / one block: MLA B=1 N=32768 (8 tiles)
+# 36.6-37.4 / 38.4-38.5; B=8 N=8192 (16) 51.4-53.8 / 52.6-55.2; B=2 N=8192 (4) 28.6-28.9 /
+# 32.0-32.3; B=1 N=8192 (2 tiles, 128 blocks) 24.1-24.2 / 24.5-24.9 at the one-block plan's 4. But
+# 64-block grids (B=1 N=8192 at 4 tiles: 25.0-25.3 / 24.1) and 64-tile splits of two row groups (B=8
+# N=32768: 146.9-151.2 / 143.8-144.5) lost.
 # Round 24 (H200, 2e6cfe4's kernels): 1-tile splits on 128 blocks beat the one-block plan's 32
 # (MLA B=1 N=4096 17.3 / 19.8-19.9 us, B=2 N=2048 16.8-16.9 / 19.2-19.4), and 32-tile splits
 # gained or tied (B=2 N=65536 78.2-78.4 / 82.2-83.1, B=4 N=32768 77.4-78.3 / 80.3-80.7,
