@@ -173,6 +173,21 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// Programmatic dependent launch (sm_90+). A launch made with programmatic stream
+// serialization may start while the launch before it still runs; it must wait for that grid
+// (complete, its writes visible) before reading what it wrote. The earlier grid lets the later
+// one start once every block of it has allowed so (or exited). Both are no-ops in a plain
+// launch.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 // wait_group takes an immediate: dispatch a run-time count (0..6).
 __device__ __forceinline__ void cp_async_wait_dyn(int n) {
   switch (n) {
@@ -1482,6 +1497,10 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
       blockDim.x != Cfg<T, D, V>::NT) {
     __trap();  // the plan and this header disagree
   }
+  // The combine may launch at once: its blocks take SMs as ours leave and wait in-kernel for
+  // the partials. Allowing it only at exit ran no faster than a plain launch (bench/NOTES.md,
+  // round 26).
+  if constexpr (SPLIT && !FUSED) allow_next_grid();
   if constexpr (FUSED) {
     if (p.combiners_from > 0 && (int)blockIdx.x >= p.combiners_from) {
       wait_and_combine<T, V>(partials, maxs, sums, flags, sinks, out, p,
@@ -1540,6 +1559,7 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   extern __shared__ __align__(16) char aotc_smem[];
   __shared__ float gm[64], gl[64];
   constexpr int U = kCombineSplitsInFlight;
+  wait_for_previous_grid();  // the split pass's partials
   combine_row<T, V, U, false>(blockIdx.x, partials, maxs, sums, sinks, out, p.num_splits,
                               p.q_heads, p.q_len, p.has_sinks,
                               reinterpret_cast<float4*>(aotc_smem), gm, gl);
