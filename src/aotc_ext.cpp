@@ -42,13 +42,13 @@ using namespace nb::literals;
 namespace aotc {
 // Builds without the CUDA primitive check a launch as the CUDA build does, then
 // say why they cannot run it.
-std::vector<mx::array> launch(
-    std::shared_ptr<const LaunchSpec> spec,
+std::vector<mx::array> launch_chain(
+    ChainPtr chain,
     std::vector<mx::array> inputs,
     std::vector<mx::array>,
     Gradient,
     mx::StreamOrDevice s) {
-  check_launch_call(*spec, inputs.size(), mx::to_stream(s));
+  check_chain(*chain, inputs.size(), mx::to_stream(s));
   throw std::runtime_error(
       "[aotc.cuda_launch] this aotc._ext was built without the CUDA primitive: the MLX it "
       "was built against has no CUDA backend");
@@ -131,7 +131,8 @@ PreparedLaunch make_prepared(
     const nb::bytes& params,
     std::vector<int> strided_inputs,
     std::vector<int> unread_inputs,
-    const TensorMapArgs& tensor_maps) {
+    const TensorMapArgs& tensor_maps,
+    bool overlaps_previous) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
@@ -148,7 +149,8 @@ PreparedLaunch make_prepared(
       std::string(params.c_str(), params.size()),
       std::move(strided_inputs),
       std::move(unread_inputs),
-      tensor_map_specs(tensor_maps))};
+      tensor_map_specs(tensor_maps),
+      overlaps_previous)};
 }
 
 std::vector<mx::array> launch_prepared(
@@ -191,7 +193,8 @@ std::vector<mx::array> cuda_launch(
       params,
       std::move(strided_inputs),
       {},
-      tensor_maps);
+      tensor_maps,
+      false);
   return launch_prepared(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
@@ -306,9 +309,12 @@ for a gradient raises.)");
           "strided_inputs"_a,
           "unread_inputs"_a = std::vector<int>{},
           "tensor_maps"_a = TensorMapArgs{},
+          "overlaps_previous"_a = false,
           "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
           "place): passed as null pointers and never made contiguous. `tensor_maps`: as "
-          "for cuda_launch.")
+          "for cuda_launch. `overlaps_previous`: in a CudaPlan, the kernel may start while "
+          "the plan's launch before it runs (it waits in-kernel for that launch's outputs); "
+          "the two run as one primitive.")
       .def(
           "__call__",
           &launch_prepared,
@@ -319,7 +325,10 @@ for a gradient raises.)");
           "cuda_launch(image, kernel, inputs, ...) with this launch's fixed arguments; "
           "gradient_inputs and gradient may be passed positionally.")
       .def_prop_ro(
-          "kernel", [](const PreparedLaunch& self) { return self.spec->kernel; });
+          "kernel", [](const PreparedLaunch& self) { return self.spec->kernel; })
+      .def_prop_ro("overlaps_previous", [](const PreparedLaunch& self) {
+        return self.spec->overlaps_previous;
+      });
 
   nb::class_<aotc::NativeCall>(
       m,
@@ -340,6 +349,11 @@ for a gradient raises.)");
       "numbers leave theirs empty); launches write their outputs to further slots.")
       .def(nb::init<int>(), "num_args"_a)
       .def_prop_ro("num_args", &aotc::CudaPlan::num_args)
+      .def_prop_ro(
+          "primitives",
+          &aotc::CudaPlan::primitive_kernels,
+          "The kernels of each primitive a call builds, in order: a launch that overlaps "
+          "the one before it (PreparedLaunch.overlaps_previous) shares that one's primitive.")
       .def(
           "astype",
           &aotc::CudaPlan::astype,

@@ -157,6 +157,39 @@ def test_plan_hands_a_launch_its_slots(ext):
         plan(mx.arange(4.0), mx.arange(4.0))
 
 
+def test_overlapping_launches_share_a_primitive(ext):
+    """A launch that overlaps the one before it joins that one's primitive, a chain whose
+    inputs are the plan slots its launches read (each once) and whose outputs are theirs."""
+    image = ext.CudaImage(b"\x00" * 16)
+    args = ([[4], [4]], [mx.float32, mx.float32], (1, 1, 1), (32, 1, 1), 0, b"")
+    split = ext.PreparedLaunch(image, "split", *args, [])
+    assert split.overlaps_previous is False
+    plan = ext.CudaPlan(2)
+    plan.launch(split, [0, 1], [2, 3])
+    one = ([[4]], [mx.float32], (1, 1, 1), (32, 1, 1), 0, b"")
+    # Reads the split's second output, argument 1 again and argument 0: three inputs, and
+    # unread input 3 is not one of them.
+    combine = ext.PreparedLaunch(image, "combine", *one, [], [3], [], True)
+    assert combine.overlaps_previous is True
+    plan.launch(combine, [3, 1, 0], [4])
+    plan.launch(ext.PreparedLaunch(image, "after", *one, []), [4], [5])
+    plan.launch(ext.PreparedLaunch(image, "chained", *one, [], [], [], True), [5], [6])
+    assert plan.primitives == [["split", "combine"], ["after", "chained"]]
+    plan.set_output(6)
+    with pytest.raises(ValueError, match=re.escape("unread input index 3 is not one of the 3")):
+        plan(mx.arange(4.0), mx.arange(4.0))
+    # A launch with a gradient ends its primitive: only a chain's last launch may have one.
+    plan = ext.CudaPlan(2)
+    plan.launch(split, [0, 1], [2, 3], [0], lambda primals, cotangents: primals)
+    plan.launch(ext.PreparedLaunch(image, "combine", *one, [], [], [], True), [3], [4])
+    assert plan.primitives == [["split"], ["combine"]]
+    plan.set_output(4)
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the default device is a GPU here")
+    with pytest.raises(ValueError, match="needs a GPU stream"):
+        plan(mx.arange(4.0), mx.arange(4.0))
+
+
 def test_sdpa_vector_files_a_native_plan_and_serves_from_it(monkeypatch, ext):
     """The first call of a signature decides in Python and files the decision's plan; the next
     call is served by the table alone."""

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <shared_mutex>
 #include <typeinfo>
 #include <unordered_map>
@@ -470,14 +471,230 @@ std::string launch_name(const std::string& kernel) {
 
 } // namespace
 
+// ------------------------------------------------------------------ packing
+// a launch
+
+namespace {
+
+// One kernel launch's argument array: a pointer per input and output, then
+// Params (stack buffers for the usual sizes).
+class PackedArgs {
+ public:
+  PackedArgs(size_t n_ptrs, size_t param_bytes)
+      : ptrs_(n_ptrs), args_(n_ptrs + 1), params_(param_bytes / 8) {
+    std::memset(params_.data(), 0, param_bytes);
+    for (size_t i = 0; i < n_ptrs; ++i) {
+      args_.data()[i] = &ptrs_.data()[i];
+    }
+    args_.data()[n_ptrs] = params_.data();
+  }
+  void*& ptr(size_t i) {
+    return ptrs_.data()[i];
+  }
+  char* params() {
+    return reinterpret_cast<char*>(params_.data());
+  }
+  void** args() {
+    return args_.data();
+  }
+
+ private:
+  Scratch<void*, 32> ptrs_;
+  Scratch<void*, 33> args_;
+  Scratch<uint64_t, 128> params_;
+};
+
+// A link's kernel inputs and outputs among the primitive's arrays.
+struct LinkArrays {
+  const ChainLink& link;
+  const std::vector<mx::array>& inputs;
+  const std::vector<mx::array>& outputs;
+  size_t first_output;
+
+  const mx::array& in(size_t i) const {
+    const int src = link.sources[i];
+    return src >= 0 ? inputs[src] : outputs[~src];
+  }
+  size_t n_in() const {
+    return link.sources.size();
+  }
+  size_t n_out() const {
+    return link.spec->output_shapes.size();
+  }
+  const mx::array& out(size_t i) const {
+    return outputs[first_output + i];
+  }
+};
+
+// Bytes of `spec`'s Params as kernel `k` takes them (checked against the
+// kernel where the driver tells its parameters), a multiple of 16: the strides
+// of the strided inputs, the static bytes, and the tensor maps at the next
+// 64-byte boundary with their bit word. The kernel's struct may end with
+// padding that Python's struct.pack does not write.
+size_t params_bytes(const LinkArrays& a, const Kernel& k, size_t* maps_at) {
+  const LaunchSpec& spec = *a.link.spec;
+  const size_t n_in = a.n_in(), n_out = a.n_out();
+  if (k.num_params >= 0 && size_t(k.num_params) != n_in + n_out + 1) {
+    fail_invalid(
+        launch_name(spec.kernel) + " takes " + std::to_string(k.num_params) +
+        " parameters, but the launch passes " + std::to_string(n_in) +
+        " inputs, " + std::to_string(n_out) + " outputs and Params");
+  }
+  size_t n_strides = 0;
+  for (int i : spec.strided_inputs) {
+    n_strides += a.in(i).ndim();
+  }
+  const size_t packed = n_strides * sizeof(int64_t) + spec.params.size();
+  *maps_at = align_up(packed, 64);
+  const size_t n_maps = spec.tensor_maps.size();
+  const size_t blob =
+      n_maps ? align_up(*maps_at + 128 * n_maps + sizeof(uint32_t), 64) : packed;
+  size_t size = align_up(blob, 16);
+  if (k.num_params > 0) {
+    if (blob > k.params_size || k.params_size - blob >= 16) {
+      fail_invalid(
+          launch_name(spec.kernel) + " takes a " + std::to_string(k.params_size) +
+          "-byte Params, but the launch packs " + std::to_string(blob) +
+          " bytes (" + std::to_string(n_strides) + " strides + " +
+          std::to_string(spec.params.size()) + " bytes" +
+          (n_maps ? " + " + std::to_string(n_maps) + " tensor maps" : "") + ")");
+    }
+    size = std::max(size, align_up(k.params_size, 16));
+  }
+  return size;
+}
+
+// Fills `packed` for a link whose outputs have their buffers.
+void pack(PackedArgs& packed, const LinkArrays& a, size_t maps_at) {
+  const LaunchSpec& spec = *a.link.spec;
+  auto* strides = reinterpret_cast<int64_t*>(packed.params());
+  for (int i : spec.strided_inputs) {
+    for (auto st : a.in(i).strides()) {
+      *strides++ = st;
+    }
+  }
+  if (!spec.params.empty()) {
+    std::memcpy(strides, spec.params.data(), spec.params.size());
+  }
+  if (const size_t n_maps = spec.tensor_maps.size()) {
+    char* bytes = packed.params();
+    uint32_t encoded = 0;
+    for (size_t m = 0; m < n_maps; ++m) {
+      auto& map = spec.tensor_maps[m];
+      if (encode_tensor_map(a.in(map.input), map, bytes + maps_at + 128 * m)) {
+        encoded |= 1u << m;
+      }
+    }
+    std::memcpy(bytes + maps_at + 128 * n_maps, &encoded, sizeof(encoded));
+  }
+  // Inputs that get no strides must be row-contiguous (launch_chain() makes
+  // them so), unless the kernel does not read them.
+  for (size_t i = 0; i < a.n_in(); ++i) {
+    const bool unread = listed(spec.unread_inputs, i);
+    if (!a.in(i).flags().row_contiguous && !listed(spec.strided_inputs, i) &&
+        !unread) {
+      fail_invalid(
+          "input " + std::to_string(i) + " of " + launch_name(spec.kernel) +
+          " is not row-contiguous and gets no strides");
+    }
+    packed.ptr(i) = a.in(i).buffer().ptr() && !unread
+        ? mx::gpu_ptr<void>(a.in(i))
+        : nullptr;
+  }
+  for (size_t i = 0; i < a.n_out(); ++i) {
+    packed.ptr(a.n_in() + i) = mx::gpu_ptr<void>(a.out(i));
+  }
+}
+
+// Opts kernel `k` in to `bytes` of dynamic shared memory (once per size).
+void allow_shared_memory(Kernel& k, uint32_t bytes) {
+  if (bytes <= k.smem_allowed.load(std::memory_order_acquire)) {
+    return;
+  }
+  std::lock_guard lock(k.attr_mutex);
+  if (bytes > k.smem_allowed.load(std::memory_order_relaxed)) {
+    check(
+        cuFuncSetAttribute(
+            k.func, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(bytes)),
+        "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
+    k.smem_allowed.store(bytes, std::memory_order_release);
+  }
+}
+
+// A packed link, ready to become a graph node.
+struct ReadyLaunch {
+  Kernel* kernel;
+  const LaunchSpec* spec;
+  std::unique_ptr<PackedArgs> packed;
+};
+
+// The links as one child graph of kernel nodes, each after the one before it:
+// by a programmatic edge where it overlaps_previous and the GPU has
+// programmatic dependent launch, else by a full one. MLX's encoder copies the
+// graph into its own.
+void add_chain_graph(
+    cu::CommandEncoder& enc,
+    const std::vector<ReadyLaunch>& ready) {
+  CUgraph graph;
+  check(cuGraphCreate(&graph, 0), "cuGraphCreate");
+  std::unique_ptr<CUgraph_st, CUresult (*)(CUgraph)> owned(graph, cuGraphDestroy);
+  const bool programmatic = enc.device().compute_capability_major() >= 9;
+  CUgraphNode previous = nullptr;
+  for (auto& r : ready) {
+    CUDA_KERNEL_NODE_PARAMS params = {};
+    params.func = r.kernel->func;
+    params.gridDimX = r.spec->grid[0];
+    params.gridDimY = r.spec->grid[1];
+    params.gridDimZ = r.spec->grid[2];
+    params.blockDimX = r.spec->block[0];
+    params.blockDimY = r.spec->block[1];
+    params.blockDimZ = r.spec->block[2];
+    params.sharedMemBytes = r.spec->shared_memory;
+    params.kernelParams = r.packed->args();
+    CUgraphNode node;
+    check(
+        cuGraphAddKernelNode(&node, graph, nullptr, 0, &params),
+        "cuGraphAddKernelNode");
+    if (previous) {
+#if CUDA_VERSION >= 12030
+      CUgraphEdgeData edge = {};
+      if (programmatic && r.spec->overlaps_previous) {
+        edge.from_port = CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC;
+        edge.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
+      }
+      check(
+          cuGraphAddDependencies(graph, &previous, &node, &edge, 1),
+          "cuGraphAddDependencies");
+#else
+      check(
+          cuGraphAddDependencies(graph, &previous, &node, 1),
+          "cuGraphAddDependencies");
+#endif
+    }
+    previous = node;
+  }
+  enc.add_graph_node(reinterpret_cast<cudaGraph_t>(graph));
+}
+
+} // namespace
+
 // ------------------------------------------------------------------ the
 // primitive
+
+std::vector<mx::Shape> CudaLaunch::output_shapes(const std::vector<mx::array>&) {
+  std::vector<mx::Shape> shapes;
+  for (auto& link : *chain_) {
+    auto& more = link.spec->output_shapes;
+    shapes.insert(shapes.end(), more.begin(), more.end());
+  }
+  return shapes;
+}
 
 void CudaLaunch::eval_cpu(
     const std::vector<mx::array>&,
     std::vector<mx::array>&) {
   throw std::runtime_error(
-      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
+      "[aotc.CudaLaunch] " + launch_name(kernel()) +
       " has no CPU implementation: it runs only on MLX's CUDA backend (a GPU stream)");
 }
 
@@ -488,113 +705,12 @@ void CudaLaunch::eval_gpu(
   auto& enc = cu::get_command_encoder(s);
   auto& dev = enc.device();
   dev.make_current();
-  const LaunchSpec& spec = *spec_;
-  const std::string& kernel = spec.kernel;
-  Kernel& k = find_kernel(*spec.image, dev, kernel);
-
-  const size_t n_in = kernel_inputs_;
-  const size_t n_out = outputs.size();
-  if (k.num_params >= 0 && size_t(k.num_params) != n_in + n_out + 1) {
-    fail_invalid(
-        launch_name(kernel) + " takes " + std::to_string(k.num_params) +
-        " parameters, but the launch passes " + std::to_string(n_in) +
-        " inputs, " + std::to_string(n_out) + " outputs and Params");
-  }
-
-  // Params: the strides of the strided inputs, then the static bytes; the
-  // kernel's struct may end with padding that Python's struct.pack does not
-  // write.
-  size_t n_strides = 0;
-  for (int i : spec.strided_inputs) {
-    n_strides += inputs[i].ndim();
-  }
-  const size_t packed = n_strides * sizeof(int64_t) + spec.params.size();
-  // Tensor maps: at the next 64-byte boundary, then their bit word; the
-  // struct's size is a multiple of the maps' 64-byte alignment.
-  const size_t maps_at = align_up(packed, 64);
-  const size_t n_maps = spec.tensor_maps.size();
-  const size_t blob =
-      n_maps ? align_up(maps_at + 128 * n_maps + sizeof(uint32_t), 64) : packed;
-  size_t size = (blob + 15) & ~size_t(15);
-  if (k.num_params > 0) {
-    if (blob > k.params_size || k.params_size - blob >= 16) {
-      fail_invalid(
-          launch_name(kernel) + " takes a " + std::to_string(k.params_size) +
-          "-byte Params, but the launch packs " + std::to_string(blob) +
-          " bytes (" + std::to_string(n_strides) + " strides + " +
-          std::to_string(spec.params.size()) + " bytes" +
-          (n_maps ? " + " + std::to_string(n_maps) + " tensor maps" : "") + ")");
-    }
-    size = std::max(size, (k.params_size + 15) & ~size_t(15));
-  }
-  Scratch<uint64_t, 128> params(size / 8);
-  auto* words = params.data();
-  std::memset(words, 0, size);
-  auto* strides = reinterpret_cast<int64_t*>(words);
-  for (int i : spec.strided_inputs) {
-    for (auto st : inputs[i].strides()) {
-      *strides++ = st;
-    }
-  }
-  if (!spec.params.empty()) {
-    std::memcpy(strides, spec.params.data(), spec.params.size());
-  }
-  if (n_maps) {
-    auto* bytes = reinterpret_cast<char*>(words);
-    uint32_t encoded = 0;
-    for (size_t m = 0; m < n_maps; ++m) {
-      auto& map = spec.tensor_maps[m];
-      if (encode_tensor_map(inputs[map.input], map, bytes + maps_at + 128 * m)) {
-        encoded |= 1u << m;
-      }
-    }
-    std::memcpy(bytes + maps_at + 128 * n_maps, &encoded, sizeof(encoded));
-  }
-
-  // Inputs that get no strides must be row-contiguous (launch() makes them so),
-  // unless the kernel does not read them.
-  for (size_t i = 0; i < n_in; ++i) {
-    if (!inputs[i].flags().row_contiguous &&
-        !listed(spec.strided_inputs, i) && !listed(spec.unread_inputs, i)) {
-      fail_invalid(
-          "input " + std::to_string(i) + " of " + launch_name(kernel) +
-          " is not row-contiguous and gets no strides");
-    }
-  }
 
   for (auto& out : outputs) {
     out.set_data(alloc_output(out.nbytes(), enc));
   }
-
-  Scratch<void*, 32> ptrs(n_in + n_out);
-  Scratch<void*, 33> args(n_in + n_out + 1);
-  for (size_t i = 0; i < n_in; ++i) {
-    ptrs.data()[i] = inputs[i].buffer().ptr() && !listed(spec.unread_inputs, i)
-        ? mx::gpu_ptr<void>(inputs[i])
-        : nullptr;
-    args.data()[i] = &ptrs.data()[i];
-  }
-  for (size_t i = 0; i < n_out; ++i) {
-    ptrs.data()[n_in + i] = mx::gpu_ptr<void>(outputs[i]);
-    args.data()[n_in + i] = &ptrs.data()[n_in + i];
-  }
-  args.data()[n_in + n_out] = words;
-
-  if (spec.shared_memory > k.smem_allowed.load(std::memory_order_acquire)) {
-    std::lock_guard lock(k.attr_mutex);
-    if (spec.shared_memory > k.smem_allowed.load(std::memory_order_relaxed)) {
-      check(
-          cuFuncSetAttribute(
-              k.func,
-              CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-              int(spec.shared_memory)),
-          "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
-      k.smem_allowed.store(spec.shared_memory, std::memory_order_release);
-    }
-  }
-
-  for (auto& in : inputs) {
-    enc.set_input_array(in);
+  for (size_t i = 0; i < kernel_inputs_; ++i) {
+    enc.set_input_array(inputs[i]);
   }
   for (auto& out : outputs) {
     enc.set_output_array(out);
@@ -602,13 +718,42 @@ void CudaLaunch::eval_gpu(
     // array.
     enc.add_temporary(out);
   }
-  enc.add_kernel_node_raw(
-      k.func,
-      dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
-      dim3(spec.block[0], spec.block[1], spec.block[2]),
-      {},
-      spec.shared_memory,
-      args.data());
+
+  const Chain& links = *chain_;
+  if (links.size() == 1) {
+    // The common case, on the stack.
+    const LinkArrays a{links[0], inputs, outputs, 0};
+    const LaunchSpec& spec = *links[0].spec;
+    Kernel& k = find_kernel(*spec.image, dev, spec.kernel);
+    size_t maps_at;
+    const size_t bytes = params_bytes(a, k, &maps_at);
+    PackedArgs packed(a.n_in() + a.n_out(), bytes);
+    pack(packed, a, maps_at);
+    allow_shared_memory(k, spec.shared_memory);
+    enc.add_kernel_node_raw(
+        k.func,
+        dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
+        dim3(spec.block[0], spec.block[1], spec.block[2]),
+        {},
+        spec.shared_memory,
+        packed.args());
+    return;
+  }
+  std::vector<ReadyLaunch> ready;
+  ready.reserve(links.size());
+  size_t first_output = 0;
+  for (auto& link : links) {
+    const LinkArrays a{link, inputs, outputs, first_output};
+    Kernel& k = find_kernel(*link.spec->image, dev, link.spec->kernel);
+    size_t maps_at;
+    const size_t bytes = params_bytes(a, k, &maps_at);
+    auto packed = std::make_unique<PackedArgs>(a.n_in() + a.n_out(), bytes);
+    pack(*packed, a, maps_at);
+    allow_shared_memory(k, link.spec->shared_memory);
+    ready.push_back({&k, link.spec.get(), std::move(packed)});
+    first_output += a.n_out();
+  }
+  add_chain_graph(enc, ready);
 }
 
 std::vector<mx::array> CudaLaunch::jvp(
@@ -616,7 +761,7 @@ std::vector<mx::array> CudaLaunch::jvp(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
+      "[aotc.CudaLaunch] " + launch_name(kernel()) +
       " has no derivatives (aotc uses MLX's own op when gradients are needed)");
 }
 
@@ -624,23 +769,45 @@ std::vector<mx::array> CudaLaunch::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
-    const std::vector<mx::array>&) {
+    const std::vector<mx::array>& outputs) {
   if (!gradient_) {
     throw std::invalid_argument(
-        "[aotc.CudaLaunch] " + launch_name(spec_->kernel) +
+        "[aotc.CudaLaunch] " + launch_name(kernel()) +
         " has no gradient (aotc uses MLX's own op when gradients are needed)");
   }
-  auto all = gradient_(primals, cotangents);
-  if (all.size() != primals.size()) {
+  // The gradient differentiates the last link: its kernel inputs (chain inputs
+  // or earlier links' outputs), then the gradient inputs.
+  const ChainLink& last = chain_->back();
+  const size_t last_outputs = last.spec->output_shapes.size();
+  std::vector<mx::array> link_primals, link_cotangents(
+      cotangents.end() - last_outputs, cotangents.end());
+  for (int src : last.sources) {
+    link_primals.push_back(src >= 0 ? primals[src] : outputs[~src]);
+  }
+  link_primals.insert(
+      link_primals.end(), primals.begin() + kernel_inputs_, primals.end());
+  auto all = gradient_(link_primals, link_cotangents);
+  if (all.size() != link_primals.size()) {
     throw std::runtime_error(
-        "[aotc.CudaLaunch] the gradient of " + launch_name(spec_->kernel) +
+        "[aotc.CudaLaunch] the gradient of " + launch_name(kernel()) +
         " returned " + std::to_string(all.size()) + " cotangents for " +
-        std::to_string(primals.size()) + " inputs");
+        std::to_string(link_primals.size()) + " inputs");
+  }
+  // Back to the primitive's inputs: a chain input the last link does not read
+  // gets zeros, and earlier links' outputs get none.
+  std::vector<std::optional<mx::array>> by_input(primals.size());
+  for (size_t i = 0; i < last.sources.size(); ++i) {
+    if (int src = last.sources[i]; src >= 0) {
+      by_input[src] = by_input[src] ? mx::add(*by_input[src], all[i]) : all[i];
+    }
+  }
+  for (size_t i = kernel_inputs_; i < primals.size(); ++i) {
+    by_input[i] = all[last.sources.size() + i - kernel_inputs_];
   }
   std::vector<mx::array> result;
   result.reserve(argnums.size());
   for (int i : argnums) {
-    result.push_back(all[i]);
+    result.push_back(by_input[i] ? *by_input[i] : mx::zeros_like(primals[i]));
   }
   return result;
 }
@@ -649,7 +816,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> CudaLaunch::vmap(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(spec_->kernel) + " cannot be vmapped");
+      "[aotc.CudaLaunch] " + launch_name(kernel()) + " cannot be vmapped");
 }
 
 bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
@@ -657,28 +824,30 @@ bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {
     return false;
   }
   auto& o = static_cast<const CudaLaunch&>(other);
-  return (spec_ == o.spec_ || *spec_ == *o.spec_) &&
-      kernel_inputs_ == o.kernel_inputs_ && bool(gradient_) == bool(o.gradient_);
+  return (chain_ == o.chain_ || *chain_ == *o.chain_) &&
+      kernel_inputs_ == o.kernel_inputs_ &&
+      bool(gradient_) == bool(o.gradient_);
 }
 
 // ------------------------------------------------------------------ graph
 // building
 
-std::vector<mx::array> launch(
-    std::shared_ptr<const LaunchSpec> spec,
+std::vector<mx::array> launch_chain(
+    ChainPtr chain,
     std::vector<mx::array> inputs,
     std::vector<mx::array> gradient_inputs,
     Gradient gradient,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  check_launch_call(*spec, inputs.size(), stream);
+  const Chain& links = *chain;
+  const size_t n_outputs = check_chain(links, inputs.size(), stream);
 
-  // An input that gets no strides must be row-contiguous. Known layouts pass as
-  // they are (evaluated arrays, outputs of this primitive); others go through
-  // mx::contiguous, which shares the buffer when it already is. Unread inputs
-  // pass as they are.
+  // An input that a kernel reads without strides must be row-contiguous.
+  // Known layouts pass as they are (evaluated arrays, outputs of this
+  // primitive); others go through mx::contiguous, which shares the buffer when
+  // it already is. Unread inputs pass as they are.
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (listed(spec->strided_inputs, i) || listed(spec->unread_inputs, i)) {
+    if (!read_without_strides(links, i)) {
       continue;
     }
     auto& x = inputs[i];
@@ -692,13 +861,21 @@ std::vector<mx::array> launch(
 
   const size_t kernel_inputs = inputs.size();
   inputs.insert(inputs.end(), gradient_inputs.begin(), gradient_inputs.end());
-  auto shapes = spec->output_shapes;
-  auto dtypes = spec->output_dtypes;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  shapes.reserve(n_outputs);
+  dtypes.reserve(n_outputs);
+  for (auto& link : links) {
+    auto& more = link.spec->output_shapes;
+    shapes.insert(shapes.end(), more.begin(), more.end());
+    auto& dts = link.spec->output_dtypes;
+    dtypes.insert(dtypes.end(), dts.begin(), dts.end());
+  }
   return mx::array::make_arrays(
       std::move(shapes),
       std::move(dtypes),
       std::make_shared<CudaLaunch>(
-          stream, std::move(spec), kernel_inputs, std::move(gradient)),
+          stream, std::move(chain), kernel_inputs, std::move(gradient)),
       std::move(inputs));
 }
 

@@ -16,6 +16,7 @@
 // otherwise.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <functional>
 #include <cstdint>
@@ -82,7 +83,7 @@ using Gradient = std::function<std::vector<mlx::core::array>(
     const std::vector<mlx::core::array>& cotangents)>;
 
 // Checks a launch's fixed arguments (make_launch_spec); its inputs and stream
-// are checked at each launch (check_launch_call). Throws std::invalid_argument
+// are checked at each launch (check_chain). Throws std::invalid_argument
 // with the reason. Both builds share these checks, so argument errors read the
 // same everywhere.
 inline void check_launch_args(
@@ -171,9 +172,28 @@ struct LaunchSpec {
   // as null pointers, never made contiguous.
   std::vector<int> unread_inputs;
   std::vector<TensorMapSpec> tensor_maps;
+  // In a plan, the launch may start while the launch before it runs
+  // (programmatic dependent launch, sm_90+): its kernel waits in-kernel
+  // (griddepcontrol.wait) before reading that launch's outputs. CudaPlan runs
+  // the two as one primitive (a chain, see launch_chain).
+  bool overlaps_previous = false;
   // Primitives of equal specs are equivalent (CudaLaunch::is_equivalent).
   bool operator==(const LaunchSpec&) const = default;
 };
+
+// One launch of a chain: its spec, and where each of its kernel inputs comes
+// from: i >= 0 the chain's input i, ~j (< 0) the chain's output j (an earlier
+// link's). A chain's outputs are its links' outputs, in order.
+struct ChainLink {
+  std::shared_ptr<const LaunchSpec> spec;
+  std::vector<int> sources;
+  bool operator==(const ChainLink& o) const {
+    return (spec == o.spec || *spec == *o.spec) && sources == o.sources;
+  }
+};
+// Made once per plan step and shared by every call and primitive of that step.
+using Chain = std::vector<ChainLink>;
+using ChainPtr = std::shared_ptr<const Chain>;
 
 // Checks the arguments (check_launch_args) and makes the spec. Throws
 // std::invalid_argument.
@@ -188,7 +208,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
     std::string params,
     std::vector<int> strided_inputs,
     std::vector<int> unread_inputs,
-    std::vector<TensorMapSpec> tensor_maps = {}) {
+    std::vector<TensorMapSpec> tensor_maps = {},
+    bool overlaps_previous = false) {
   if (!image) {
     throw std::invalid_argument("[aotc.cuda_launch] no CUDA image");
   }
@@ -216,15 +237,13 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       std::move(params),
       std::move(strided_inputs),
       std::move(unread_inputs),
-      std::move(tensor_maps)});
+      std::move(tensor_maps),
+      overlaps_previous});
 }
 
-// The checks of a launch's inputs and stream, made before building it (both
+// The checks of a launch's input indices against its input count (both
 // builds).
-inline void check_launch_call(
-    const LaunchSpec& spec,
-    size_t num_inputs,
-    const mlx::core::Stream& stream) {
+inline void check_launch_inputs(const LaunchSpec& spec, size_t num_inputs) {
   auto check = [&](int i, const char* what) {
     if (size_t(i) >= num_inputs) {
       throw std::invalid_argument(
@@ -242,6 +261,9 @@ inline void check_launch_call(
   for (auto& map : spec.tensor_maps) {
     check(map.input, "tensor map");
   }
+}
+
+inline void check_gpu_stream(const mlx::core::Stream& stream) {
   if (stream.device.type != mlx::core::Device::gpu) {
     throw std::invalid_argument(
         "[aotc.cuda_launch] needs a GPU stream, got a CPU stream (MLX's device for this "
@@ -249,16 +271,99 @@ inline void check_launch_call(
   }
 }
 
-// Builds the outputs of one kernel launch (lazy MLX arrays). `gradient_inputs`
-// are further inputs of the primitive that the kernel does not see, there for
-// `gradient`. Needs AOTC_WITH_CUDA; other builds throw std::runtime_error after
-// checking the stream.
-std::vector<mlx::core::array> launch(
-    std::shared_ptr<const LaunchSpec> spec,
+// Checks a chain's links against its inputs and stream (both builds), before
+// building it; returns the chain's output count.
+inline size_t check_chain(
+    const std::vector<ChainLink>& links,
+    size_t num_inputs,
+    const mlx::core::Stream& stream) {
+  auto fail = [](const std::string& msg) {
+    throw std::invalid_argument("[aotc.cuda_launch] " + msg);
+  };
+  if (links.empty()) {
+    fail("a chain has no launch");
+  }
+  size_t outputs = 0;
+  for (auto& link : links) {
+    if (!link.spec) {
+      fail("a chain's launch has no spec");
+    }
+    for (int src : link.sources) {
+      if (src >= 0 && size_t(src) >= num_inputs) {
+        fail(
+            "kernel '" + link.spec->kernel + "' reads input " + std::to_string(src) +
+            ", not one of the chain's " + std::to_string(num_inputs) + " inputs");
+      }
+      if (src < 0 && size_t(~src) >= outputs) {
+        fail(
+            "kernel '" + link.spec->kernel + "' reads output " + std::to_string(~src) +
+            ", which no earlier launch of the chain writes");
+      }
+    }
+    check_launch_inputs(*link.spec, link.sources.size());
+    outputs += link.spec->output_shapes.size();
+  }
+  check_gpu_stream(stream);
+  return outputs;
+}
+
+// Whether a kernel of the chain reads its input `input` with no strides (so
+// it must be row-contiguous).
+inline bool read_without_strides(const std::vector<ChainLink>& links, size_t input) {
+  auto has = [](const std::vector<int>& v, size_t i) {
+    return std::find(v.begin(), v.end(), int(i)) != v.end();
+  };
+  for (auto& link : links) {
+    for (size_t i = 0; i < link.sources.size(); ++i) {
+      if (link.sources[i] == int(input) && !has(link.spec->strided_inputs, i) &&
+          !has(link.spec->unread_inputs, i)) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// Builds the outputs of a chain of kernel launches as one primitive (lazy MLX
+// arrays): the links run in order, a link whose spec overlaps_previous by
+// programmatic dependent launch where the GPU has it (sm_90+), else after the
+// link before it. `gradient_inputs` are further inputs of the primitive that no
+// kernel sees, there for `gradient`, which differentiates the last link (its
+// inputs and the gradient inputs, given its outputs' cotangents). Needs
+// AOTC_WITH_CUDA; other builds throw std::runtime_error after checking the
+// links and the stream.
+std::vector<mlx::core::array> launch_chain(
+    ChainPtr chain,
     std::vector<mlx::core::array> inputs,
     std::vector<mlx::core::array> gradient_inputs = {},
     Gradient gradient = {},
     mlx::core::StreamOrDevice s = {});
+
+// The sources of a link that reads the chain's first n inputs, in order.
+inline std::vector<int> first_inputs(size_t n) {
+  std::vector<int> sources(n);
+  for (size_t i = 0; i < n; ++i) {
+    sources[i] = int(i);
+  }
+  return sources;
+}
+
+// The outputs of one kernel launch: a chain of one link.
+inline std::vector<mlx::core::array> launch(
+    std::shared_ptr<const LaunchSpec> spec,
+    std::vector<mlx::core::array> inputs,
+    std::vector<mlx::core::array> gradient_inputs = {},
+    Gradient gradient = {},
+    mlx::core::StreamOrDevice s = {}) {
+  auto chain = std::make_shared<const Chain>(
+      Chain{{std::move(spec), first_inputs(inputs.size())}});
+  return launch_chain(
+      std::move(chain),
+      std::move(inputs),
+      std::move(gradient_inputs),
+      std::move(gradient),
+      s);
+}
 
 // MLX's CUDA backend is usable here (a GPU and a driver).
 bool cuda_available();
@@ -280,11 +385,11 @@ class CudaLaunch : public mlx::core::Primitive {
  public:
   CudaLaunch(
       mlx::core::Stream stream,
-      std::shared_ptr<const LaunchSpec> spec,
+      ChainPtr chain,
       size_t kernel_inputs,
       Gradient gradient)
       : mlx::core::Primitive(stream),
-        spec_(std::move(spec)),
+        chain_(std::move(chain)),
         kernel_inputs_(kernel_inputs),
         gradient_(std::move(gradient)) {}
 
@@ -313,18 +418,17 @@ class CudaLaunch : public mlx::core::Primitive {
   }
   bool is_equivalent(const mlx::core::Primitive& other) const override;
   std::vector<mlx::core::Shape> output_shapes(
-      const std::vector<mlx::core::array>& inputs) override {
-    return spec_->output_shapes;
-  }
+      const std::vector<mlx::core::array>& inputs) override;
 
+  // The last link's kernel (the one a chain's result comes from).
   const std::string& kernel() const {
-    return spec_->kernel;
+    return chain_->back().spec->kernel;
   }
 
  private:
-  std::shared_ptr<const LaunchSpec> spec_;
-  // Inputs past the first kernel_inputs_ are not passed to the kernel: they
-  // are there so that gradient_ can differentiate with respect to them.
+  ChainPtr chain_;
+  // Inputs past the first kernel_inputs_ are passed to no kernel: they are
+  // there so that gradient_ can differentiate with respect to them.
   size_t kernel_inputs_;
   Gradient gradient_;
 };

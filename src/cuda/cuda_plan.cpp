@@ -89,12 +89,54 @@ void CudaPlan::launch(
     }
     filled_[slot] = true;
   }
-  steps_.push_back(
-      {std::move(spec),
-       std::move(inputs),
-       std::move(outputs),
-       std::move(gradient_inputs),
-       std::move(gradient)});
+  // A launch overlapping the one before it joins that one's primitive, unless
+  // that one has a gradient (only a chain's last launch may).
+  const bool chained = spec->overlaps_previous && !steps_.empty() &&
+      !steps_.back().gradient && steps_.back().gradient_inputs.empty();
+  Step& step = chained ? steps_.back() : steps_.emplace_back();
+  std::vector<int> sources;
+  sources.reserve(inputs.size());
+  for (int slot : inputs) {
+    if (chained) {
+      sources.push_back(source_of(step, slot));
+    } else {
+      // A launch of its own passes its inputs as given, repeats included.
+      sources.push_back(int(step.inputs.size()));
+      step.inputs.push_back(slot);
+    }
+  }
+  if (step.chain.use_count() > 1) {
+    // A call's primitive shares this chain: extend a copy.
+    step.chain = std::make_shared<Chain>(*step.chain);
+  }
+  step.chain->push_back({std::move(spec), std::move(sources)});
+  step.outputs.insert(step.outputs.end(), outputs.begin(), outputs.end());
+  step.gradient_inputs = std::move(gradient_inputs);
+  step.gradient = std::move(gradient);
+}
+
+int CudaPlan::source_of(Step& step, int slot) {
+  auto produced = std::find(step.outputs.begin(), step.outputs.end(), slot);
+  if (produced != step.outputs.end()) {
+    return ~int(produced - step.outputs.begin());
+  }
+  auto given = std::find(step.inputs.begin(), step.inputs.end(), slot);
+  if (given != step.inputs.end()) {
+    return int(given - step.inputs.begin());
+  }
+  step.inputs.push_back(slot);
+  return int(step.inputs.size()) - 1;
+}
+
+std::vector<std::vector<std::string>> CudaPlan::primitive_kernels() const {
+  std::vector<std::vector<std::string>> kernels;
+  for (auto& step : steps_) {
+    auto& names = kernels.emplace_back();
+    for (auto& link : *step.chain) {
+      names.push_back(link.spec->kernel);
+    }
+  }
+  return kernels;
 }
 
 void CudaPlan::set_output(int slot) {
@@ -139,13 +181,13 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
     std::vector<mx::array> inputs, gradient_inputs;
     inputs.reserve(step.inputs.size());
     for (int slot : step.inputs) {
-      inputs.push_back(take(env, slot, step.spec->kernel));
+      inputs.push_back(take(env, slot, step.chain->front().spec->kernel));
     }
     for (int slot : step.gradient_inputs) {
-      gradient_inputs.push_back(take(args, slot, step.spec->kernel));
+      gradient_inputs.push_back(take(args, slot, step.chain->back().spec->kernel));
     }
-    auto outputs = aotc::launch(
-        step.spec,
+    auto outputs = aotc::launch_chain(
+        step.chain,
         std::move(inputs),
         std::move(gradient_inputs),
         step.gradient);

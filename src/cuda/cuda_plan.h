@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cuda/cuda_launch.h"
@@ -44,21 +45,30 @@ class CudaPlan : public NativeCall {
     return num_args_;
   }
 
+  // The kernels of each primitive a call builds, in order: a launch that
+  // overlaps the one before it shares that one's primitive.
+  std::vector<std::vector<std::string>> primitive_kernels() const;
+
  private:
   struct Conversion {
     int slot;
     std::optional<mlx::core::Dtype> dtype;
     std::optional<mlx::core::Shape> shape;
   };
+  // A primitive's worth of launches: one, or a chain whose later launches
+  // overlap the launch before them (LaunchSpec::overlaps_previous).
   struct Step {
-    std::shared_ptr<const LaunchSpec> spec;
-    std::vector<int> inputs;
-    std::vector<int> outputs;
+    std::shared_ptr<Chain> chain = std::make_shared<Chain>();
+    std::vector<int> inputs; // slots of the chain's inputs
+    std::vector<int> outputs; // slots of its outputs, all links' in order
     std::vector<int> gradient_inputs;
     Gradient gradient;
   };
 
   void check_argument_slot(int slot, const char* what) const;
+  // Where a chained launch's input `slot` comes from in `step`'s chain (see
+  // ChainLink), adding it to the chain's inputs when new.
+  static int source_of(Step& step, int slot);
   bool filled(int slot) const;
 
   int num_args_;
