@@ -29,6 +29,27 @@ CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 # A measurement hook: the shared-memory carveout (percent) every kernel prefers; unset, the
 # driver's default.
 CARVEOUT = os.environ.get("AOTC_HARNESS_CARVEOUT")
+# CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION of cuda.h
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+# A measurement hook: "0" plans and launches as MLX does, with no programmatic dependent launch.
+PDL = os.environ.get("AOTC_HARNESS_PDL", "1") != "0"
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_memory", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
 # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16, _FLOAT32 of cuda.h
 CU_TENSOR_MAP_DATA_TYPES = {torch.float16: 6, torch.bfloat16: 9, torch.float32: 7}
 
@@ -69,6 +90,9 @@ class Library:
         # Inputs (by index) whose strides are packed as zeros (tests): a kernel that reads such
         # an input through its tensor map still gets it right, any other read gets row 0.
         self.zero_strides: set[int] = set()
+        # Plan overlapping launches (plan_cuda's `overlap`) and launch them with programmatic
+        # dependent launch (Launch.overlaps_previous); False: plain launches, MLX's plans.
+        self.pdl = PDL
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -115,6 +139,7 @@ class Library:
         params,
         strided_input_indices,
         tensor_maps=(),
+        overlaps_previous=False,
     ):
         fn = self.function(kernel)
         if self._smem_set.get(kernel, 0) < shared_memory:
@@ -154,6 +179,22 @@ class Library:
             args[i] = ctypes.cast(ctypes.pointer(ptr), ctypes.c_void_p)
         args[len(ptrs)] = ctypes.cast(buf, ctypes.c_void_p)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        if overlaps_previous and self.pdl:
+            attr = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value = struct.pack("@i", 1) + bytes(60)
+            config = _LaunchConfig(
+                (ctypes.c_uint * 3)(*grid),
+                (ctypes.c_uint * 3)(*block),
+                shared_memory,
+                stream,
+                ctypes.pointer(attr),
+                1,
+            )
+            self._check(
+                self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn, args, None),
+                f"cuLaunchKernelEx {kernel}",
+            )
+            return outputs
         self._check(
             self.cuda.cuLaunchKernel(
                 fn,
@@ -268,6 +309,7 @@ def plan_for(
         arch=lib.plan_arch,
         num_splits=num_splits,
         wgmma=lib.wgmma_ok,
+        overlap=lib.pdl,
     )
 
 

@@ -6,11 +6,14 @@ import math
 import shutil
 import struct
 import subprocess
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from aotc.families.sdpa_vector import (
+    cuda,
     wgmma_has_dual,
     wgmma_has_pair,
     wgmma_has_short,
@@ -174,6 +177,72 @@ def test_waiting_combiner_splits_fill_two_blocks_per_sm():
     names |= {"sdpa_vector_2pass_fused_bfloat16_t_256_128"}
     (launch,) = plan_cuda(wide, available=names, sm_count=132)
     assert unpack(launch)[8] == combiner_max_splits(kernel_config("bfloat16", 256, 128)) == 32
+
+
+def test_split_passes_overlap_the_combine_for_launchers_that_ask_on_sm_90():
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    names = NAMES | {fused}
+    plan = partial(plan_cuda, available=names, sm_count=132)
+    split_pass, combine = plan(problem(), overlap=True)  # sm_90
+    # The waiting combiners' split count (the plan without `overlap`), as a split pass and the
+    # combine kernel, the combine launched to overlap the split pass's tail.
+    (waiting,) = plan(problem())
+    assert waiting.kernel == fused and unpack(waiting)[13] > 0
+    (sm_80,) = plan(problem(), overlap=True, arch="sm_80")  # no programmatic launch there
+    assert sm_80.kernel == fused and unpack(sm_80)[13] > 0
+    assert unpack(split_pass)[8] == 32 == combiner_max_splits(kernel_config("bfloat16", 192, 128))
+    assert split_pass.kernel == "sdpa_vector_2pass_1_bfloat16_t_192_128"
+    assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_128"
+    assert (split_pass.overlaps_previous, combine.overlaps_previous) == (False, True)
+    assert split_pass.grid == (waiting.grid[0] - 32, 1, 1)  # no combiner blocks
+    assert [name for name, _, _ in split_pass.outputs] == list(combine.inputs[:3])
+    # The two-launch plan at that count (a library without the fused pass), but for the overlap.
+    two = plan_cuda(problem(), available=NAMES, sm_count=132, num_splits=32)
+    assert [split_pass, replace(combine, overlaps_previous=False)] == two
+    # Splits that waiting combiners could not merge in one wave (B=8 at 4 tokens, 512 rows),
+    # and the few that the fused pass's last block merges, overlap the combine too.
+    many = problem(batch=8, q_len=4, kv_len=8192)
+    assert [x.overlaps_previous for x in plan(many, overlap=True)] == [False, True]
+    assert not any(x.overlaps_previous for x in plan(many))
+    few = problem(batch=8, kv_heads=8, kv_len=32768)  # 6 splits
+    assert [x.overlaps_previous for x in plan(few, overlap=True)] == [False, True]
+    (last_block,) = plan(few)
+    assert last_block.kernel == fused and unpack(last_block)[13] == 0
+    # One split needs no merge; the wgmma split pass's combine does not overlap.
+    assert len(plan(problem(kv_len=31), overlap=True)) == 1
+    mla_plan = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True, overlap=True)
+    assert not any(x.overlaps_previous for x in mla_plan)
+
+
+@pytest.mark.parametrize(
+    ("arch", "overlaps"),
+    [
+        ("sm_80", False),
+        ("sm_86", False),
+        ("compute_80", False),
+        ("sm_89", False),
+        ("sm_90", True),
+        ("sm_90a", True),
+        ("compute_90", True),
+        ("sm_100", True),
+    ],
+)
+def test_programmatic_launch_needs_sm_90(arch, overlaps):
+    assert cuda.overlaps_launches(arch) is overlaps
+
+
+def test_overlap_reaches_launch_fn_as_a_keyword():
+    launches = plan_cuda(problem(), available=NAMES, overlap=True)
+    calls = []
+
+    def launch_fn(kernel, inputs, shapes, dtypes, grid, block, smem, params, strided, **kw):
+        calls.append((kernel, kw))
+        return [f"{kernel}:{i}" for i in range(len(shapes))]
+
+    out = run_cuda(launches, {"q": "Q", "k": "K", "v": "V"}, launch_fn)
+    # Only the overlapping launch gets the keyword: plain launch functions need not know it.
+    assert calls == [(launches[0].kernel, {}), (launches[1].kernel, {"overlaps_previous": True})]
+    assert out == f"{launches[1].kernel}:0"
 
 
 def _in_flight_per_sm(launch: Launch, cfg, sm_count: int) -> int:
@@ -366,8 +435,9 @@ def test_prepared_steps_bind_once_with_unread_inputs():
     launches = plan_cuda(problem(), available=NAMES, sm_count=132)
     prepared, calls = [], []
 
-    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps):
+    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps, over):
         assert maps == []  # the mma.sync kernels take no tensor maps
+        assert not over  # plans overlap launches only for launchers that ask
         prepared.append((kernel, grid, params, strided, unread))
 
         def call(inputs):
@@ -540,7 +610,7 @@ def test_combine_blocks_take_every_split_in_one_round_trip():
 def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
     launches = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
     maps = []
-    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-1]))
+    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-2]))
     # q, k and v are inputs 0, 1 and 2
     assert maps == [[(1, 64, 64, 1), (2, 64, 64, 1), (0, 64, 1, 64)], []]
     calls = []

@@ -157,9 +157,16 @@ def test_sinks(lib, splits, mask):
     check(lib, hq=8, hkv=2, lq=2, n=300, sinks=True, num_splits=splits, dtype="float32", d=96, v=64)
 
 
-# How a split plan merges: FUSED_MAX_SPLITS for each mode of the fused split pass (the last block
-# per row group merges / waiting combiners, one per query row), or the combine kernel.
-MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
+# How a split plan merges: (FUSED_MAX_SPLITS, OVERLAP_COMBINE) for each mode of the fused split
+# pass (the last block per row group merges / waiting combiners, one per query row, as on sm_8x),
+# and for the combine kernel, overlapping the split pass (programmatic dependent launch, sm_90's
+# plan) or after it (a library without the fused pass on sm_8x).
+MERGES = {
+    "last_block": (1 << 30, 0),
+    "combiners": (0, 0),
+    "overlapped": (None, 1),
+    "combine_kernel": (None, 0),
+}
 
 
 @pytest.mark.parametrize("merge", list(MERGES))
@@ -191,15 +198,17 @@ MERGES = {"last_block": 1 << 30, "combiners": 0, "combine_kernel": None}
 )
 def test_split_merge_modes(lib, merge, case, monkeypatch):
     """The fused split pass merges the splits (its last block per row group, or a waiting
-    combiner block per query row), or the combine kernel does. Later calls run unpoisoned: the
-    caching allocator hands back the same flag buffer, whose slots the first call must have
-    reset."""
+    combiner block per query row), or the combine kernel does, after the split pass or
+    overlapping it. Later calls run unpoisoned: the caching allocator hands back the same flag
+    buffer, whose slots the first call must have reset."""
     from aotc.families.sdpa_vector import cuda
     from bench import cuda_harness as h
 
-    fused = MERGES[merge] is not None
+    fused_max, overlap = MERGES[merge]
+    fused = fused_max is not None
     if fused:
-        monkeypatch.setattr(cuda, "FUSED_MAX_SPLITS", MERGES[merge])
+        monkeypatch.setattr(cuda, "FUSED_MAX_SPLITS", fused_max)
+    monkeypatch.setattr(cuda, "OVERLAP_COMBINE", overlap)
     wgmma_ok = lib.wgmma_ok
     lib.fused_ok, lib.wgmma_ok = fused, False
     try:
@@ -214,6 +223,7 @@ def test_split_merge_modes(lib, merge, case, monkeypatch):
         lib.fused_ok, lib.wgmma_ok, lib.poison = True, wgmma_ok, True
     assert len(plan) == (1 if fused else 2)
     assert ("_2pass_fused_" in plan[0].kernel) == fused
+    assert plan[-1].overlaps_previous == (merge == "overlapped")
     combiners_from = struct.unpack(cuda.PARAMS_FORMAT, plan[0].params)[13]
     assert (combiners_from > 0) == (merge == "combiners")
 

@@ -279,6 +279,49 @@ def test_mla_batch_1_takes_the_pair_entry_point(library):
     assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
 
 
+def test_overlapping_launches_run_as_one_primitive(library, monkeypatch):
+    """192/128 GQA 4 at batch 1 on an sm_90+ GPU, planned with the overlapping combine
+    (MLX_OVERLAP_COMBINE, off by default: it costs MLX more host time than it saves): the split
+    pass, then the combine as a programmatic dependent launch, one MLX primitive (a child graph
+    of two kernel nodes). Right alone, in a chain of eight calls, and under mx.grad."""
+    from aotc.families.sdpa_vector import cuda
+    from aotc.families.sdpa_vector.problem import describe
+
+    arch = str(mx.device_info().get("architecture", ""))
+    if not cuda.overlaps_launches(arch):
+        pytest.skip(f"programmatic dependent launch needs sm_90+; this GPU is {arch}")
+    monkeypatch.setattr(cuda, "MLX_OVERLAP_COMBINE", 1)
+    mx.random.seed(29)
+    q = mx.random.normal((1, 32, 1, 192)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 4, 4096, 192)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 4, 4096, 128)).astype(mx.bfloat16)
+    scale = 192**-0.5
+    runner = api._cuda_runner(describe(q, k, v))
+    assert [launch.overlaps_previous for launch in runner.launches] == [False, True]
+    assert runner.plan(scale).primitives == [[launch.kernel for launch in runner.launches]]
+
+    def attention(q):
+        return runner(q, k, v, scale, None, None)
+
+    want = reference(q, k, v, scale, None, None)
+    bound = TOL["bfloat16"] * max(1.0, mx.abs(want).max().item())
+    assert mx.abs(attention(q).astype(mx.float32) - want).max().item() <= bound
+    # Eight dependent calls in one evaluation: each query from the previous output's columns.
+    x = y = q
+    for _ in range(8):
+        x = mx.concatenate([attention(x)] * 2, axis=-1)[..., :192]
+        y = mx.concatenate([reference(y, k, v, scale, None, None)] * 2, axis=-1)[..., :192]
+        y = y.astype(mx.bfloat16)
+    assert mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max().item() <= 4 * bound
+
+    def loss(fn):
+        return lambda q: (fn(q).astype(mx.float32) ** 2).sum()
+
+    ours = mx.grad(loss(attention))(q)
+    theirs = mx.grad(loss(lambda q: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)))(q)
+    assert mx.allclose(ours, theirs, atol=5e-2, rtol=5e-2).item()
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(("lq", "mask", "sinks"), [(1, None, False), (3, "causal", True)])
 def test_mla_shapes_with_their_own_values(dtype, lq, mask, sinks):

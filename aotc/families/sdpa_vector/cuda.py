@@ -146,6 +146,22 @@ WGMMA_PAIR_MIN_FILL = 0
 # resident blocks, the fused pass runs with waiting combiners instead: one launch that merges
 # each row in its own block, as the combine kernel does.
 FUSED_MAX_SPLITS = 8
+# On sm_90+ every split pass is followed by the combine kernel launched to overlap its tail
+# (programmatic dependent launch: its blocks start as split blocks leave and wait in-kernel for
+# the partials), in place of the fused pass, with the fused pass's split counts. H200, us
+# (bench/NOTES.md round 26, same calls, sides alternating): 192/128 B=1 9.7 against 11.1-11.2
+# with waiting combiners; 80/80 B=1 16.1 against 17.5-17.8; 256/128 B=1 54.2 against 55.7-55.9;
+# against the last block's merge, 192/128 B=8 306.3-306.7 against 309.6-310.8 and 32x192/128
+# 308.6-308.9 against 314.7-315.2; against plain two launches 0.4-1.2 us a call. The wgmma
+# split pass's combine is not overlapped: MLA B=1 N=8192 ran 20.5-21.1 against 19.9-20.5.
+# Only for launchers that overlap launches in their stream (plan_cuda's `overlap`).
+OVERLAP_COMBINE = 1
+# MLX's CUDA graphs give an edge no type, so under MLX two overlapping launches are one
+# primitive whose child graph holds the programmatic edge: that cost more host time than the
+# overlap saved (round 26, H200, bench.host_cost: 21.0 us a call against 15.8 with waiting
+# combiners; 192/128 B=1 evaluated alone 38.5-46.8 against 31.1; bench.mlx_sdpa 32.7 us a call
+# in chains of 8 against 16.6). MLX's plans keep the fused pass (an A/B switch).
+MLX_OVERLAP_COMBINE = 0
 # A flag slot of the fused pass's scratch is 64 bits (aotc_sdpa::Slot): two 4-byte words.
 SLOT_WORDS = 2
 # Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
@@ -187,6 +203,9 @@ class Launch:
     # TMA descriptors the launch encodes at evaluation, after the Params bytes: per map, the
     # input and its box (columns, rows); see TensorMap in docs/ARCHITECTURE.md.
     tensor_maps: tuple[TensorMap, ...] = ()
+    # The launch may start while the one before it runs (programmatic dependent launch, sm_90+):
+    # its kernel waits in-kernel (griddepcontrol.wait) before reading what that one wrote.
+    overlaps_previous: bool = False
 
 
 @dataclass(frozen=True)
@@ -542,11 +561,15 @@ def plan_cuda(
     arch: str = "sm_90",
     num_splits: int | None = None,
     wgmma: bool = False,
+    overlap: bool = False,
 ) -> list[Launch]:
     """The launches computing `problem`; raises Unsupported (with the reason) otherwise.
 
     `num_splits` forces the key split count (tests); by default it comes from `sm_count`.
     `wgmma`: the loaded image is sm_90a SASS on an sm_90 GPU, so the wgmma kernel can run.
+    `overlap`: the launcher runs a launch marked `overlaps_previous` as a programmatic dependent
+    launch in its stream (bench's torch harness), so on sm_90+ split passes take the
+    overlapping combine (OVERLAP_COMBINE).
     """
     p = problem
     _check_problem(p)
@@ -589,13 +612,26 @@ def plan_cuda(
         strided = (*inputs[:3], inputs[3])
         return [Launch(one, inputs, out, grid, block, smem, pack(), strided, _attention_unread(p))]
     launches = _split_launches(p, first, combine, num_splits, grid, block, smem, pack())
-    if fused not in available:
-        return launches
-    if num_splits <= FUSED_MAX_SPLITS:
+    if overlap and OVERLAP_COMBINE and overlaps_launches(arch):
+        return _overlapped(launches)
+    has_fused = fused in available
+    if has_fused and num_splits <= FUSED_MAX_SPLITS:
         return [_fused(*launches, fused)]
-    if grid[0] + rows_total <= layout.resident:
+    if has_fused and grid[0] + rows_total <= layout.resident:
         return [_fused_with_combiners(*launches, fused, pack(combiners_from=grid[0]), num_splits)]
     return launches
+
+
+def overlaps_launches(arch: str) -> bool:
+    """Whether `arch` (sm_XX, compute_XX) has programmatic dependent launch: sm_90 and later."""
+    digits = "".join(c for c in arch.split("_", 1)[-1] if c.isdigit())
+    return bool(digits) and int(digits) >= 90
+
+
+def _overlapped(launches: list[Launch]) -> list[Launch]:
+    """The split pass, then the combine launched to overlap its tail."""
+    split_pass, combine = launches
+    return [split_pass, replace(combine, overlaps_previous=True)]
 
 
 def _check_problem(p: AttentionProblem) -> None:
@@ -902,9 +938,9 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
-# strided_input_indices, unread_input_indices, tensor_maps) -> call(inputs[, gradient_inputs,
-# gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows, box
-# planes) each.
+# strided_input_indices, unread_input_indices, tensor_maps, overlaps_previous) -> call(inputs[,
+# gradient_inputs, gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols,
+# box rows, box planes) each.
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 # A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
 # positional arguments. The scale is no kernel input: a plan is made per scale.
@@ -914,12 +950,15 @@ MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
-    block, shared_memory, params, strided_input_indices, tensor_maps=())` (bench's torch
-    harness, tests); `tensor_maps` is passed only to launches that have some."""
+    block, shared_memory, params, strided_input_indices, tensor_maps=(),
+    overlaps_previous=False)` (bench's torch harness, tests); each keyword is passed only to
+    launches that set it."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
-        *fixed, _unread, maps = fixed  # the launch passes unread inputs; the kernel ignores them
-        extra = {"tensor_maps": maps} if maps else {}
+        *fixed, _unread, maps, overlaps = fixed  # the kernel ignores unread inputs
+        extra: dict[str, Any] = {"tensor_maps": maps} if maps else {}
+        if overlaps:
+            extra["overlaps_previous"] = True
 
         def call(inputs):
             return launch_fn(kernel, inputs, *fixed, **extra)
@@ -979,6 +1018,7 @@ def prepare_launch(
             (launch.inputs.index(m.input), m.box_cols, m.box_rows, m.box_planes)
             for m in launch.tensor_maps
         ],
+        launch.overlaps_previous,
     )
 
 
@@ -1058,7 +1098,13 @@ class CudaRunner:
         sm_count, arch = device_facts()
         self.problem = problem
         self.launches = plan_cuda(
-            problem, available=available, sm_count=sm_count, arch=arch, scale=1.0, wgmma=wgmma
+            problem,
+            available=available,
+            sm_count=sm_count,
+            arch=arch,
+            scale=1.0,
+            wgmma=wgmma,
+            overlap=bool(MLX_OVERLAP_COMBINE),
         )
         self._prepare, self._dtype, self._gradient = prepare, dtype, gradient
         self._plans: dict[float, Any] = {}
@@ -1099,12 +1145,15 @@ class CudaRunner:
             gradient_inputs += [MASK_SLOT] * array_mask + [SINKS_SLOT] * p.has_sinks
         for i, step in enumerate(steps):
             final = i == len(steps) - 1
+            # A launch that the next one overlaps shares its primitive, whose gradient is the
+            # last launch's: it takes none of its own.
+            chained = not final and self.launches[i + 1].overlaps_previous
             plan.launch(
                 step.call,
                 list(step.input_slots),
                 list(step.output_slots),
                 gradient_inputs if final else [],
-                last if final else others,
+                last if final else None if chained else others,
             )
         plan.set_output(out_slot)
         return plan
