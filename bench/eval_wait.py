@@ -23,7 +23,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import add_mlx_options, mlx_kv, mlx_query, selected
+from bench.shapes import add_mlx_options, apply_plan_constants, mlx_kv, mlx_query, selected
 
 WAITS: dict[str, Callable[[mx.array], object]] = {
     "mx.eval": mx.eval,
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=1, help="dependent calls per evaluation")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
+    apply_plan_constants(args)
     aotc.load(args.index)
     print(f"device: {mx.device_info().get('device_name', '?')}, {args.iters} evaluations each")
     print("| case | median us | p10-p90 us | of which building |\n|---|---|---|---|")

@@ -8,8 +8,10 @@ into building the graph (Python, nanobind, array creation) and evaluating 8 call
 next column is a call evaluated on its own (MLX's per-evaluation floor is mx.add's), the last
 one of 8 dependent calls evaluated at once (each call's output feeds the next one's query, as
 a model's layers do). The plan here is one launch (the fused split pass with waiting
-combiners); "2 launches" plans without the fused kernel, "last-block merge" lifts
-FUSED_MAX_SPLITS (one launch, the last block of each row group merges).
+combiners); "overlapping combine" is the split pass and the combine kernel as a programmatic
+dependent launch, one primitive (a child graph of two kernel nodes: MLX_OVERLAP_COMBINE);
+"2 launches" plans without the fused kernel, "last-block merge" lifts FUSED_MAX_SPLITS (one
+launch, the last block of each row group merges).
 """
 
 from __future__ import annotations
@@ -65,12 +67,16 @@ def main() -> None:
     names = library.kernel_names
     two_launch_names = {name for name in names if "_2pass_fused_" not in name}
 
-    def runner_of(prepare, available=names, fused_max=cuda.FUSED_MAX_SPLITS):
-        with mock.patch.object(cuda, "FUSED_MAX_SPLITS", fused_max):
+    def runner_of(prepare, available=names, fused_max=cuda.FUSED_MAX_SPLITS, overlap=0):
+        with (
+            mock.patch.object(cuda, "FUSED_MAX_SPLITS", fused_max),
+            mock.patch.object(cuda, "MLX_OVERLAP_COMBINE", overlap),
+        ):
             return cuda.CudaRunner(problem, prepare=prepare, available=available, dtype=mx_dtype)
 
-    runner, two_launches, last_block = (
+    runner, overlapping, two_launches, last_block = (
         runner_of(prepared),
+        runner_of(prepared, overlap=1),
         runner_of(prepared, two_launch_names),
         runner_of(prepared, fused_max=1 << 30),
     )
@@ -86,7 +92,8 @@ def main() -> None:
         "mx.add (tiny)": lambda: tiny + 1,
         "mx.fast SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda: aotc.sdpa_vector(q, k, v, scale=0.07),
-        "runner (plan: 1 launch)": lambda: runner(q, k, v, 0.07, None, None),
+        "runner (the plan)": lambda: runner(q, k, v, 0.07, None, None),
+        "runner, overlapping combine": lambda: overlapping(q, k, v, 0.07, None, None),
         "runner, 2 launches": lambda: two_launches(q, k, v, 0.07, None, None),
         "the plan's CudaPlan": lambda: runner.plan(0.07)(q, k, v, None, None, 0.07),
         "runner, last-block merge": lambda: last_block(q, k, v, 0.07, None, None),
@@ -98,7 +105,8 @@ def main() -> None:
         "mx.add (tiny)": lambda x: x[..., :128] + 1,
         "mx.fast SDPA": lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=0.07),
         "aotc.sdpa_vector": lambda x: aotc.sdpa_vector(x, k, v, scale=0.07),
-        "runner (plan: 1 launch)": lambda x: runner(x, k, v, 0.07, None, None),
+        "runner (the plan)": lambda x: runner(x, k, v, 0.07, None, None),
+        "runner, overlapping combine": lambda x: overlapping(x, k, v, 0.07, None, None),
         "runner, 2 launches": lambda x: two_launches(x, k, v, 0.07, None, None),
         "runner, last-block merge": lambda x: last_block(x, k, v, 0.07, None, None),
     }

@@ -1,6 +1,7 @@
 """Decode attention through MLX on the GPU: aotc.sdpa_vector vs mx.fast SDPA vs torch SDPA.
 
-    python3 -m bench.mlx_sdpa [--index dist/extra_sdpa.cuda.json] [--iters 20]
+    python3 -m bench.mlx_sdpa [--index dist/extra_sdpa.cuda.json] [--iters 20] [--shapes 0,4]
+        [--plan-constant NAME=INT]
 
 A benchmark, not a test: one table per run, with the device's copy bandwidth and MLX's
 per-evaluation floor measured in the same run as the ceilings to compare against. "us/eval" is
@@ -21,7 +22,17 @@ from functools import partial
 import mlx.core as mx
 
 import aotc
-from bench.shapes import SHAPES, attention_flops, kv_bytes, mlx_kv, mlx_query, set_count
+from bench.shapes import (
+    SHAPES,
+    add_mlx_options,
+    apply_plan_constants,
+    attention_flops,
+    kv_bytes,
+    mlx_kv,
+    mlx_query,
+    selected,
+    set_count,
+)
 
 CHAIN = 8  # calls per evaluation for the us/call column
 
@@ -199,9 +210,9 @@ def fmt_us(seconds: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
-    parser.add_argument("--iters", type=int, default=20)
+    add_mlx_options(parser, iters=20, shapes=",".join(map(str, range(len(SHAPES)))))
     args = parser.parse_args()
+    apply_plan_constants(args)
     aotc.load(args.index)
     (copy, how), floor = copy_bandwidth(), eval_floor()
     print(f"device: {mx.device_info().get('device_name', mx.default_device())}")
@@ -217,7 +228,7 @@ def main() -> None:
         "  B   Hq Hkv      N    D    V | aotc us/eval | aotc us/call  rate            | "
         "mx.fast us | torch us"
     )
-    for shape in SHAPES:
+    for shape in selected(args.shapes):
         r = row(shape, args.iters)
         mx.clear_cache()
         b, hq, hkv, n, d, v_dim, _ = shape

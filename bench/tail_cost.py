@@ -1,7 +1,8 @@
 """How much of a batch-1 call is its merge: the plan (one launch with waiting combiners) against
 the split-pass kernel alone with the same splits, and the two-launch plan (split pass, combine).
 
-    python3 -m bench.tail_cost   (harness fatbin in .gpu/sdpa; CUDA-graph replays, us per call)
+    python3 -m bench.tail_cost [FATBIN_LIST]   (default: the harness fatbin in .gpu/sdpa;
+    CUDA-graph replays, us per call)
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from bench.shapes import SHAPES, kv_bytes, set_count
 ROWS = [SHAPES[i] for i in (0, 4, 10)]  # the batch-1 rows
 
 
-def main() -> None:
-    lib = h.load_library()
+def main(listing: str | None = None) -> None:
+    lib = h.load_library(listing)
     lib.wgmma_ok = False
     print("shape | plan | split pass alone | split pass + combine kernel (same splits)")
     for b, hq, hkv, n, d, v, view in ROWS:
@@ -46,4 +47,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
