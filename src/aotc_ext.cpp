@@ -354,6 +354,11 @@ for a gradient raises.)");
           &aotc::CudaPlan::primitive_kernels,
           "The kernels of each primitive a call builds, in order: a launch that overlaps "
           "the one before it (PreparedLaunch.overlaps_previous) shares that one's primitive.")
+      .def_prop_ro(
+          "primitive_sources",
+          &aotc::CudaPlan::primitive_sources,
+          "Per primitive, per launch, where each kernel input comes from: i >= 0 the "
+          "primitive's input i, ~j its output j (an earlier launch's).")
       .def(
           "astype",
           &aotc::CudaPlan::astype,

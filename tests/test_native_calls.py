@@ -175,9 +175,20 @@ def test_overlapping_launches_share_a_primitive(ext):
     plan.launch(ext.PreparedLaunch(image, "after", *one, []), [4], [5])
     plan.launch(ext.PreparedLaunch(image, "chained", *one, [], [], [], True), [5], [6])
     assert plan.primitives == [["split", "combine"], ["after", "chained"]]
+    # The combine reads the split's output 1 (~1), then the chain's inputs 1 and 0 (slots 1
+    # and 0, which the split already takes: no new input).
+    assert plan.primitive_sources == [[[0, 1], [~1, 1, 0]], [[0], [~0]]]
     plan.set_output(6)
     with pytest.raises(ValueError, match=re.escape("unread input index 3 is not one of the 3")):
         plan(mx.arange(4.0), mx.arange(4.0))
+    # An argument that only a later launch of a chain reads is named with that launch.
+    late = ext.CudaPlan(2)
+    late.launch(split, [0, 0], [2, 3])
+    late.launch(ext.PreparedLaunch(image, "combine", *one, [], [], [], True), [3, 1], [4])
+    late.set_output(4)
+    assert late.primitive_sources == [[[0, 1], [~1, 2]]]
+    with pytest.raises(ValueError, match="kernel 'combine' needs slot 1, but that argument"):
+        late(mx.arange(4.0), None)
     # A launch with a gradient ends its primitive: only a chain's last launch may have one.
     plan = ext.CudaPlan(2)
     plan.launch(split, [0, 1], [2, 3], [0], lambda primals, cotangents: primals)

@@ -480,6 +480,8 @@ namespace {
 // Params (stack buffers for the usual sizes).
 class PackedArgs {
  public:
+  PackedArgs(const PackedArgs&) = delete; // args_ points into ptrs_ and params_
+  PackedArgs& operator=(const PackedArgs&) = delete;
   PackedArgs(size_t n_ptrs, size_t param_bytes)
       : ptrs_(n_ptrs), args_(n_ptrs + 1), params_(param_bytes / 8) {
     std::memset(params_.data(), 0, param_bytes);
@@ -564,6 +566,20 @@ size_t params_bytes(const LinkArrays& a, const Kernel& k, size_t* maps_at) {
   return size;
 }
 
+// Inputs that get no strides must be row-contiguous (launch_chain() makes them
+// so), unless the kernel does not read them; earlier links' outputs are.
+void check_contiguous(const LinkArrays& a) {
+  const LaunchSpec& spec = *a.link.spec;
+  for (size_t i = 0; i < a.n_in(); ++i) {
+    if (a.link.sources[i] >= 0 && !a.in(i).flags().row_contiguous &&
+        !listed(spec.strided_inputs, i) && !listed(spec.unread_inputs, i)) {
+      fail_invalid(
+          "input " + std::to_string(i) + " of " + launch_name(spec.kernel) +
+          " is not row-contiguous and gets no strides");
+    }
+  }
+}
+
 // Fills `packed` for a link whose outputs have their buffers.
 void pack(PackedArgs& packed, const LinkArrays& a, size_t maps_at) {
   const LaunchSpec& spec = *a.link.spec;
@@ -587,16 +603,8 @@ void pack(PackedArgs& packed, const LinkArrays& a, size_t maps_at) {
     }
     std::memcpy(bytes + maps_at + 128 * n_maps, &encoded, sizeof(encoded));
   }
-  // Inputs that get no strides must be row-contiguous (launch_chain() makes
-  // them so), unless the kernel does not read them.
   for (size_t i = 0; i < a.n_in(); ++i) {
     const bool unread = listed(spec.unread_inputs, i);
-    if (!a.in(i).flags().row_contiguous && !listed(spec.strided_inputs, i) &&
-        !unread) {
-      fail_invalid(
-          "input " + std::to_string(i) + " of " + launch_name(spec.kernel) +
-          " is not row-contiguous and gets no strides");
-    }
     packed.ptr(i) = a.in(i).buffer().ptr() && !unread
         ? mx::gpu_ptr<void>(a.in(i))
         : nullptr;
@@ -621,12 +629,42 @@ void allow_shared_memory(Kernel& k, uint32_t bytes) {
   }
 }
 
-// A packed link, ready to become a graph node.
+// A checked link, then packed: ready to become a graph node.
 struct ReadyLaunch {
   Kernel* kernel;
   const LaunchSpec* spec;
+  size_t params_bytes;
+  size_t maps_at;
   std::unique_ptr<PackedArgs> packed;
 };
+
+// The outputs' buffers, and the arrays MLX's encoder must keep and order by.
+void allocate_and_register(
+    cu::CommandEncoder& enc,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(alloc_output(out.nbytes(), enc));
+  }
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+    // Hold the buffer until the GPU work completes, whatever happens to the
+    // array.
+    enc.add_temporary(out);
+  }
+}
+
+// "kernel 'a'", or "kernels 'a', 'b'" for a chain (error messages).
+std::string chain_name(const Chain& chain) {
+  std::string names;
+  for (auto& link : chain) {
+    names += (names.empty() ? "'" : ", '") + link.spec->kernel + "'";
+  }
+  return (chain.size() == 1 ? "kernel " : "kernels ") + names;
+}
 
 // The links as one child graph of kernel nodes, each after the one before it:
 // by a programmatic edge where it overlaps_previous and the GPU has
@@ -657,13 +695,15 @@ void add_chain_graph(
         "cuGraphAddKernelNode");
     if (previous) {
 #if CUDA_VERSION >= 12030
+      // Edge data came with CUDA 12.3 as cuGraphAddDependencies_v2, the plain
+      // name from CUDA 13; older toolkits get a full edge.
       CUgraphEdgeData edge = {};
       if (programmatic && r.spec->overlaps_previous) {
         edge.from_port = CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC;
         edge.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
       }
       check(
-          cuGraphAddDependencies(graph, &previous, &node, &edge, 1),
+          cuGraphAddDependencies_v2(graph, &previous, &node, &edge, 1),
           "cuGraphAddDependencies");
 #else
       check(
@@ -694,7 +734,7 @@ void CudaLaunch::eval_cpu(
     const std::vector<mx::array>&,
     std::vector<mx::array>&) {
   throw std::runtime_error(
-      "[aotc.CudaLaunch] " + launch_name(kernel()) +
+      "[aotc.CudaLaunch] " + chain_name(*chain_) +
       " has no CPU implementation: it runs only on MLX's CUDA backend (a GPU stream)");
 }
 
@@ -706,19 +746,7 @@ void CudaLaunch::eval_gpu(
   auto& dev = enc.device();
   dev.make_current();
 
-  for (auto& out : outputs) {
-    out.set_data(alloc_output(out.nbytes(), enc));
-  }
-  for (size_t i = 0; i < kernel_inputs_; ++i) {
-    enc.set_input_array(inputs[i]);
-  }
-  for (auto& out : outputs) {
-    enc.set_output_array(out);
-    // Hold the buffer until the GPU work completes, whatever happens to the
-    // array.
-    enc.add_temporary(out);
-  }
-
+  // What can refuse a launch comes before MLX's encoder sees any of it.
   const Chain& links = *chain_;
   if (links.size() == 1) {
     // The common case, on the stack.
@@ -727,9 +755,11 @@ void CudaLaunch::eval_gpu(
     Kernel& k = find_kernel(*spec.image, dev, spec.kernel);
     size_t maps_at;
     const size_t bytes = params_bytes(a, k, &maps_at);
+    check_contiguous(a);
+    allow_shared_memory(k, spec.shared_memory);
+    allocate_and_register(enc, inputs, outputs);
     PackedArgs packed(a.n_in() + a.n_out(), bytes);
     pack(packed, a, maps_at);
-    allow_shared_memory(k, spec.shared_memory);
     enc.add_kernel_node_raw(
         k.func,
         dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
@@ -747,10 +777,18 @@ void CudaLaunch::eval_gpu(
     Kernel& k = find_kernel(*link.spec->image, dev, link.spec->kernel);
     size_t maps_at;
     const size_t bytes = params_bytes(a, k, &maps_at);
-    auto packed = std::make_unique<PackedArgs>(a.n_in() + a.n_out(), bytes);
-    pack(*packed, a, maps_at);
+    check_contiguous(a);
     allow_shared_memory(k, link.spec->shared_memory);
-    ready.push_back({&k, link.spec.get(), std::move(packed)});
+    ready.push_back({&k, link.spec.get(), bytes, maps_at, nullptr});
+    first_output += a.n_out();
+  }
+  allocate_and_register(enc, inputs, outputs);
+  first_output = 0;
+  for (size_t i = 0; i < links.size(); ++i) {
+    const LinkArrays a{links[i], inputs, outputs, first_output};
+    auto& r = ready[i];
+    r.packed = std::make_unique<PackedArgs>(a.n_in() + a.n_out(), r.params_bytes);
+    pack(*r.packed, a, r.maps_at);
     first_output += a.n_out();
   }
   add_chain_graph(enc, ready);
@@ -761,7 +799,7 @@ std::vector<mx::array> CudaLaunch::jvp(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(kernel()) +
+      "[aotc.CudaLaunch] " + chain_name(*chain_) +
       " has no derivatives (aotc uses MLX's own op when gradients are needed)");
 }
 
@@ -772,7 +810,7 @@ std::vector<mx::array> CudaLaunch::vjp(
     const std::vector<mx::array>& outputs) {
   if (!gradient_) {
     throw std::invalid_argument(
-        "[aotc.CudaLaunch] " + launch_name(kernel()) +
+        "[aotc.CudaLaunch] " + chain_name(*chain_) +
         " has no gradient (aotc uses MLX's own op when gradients are needed)");
   }
   // The gradient differentiates the last link: its kernel inputs (chain inputs
@@ -789,7 +827,7 @@ std::vector<mx::array> CudaLaunch::vjp(
   auto all = gradient_(link_primals, link_cotangents);
   if (all.size() != link_primals.size()) {
     throw std::runtime_error(
-        "[aotc.CudaLaunch] the gradient of " + launch_name(kernel()) +
+        "[aotc.CudaLaunch] the gradient of " + chain_name(*chain_) +
         " returned " + std::to_string(all.size()) + " cotangents for " +
         std::to_string(link_primals.size()) + " inputs");
   }
@@ -816,7 +854,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> CudaLaunch::vmap(
     const std::vector<mx::array>&,
     const std::vector<int>&) {
   throw std::invalid_argument(
-      "[aotc.CudaLaunch] " + launch_name(kernel()) + " cannot be vmapped");
+      "[aotc.CudaLaunch] " + chain_name(*chain_) + " cannot be vmapped");
 }
 
 bool CudaLaunch::is_equivalent(const mx::Primitive& other) const {

@@ -128,6 +128,27 @@ int CudaPlan::source_of(Step& step, int slot) {
   return int(step.inputs.size()) - 1;
 }
 
+const std::string& CudaPlan::reader_of(const Step& step, size_t input) {
+  for (auto& link : *step.chain) {
+    auto& from = link.sources;
+    if (std::find(from.begin(), from.end(), int(input)) != from.end()) {
+      return link.spec->kernel;
+    }
+  }
+  return step.chain->front().spec->kernel;
+}
+
+std::vector<std::vector<std::vector<int>>> CudaPlan::primitive_sources() const {
+  std::vector<std::vector<std::vector<int>>> sources;
+  for (auto& step : steps_) {
+    auto& links = sources.emplace_back();
+    for (auto& link : *step.chain) {
+      links.push_back(link.sources);
+    }
+  }
+  return sources;
+}
+
 std::vector<std::vector<std::string>> CudaPlan::primitive_kernels() const {
   std::vector<std::vector<std::string>> kernels;
   for (auto& step : steps_) {
@@ -180,8 +201,8 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
   for (auto& step : steps_) {
     std::vector<mx::array> inputs, gradient_inputs;
     inputs.reserve(step.inputs.size());
-    for (int slot : step.inputs) {
-      inputs.push_back(take(env, slot, step.chain->front().spec->kernel));
+    for (size_t i = 0; i < step.inputs.size(); ++i) {
+      inputs.push_back(take(env, step.inputs[i], reader_of(step, i)));
     }
     for (int slot : step.gradient_inputs) {
       gradient_inputs.push_back(take(args, slot, step.chain->back().spec->kernel));

@@ -48,6 +48,9 @@ class CudaPlan : public NativeCall {
   // The kernels of each primitive a call builds, in order: a launch that
   // overlaps the one before it shares that one's primitive.
   std::vector<std::vector<std::string>> primitive_kernels() const;
+  // Per primitive, per launch, where each kernel input comes from
+  // (ChainLink::sources: the primitive's input i, or ~j its output j).
+  std::vector<std::vector<std::vector<int>>> primitive_sources() const;
 
  private:
   struct Conversion {
@@ -69,6 +72,8 @@ class CudaPlan : public NativeCall {
   // Where a chained launch's input `slot` comes from in `step`'s chain (see
   // ChainLink), adding it to the chain's inputs when new.
   static int source_of(Step& step, int slot);
+  // The kernel of `step` that reads its input `input` (error messages).
+  static const std::string& reader_of(const Step& step, size_t input);
   bool filled(int slot) const;
 
   int num_args_;
