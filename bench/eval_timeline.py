@@ -28,7 +28,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import add_mlx_options, mlx_kv, mlx_query, selected
+from bench.shapes import add_mlx_options, apply_plan_constants, mlx_kv, mlx_query, selected
 
 LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")
 
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0, help="trace chained calls instead")
     parser.add_argument("--wait", choices=("mx", "aotc"), default="mx", help="mx.eval or aotc.eval")
     args = parser.parse_args()
+    apply_plan_constants(args)
     aotc.load(args.index)
     if args.chain:
         for shape in selected(args.shapes):
