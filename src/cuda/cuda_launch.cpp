@@ -638,6 +638,18 @@ struct ReadyLaunch {
   std::unique_ptr<PackedArgs> packed;
 };
 
+// Everything that can refuse a link's launch: its kernel, its Params' size,
+// its inputs' layout, its shared memory.
+ReadyLaunch check_link(const LinkArrays& a, cu::Device& dev) {
+  const LaunchSpec& spec = *a.link.spec;
+  Kernel& k = find_kernel(*spec.image, dev, spec.kernel);
+  size_t maps_at;
+  const size_t bytes = params_bytes(a, k, &maps_at);
+  check_contiguous(a);
+  allow_shared_memory(k, spec.shared_memory);
+  return {&k, &spec, bytes, maps_at, nullptr};
+}
+
 // The outputs' buffers, and the arrays MLX's encoder must keep and order by.
 void allocate_and_register(
     cu::CommandEncoder& enc,
@@ -655,6 +667,17 @@ void allocate_and_register(
     // array.
     enc.add_temporary(out);
   }
+}
+
+// One field of every link's outputs, in the chain's output order.
+template <typename T>
+std::vector<T> chain_outputs(const Chain& chain, std::vector<T> LaunchSpec::*field) {
+  std::vector<T> all;
+  for (auto& link : chain) {
+    auto& more = (*link.spec).*field;
+    all.insert(all.end(), more.begin(), more.end());
+  }
+  return all;
 }
 
 // "kernel 'a'", or "kernels 'a', 'b'" for a chain (error messages).
@@ -722,12 +745,7 @@ void add_chain_graph(
 // primitive
 
 std::vector<mx::Shape> CudaLaunch::output_shapes(const std::vector<mx::array>&) {
-  std::vector<mx::Shape> shapes;
-  for (auto& link : *chain_) {
-    auto& more = link.spec->output_shapes;
-    shapes.insert(shapes.end(), more.begin(), more.end());
-  }
-  return shapes;
+  return chain_outputs(*chain_, &LaunchSpec::output_shapes);
 }
 
 void CudaLaunch::eval_cpu(
@@ -751,17 +769,13 @@ void CudaLaunch::eval_gpu(
   if (links.size() == 1) {
     // The common case, on the stack.
     const LinkArrays a{links[0], inputs, outputs, 0};
-    const LaunchSpec& spec = *links[0].spec;
-    Kernel& k = find_kernel(*spec.image, dev, spec.kernel);
-    size_t maps_at;
-    const size_t bytes = params_bytes(a, k, &maps_at);
-    check_contiguous(a);
-    allow_shared_memory(k, spec.shared_memory);
+    const ReadyLaunch r = check_link(a, dev);
     allocate_and_register(enc, inputs, outputs);
-    PackedArgs packed(a.n_in() + a.n_out(), bytes);
-    pack(packed, a, maps_at);
+    PackedArgs packed(a.n_in() + a.n_out(), r.params_bytes);
+    pack(packed, a, r.maps_at);
+    const LaunchSpec& spec = *r.spec;
     enc.add_kernel_node_raw(
-        k.func,
+        r.kernel->func,
         dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
         dim3(spec.block[0], spec.block[1], spec.block[2]),
         {},
@@ -769,27 +783,22 @@ void CudaLaunch::eval_gpu(
         packed.args());
     return;
   }
+  std::vector<LinkArrays> arrays;
   std::vector<ReadyLaunch> ready;
+  arrays.reserve(links.size());
   ready.reserve(links.size());
   size_t first_output = 0;
   for (auto& link : links) {
-    const LinkArrays a{link, inputs, outputs, first_output};
-    Kernel& k = find_kernel(*link.spec->image, dev, link.spec->kernel);
-    size_t maps_at;
-    const size_t bytes = params_bytes(a, k, &maps_at);
-    check_contiguous(a);
-    allow_shared_memory(k, link.spec->shared_memory);
-    ready.push_back({&k, link.spec.get(), bytes, maps_at, nullptr});
-    first_output += a.n_out();
+    arrays.push_back({link, inputs, outputs, first_output});
+    ready.push_back(check_link(arrays.back(), dev));
+    first_output += arrays.back().n_out();
   }
   allocate_and_register(enc, inputs, outputs);
-  first_output = 0;
   for (size_t i = 0; i < links.size(); ++i) {
-    const LinkArrays a{links[i], inputs, outputs, first_output};
     auto& r = ready[i];
-    r.packed = std::make_unique<PackedArgs>(a.n_in() + a.n_out(), r.params_bytes);
-    pack(*r.packed, a, r.maps_at);
-    first_output += a.n_out();
+    r.packed = std::make_unique<PackedArgs>(
+        arrays[i].n_in() + arrays[i].n_out(), r.params_bytes);
+    pack(*r.packed, arrays[i], r.maps_at);
   }
   add_chain_graph(enc, ready);
 }
@@ -878,14 +887,15 @@ std::vector<mx::array> launch_chain(
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   const Chain& links = *chain;
-  const size_t n_outputs = check_chain(links, inputs.size(), stream);
+  check_chain(links, inputs.size(), stream);
 
   // An input that a kernel reads without strides must be row-contiguous.
   // Known layouts pass as they are (evaluated arrays, outputs of this
   // primitive); others go through mx::contiguous, which shares the buffer when
   // it already is. Unread inputs pass as they are.
+  const auto must_be_contiguous = read_without_strides(links, inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (!read_without_strides(links, i)) {
+    if (!must_be_contiguous[i]) {
       continue;
     }
     auto& x = inputs[i];
@@ -899,19 +909,9 @@ std::vector<mx::array> launch_chain(
 
   const size_t kernel_inputs = inputs.size();
   inputs.insert(inputs.end(), gradient_inputs.begin(), gradient_inputs.end());
-  std::vector<mx::Shape> shapes;
-  std::vector<mx::Dtype> dtypes;
-  shapes.reserve(n_outputs);
-  dtypes.reserve(n_outputs);
-  for (auto& link : links) {
-    auto& more = link.spec->output_shapes;
-    shapes.insert(shapes.end(), more.begin(), more.end());
-    auto& dts = link.spec->output_dtypes;
-    dtypes.insert(dtypes.end(), dts.begin(), dts.end());
-  }
   return mx::array::make_arrays(
-      std::move(shapes),
-      std::move(dtypes),
+      chain_outputs(links, &LaunchSpec::output_shapes),
+      chain_outputs(links, &LaunchSpec::output_dtypes),
       std::make_shared<CudaLaunch>(
           stream, std::move(chain), kernel_inputs, std::move(gradient)),
       std::move(inputs));

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -272,8 +273,8 @@ inline void check_gpu_stream(const mlx::core::Stream& stream) {
 }
 
 // Checks a chain's links against its inputs and stream (both builds), before
-// building it; returns the chain's output count.
-inline size_t check_chain(
+// building it.
+inline void check_chain(
     const std::vector<ChainLink>& links,
     size_t num_inputs,
     const mlx::core::Stream& stream) {
@@ -304,24 +305,27 @@ inline size_t check_chain(
     outputs += link.spec->output_shapes.size();
   }
   check_gpu_stream(stream);
-  return outputs;
 }
 
-// Whether a kernel of the chain reads its input `input` with no strides (so
-// it must be row-contiguous).
-inline bool read_without_strides(const std::vector<ChainLink>& links, size_t input) {
+// Per chain input, whether a kernel reads it with no strides (so it must be
+// row-contiguous).
+inline std::vector<bool> read_without_strides(
+    const std::vector<ChainLink>& links,
+    size_t num_inputs) {
   auto has = [](const std::vector<int>& v, size_t i) {
     return std::find(v.begin(), v.end(), int(i)) != v.end();
   };
+  std::vector<bool> read(num_inputs, false);
   for (auto& link : links) {
     for (size_t i = 0; i < link.sources.size(); ++i) {
-      if (link.sources[i] == int(input) && !has(link.spec->strided_inputs, i) &&
+      const int src = link.sources[i];
+      if (src >= 0 && !has(link.spec->strided_inputs, i) &&
           !has(link.spec->unread_inputs, i)) {
-        return true;
+        read[src] = true;
       }
     }
   }
-  return false;
+  return read;
 }
 
 // Builds the outputs of a chain of kernel launches as one primitive (lazy MLX
@@ -342,9 +346,7 @@ std::vector<mlx::core::array> launch_chain(
 // The sources of a link that reads the chain's first n inputs, in order.
 inline std::vector<int> first_inputs(size_t n) {
   std::vector<int> sources(n);
-  for (size_t i = 0; i < n; ++i) {
-    sources[i] = int(i);
-  }
+  std::iota(sources.begin(), sources.end(), 0);
   return sources;
 }
 
@@ -419,11 +421,6 @@ class CudaLaunch : public mlx::core::Primitive {
   bool is_equivalent(const mlx::core::Primitive& other) const override;
   std::vector<mlx::core::Shape> output_shapes(
       const std::vector<mlx::core::array>& inputs) override;
-
-  // The last link's kernel (the one a chain's result comes from).
-  const std::string& kernel() const {
-    return chain_->back().spec->kernel;
-  }
 
  private:
   ChainPtr chain_;

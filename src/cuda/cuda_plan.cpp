@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "mlx/ops.h"
 
@@ -138,26 +139,24 @@ const std::string& CudaPlan::reader_of(const Step& step, size_t input) {
   return step.chain->front().spec->kernel;
 }
 
-std::vector<std::vector<std::vector<int>>> CudaPlan::primitive_sources() const {
-  std::vector<std::vector<std::vector<int>>> sources;
+template <typename F>
+auto CudaPlan::per_link(F field) const {
+  std::vector<std::vector<decltype(field(std::declval<const ChainLink&>()))>> all;
   for (auto& step : steps_) {
-    auto& links = sources.emplace_back();
+    auto& links = all.emplace_back();
     for (auto& link : *step.chain) {
-      links.push_back(link.sources);
+      links.push_back(field(link));
     }
   }
-  return sources;
+  return all;
+}
+
+std::vector<std::vector<std::vector<int>>> CudaPlan::primitive_sources() const {
+  return per_link([](const ChainLink& link) { return link.sources; });
 }
 
 std::vector<std::vector<std::string>> CudaPlan::primitive_kernels() const {
-  std::vector<std::vector<std::string>> kernels;
-  for (auto& step : steps_) {
-    auto& names = kernels.emplace_back();
-    for (auto& link : *step.chain) {
-      names.push_back(link.spec->kernel);
-    }
-  }
-  return kernels;
+  return per_link([](const ChainLink& link) { return link.spec->kernel; });
 }
 
 void CudaPlan::set_output(int slot) {
@@ -190,10 +189,11 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
       x = mx::broadcast_to(*x, *c.shape);
     }
   }
-  auto take = [](const Arguments& from, int slot, const std::string& kernel) {
+  // `kernel` names the reader only when the slot is empty (error messages).
+  auto take = [](const Arguments& from, int slot, auto kernel) {
     if (!from[slot]) {
       fail(
-          "kernel '" + kernel + "' needs slot " + std::to_string(slot) +
+          "kernel '" + kernel() + "' needs slot " + std::to_string(slot) +
           ", but that argument is None");
     }
     return *from[slot];
@@ -202,10 +202,12 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
     std::vector<mx::array> inputs, gradient_inputs;
     inputs.reserve(step.inputs.size());
     for (size_t i = 0; i < step.inputs.size(); ++i) {
-      inputs.push_back(take(env, step.inputs[i], reader_of(step, i)));
+      inputs.push_back(
+          take(env, step.inputs[i], [&] { return reader_of(step, i); }));
     }
     for (int slot : step.gradient_inputs) {
-      gradient_inputs.push_back(take(args, slot, step.chain->back().spec->kernel));
+      gradient_inputs.push_back(
+          take(args, slot, [&] { return step.chain->back().spec->kernel; }));
     }
     auto outputs = aotc::launch_chain(
         step.chain,

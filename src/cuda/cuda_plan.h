@@ -72,6 +72,9 @@ class CudaPlan : public NativeCall {
   // Where a chained launch's input `slot` comes from in `step`'s chain (see
   // ChainLink), adding it to the chain's inputs when new.
   static int source_of(Step& step, int slot);
+  // field(link) for every launch of every primitive.
+  template <typename F>
+  auto per_link(F field) const;
   // The kernel of `step` that reads its input `input` (error messages).
   static const std::string& reader_of(const Step& step, size_t input);
   bool filled(int slot) const;
