@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from bench.options import parse_constant, parse_shape, set_plan_constants
+from bench.options import add_plan_constant_option, apply_plan_constants, parse_shape
 from bench.shapes import SHAPES, attention_flops, kv_bytes, selected, set_count
 
 SLOW_CALL_S = 2e-3  # torch calls slower than this are timed without graph replays
@@ -248,15 +248,7 @@ def main() -> None:
     ap.add_argument(
         "--library", help="a harness fatbin list (default: the last bench.build_harness build)"
     )
-    ap.add_argument(
-        "--plan-constant",
-        action="append",
-        type=parse_constant,
-        default=[],
-        metavar="NAME=INT",
-        help="set an integer constant of the CUDA plan for this run (a plan rule's A/B), "
-        "e.g. WGMMA_MIN_ROWS=64",
-    )
+    add_plan_constant_option(ap)
     ap.add_argument(
         "--q-len",
         type=int,
@@ -264,8 +256,7 @@ def main() -> None:
         help="query tokens per head (speculative decoding: 2-8; no mask on either side)",
     )
     args = ap.parse_args()
-    if args.plan_constant:
-        print("plan constants:", set_plan_constants(args.plan_constant))
+    apply_plan_constants(args)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype
     ]

@@ -179,33 +179,21 @@ class Library:
             args[i] = ctypes.cast(ctypes.pointer(ptr), ctypes.c_void_p)
         args[len(ptrs)] = ctypes.cast(buf, ctypes.c_void_p)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        if overlaps_previous and self.pdl:
-            attr = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-            attr.value = struct.pack("@i", 1) + bytes(60)
-            config = _LaunchConfig(
-                (ctypes.c_uint * 3)(*grid),
-                (ctypes.c_uint * 3)(*block),
-                shared_memory,
-                stream,
-                ctypes.pointer(attr),
-                1,
-            )
-            self._check(
-                self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn, args, None),
-                f"cuLaunchKernelEx {kernel}",
-            )
-            return outputs
+        # Programmatic dependent launch: the kernel may start while the one before it runs.
+        attr = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value = struct.pack("@i", 1) + bytes(60)
+        overlap = overlaps_previous and self.pdl
+        config = _LaunchConfig(
+            (ctypes.c_uint * 3)(*grid),
+            (ctypes.c_uint * 3)(*block),
+            shared_memory,
+            stream,
+            ctypes.pointer(attr),
+            int(overlap),
+        )
         self._check(
-            self.cuda.cuLaunchKernel(
-                fn,
-                *map(ctypes.c_uint, grid),
-                *map(ctypes.c_uint, block),
-                ctypes.c_uint(shared_memory),
-                stream,
-                args,
-                None,
-            ),
-            f"cuLaunchKernel {kernel}",
+            self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn, args, None),
+            f"cuLaunchKernelEx {kernel}",
         )
         return outputs
 

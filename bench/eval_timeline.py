@@ -28,7 +28,8 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import aotc
-from bench.shapes import add_mlx_options, apply_plan_constants, mlx_kv, mlx_query, selected
+from bench.options import apply_plan_constants
+from bench.shapes import add_mlx_options, mlx_kv, mlx_query, selected
 
 LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")
 

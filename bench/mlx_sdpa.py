@@ -22,10 +22,10 @@ from functools import partial
 import mlx.core as mx
 
 import aotc
+from bench.options import apply_plan_constants
 from bench.shapes import (
     SHAPES,
     add_mlx_options,
-    apply_plan_constants,
     attention_flops,
     kv_bytes,
     mlx_kv,

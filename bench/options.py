@@ -40,3 +40,22 @@ def set_plan_constants(constants: Iterable[tuple[str, int]]) -> str:
     for name, value in constants:
         setattr(cuda_plan, name, value)
     return ", ".join(f"{name}={value}" for name, value in constants)
+
+
+def add_plan_constant_option(parser: argparse.ArgumentParser) -> None:
+    """`--plan-constant NAME=INT` (repeatable): an integer constant of the CUDA plan, set for the
+    run (`apply_plan_constants`) to A/B a plan rule."""
+    parser.add_argument(
+        "--plan-constant",
+        type=parse_constant,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="set an integer constant of the CUDA plan for this run (a plan rule's A/B), "
+        "e.g. WGMMA_MIN_ROWS=64",
+    )
+
+
+def apply_plan_constants(args: argparse.Namespace) -> None:
+    if args.plan_constant:
+        print("plan constants:", set_plan_constants(args.plan_constant))

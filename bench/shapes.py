@@ -4,6 +4,8 @@
 style MLA decode (one latent KV head for 128 query heads, V = K's first 512 columns).
 """
 
+from bench.options import add_plan_constant_option
+
 SHAPES = [
     (1, 32, 4, 4096, 192, 128, False),
     (8, 32, 8, 32768, 192, 128, False),
@@ -66,28 +68,6 @@ def add_mlx_options(parser, *, iters: int, shapes: str = "0,4,10") -> None:
     parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument("--shapes", default=shapes, help="indices into bench.shapes.SHAPES")
     add_plan_constant_option(parser)
-
-
-def add_plan_constant_option(parser) -> None:
-    """`--plan-constant NAME=INT` (repeatable): an integer constant of the CUDA plan, set for the
-    run (`apply_plan_constants`) to A/B a plan rule."""
-    from bench.options import parse_constant
-
-    parser.add_argument(
-        "--plan-constant",
-        type=parse_constant,
-        action="append",
-        default=[],
-        metavar="NAME=INT",
-        help="set an integer constant of the CUDA plan for this run (repeatable)",
-    )
-
-
-def apply_plan_constants(args) -> None:
-    if args.plan_constant:
-        from bench.options import set_plan_constants
-
-        print("plan constants:", set_plan_constants(args.plan_constant))
 
 
 def selected(shapes: str) -> list[tuple]:
