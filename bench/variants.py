@@ -1,7 +1,7 @@
 """Compile-time variants of the kernels, timed side by side on the same card.
 
     python3 -m bench.variants build DIR NAME=-DMACRO=VALUE[,-DOTHER=..] ...   (here, nvcc)
-    python3 -m bench.variants run DIR [--mla]                                  (on the GPU)
+    python3 -m bench.variants run DIR [--mla] [--plan-constant NAME=INT]      (on the GPU)
 
 Each variant is a bf16 fatbin of the pairs below; `run` times the shapes below (or, with --mla,
 bench.sweep_wgmma's many-rows shapes) for each (CUDA graph replays through the harness, default
@@ -10,6 +10,7 @@ plan) and prints one row per shape.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.build_harness import compile_module, translation_unit
+from bench.options import add_plan_constant_option, apply_plan_constants
 from bench.shapes import SHAPES as ALL_SHAPES
 
 PAIRS = [(576, 512), (192, 128), (256, 128), (128, 128), (80, 80)]
@@ -68,12 +70,24 @@ def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
         torch.cuda.empty_cache()
 
 
-if __name__ == "__main__":
+def main() -> None:
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]), sys.argv[3:])
-    elif "--mla" in sys.argv:
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--mla", action="store_true", help="bench.sweep_wgmma's shapes")
+    add_plan_constant_option(parser)
+    args = parser.parse_args()
+    apply_plan_constants(args)
+    if args.mla:
         from bench.sweep_wgmma import SHAPES as MLA_SHAPES
 
-        run(Path(sys.argv[2]), MLA_SHAPES)
+        run(args.dir, MLA_SHAPES)
     else:
-        run(Path(sys.argv[2]))
+        run(args.dir)
+
+
+if __name__ == "__main__":
+    main()
