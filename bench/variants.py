@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,15 +70,19 @@ def run(out: Path, shapes: list[tuple] = SHAPES) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "build":
-        build(Path(sys.argv[2]), sys.argv[3:])
-        return
-    parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["run"])
-    parser.add_argument("dir", type=Path)
-    parser.add_argument("--mla", action="store_true", help="bench.sweep_wgmma's shapes")
-    add_plan_constant_option(parser)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_cmd = commands.add_parser("build", help="compile the variants here (nvcc)")
+    build_cmd.add_argument("dir", type=Path)
+    build_cmd.add_argument("specs", nargs="+", metavar="NAME=-DMACRO=VALUE[,-DOTHER=..]")
+    run_cmd = commands.add_parser("run", help="time the variants (on the GPU)")
+    run_cmd.add_argument("dir", type=Path)
+    run_cmd.add_argument("--mla", action="store_true", help="bench.sweep_wgmma's shapes")
+    add_plan_constant_option(run_cmd)
     args = parser.parse_args()
+    if args.command == "build":
+        build(args.dir, args.specs)
+        return
     apply_plan_constants(args)
     if args.mla:
         from bench.sweep_wgmma import SHAPES as MLA_SHAPES
