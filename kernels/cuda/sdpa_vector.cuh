@@ -36,6 +36,28 @@
 
 namespace aotc_sdpa {
 
+// Profiling builds (-DAOTC_SDPA_STAMPS, bench/stamps.py) record %globaltimer at points of a split
+// block (AOTC_STAMP(i) into the block's aotc_stamps) and write them over the first partial row
+// the block owns once it is done: wrong results by design, never shipped. Elsewhere the macros
+// expand to nothing.
+constexpr int kStamps = 12;  // stamps a slot: then the SM's id
+#ifdef AOTC_SDPA_STAMPS
+#define AOTC_STAMPS_DECLARE unsigned long long aotc_stamps[aotc_sdpa::kStamps] = {}
+#define AOTC_STAMP(i) \
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(aotc_stamps[i])::"memory")
+__device__ __forceinline__ void write_stamps(float* row, int slot,
+                                             const unsigned long long (&stamps)[kStamps]) {
+  unsigned smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  unsigned long long* dst = reinterpret_cast<unsigned long long*>(row) + slot * (kStamps + 1);
+  for (int i = 0; i < kStamps; ++i) dst[i] = stamps[i];
+  dst[kStamps] = smid;
+}
+#else
+#define AOTC_STAMPS_DECLARE
+#define AOTC_STAMP(i) ((void)0)
+#endif
+
 struct Params {
   long long q_strides[4];     // filled by the launch primitive (elements)
   long long k_strides[4];
@@ -886,7 +908,10 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   const int g8 = lane >> 2, t4 = lane & 3;
   const int kg = warp % W::KG, vg = warp / W::KG;
 
+  AOTC_STAMPS_DECLARE;
+  AOTC_STAMP(0);  // start
   const BlockWork w = block_work(p);
+  AOTC_STAMP(1);  // block work
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
   const int R = G * Lq, row0 = w.rg * MB * MT;
   const int ntiles = cdiv(w.key_end - w.key_begin, TK);
@@ -898,11 +923,14 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   const TileRing<T, D, V> tiles(sRing, k, v, p, w);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
+  AOTC_STAMP(2);  // ring set up
   // Tile 0's copies go out before Q's, which join its group: stage_q is ~0.6 us of cold code in
   // a batch-1 block, and DRAM is idle until the first copy (bench/NOTES.md round 14).
   if (ntiles > 0) tiles.load(0, w.key_begin, tid);
+  AOTC_STAMP(3);  // tile 0 issued
   stage_q<T, D, NT>(sQ, QP, MB * MT, q, p, w.b, w.kvh, row0, R, tid);
   cp_async_commit();
+  AOTC_STAMP(4);  // Q issued
 
   // This thread's rows in m-tile mt: g8 (h = 0) and g8 + 8 (h = 1); their mask facts.
   long long mrow[MT][2];
@@ -940,6 +968,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 #pragma unroll 1
   for (int t = 2 - ring; t < ntiles; ++t) {
     if (!tiles.step(t, ntiles, w.key_begin, next, tid)) continue;
+    if (t == 0) AOTC_STAMP(5);  // tile 0 landed
     const int k0 = w.key_begin + t * TK;
     const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
     const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
@@ -1049,6 +1078,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     }
   }
 
+  AOTC_STAMP(6);  // tile loop done (thread 0's warp)
   // ---- merge the key slices, an m-tile at a time. Scratch in the ring (every copy has landed,
   // every warp is done).
 #pragma unroll
@@ -1126,6 +1156,15 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
       }
     }
   }
+#ifdef AOTC_SDPA_STAMPS
+  if constexpr (SPLIT) {
+    __syncthreads();
+    AOTC_STAMP(7);  // merged and stored
+    if (tid == 0)
+      write_stamps(partials + (out_row(p, w.b, w.kvh, row0) * p.num_splits + w.split) * V, 0,
+                   aotc_stamps);
+  }
+#endif
 }
 
 // Splits whose loads a merging thread issues at once (merge_splits' U) in every merge: waiting

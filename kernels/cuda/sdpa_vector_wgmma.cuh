@@ -570,6 +570,8 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   const int quad = lane & 3;
   const int wrow = ((tid & 127) >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow, wrow + 8
 
+  AOTC_STAMPS_DECLARE;  // profiling builds: slot 0 warpgroup 0's, slot 1 warpgroup 1's
+  AOTC_STAMP(0);        // start
   const BlockWork w = PAIR ? pair_block_work(p) : block_work(p);
   const int split = w.split, kvh = w.kvh, b = w.b;
   const int R = p.q_heads / p.kv_heads * p.q_len;  // query rows of the KV head
@@ -716,6 +718,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
   if (q_tma) mbar_wait(qbar, 0);
   fence_async_shared();
   __syncthreads();
+  AOTC_STAMP(1);  // prologue done: Q landed
 
   if (wg == 0) {
     // ---- S and the softmax; P and the rescale factors out through shared memory.
@@ -738,6 +741,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
         for (int a = 0; a < C::DA; ++a) {
           if (a == 0 || a == CUT0 || a == CUT1) {
             mbar_wait(bar(ks, a == 0 ? 0 : a == CUT0 ? 1 : 2), kpar);
+            if (t == 0 && a == 0) AOTC_STAMP(2);  // K(0)'s first part landed
             fence_async_shared();
             wgmma_fence();
           }
@@ -755,6 +759,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       else qk(OwnV{});
       wgmma_wait_all();
       fence_regs(s);
+      if (t == 0) AOTC_STAMP(3);  // S(0) done
+      if (t == 1) AOTC_STAMP(5);  // S(1) done
+      if (t == ntiles - 1) AOTC_STAMP(6);  // S(last) done
       // Scores in the log2 domain; masks and the key end only where they apply (uniform test).
       if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
 #pragma unroll
@@ -802,7 +809,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       }
       fence_async_shared();
       bar_arrive<kBarPReady, kThreads>();
+      if (t == 0) AOTC_STAMP(4);  // P(0) ready
     }
+    AOTC_STAMP(7);  // tile loop done
     // ---- row statistics of the split (log2 domain), for the combine
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -859,6 +868,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       wgmma_commit();
       wgmma_wait_all();
       fence_regs(o);
+      if (t == 0) AOTC_STAMP(2);  // P V(0) done
+      if (t == 1) AOTC_STAMP(3);  // P V(1) done
+      if (t == ntiles / 2) AOTC_STAMP(4);  // P V(middle tile) done
+      if (t == ntiles - 1) AOTC_STAMP(5);  // P V(last) done
       if (more) bar_arrive<kBarPFree, kThreads>();
       // This half of tile t's V atoms is free: V(tn), or (MLA) K(t + 2)'s V columns.
       if (!v_in_k && next) stage_v(tn);
@@ -890,8 +903,20 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       }
     }
   }
+  AOTC_STAMP(8);  // this warpgroup's part out: partials (or, pairs, O rows) and statistics
   if constexpr (PAIR)
     merge_pair<D, V, TWO_DEEP>(p, sQ, gQ, partials, maxs, sums, b, kvh, row0, R, split);
+#ifdef AOTC_SDPA_STAMPS
+  __syncthreads();
+  AOTC_STAMP(9);  // end
+  if (tid == 0 || tid == 128) {
+    const int rank = PAIR ? (int)cluster_rank() : 0;
+    const int r = row0 + rank * (kRows / 2), SS = PAIR ? S / 2 : S;
+    if (r < R)
+      write_stamps(partials + (out_row(p, b, kvh, r) * SS + (PAIR ? split / 2 : split)) * V,
+                   tid / 128, aotc_stamps);
+  }
+#endif
 }
 
 template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR>
