@@ -34,7 +34,9 @@ REGISTER = {
     3: "tile 0 issued",
     4: "Q issued",
     5: "tile 0 landed",
-    6: "tile loop done",
+    6: "tile loop done",  # thread 0's warp
+    8: "every warp done",
+    9: "slices in smem",  # m-tile 0's key slices, weighted, in shared memory
     7: "merged, stored",
 }
 WGMMA = [

@@ -1090,9 +1090,82 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
     }
   cp_async_wait<0>();
   __syncthreads();
+  AOTC_STAMP(8);  // every warp done with the tiles
   float* sMax = reinterpret_cast<float*>(sRing);  // [KG][16]
   float* sSum = sMax + W::KG * MB;                // [KG][16]
   float* sO = sSum + W::KG * MB;                  // [KG][16][V]
+  if constexpr (SPLIT) {
+    // Partials straight from the fragments: the warps of key slices 1.. put their weighted O in
+    // shared memory (rows padded to V + 8 floats: a warp's float2 accesses meet no bank twice
+    // per wavefront), and slice 0's warps add them to theirs and store the rows. The general
+    // merge below re-lays every slice out by rows first.
+    constexpr int OP = V + 8;
+    static_assert((2 * W::KG * MB + (W::KG - 1) * MB * OP) * 4 <=
+                      2 * C::TK * (C::DP + C::VP) * C::TS,
+                  "slice merge scratch");
+    const int S = p.num_splits;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
+      if (vg == 0 && t4 == 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sMax[kg * MB + g8 + 8 * h] = m_run[mt][h];
+          sSum[kg * MB + g8 + 8 * h] = l_run[mt][h];
+        }
+      __syncthreads();
+      float mx[2], wgt[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < W::KG; ++j) mx[h] = fmaxf(mx[h], sMax[j * MB + g8 + 8 * h]);
+        wgt[h] = fast_exp2(m_run[mt][h] - (mx[h] == -INFINITY ? 0.f : mx[h]));
+      }
+      if (kg > 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int n = 0; n < W::NTV; ++n) {
+            const int nt = vg * W::NTV + n;
+            if (W::NT3 % W::VG == 0 || nt < W::NT3)
+              *reinterpret_cast<float2*>(sO + ((kg - 1) * MB + g8 + 8 * h) * OP + nt * 8 + 2 * t4) =
+                  make_float2(o[mt][n][2 * h] * wgt[h], o[mt][n][2 * h + 1] * wgt[h]);
+          }
+      __syncthreads();
+      if (mt == 0) AOTC_STAMP(9);  // m-tile 0's slices in shared memory
+      if (kg > 0) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = g8 + 8 * h, rr = row0 + mt * MB + r;
+        if (rr >= R) continue;
+        const long long row = out_row(p, w.b, w.kvh, rr);
+        float* dst = partials + (row * S + w.split) * V;
+#pragma unroll
+        for (int n = 0; n < W::NTV; ++n) {
+          const int nt = vg * W::NTV + n;
+          if (W::NT3 % W::VG != 0 && nt >= W::NT3) continue;
+          float x0 = o[mt][n][2 * h] * wgt[h], x1 = o[mt][n][2 * h + 1] * wgt[h];
+#pragma unroll
+          for (int j = 1; j < W::KG; ++j) {
+            const float2 xo =
+                *reinterpret_cast<const float2*>(sO + ((j - 1) * MB + r) * OP + nt * 8 + 2 * t4);
+            x0 += xo.x;
+            x1 += xo.y;
+          }
+          *reinterpret_cast<float2*>(dst + nt * 8 + 2 * t4) = make_float2(x0, x1);
+        }
+        if (vg == 0 && t4 == 0) {
+          const float mu = mx[h] == -INFINITY ? 0.f : mx[h];
+          float l = 0.f;
+#pragma unroll
+          for (int j = 0; j < W::KG; ++j) l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
+          maxs[row * S + w.split] = mx[h];
+          sums[row * S + w.split] = l;
+        }
+      }
+    }
+  } else
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
@@ -1119,6 +1192,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
       }
     }
     __syncthreads();
+    if (mt == 0) AOTC_STAMP(9);  // m-tile 0's slices in shared memory
     const int mrow0 = row0 + mt * MB, rows_here = min(MB, R - mrow0);
     for (int e = tid; e < rows_here * (V / 2); e += NT) {
       const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
