@@ -1093,48 +1093,50 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   AOTC_STAMP(8);  // every warp done with the tiles
   float* sMax = reinterpret_cast<float*>(sRing);  // [KG][16]
   float* sSum = sMax + W::KG * MB;                // [KG][16]
-  float* sO = sSum + W::KG * MB;                  // [KG][16][V]
-  if constexpr (SPLIT) {
-    // Partials straight from the fragments: the warps of key slices 1.. put their weighted O in
-    // shared memory (rows padded to V + 8 floats: a warp's float2 accesses meet no bank twice
-    // per wavefront), and slice 0's warps add them to theirs and store the rows. The general
-    // merge below re-lays every slice out by rows first.
-    constexpr int OP = V + 8;
-    static_assert((2 * W::KG * MB + (W::KG - 1) * MB * OP) * 4 <=
-                      2 * C::TK * (C::DP + C::VP) * C::TS,
-                  "slice merge scratch");
-    const int S = p.num_splits;
+  float* sO = sSum + W::KG * MB;                  // split passes: [KG - 1][16][OP]; else [KG][16][V]
+  // Split passes store partials straight from the fragments: the warps of key slices 1.. put
+  // their weighted O in shared memory (rows padded to V + 8 floats: a warp's float2 accesses meet
+  // no bank twice a wavefront), and slice 0's warps add them to theirs and store the rows. The
+  // one-pass merge lays every slice out by rows and normalises them with the sinks.
+  constexpr int OP = V + 8;
+  static_assert((2 * W::KG * MB + (W::KG - 1) * MB * OP) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS,
+                "slice merge scratch");
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
-      if (vg == 0 && t4 == 0)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          sMax[kg * MB + g8 + 8 * h] = m_run[mt][h];
-          sSum[kg * MB + g8 + 8 * h] = l_run[mt][h];
-        }
-      __syncthreads();
-      float mx[2], wgt[2];
+  for (int mt = 0; mt < MT; ++mt) {
+    if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
+    if (vg == 0 && t4 == 0)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mx[h] = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < W::KG; ++j) mx[h] = fmaxf(mx[h], sMax[j * MB + g8 + 8 * h]);
-        wgt[h] = fast_exp2(m_run[mt][h] - (mx[h] == -INFINITY ? 0.f : mx[h]));
+        sMax[kg * MB + g8 + 8 * h] = m_run[mt][h];
+        sSum[kg * MB + g8 + 8 * h] = l_run[mt][h];
       }
-      if (kg > 0)
+    __syncthreads();
+    float mx[2], wgt[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = -INFINITY;
 #pragma unroll
-          for (int n = 0; n < W::NTV; ++n) {
-            const int nt = vg * W::NTV + n;
-            if (W::NT3 % W::VG == 0 || nt < W::NT3)
-              *reinterpret_cast<float2*>(sO + ((kg - 1) * MB + g8 + 8 * h) * OP + nt * 8 + 2 * t4) =
-                  make_float2(o[mt][n][2 * h] * wgt[h], o[mt][n][2 * h + 1] * wgt[h]);
-          }
-      __syncthreads();
-      if (mt == 0) AOTC_STAMP(9);  // m-tile 0's slices in shared memory
+      for (int j = 0; j < W::KG; ++j) mx[h] = fmaxf(mx[h], sMax[j * MB + g8 + 8 * h]);
+      wgt[h] = fast_exp2(m_run[mt][h] - (mx[h] == -INFINITY ? 0.f : mx[h]));
+    }
+    // This warp's weighted O into the scratch: split passes slices 1.. only (pitch OP).
+    constexpr int PITCH = SPLIT ? OP : V;
+    if (!SPLIT || kg > 0)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int n = 0; n < W::NTV; ++n) {
+          const int nt = vg * W::NTV + n;
+          const int srow = (SPLIT ? kg - 1 : kg) * MB + g8 + 8 * h;
+          if (W::NT3 % W::VG == 0 || nt < W::NT3)
+            *reinterpret_cast<float2*>(sO + srow * PITCH + nt * 8 + 2 * t4) =
+                make_float2(o[mt][n][2 * h] * wgt[h], o[mt][n][2 * h + 1] * wgt[h]);
+        }
+    __syncthreads();
+    if (mt == 0) AOTC_STAMP(9);  // m-tile 0's slices in shared memory
+    if constexpr (SPLIT) {
       if (kg > 0) continue;
+      const int S = p.num_splits;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = g8 + 8 * h, rr = row0 + mt * MB + r;
@@ -1164,66 +1166,28 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
           sums[row * S + w.split] = l;
         }
       }
-    }
-  } else
+    } else {
+      const int mrow0 = row0 + mt * MB, rows_here = min(MB, R - mrow0);
+      for (int e = tid; e < rows_here * (V / 2); e += NT) {
+        const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
+        float mxr = -INFINITY;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
-    if (vg == 0 && t4 == 0)
+        for (int j = 0; j < W::KG; ++j) mxr = fmaxf(mxr, sMax[j * MB + r]);
+        const float mu = mxr == -INFINITY ? 0.f : mxr;
+        float l = 0.f, x0 = 0.f, x1 = 0.f;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sMax[kg * MB + g8 + 8 * h] = m_run[mt][h];
-        sSum[kg * MB + g8 + 8 * h] = l_run[mt][h];
-      }
-    __syncthreads();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = g8 + 8 * h;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
-      const float wgt = fast_exp2(m_run[mt][h] - (mx == -INFINITY ? 0.f : mx));
-#pragma unroll
-      for (int n = 0; n < W::NTV; ++n) {
-        const int nt = vg * W::NTV + n;
-        if (W::NT3 % W::VG == 0 || nt < W::NT3)
-          *reinterpret_cast<float2*>(sO + (kg * MB + r) * V + nt * 8 + 2 * t4) =
-              make_float2(o[mt][n][2 * h] * wgt, o[mt][n][2 * h + 1] * wgt);
-      }
-    }
-    __syncthreads();
-    if (mt == 0) AOTC_STAMP(9);  // m-tile 0's slices in shared memory
-    const int mrow0 = row0 + mt * MB, rows_here = min(MB, R - mrow0);
-    for (int e = tid; e < rows_here * (V / 2); e += NT) {
-      const int r = e / (V / 2), col = (e - r * (V / 2)) * 2;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < W::KG; ++j) mx = fmaxf(mx, sMax[j * MB + r]);
-      const float mu = mx == -INFINITY ? 0.f : mx;
-      float l = 0.f, x0 = 0.f, x1 = 0.f;
-#pragma unroll
-      for (int j = 0; j < W::KG; ++j) {
-        l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
-        const float2 xo = *reinterpret_cast<const float2*>(sO + (j * MB + r) * V + col);
-        x0 += xo.x;
-        x1 += xo.y;
-      }
-      const int rr = mrow0 + r;
-      const long long row = out_row(p, w.b, w.kvh, rr);
-      if constexpr (SPLIT) {
-        const int S = p.num_splits;
-        *reinterpret_cast<float2*>(partials + (row * S + w.split) * V + col) =
-            make_float2(x0, x1);
-        if (col == 0) {
-          maxs[row * S + w.split] = mx;
-          sums[row * S + w.split] = l;
+        for (int j = 0; j < W::KG; ++j) {
+          l += fast_exp2(sMax[j * MB + r] - mu) * sSum[j * MB + r];
+          const float2 xo = *reinterpret_cast<const float2*>(sO + (j * MB + r) * V + col);
+          x0 += xo.x;
+          x1 += xo.y;
         }
-      } else {
+        const long long row = out_row(p, w.b, w.kvh, mrow0 + r);
         float f = __fdividef(1.f, l);
         if (p.has_sinks) {
           const float sk = Tr<T>::f(sinks[(int)((row / Lq) % p.q_heads)]) * kLog2e;
-          const float m2 = fmaxf(mx, sk);
-          const float fac = fast_exp2(mx - m2);
+          const float m2 = fmaxf(mxr, sk);
+          const float fac = fast_exp2(mxr - m2);
           f = __fdividef(fac, l * fac + fast_exp2(sk - m2));
         }
         *reinterpret_cast<uint32_t*>(out + row * V + col) = pack2<T>(x0 * f, x1 * f);
