@@ -121,12 +121,11 @@ def run(out: Path, warmups: int = 30) -> None:
 
     from aotc.families.sdpa_vector.cuda import prepare_launch, preparer
     from bench import cuda_harness as h
+    from bench.bench_sdpa import make_sets
 
     lib = h.Library(out / "list")
     for b, hq, hkv, n, d, v, view in SHAPES:
-        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-        vv = k[..., :v] if view else torch.randn(b, hkv, n, v, device="cuda", dtype=torch.bfloat16)
+        [(q, k, vv)] = make_sets(b, hq, hkv, n, d, v, view, torch.bfloat16, 1)
         launch = h.plan_for(lib, q, k, vv, scale=1 / math.sqrt(d))[0]
         title = f"{(b, hq, hkv, n, d, v)} {launch.kernel}, {launch.grid[0]} blocks"
         if "2pass_1" not in launch.kernel and "wgmma" not in launch.kernel:

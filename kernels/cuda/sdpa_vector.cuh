@@ -890,8 +890,12 @@ struct WarpKeysCfg {
   static constexpr int NT3 = V / 8;            // value n-tiles
   static constexpr int NTV = cdiv(NT3, VG);    // value n-tiles per warp
   static_assert(C::NW % KG == 0, "warps must divide into key slices");
-  // The merge's scratch (per slice: row max, row sum, 16 x V of O) reuses the ring.
+  // The merge's scratch reuses the ring: per slice a row max and sum for 16 rows, then O, 16 x V
+  // a slice (one-pass), or 16 x OP for slices 1.. (split passes; OP = V + 8: a padded row).
+  static constexpr int OP = V + 8;
   static_assert(KG * 16 * (V + 2) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS, "merge scratch");
+  static_assert((2 * KG * 16 + (KG - 1) * 16 * OP) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS,
+                "slice merge scratch");
 };
 
 template <typename T, int D, int V, int MT, bool SPLIT>
@@ -1098,9 +1102,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   // their weighted O in shared memory (rows padded to V + 8 floats: a warp's float2 accesses meet
   // no bank twice a wavefront), and slice 0's warps add them to theirs and store the rows. The
   // one-pass merge lays every slice out by rows and normalises them with the sinks.
-  constexpr int OP = V + 8;
-  static_assert((2 * W::KG * MB + (W::KG - 1) * MB * OP) * 4 <= 2 * C::TK * (C::DP + C::VP) * C::TS,
-                "slice merge scratch");
+  constexpr int OP = W::OP;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     if (mt > 0) __syncthreads();  // the previous m-tile's reads of the scratch are done
