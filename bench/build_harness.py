@@ -51,21 +51,33 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
     return names
 
 
+WHOLE_PROGRAM = "-rdc=false"
+
+
 def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[str] = ()) -> None:
     """`src` to the fatbin `out` as the CUDA target builds a library: nvcc with its flags (and
     `flags`, whose -I come first) per arch to relocatable cubins, nvlink, fatbinary. A
-    `compute_XX` arch adds PTX instead, which the driver compiles for the GPU at load."""
+    `compute_XX` arch adds PTX instead, which the driver compiles for the GPU at load.
+
+    WHOLE_PROGRAM among `flags` compiles each arch's cubin whole instead (no nvlink), which the
+    target does not ship: ptxas ignores `setmaxnreg` in relocatable code (bench/NOTES.md round
+    29), so experiments with it need this."""
     images = []
     nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}"]
+    whole = WHOLE_PROGRAM in flags
     for arch in archs:
         if arch.startswith("compute_"):
             ptx = out.with_suffix(f".{arch}.ptx")
             _run([*nvcc, "-ptx", f"-arch={arch}", "-o", ptx, src])
             images.append(f"--image3=kind=ptx,sm={fatbin_sm(arch)},file={ptx}")
             continue
-        rdc, cubin = out.with_suffix(f".{arch}.rdc.cubin"), out.with_suffix(f".{arch}.cubin")
-        _run([*nvcc, "-cubin", f"-arch={arch}", "-o", rdc, src])
-        _run(["nvlink", f"--arch={arch}", rdc, "-o", cubin])
+        cubin = out.with_suffix(f".{arch}.cubin")
+        if whole:
+            _run([*nvcc, "-cubin", f"-arch={arch}", "-o", cubin, src])
+        else:
+            rdc = out.with_suffix(f".{arch}.rdc.cubin")
+            _run([*nvcc, "-cubin", f"-arch={arch}", "-o", rdc, src])
+            _run(["nvlink", f"--arch={arch}", rdc, "-o", cubin])
         images.append(f"--image3=kind=elf,sm={fatbin_sm(arch)},file={cubin}")
     _run(["fatbinary", f"--create={out}", "-64", *images])
 

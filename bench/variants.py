@@ -5,7 +5,8 @@
 
 Each variant is a bf16 fatbin of the pairs below; `run` times the shapes below (or, with --mla,
 bench.sweep_wgmma's many-rows shapes) for each (CUDA graph replays through the harness, default
-plan) and prints one row per shape.
+plan) and prints one row per shape. A variant whose flags hold `-rdc=false` is compiled whole
+(build_harness.WHOLE_PROGRAM), not as the target ships it.
 """
 
 from __future__ import annotations

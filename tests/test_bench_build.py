@@ -1,0 +1,48 @@
+"""bench.build_harness.compile_module's whole-program mode, which `setmaxnreg` experiments need:
+ptxas ignores `setmaxnreg` in relocatable code, as the CUDA target builds it (bench/NOTES.md
+round 29)."""
+
+from __future__ import annotations
+
+from aotc.formats.fatbin import read_fatbin
+from bench.build_harness import WHOLE_PROGRAM, compile_module
+
+from .conftest import needs_nvcc
+
+# Warpgroup 0 gives its registers to warpgroups 1 and 2, which keep 200 accumulators live: more
+# than the 168 a thread of 384 gets, fewer than the 240 that setmaxnreg grants.
+WIDE = r"""
+extern "C" __global__ void __launch_bounds__(384, 1) wide(const float* x, float* y, int n) {
+  if (__shfl_sync(0xffffffffu, threadIdx.x / 128, 0) == 0) {  // warp-uniform, as ptxas can see
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+  float acc[200];
+#pragma unroll
+  for (int j = 0; j < 200; ++j) acc[j] = x[threadIdx.x + j];
+  for (int i = 0; i < n; ++i) {
+    const float a = x[i], b = x[i + 1];
+#pragma unroll
+    for (int j = 0; j < 200; ++j) acc[j] = acc[j] * a + b;
+  }
+#pragma unroll
+  for (int j = 0; j < 200; ++j) y[threadIdx.x * 200 + j] = acc[j];
+}
+"""
+
+
+@needs_nvcc
+def test_only_whole_program_builds_honour_setmaxnreg(tmp_path):
+    src = tmp_path / "wide.cu"
+    src.write_text(WIDE)
+    stack = {}
+    for name, flags in (("relocatable", []), ("whole", [WHOLE_PROGRAM])):
+        out = tmp_path / f"{name}.fatbin"
+        compile_module(src, out, ["sm_90a"], flags)
+        [entry] = read_fatbin(out.read_bytes()).entries
+        assert entry.arch == "sm_90a" and entry.resources is not None
+        stack[name] = entry.resources["wide"].stack
+    assert stack["relocatable"] > 0  # setmaxnreg ignored: 168 registers a thread, spills
+    assert stack["whole"] == 0
+    assert not (tmp_path / "whole.sm_90a.rdc.cubin").exists()  # no relocatable step, no nvlink
