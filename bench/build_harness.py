@@ -63,8 +63,9 @@ def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[s
     target does not ship: ptxas ignores `setmaxnreg` in relocatable code (bench/NOTES.md round
     29), so experiments with it need this."""
     images = []
-    nvcc = ["nvcc", *NVCC_FLAGS, *flags, f"-I{KERNELS}"]
     whole = WHOLE_PROGRAM in flags
+    target_flags = [f for f in NVCC_FLAGS if not (whole and f.startswith("-rdc"))]
+    nvcc = ["nvcc", *target_flags, *flags, f"-I{KERNELS}"]
     for arch in archs:
         if arch.startswith("compute_"):
             ptx = out.with_suffix(f".{arch}.ptx")
@@ -72,12 +73,10 @@ def compile_module(src: Path, out: Path, archs: Sequence[str], flags: Sequence[s
             images.append(f"--image3=kind=ptx,sm={fatbin_sm(arch)},file={ptx}")
             continue
         cubin = out.with_suffix(f".{arch}.cubin")
-        if whole:
-            _run([*nvcc, "-cubin", f"-arch={arch}", "-o", cubin, src])
-        else:
-            rdc = out.with_suffix(f".{arch}.rdc.cubin")
-            _run([*nvcc, "-cubin", f"-arch={arch}", "-o", rdc, src])
-            _run(["nvlink", f"--arch={arch}", rdc, "-o", cubin])
+        compiled = cubin if whole else out.with_suffix(f".{arch}.rdc.cubin")
+        _run([*nvcc, "-cubin", f"-arch={arch}", "-o", compiled, src])
+        if not whole:
+            _run(["nvlink", f"--arch={arch}", compiled, "-o", cubin])
         images.append(f"--image3=kind=elf,sm={fatbin_sm(arch)},file={cubin}")
     _run(["fatbinary", f"--create={out}", "-64", *images])
 
