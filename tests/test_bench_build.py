@@ -1,8 +1,12 @@
-"""bench.build_harness.compile_module's whole-program mode, which `setmaxnreg` experiments need:
-ptxas ignores `setmaxnreg` in relocatable code, as the CUDA target builds it (bench/NOTES.md
-round 29)."""
+"""Builds of bench's own CUDA code: bench.build_harness.compile_module's whole-program mode,
+which `setmaxnreg` experiments need (ptxas ignores `setmaxnreg` in relocatable code, as the CUDA
+target builds it; bench/NOTES.md round 29), and bench.cluster_probe (round 30)."""
 
 from __future__ import annotations
+
+import subprocess
+
+import pytest
 
 from aotc.formats.fatbin import read_fatbin
 from bench.build_harness import WHOLE_PROGRAM, compile_module
@@ -46,3 +50,15 @@ def test_only_whole_program_builds_honour_setmaxnreg(tmp_path):
     assert stack["relocatable"] > 0  # setmaxnreg ignored: 168 registers a thread, spills
     assert stack["whole"] == 0
     assert not (tmp_path / "whole.sm_90a.rdc.cubin").exists()  # no relocatable step, no nvlink
+
+
+@needs_nvcc
+def test_cluster_probe_builds_and_says_where_it_runs(tmp_path):
+    from bench.cluster_probe import build
+
+    binary = build(tmp_path)
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    if "no CUDA device" not in run.stderr:
+        pytest.skip("a CUDA device is visible: the probe is a benchmark there (bench/NOTES.md)")
+    assert run.returncode == 2
+    assert run.stdout == ""  # nothing measured, nothing printed as if it had been
