@@ -1,6 +1,6 @@
 """Where a split block's time goes: %globaltimer stamps from a profiling build.
 
-    python3 -m bench.stamps build DIR      (here: nvcc, -DAOTC_SDPA_STAMPS, bf16)
+    python3 -m bench.stamps build DIR [--flag=-DMACRO=VALUE ...]  (here: nvcc, stamps on, bf16)
     python3 -m bench.stamps run DIR        (on the GPU)
 
 The build records the time at points of every split block (the register path's blocks that
@@ -17,6 +17,7 @@ import argparse
 import math
 import statistics
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from aotc.families.sdpa_vector.cuda import PARAMS_FORMAT, WGMMA_ROWS, Launch
@@ -62,13 +63,15 @@ WGMMA = [
 ]
 
 
-def build(out: Path) -> None:
+def build(out: Path, flags: Sequence[str] = ()) -> None:
+    """The profiling build, with an A/B's nvcc `flags` (macros, or -I to an older copy of the
+    headers) after the stamps' own."""
     from bench.build_harness import compile_module, translation_unit
 
     out.mkdir(parents=True, exist_ok=True)
     src = out / "stamps.cu"
     src.write_text(translation_unit(PAIRS, ["bfloat16"]))
-    compile_module(src, out / "stamps.fatbin", ["sm_90a"], ["-DAOTC_SDPA_STAMPS"])
+    compile_module(src, out / "stamps.fatbin", ["sm_90a"], ["-DAOTC_SDPA_STAMPS", *flags])
     (out / "list").write_text("stamps.fatbin")
 
 
@@ -155,15 +158,17 @@ def run(out: Path, warmups: int = 30) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="compile the profiling build here (nvcc)").add_argument(
-        "dir", type=Path
+    build_cmd = commands.add_parser("build", help="compile the profiling build here (nvcc)")
+    build_cmd.add_argument("dir", type=Path)
+    build_cmd.add_argument(
+        "--flag", action="append", default=[], metavar="-DMACRO=VALUE", help="an A/B's nvcc flag"
     )
     run_cmd = commands.add_parser("run", help="stamp each shape's split pass (on the GPU)")
     run_cmd.add_argument("dir", type=Path)
     run_cmd.add_argument("--warmups", type=int, default=30)
     args = parser.parse_args()
     if args.command == "build":
-        build(args.dir)
+        build(args.dir, args.flag)
     else:
         run(args.dir, args.warmups)
 
