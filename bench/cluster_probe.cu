@@ -12,10 +12,13 @@
 //     (cp.async.bulk shared::cluster, pushed by the peer), then stores the merged fp32 rows;
 // each against the same blocks with no exchange, as CUDA-graph replays of 50 launches.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
+
+#include "sdpa_vector_wgmma.cuh"
 
 namespace {
 
@@ -32,21 +35,11 @@ static_assert(kBar + 8 <= kSmem, "the pair layout does not fit");
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile(
-      "barrier.cluster.arrive.release.aligned;\n"
-      "barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
+// The kernels' own cluster primitives: the pair merge's exchange is measured as the tree does it.
+using aotc_sdpa::wg::cluster_addr;
+using aotc_sdpa::wg::cluster_rank;
+using aotc_sdpa::wg::cluster_sync;
+using aotc_sdpa::wg::ld_cluster4;
 
 // The partial O of this thread, in the wgmma accumulator layout of warpgroups 1 and 2 (each
 // holds 256 columns: 32 groups of 8, two rows of a float2 each).
@@ -84,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int owner = col / kSlice, c = col % kSlice;
       const int at = ((rank * kRows + row) * kSliceStride + c) * 4;
       if (mode == kShared) {
-        const uint32_t addr = peer_addr(smem_addr(smem) + at, owner);
+        const uint32_t addr = cluster_addr(smem_addr(smem) + at, owner);
         asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y)
                      : "memory");
       } else if (mode == kGlobal) {
@@ -140,8 +133,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t src = smem_addr(smem) + peer * kHalfBytes;
       asm volatile(
           "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], "
-          "%2, [%3];" ::"r"(peer_addr(smem_addr(smem) + kRecv, peer)),
-          "r"(src), "r"(kHalfBytes), "r"(peer_addr(bar, peer))
+          "%2, [%3];" ::"r"(cluster_addr(smem_addr(smem) + kRecv, peer)),
+          "r"(src), "r"(kHalfBytes), "r"(cluster_addr(bar, peer))
           : "memory");
     }
     asm volatile(
@@ -150,16 +143,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         "@!done bra WAIT;\n}" ::"r"(bar)
         : "memory");
   }
-  const uint32_t peer_rows = peer_addr(smem_addr(smem), peer);
+  const uint32_t peer_rows = cluster_addr(smem_addr(smem), peer);
   for (int i = threadIdx.x; i < kRows / 2 * (kV / 4); i += kThreads) {
     const int lr = i / (kV / 4), c4 = i % (kV / 4), r = rank * kRows / 2 + lr;
     const float4 x = *reinterpret_cast<const float4*>(smem + r * kRowBytes + c4 * 16);
     float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
     if (mode == kLoads) {
-      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(y.x), "=f"(y.y), "=f"(y.z), "=f"(y.w)
-                   : "r"(peer_rows + r * kRowBytes + c4 * 16)
-                   : "memory");
+      y = ld_cluster4(peer_rows + r * kRowBytes + c4 * 16);
     } else if (mode == kBulk) {
       y = *reinterpret_cast<const float4*>(smem + kRecv + lr * kRowBytes + c4 * 16);
     }

@@ -17,13 +17,23 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_suffix(".cu")
+KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "cuda"  # the cluster primitives
 BINARY = "cluster_probe"
 
 
 def build(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     binary = out / BINARY
-    cmd = ["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-o", str(binary), str(SOURCE)]
+    cmd = [
+        "nvcc",
+        "-O3",
+        "-std=c++17",
+        "-arch=sm_90a",
+        f"-I{KERNELS}",
+        "-o",
+        str(binary),
+        str(SOURCE),
+    ]
     subprocess.run(cmd, check=True)
     return binary
 
