@@ -505,8 +505,8 @@ struct PairCfg {
   static constexpr int ROW = V + 8;
   static constexpr int STATS = kRows * ROW * 4;                 // byte offset of maxs, then sums
   static constexpr int WEIGHTS = STATS + 2 * kRows * 4;         // this block's rows' merge weights
-  static constexpr int OUT = WEIGHTS + 2 * (kRows / 2) * 4;     // their offsets in partials
-  static constexpr int BYTES = OUT + (kRows / 2) * 8;
+  static constexpr int ROW_AT = WEIGHTS + 2 * (kRows / 2) * 4;  // each row's place in partials
+  static constexpr int BYTES = ROW_AT + (kRows / 2) * 8;
   static_assert(BYTES <= WCfg<D, V, TWO_DEEP>::Q_BYTES + WCfg<D, V, TWO_DEEP>::SLOTS_BYTES,
                 "the pair exchange does not fit over Q and the slots");
 };
@@ -527,7 +527,7 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
   const uint32_t peer = cluster_addr(sX, rank ^ 1);
   const float* const stats = reinterpret_cast<const float*>(gX + PC::STATS);
   float* const weights = reinterpret_cast<float*>(gX + PC::WEIGHTS);
-  long long* const out = reinterpret_cast<long long*>(gX + PC::OUT);
+  long long* const row_at = reinterpret_cast<long long*>(gX + PC::ROW_AT);
   if (tid < kHalf) {
     const int r = rank * kHalf + tid;
     const float ma = stats[r], la = stats[kRows + r];
@@ -537,17 +537,17 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
     const float wa = exp2f(ma - mu), wb = exp2f(mb - mu);
     weights[tid] = wa;
     weights[kHalf + tid] = wb;
-    out[tid] = -1;  // a row past R
+    row_at[tid] = -1;  // a row past R
     if (row0 + r < R) {
       const long long at = out_row(p, b, kvh, row0 + r) * S2 + out_split;
       maxs[at] = mx;
       sums[at] = wa * la + wb * lb;
-      out[tid] = at * V;
+      row_at[tid] = at * V;
     }
   }
   bar_sync<kBarDone, kThreads>();  // the weights and row offsets are in place
-  // A thread keeps one float4 column of every kStep-th row, and rows' offsets come from the
-  // table above: the loop divides nothing (two divisions a float4 cost ~0.5 us of the merge,
+  // A thread keeps one float4 column of every kStep-th row, and the rows' places come from
+  // row_at: the loop divides nothing (two divisions a float4 cost ~0.5 us of the merge,
   // bench/NOTES.md round 30).
   static_assert(kThreads % C4 == 0, "a thread's rows share its column");
   constexpr int kStep = kThreads / C4;
@@ -556,7 +556,7 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
   for (int lr = tid / C4; lr < kHalf; lr += kStep) {
     const uint32_t off = col + lr * PC::ROW * 4;
     const float4 x = *reinterpret_cast<const float4*>(gX + off), y = ld_cluster4(peer + off);
-    const long long at = out[lr];
+    const long long at = row_at[lr];
     if (at < 0) break;  // rows past R: every later one is too
     const float wa = weights[lr], wb = weights[kHalf + lr];
     *reinterpret_cast<float4*>(partials + at + c4 * 4) = make_float4(
