@@ -565,7 +565,8 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
   cluster_sync();  // the peer is done reading this block's rows
 }
 
-template <typename T, int D, int V, bool TWO_DEEP, bool PAIR>
+// MAPS_PREFETCHED: the entry point has prefetched every encoded tensor map (prefetch_maps).
+template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
                                             float* __restrict__ partials,
@@ -689,7 +690,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     mbar_init(sBars + tid * 8, tma || tid == C::SLOTS * kParts ? 1 : 128);
     if (tma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // for TMA
   }
-  if (tma && tid == 0) {
+  if (!MAPS_PREFETCHED && tma && tid == 0) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(kmap)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
   }
@@ -929,6 +930,19 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 #endif
 }
 
+// Thread 0 fetches the encoded tensor maps (K's, V's, Q's) into the descriptor cache at the
+// block's start: the first TMA boxes wait on them. MLA rows ran 0.1-1.0 us faster than with
+// K's and V's prefetched after the set-up and Q's not at all (bench/NOTES.md round 30). Not in
+// the dual entry points: at their 80 registers a thread it spilled.
+__device__ __forceinline__ void prefetch_maps(const WParams& wp) {
+  if (threadIdx.x != 0) return;
+#pragma unroll
+  for (int m = 0; m < 3; ++m)
+    if (wp.maps_ok & (1u << m))
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&wp.maps[m]))
+                   : "memory");
+}
+
 template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             float* partials, float* maxs, float* sums,
@@ -942,7 +956,9 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
         (PAIR && p.p.num_splits % 2 != 0))
       __trap();
-    wgmma_block<T, D, V, TWO_DEEP, PAIR>(q, k, v, mask, partials, maxs, sums, p, aotc_wg_smem);
+    if constexpr (BLOCKS == 1) prefetch_maps(p);
+    wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1>(q, k, v, mask, partials, maxs, sums, p,
+                                                      aotc_wg_smem);
     return;
   }
 #endif
