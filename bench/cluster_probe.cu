@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <vector>
 
 #include "sdpa_vector_wgmma.cuh"
 
@@ -205,15 +207,12 @@ float time_launches(Launch&& launch) {
   return best * 1000.f / 50.f;
 }
 
-// The outputs of two modes agree (every mode computes the same merge).
-template <typename T>
-bool same(const T* a, const T* b, size_t bytes) {
-  static char ha[132 * kRows * kV * 4], hb[132 * kRows * kV * 4];
-  cudaMemcpy(ha, a, bytes, cudaMemcpyDeviceToHost);
-  cudaMemcpy(hb, b, bytes, cudaMemcpyDeviceToHost);
-  for (size_t i = 0; i < bytes; ++i)
-    if (ha[i] != hb[i]) return false;
-  return true;
+// Whether two device buffers hold the same bytes (every mode computes the same merge).
+bool same(const void* a, const void* b, size_t bytes) {
+  std::vector<char> ha(bytes), hb(bytes);
+  cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost);
+  cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost);
+  return std::memcmp(ha.data(), hb.data(), bytes) == 0;
 }
 
 int check(const char* what) {

@@ -10,6 +10,7 @@ import pytest
 
 from aotc.formats.fatbin import read_fatbin
 from bench.build_harness import WHOLE_PROGRAM, compile_module
+from bench.cluster_probe import build as build_cluster_probe
 
 from .conftest import needs_nvcc
 
@@ -54,9 +55,7 @@ def test_only_whole_program_builds_honour_setmaxnreg(tmp_path):
 
 @needs_nvcc
 def test_cluster_probe_builds_and_says_where_it_runs(tmp_path):
-    from bench.cluster_probe import build
-
-    binary = build(tmp_path)
+    binary = build_cluster_probe(tmp_path)
     run = subprocess.run([str(binary)], capture_output=True, text=True)
     if "no CUDA device" not in run.stderr:
         pytest.skip("a CUDA device is visible: the probe is a benchmark there (bench/NOTES.md)")
