@@ -25,6 +25,7 @@
 
 #include "call_table.h"
 #include "eval_polling.h"
+#include "mlx_attention_call.h"
 #include "cuda/cuda_launch.h"
 #include "cuda/cuda_plan.h"
 #include "mlx/array.h"
@@ -340,6 +341,14 @@ for a gradient raises.)");
             return self(aotc::arguments_of(args));
           },
           "Run the call: its arguments positionally, arrays and the values its plan fixed.");
+
+  nb::class_<aotc::MlxAttentionCall, aotc::NativeCall>(
+      m,
+      "MlxAttentionCall",
+      "mx.fast.scaled_dot_product_attention as a native call, for signatures that fall "
+      "back to it: called with (q, k, v, mask, sinks, scale) as a CallTable passes them, "
+      "the scale and a string mask fixed here.")
+      .def(nb::init<float, std::string>(), "scale"_a, "mask_mode"_a = "");
 
   nb::class_<aotc::CudaPlan, aotc::NativeCall>(
       m,

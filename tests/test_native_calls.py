@@ -235,16 +235,72 @@ def test_sdpa_vector_files_a_native_plan_and_serves_from_it(monkeypatch, ext):
     assert len(table) == 0
 
 
-def test_fallbacks_are_not_filed(ext):
+def _mask(kind):
+    if kind == "bool":
+        return mx.random.uniform(shape=(3, 40)) > 0.3
+    if kind == "additive":
+        return mx.random.normal((2, 1, 3, 40)).astype(mx.float16)
+    return kind
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_fallbacks_are_filed_and_served_by_mlxs_op(monkeypatch, ext, mask, with_sinks):
+    """A signature that falls back is filed too: its later calls go from the table to MLX's
+    own op, with what MLX's Python binding passes it (scale, mask mode, mask, sinks)."""
     from aotc.families.sdpa_vector import api
 
     if mx.default_device() == mx.gpu:
-        pytest.skip("the default device is a GPU here: calls may be served")
-    before = len(api._native_calls) if api._native_calls is not None else 0
+        pytest.skip("the default device is a GPU here: calls may be served by kernels")
+    table = ext.CallTable()
+    monkeypatch.setattr(api, "_native_calls", table)
+    mx.random.seed(1)
+    q = mx.random.normal((2, 8, 3, 64)).astype(mx.float16)
+    k = mx.random.normal((2, 2, 40, 64)).astype(mx.float16)
+    v = mx.random.normal((2, 2, 40, 32)).astype(mx.float16)
+    mask = _mask(mask)
+    sinks = mx.random.normal((8,)).astype(mx.float16) if with_sinks else None
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, sinks=sinks)
+    first = api.sdpa_vector(q, k, v, scale=0.2, mask=mask, sinks=sinks)
+    assert mx.array_equal(first, want).item() and len(table) == 1
+
+    def no_decision(*args):
+        raise AssertionError("a filed fallback decided again")
+
+    monkeypatch.setattr(api, "_decide", no_decision)
+    again = api.sdpa_vector(q * 2, k, v, scale=0.2, mask=mask, sinks=sinks)
+    want = mx.fast.scaled_dot_product_attention(q * 2, k, v, scale=0.2, mask=mask, sinks=sinks)
+    assert mx.array_equal(again, want).item()
+    # MLX's gradients flow through the filed call as through the op.
+    grad = mx.grad(lambda x: api.sdpa_vector(x, k, v, scale=0.2, mask=mask, sinks=sinks).sum())
+    want_grad = mx.grad(
+        lambda x: mx.fast.scaled_dot_product_attention(
+            x, k, v, scale=0.2, mask=mask, sinks=sinks
+        ).sum()
+    )
+    assert mx.allclose(grad(q), want_grad(q)).item()
+
+
+def test_fallbacks_decide_each_call_while_debug_logs_them(monkeypatch, ext, caplog):
+    import logging
+
+    from aotc.families.sdpa_vector import api
+
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the default device is a GPU here: calls may be served by kernels")
+    table = ext.CallTable()
+    monkeypatch.setattr(api, "_native_calls", table)
     q = k = v = mx.ones((1, 2, 1, 8))
-    out = api.sdpa_vector(q, k, v, scale=0.5)
-    assert out.shape == (1, 2, 1, 8)
-    assert api._native_calls is not None and len(api._native_calls) == before
+    with caplog.at_level(logging.DEBUG, logger="aotc"):
+        api.sdpa_vector(q, k, v, scale=0.5)
+        api.sdpa_vector(q, k, v, scale=0.5)
+    logged = [r for r in caplog.records if "falls back to MLX" in r.message]
+    assert len(logged) == 2 and len(table) == 0
+    # A mask string MLX does not know keeps MLX's own error, call after call.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="mask"):
+            api.sdpa_vector(q, k, v, scale=0.5, mask="sliding")
+    assert len(table) == 0
 
 
 def test_a_broken_extension_leaves_calls_to_python(monkeypatch):

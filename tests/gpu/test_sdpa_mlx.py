@@ -400,3 +400,23 @@ def test_eval_polls_the_cuda_events():
     assert aotc.eval(polled, spin=math.inf) is True
     assert aotc.eval([waited], spin=0) is False
     assert mx.array_equal(polled, want).item() and mx.array_equal(waited, want).item()
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "additive"])
+def test_a_signature_no_library_serves_runs_mlxs_op_from_the_table(mask):
+    """Head dims no library has: the first call decides in Python and files MLX's own op, and
+    the table serves the next call with it, on the GPU, equal to MLX's op called directly."""
+    mx.random.seed(3)
+    q = mx.random.normal((1, 8, 2, 72)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, 100, 72)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 100, 72)).astype(mx.bfloat16)
+    if mask == "additive":
+        mask = mx.random.normal((1, 8, 2, 100)).astype(mx.bfloat16)
+    assert "no usable cuda library" in aotc.fallback_reason(q, k, v, mask=mask)
+    api.clear_cache()
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1, mask=mask)
+    first = aotc.sdpa_vector(q, k, v, scale=0.1, mask=mask)
+    assert len(api._native_calls) == 1
+    served = api._native_calls(q, k, v, mask, None, 0.1)
+    assert served is not None
+    assert mx.array_equal(first, want).item() and mx.array_equal(served, want).item()

@@ -3,7 +3,8 @@
 A call is described once per distinct (shapes, dtypes, mask, sinks, device): the decision (which
 library, which kernels, or why MLX's own op must run instead) is cached. Where the decision is a
 native plan (CUDA), it is also filed in the extension's CallTable under the call's signature and
-scale, so the hot path of a decode step is one call into C++: the lookup and the launches.
+scale, so the hot path of a decode step is one call into C++: the lookup and the launches. A
+fallback decision files MLX's own op there the same way (see `_file_fallback`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def _call_table() -> Any:
 _native_calls = _call_table()
 
 
+def _fallback_call_type() -> Any:
+    """The extension's MlxAttentionCall (MLX's op as a native call), or None without one."""
+    from aotc.runtime.cuda import extension
+
+    try:
+        return extension().MlxAttentionCall
+    except Exception:  # no extension, or one built before it: fallbacks decide in Python
+        return None
+
+
+_MlxAttentionCall = _fallback_call_type() if _native_calls is not None else None
+
+
 def sdpa_vector(
     q: mx.array,
     k: mx.array,
@@ -70,7 +84,9 @@ def sdpa_vector(
     if isinstance(decision, str):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("aotc.sdpa_vector falls back to MLX: %s", decision)
-        return _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+        out = _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+        _file_fallback(q, k, v, mask, sinks, scale, stream)
+        return out
     plan = getattr(decision, "plan", None)  # runners with native plans (CUDA) have one
     if plan is None:
         return decision(q, k, v, scale, mask, sinks)
@@ -78,6 +94,21 @@ def sdpa_vector(
     if stream is None and _native_calls is not None:
         _native_calls.add(native, q, k, v, mask, sinks, scale)
     return native(q, k, v, mask, sinks, scale)
+
+
+def _file_fallback(q, k, v, mask, sinks, scale, stream) -> None:
+    """Serve later calls of this fallback's signature by MLX's op straight from the table.
+
+    Not while the `aotc` logger takes debug records: those calls keep deciding in Python, so
+    that each logs its reason. Not for a mask string MLX does not know, whose error MLX's
+    Python binding raises."""
+    if stream is not None or _native_calls is None or log.isEnabledFor(logging.DEBUG):
+        return
+    if isinstance(mask, str) and mask != "causal":
+        return
+    if _MlxAttentionCall is not None:
+        mode = mask if isinstance(mask, str) else ""
+        _native_calls.add(_MlxAttentionCall(scale, mode), q, k, v, mask, sinks, scale)
 
 
 def fallback_reason(
