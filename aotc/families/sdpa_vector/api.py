@@ -99,14 +99,12 @@ def sdpa_vector(
 def _file_fallback(q, k, v, mask, sinks, scale, stream) -> None:
     """Serve later calls of this fallback's signature by MLX's op straight from the table.
 
-    Not while the `aotc` logger takes debug records: those calls keep deciding in Python, so
-    that each logs its reason. Not for a mask string MLX does not know, whose error MLX's
-    Python binding raises."""
-    if stream is not None or _native_calls is None or log.isEnabledFor(logging.DEBUG):
+    Called once MLX's op has accepted the call (a mask string it rejects raised before), and
+    not while the `aotc` logger takes debug records: those calls keep deciding in Python, so
+    that each logs its reason."""
+    if stream is not None or _native_calls is None or _MlxAttentionCall is None:
         return
-    if isinstance(mask, str) and mask != "causal":
-        return
-    if _MlxAttentionCall is not None:
+    if not log.isEnabledFor(logging.DEBUG):
         mode = mask if isinstance(mask, str) else ""
         _native_calls.add(_MlxAttentionCall(scale, mode), q, k, v, mask, sinks, scale)
 
