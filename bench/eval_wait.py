@@ -7,11 +7,12 @@
 A benchmark, not a test. Each iteration builds one call and evaluates it, as a decode step
 evaluated on its own would; the two waits alternate call by call, so drift hits both alike.
 Prints the median and the 10th-90th percentiles of the wall time per evaluated call (building
-included; the building alone in its own column), and how often `aotc.eval` finished by
-polling; after each attention case, its median over the floor's under `aotc.eval` (#6's aim:
-within 10 us) and how much of that is building the call. With torch present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the
-same way for reference. `--chain N`: each evaluation holds N dependent calls (each query from
-the previous output), as a decode step's layers would; times are then per evaluation.
+included; the building alone in its own column), and how often `aotc.eval` finished by polling;
+after each attention case, its median over the floor's under `aotc.eval` (#6's aim: within 10
+us) and how much of that is building the call. With torch present, torch's SDPA followed by
+`torch.cuda.synchronize()` is timed the same way for reference. `--chain N`: each evaluation
+holds N dependent calls (each query from the previous output), as a decode step's layers would;
+times are then per evaluation.
 """
 
 from __future__ import annotations
