@@ -34,14 +34,17 @@ constexpr int kRecv = kRows * kRowBytes;           // pairs: where the peer's ro
 constexpr int kBar = kRecv + kHalfBytes;
 static_assert(kBar + 8 <= kSmem, "the pair layout does not fit");
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// The kernels' own cluster primitives: the pair merge's exchange is measured as the tree does it.
+// The kernels' own cluster and mbarrier primitives: the pair merge's exchange is measured as the
+// tree does it.
+using aotc_sdpa::smem_u32;
 using aotc_sdpa::wg::cluster_addr;
 using aotc_sdpa::wg::cluster_rank;
 using aotc_sdpa::wg::cluster_sync;
+using aotc_sdpa::wg::fence_async_shared;
 using aotc_sdpa::wg::ld_cluster4;
+using aotc_sdpa::wg::mbar_arrive_expect;
+using aotc_sdpa::wg::mbar_init;
+using aotc_sdpa::wg::mbar_wait;
 
 // The partial O of this thread, in the wgmma accumulator layout of warpgroups 1 and 2 (each
 // holds 256 columns: 32 groups of 8, two rows of a float2 each).
@@ -79,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int owner = col / kSlice, c = col % kSlice;
       const int at = ((rank * kRows + row) * kSliceStride + c) * 4;
       if (mode == kShared) {
-        const uint32_t addr = cluster_addr(smem_addr(smem) + at, owner);
+        const uint32_t addr = cluster_addr(smem_u32(smem) + at, owner);
         asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y)
                      : "memory");
       } else if (mode == kGlobal) {
@@ -115,12 +118,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     merge2(int mode, float* partials, float seed) {
   extern __shared__ __align__(1024) char smem[];
   const uint32_t rank = cluster_rank(), peer = rank ^ 1;
-  const uint32_t bar = smem_addr(smem + kBar);
+  const uint32_t bar = smem_u32(smem + kBar);
   if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                 "r"(kHalfBytes)
-                 : "memory");
+    mbar_init(bar, 1);
+    mbar_arrive_expect(bar, kHalfBytes);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   const Fragment frag(seed);
@@ -128,24 +129,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     frag.each([&](int row, int col, float x, float y) {
       *reinterpret_cast<float2*>(smem + row * kRowBytes + col * 4) = make_float2(x, y);
     });
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // for the bulk copy's reads
+  fence_async_shared();  // for the bulk copy's reads
   cluster_sync();  // both blocks' rows and mbarriers are in place
   if (mode == kBulk) {
     if (threadIdx.x == 0) {  // the peer's rows, from this block, into the peer's landing area
-      const uint32_t src = smem_addr(smem) + peer * kHalfBytes;
+      const uint32_t src = smem_u32(smem) + peer * kHalfBytes;
       asm volatile(
           "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], "
-          "%2, [%3];" ::"r"(cluster_addr(smem_addr(smem) + kRecv, peer)),
+          "%2, [%3];" ::"r"(cluster_addr(smem_u32(smem) + kRecv, peer)),
           "r"(src), "r"(kHalfBytes), "r"(cluster_addr(bar, peer))
           : "memory");
     }
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
-        "@!done bra WAIT;\n}" ::"r"(bar)
-        : "memory");
+    mbar_wait(bar, 0);
   }
-  const uint32_t peer_rows = cluster_addr(smem_addr(smem), peer);
+  const uint32_t peer_rows = cluster_addr(smem_u32(smem), peer);
   for (int i = threadIdx.x; i < kRows / 2 * (kV / 4); i += kThreads) {
     const int lr = i / (kV / 4), c4 = i % (kV / 4), r = rank * kRows / 2 + lr;
     const float4 x = *reinterpret_cast<const float4*>(smem + r * kRowBytes + c4 * 16);
