@@ -82,10 +82,12 @@ def sdpa_vector(
             return out
     decision = _decide(q, k, v, mask, sinks, stream)
     if isinstance(decision, str):
-        if log.isEnabledFor(logging.DEBUG):
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
             log.debug("aotc.sdpa_vector falls back to MLX: %s", decision)
         out = _MLX_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
-        _file_fallback(q, k, v, mask, sinks, scale, stream)
+        if not debug:  # each logged fallback decides again, so that each logs its reason
+            _file_fallback(q, k, v, mask, sinks, scale, stream)
         return out
     plan = getattr(decision, "plan", None)  # runners with native plans (CUDA) have one
     if plan is None:
@@ -99,12 +101,8 @@ def sdpa_vector(
 def _file_fallback(q, k, v, mask, sinks, scale, stream) -> None:
     """Serve later calls of this fallback's signature by MLX's op straight from the table.
 
-    Called once MLX's op has accepted the call (a mask string it rejects raised before), and
-    not while the `aotc` logger takes debug records: those calls keep deciding in Python, so
-    that each logs its reason."""
-    if stream is not None or _native_calls is None or _MlxAttentionCall is None:
-        return
-    if not log.isEnabledFor(logging.DEBUG):
+    Called once MLX's op has accepted the call (a mask string it rejects raised before)."""
+    if stream is None and _native_calls is not None and _MlxAttentionCall is not None:
         mode = mask if isinstance(mask, str) else ""
         _native_calls.add(_MlxAttentionCall(scale, mode), q, k, v, mask, sinks, scale)
 
