@@ -5,14 +5,16 @@
         [--shapes 0,4,10] [--chain 1]
 
 A benchmark, not a test. Each iteration builds one call and evaluates it, as a decode step
-evaluated on its own would; the two waits alternate call by call, so drift hits both alike.
-Prints the median and the 10th-90th percentiles of the wall time per evaluated call (building
-included; the building alone in its own column), and how often `aotc.eval` finished by polling;
-after each attention case, its median over the floor's under `aotc.eval` (#6's aim: within 10
-us) and how much of that is building the call. With torch present, torch's SDPA followed by
-`torch.cuda.synchronize()` is timed the same way for reference. `--chain N`: each evaluation
-holds N dependent calls (each query from the previous output), as a decode step's layers would;
-times are then per evaluation.
+evaluated on its own would. Every case is timed in one loop with the floor: each iteration runs
+the floor and the case under both waits, in an order that flips every iteration, so that drift
+of the host (its slow states double the floor for seconds) hits both alike. Prints the median
+and the 10th-90th percentiles of the wall time per evaluated call (building included; the
+building alone in its own column), and how often `aotc.eval` finished by polling; after each
+attention case, how far it is over the floor under `aotc.eval` (#6's aim: within 10 us), as the
+median of the iterations' differences, and how much of that is building the call. With torch
+present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the same way for
+reference. `--chain N`: each evaluation holds N dependent calls (each query from the previous
+output), as a decode step's layers would; times are then per evaluation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ WAITS: dict[str, Callable[[mx.array], object]] = {
     "mx.eval": mx.eval,
     "aotc.eval": aotc.eval,
 }
+FLOOR = "mx.add (tiny)"  # MLX's per-evaluation floor
 
 
 def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
@@ -53,27 +56,30 @@ def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
     }
 
 
+Samples = dict[tuple[str, str], list[float]]  # (case, wait) -> us, one per iteration
+
+
 def time_waits(
-    call: Callable[[], mx.array], iters: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
-    """Wall us per evaluated call under each wait, alternating, and of its building alone;
-    and aotc.eval's polled count."""
-    for wait in WAITS.values():  # warm: plans made, graphs cached
+    calls: dict[str, Callable[[], mx.array]], iters: int
+) -> tuple[Samples, Samples, dict[str, int]]:
+    """Wall us per evaluated call of every (case, wait), all in one loop whose order flips each
+    iteration, and of its building alone; and each case's count of aotc.eval's polled waits."""
+    combos = [(case, wait) for case in calls for wait in WAITS]
+    for case, wait in combos:  # warm: plans made, graphs cached
         for _ in range(5):
-            wait(call())
-    times: dict[str, list[float]] = {name: [] for name in WAITS}
-    builds: dict[str, list[float]] = {name: [] for name in WAITS}
-    polled = 0
+            WAITS[wait](calls[case]())
+    times: Samples = {combo: [] for combo in combos}
+    builds: Samples = {combo: [] for combo in combos}
+    polled = dict.fromkeys(calls, 0)
     for i in range(iters):
-        order = list(WAITS.items()) if i % 2 == 0 else list(WAITS.items())[::-1]
-        for name, wait in order:
+        for case, wait in combos if i % 2 == 0 else combos[::-1]:
             start = time.perf_counter()
-            out = call()
+            out = calls[case]()
             built = time.perf_counter()
-            done = wait(out)
-            times[name].append((time.perf_counter() - start) * 1e6)
-            builds[name].append((built - start) * 1e6)
-            polled += done is True
+            done = WAITS[wait](out)
+            times[case, wait].append((time.perf_counter() - start) * 1e6)
+            builds[case, wait].append((built - start) * 1e6)
+            polled[case] += done is True
     return times, builds, polled
 
 
@@ -106,12 +112,17 @@ def row(label: str, samples: list[float], builds: list[float] | None = None) -> 
     )
 
 
-def over_floor(times, builds, floor, floor_builds, wait: str = "aotc.eval") -> str:
-    """The aim's figure: the attention case's median over the floor's, both under `wait`, and
-    how much of that is building the call."""
-    median = statistics.median
-    over = median(times[wait]) - median(floor[wait])
-    building = median(builds[wait]) - median(floor_builds[wait])
+def paired_excess(samples: list[float], floor: list[float]) -> float:
+    """The median of the iterations' differences: how far a case is over the floor timed beside
+    it, each iteration against its own floor."""
+    return statistics.median(x - f for x, f in zip(samples, floor, strict=True))
+
+
+def over_floor(times: Samples, builds: Samples, case: str, wait: str = "aotc.eval") -> str:
+    """The aim's figure: the case over the floor under `wait`, and how much of that is building
+    the call (medians of the iterations' differences)."""
+    over = paired_excess(times[case, wait], times[FLOOR, wait])
+    building = paired_excess(builds[case, wait], builds[FLOOR, wait])
     return (
         f"(under {wait}: {over:.1f} us over MLX's floor, {building:.1f} of it building the call;"
         f" #6 aims at 10 or less)"
@@ -130,18 +141,15 @@ def main() -> None:
     print("| case | median us | p10-p90 us | of which building |\n|---|---|---|---|")
     tiny = mx.zeros((16,))
     mx.eval(tiny)
-    floor, floor_builds, polled = time_waits(lambda: tiny + 1, args.iters)
-    for wait, samples in floor.items():
-        print(row(f"mx.add (tiny), {wait}", samples, floor_builds[wait]))
-    print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
     for shape in selected(args.shapes):
         for name, call in cases(shape, args.chain).items():
-            times, builds, polled = time_waits(call, args.iters)
-            for wait, samples in times.items():
-                print(row(f"{shape[:6]} {name}, {wait}", samples, builds[wait]))
-            print(f"(aotc.eval finished by polling in {polled} of {args.iters})")
+            times, builds, polled = time_waits({FLOOR: lambda: tiny + 1, name: call}, args.iters)
+            for (case, wait), samples in times.items():
+                label = case if case == FLOOR else f"{shape[:6]} {case}"
+                print(row(f"{label}, {wait}", samples, builds[case, wait]))
+            print(f"(aotc.eval finished by polling in {polled[name]} of {args.iters})")
             if name.startswith("aotc."):
-                print(over_floor(times, builds, floor, floor_builds))
+                print(over_floor(times, builds, name))
         reference = None if args.no_torch or args.chain > 1 else torch_times(shape, args.iters)
         if reference:
             print(row(f"{shape[:6]} torch SDPA + synchronize", reference))
