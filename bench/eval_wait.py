@@ -5,13 +5,15 @@
         [--shapes 0,4,10] [--chain 1]
 
 A benchmark, not a test. Each iteration builds one call and evaluates it, as a decode step
-evaluated on its own would. Every case is timed in one loop with the floor: each iteration runs
-the floor and the case under both waits, in an order that flips every iteration, so that drift
-of the host (its slow states double the floor for seconds) hits both alike. Prints the median
-and the 10th-90th percentiles of the wall time per evaluated call (building included; the
-building alone in its own column), and how often `aotc.eval` finished by polling; after each
-attention case, how far it is over the floor under `aotc.eval` (#6's aim: within 10 us), as the
-median of the iterations' differences, and how much of that is building the call. With torch
+evaluated on its own would. Every case is timed beside the floor, in blocks: a block runs a
+stint of the floor and one of the case (STINT iterations, each evaluating under both waits in
+turn), the order of the two flipping block by block, so that drift of the host (its slow states
+double the floor for seconds) hits both alike; the first WARM iterations of a stint are not
+kept. Prints the median and the 10th-90th percentiles of the wall time per evaluated call
+(building included; the building alone in its own column), and how often `aotc.eval` finished
+by polling; after each attention case, how far it is over the floor under `aotc.eval` (#6's
+aim: within 10 us), as the median over blocks of the case's median minus the floor's, and how
+much of that is building the call. With torch
 present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the same way for
 reference. `--chain N`: each evaluation holds N dependent calls (each query from the previous
 output), as a decode step's layers would; times are then per evaluation.
@@ -22,7 +24,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -56,31 +60,58 @@ def cases(shape, chain: int) -> dict[str, Callable[[], mx.array]]:
     }
 
 
-Samples = dict[tuple[str, str], list[float]]  # (case, wait) -> us, one per iteration
+Samples = dict[tuple[str, str], list[float]]  # (case, wait) -> us
+# A case runs STINT iterations in a row (each evaluating it under both waits in turn), so that
+# each follows its own kind as in a steady decode loop; the first WARM of a stint, which follow
+# the other case (and its completion work on MLX's threads), are not kept. Alternating the two
+# call by call let the floor follow the attention call's completion work: it came out 1.5 us
+# above the call in one run (bench/NOTES.md round 32).
+STINT = 10
+WARM = 2
 
 
-def time_waits(
-    calls: dict[str, Callable[[], mx.array]], iters: int
-) -> tuple[Samples, Samples, dict[str, int]]:
-    """Wall us per evaluated call of every (case, wait), all in one loop whose order flips each
-    iteration, and of its building alone; and each case's count of aotc.eval's polled waits."""
-    combos = [(case, wait) for case in calls for wait in WAITS]
-    for case, wait in combos:  # warm: plans made, graphs cached
-        for _ in range(5):
-            WAITS[wait](calls[case]())
-    times: Samples = {combo: [] for combo in combos}
-    builds: Samples = {combo: [] for combo in combos}
-    polled = dict.fromkeys(calls, 0)
-    for i in range(iters):
-        for case, wait in combos if i % 2 == 0 else combos[::-1]:
-            start = time.perf_counter()
-            out = calls[case]()
-            built = time.perf_counter()
-            done = WAITS[wait](out)
-            times[case, wait].append((time.perf_counter() - start) * 1e6)
-            builds[case, wait].append((built - start) * 1e6)
-            polled[case] += done is True
-    return times, builds, polled
+@dataclass
+class Timings:
+    """Kept wall us per evaluated call of every (case, wait), and of its building alone, each
+    also as one median per block of stints; and each case's count of aotc.eval's polled waits."""
+
+    times: Samples = field(default_factory=lambda: defaultdict(list))
+    builds: Samples = field(default_factory=lambda: defaultdict(list))
+    block_times: Samples = field(default_factory=lambda: defaultdict(list))
+    block_builds: Samples = field(default_factory=lambda: defaultdict(list))
+    polled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def time_waits(calls: dict[str, Callable[[], mx.array]], iters: int) -> Timings:
+    """About `iters` kept evaluations of every (case, wait), in blocks: each block runs a stint
+    of every case, the cases' order flipping block by block, so that drift of the host hits
+    the cases alike."""
+    for call in calls.values():  # warm: plans made, graphs cached
+        for wait in WAITS.values():
+            for _ in range(5):
+                wait(call())
+    timings = Timings()
+    names = list(calls)
+    for block in range(-(-iters // (STINT - WARM))):
+        for case in names if block % 2 == 0 else names[::-1]:
+            times: Samples = defaultdict(list)
+            builds: Samples = defaultdict(list)
+            for i in range(STINT):
+                for wait in WAITS if i % 2 == 0 else list(WAITS)[::-1]:
+                    start = time.perf_counter()
+                    out = calls[case]()
+                    built = time.perf_counter()
+                    done = WAITS[wait](out)
+                    if i >= WARM:
+                        times[case, wait].append((time.perf_counter() - start) * 1e6)
+                        builds[case, wait].append((built - start) * 1e6)
+                        timings.polled[case] += done is True
+            for combo in times:
+                timings.times[combo] += times[combo]
+                timings.builds[combo] += builds[combo]
+                timings.block_times[combo].append(statistics.median(times[combo]))
+                timings.block_builds[combo].append(statistics.median(builds[combo]))
+    return timings
 
 
 def torch_times(shape, iters: int) -> list[float] | None:
@@ -112,17 +143,16 @@ def row(label: str, samples: list[float], builds: list[float] | None = None) -> 
     )
 
 
-def paired_excess(samples: list[float], floor: list[float]) -> float:
-    """The median of the iterations' differences: how far a case is over the floor timed beside
-    it, each iteration against its own floor."""
-    return statistics.median(x - f for x, f in zip(samples, floor, strict=True))
+def paired_excess(blocks: list[float], floor_blocks: list[float]) -> float:
+    """The median over blocks of a case's median minus the floor's in the same block."""
+    return statistics.median(x - f for x, f in zip(blocks, floor_blocks, strict=True))
 
 
-def over_floor(times: Samples, builds: Samples, case: str, wait: str = "aotc.eval") -> str:
+def over_floor(timings: Timings, case: str, wait: str = "aotc.eval") -> str:
     """The aim's figure: the case over the floor under `wait`, and how much of that is building
-    the call (medians of the iterations' differences)."""
-    over = paired_excess(times[case, wait], times[FLOOR, wait])
-    building = paired_excess(builds[case, wait], builds[FLOOR, wait])
+    the call (paired block by block)."""
+    over = paired_excess(timings.block_times[case, wait], timings.block_times[FLOOR, wait])
+    building = paired_excess(timings.block_builds[case, wait], timings.block_builds[FLOOR, wait])
     return (
         f"(under {wait}: {over:.1f} us over MLX's floor, {building:.1f} of it building the call;"
         f" #6 aims at 10 or less)"
@@ -143,13 +173,14 @@ def main() -> None:
     mx.eval(tiny)
     for shape in selected(args.shapes):
         for name, call in cases(shape, args.chain).items():
-            times, builds, polled = time_waits({FLOOR: lambda: tiny + 1, name: call}, args.iters)
-            for (case, wait), samples in times.items():
+            timings = time_waits({FLOOR: lambda: tiny + 1, name: call}, args.iters)
+            for (case, wait), samples in timings.times.items():
                 label = case if case == FLOOR else f"{shape[:6]} {case}"
-                print(row(f"{label}, {wait}", samples, builds[case, wait]))
-            print(f"(aotc.eval finished by polling in {polled[name]} of {args.iters})")
+                print(row(f"{label}, {wait}", samples, timings.builds[case, wait]))
+            kept = len(timings.times[name, "aotc.eval"])
+            print(f"(aotc.eval finished by polling in {timings.polled[name]} of {kept})")
             if name.startswith("aotc."):
-                print(over_floor(times, builds, name))
+                print(over_floor(timings, name))
         reference = None if args.no_torch or args.chain > 1 else torch_times(shape, args.iters)
         if reference:
             print(row(f"{shape[:6]} torch SDPA + synchronize", reference))
