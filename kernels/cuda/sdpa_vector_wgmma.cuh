@@ -753,7 +753,10 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
           if (a == 0 || a == CUT0 || a == CUT1) {
             mbar_wait(bar(ks, a == 0 ? 0 : a == CUT0 ? 1 : 2), kpar);
             if (t == 0 && a == 0) AOTC_STAMP(2);  // K(0)'s first part landed
-            fence_async_shared();
+            // cp.async's generic-proxy writes need the fence before wgmma reads them; TMA
+            // writes through the async proxy, ordered by the mbarrier alone (MLA B=8 N=8192
+            // 0.2-0.4 us faster without it, bench/NOTES.md round 32).
+            if (!tma) fence_async_shared();
             wgmma_fence();
           }
           if (!AOTC_SKIP(0)) {
@@ -860,7 +863,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       const bool next = tn < ntiles;
       if (!v_in_k) {
         mbar_wait(bar(vslot(t), half), parity(t));  // this half of V(t) landed
-        fence_async_shared();
+        if (!tma) fence_async_shared();
       }
       // Refill what only S reads: K(tn) into K(t)'s slot, or (MLA) the columns of K(t + 2)
       // past V.
