@@ -10,13 +10,13 @@ stint of the floor and one of the case (STINT iterations, each evaluating under 
 turn), the order of the two flipping block by block, so that drift of the host (its slow states
 double the floor for seconds) hits both alike; the first WARM iterations of a stint are not
 kept. Prints the median and the 10th-90th percentiles of the wall time per evaluated call
-(building included; the building alone in its own column), and how often `aotc.eval` finished
-by polling; after each attention case, how far it is over the floor under `aotc.eval` (#6's
-aim: within 10 us), as the median over blocks of the case's median minus the floor's, and how
-much of that is building the call. With torch
-present, torch's SDPA followed by `torch.cuda.synchronize()` is timed the same way for
-reference. `--chain N`: each evaluation holds N dependent calls (each query from the previous
-output), as a decode step's layers would; times are then per evaluation.
+(building included; the building alone in its own column), and how often `aotc.eval` finished by
+polling; after each attention case, how far it is over the floor under `aotc.eval` (#6's aim:
+within 10 us), as the median over blocks of the case's median minus the floor's, and how much of
+that is building the call. With torch present, torch's SDPA followed by
+`torch.cuda.synchronize()` is timed the same way for reference. `--chain N`: each evaluation
+holds N dependent calls (each query from the previous output), as a decode step's layers would;
+times are then per evaluation.
 """
 
 from __future__ import annotations
