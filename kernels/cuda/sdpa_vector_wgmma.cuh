@@ -185,10 +185,12 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[NV / 2], uint64_t da, uint64
   else wgmma_m64n256k16<BF16, 1>(d, da, db, 1);
 }
 
-// Profiling builds (-DAOTC_SDPA_ABLATE, bench/ablate_wgmma.py) skip parts of the block chosen by
-// bits of Params::reserved, to time the others; wrong results by design, never shipped.
+// Profiling builds (-DAOTC_SDPA_ABLATE=BITS, bench/ablate_wgmma.py) skip the parts of the block
+// that BITS names, to time the others; wrong results by design, never shipped. The bits are
+// fixed at compile time: tested at run time, the skips put branches among the MMAs, ptxas then
+// made each wgmma wait (C7519), and the whole call ran ~1.5x slower (bench/NOTES.md round 32).
 #ifdef AOTC_SDPA_ABLATE
-#define AOTC_SKIP(bit) (((p.reserved >> (bit)) & 1) != 0)
+#define AOTC_SKIP(bit) ((((AOTC_SDPA_ABLATE) >> (bit)) & 1) != 0)
 #else
 #define AOTC_SKIP(bit) false
 #endif
