@@ -72,13 +72,11 @@ WARM = 2
 
 @dataclass
 class Timings:
-    """Kept wall us per evaluated call of every (case, wait), and of its building alone, each
-    also as one median per block of stints; and each case's count of aotc.eval's polled waits."""
+    """Kept wall us per evaluated call of every (case, wait), and of its building alone, block
+    after block (STINT - WARM samples each); and each case's count of aotc.eval's polled waits."""
 
     times: Samples = field(default_factory=lambda: defaultdict(list))
     builds: Samples = field(default_factory=lambda: defaultdict(list))
-    block_times: Samples = field(default_factory=lambda: defaultdict(list))
-    block_builds: Samples = field(default_factory=lambda: defaultdict(list))
     polled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -94,8 +92,6 @@ def time_waits(calls: dict[str, Callable[[], mx.array]], iters: int) -> Timings:
     names = list(calls)
     for block in range(-(-iters // (STINT - WARM))):
         for case in names if block % 2 == 0 else names[::-1]:
-            times: Samples = defaultdict(list)
-            builds: Samples = defaultdict(list)
             for i in range(STINT):
                 for wait in WAITS if i % 2 == 0 else list(WAITS)[::-1]:
                     start = time.perf_counter()
@@ -103,14 +99,9 @@ def time_waits(calls: dict[str, Callable[[], mx.array]], iters: int) -> Timings:
                     built = time.perf_counter()
                     done = WAITS[wait](out)
                     if i >= WARM:
-                        times[case, wait].append((time.perf_counter() - start) * 1e6)
-                        builds[case, wait].append((built - start) * 1e6)
+                        timings.times[case, wait].append((time.perf_counter() - start) * 1e6)
+                        timings.builds[case, wait].append((built - start) * 1e6)
                         timings.polled[case] += done is True
-            for combo in times:
-                timings.times[combo] += times[combo]
-                timings.builds[combo] += builds[combo]
-                timings.block_times[combo].append(statistics.median(times[combo]))
-                timings.block_builds[combo].append(statistics.median(builds[combo]))
     return timings
 
 
@@ -143,16 +134,21 @@ def row(label: str, samples: list[float], builds: list[float] | None = None) -> 
     )
 
 
-def paired_excess(blocks: list[float], floor_blocks: list[float]) -> float:
+def paired_excess(samples: list[float], floor: list[float]) -> float:
     """The median over blocks of a case's median minus the floor's in the same block."""
-    return statistics.median(x - f for x, f in zip(blocks, floor_blocks, strict=True))
+    kept = STINT - WARM
+
+    def medians(xs: list[float]) -> list[float]:
+        return [statistics.median(xs[i : i + kept]) for i in range(0, len(xs), kept)]
+
+    return statistics.median(x - f for x, f in zip(medians(samples), medians(floor), strict=True))
 
 
 def over_floor(timings: Timings, case: str, wait: str = "aotc.eval") -> str:
     """The aim's figure: the case over the floor under `wait`, and how much of that is building
     the call (paired block by block)."""
-    over = paired_excess(timings.block_times[case, wait], timings.block_times[FLOOR, wait])
-    building = paired_excess(timings.block_builds[case, wait], timings.block_builds[FLOOR, wait])
+    over = paired_excess(timings.times[case, wait], timings.times[FLOOR, wait])
+    building = paired_excess(timings.builds[case, wait], timings.builds[FLOOR, wait])
     return (
         f"(under {wait}: {over:.1f} us over MLX's floor, {building:.1f} of it building the call;"
         f" #6 aims at 10 or less)"

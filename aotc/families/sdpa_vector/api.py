@@ -93,18 +93,24 @@ def sdpa_vector(
     if plan is None:
         return decision(q, k, v, scale, mask, sinks)
     native = plan(scale)
-    if stream is None and _native_calls is not None:
-        _native_calls.add(native, q, k, v, mask, sinks, scale)
+    _file(native, q, k, v, mask, sinks, scale, stream)
     return native(q, k, v, mask, sinks, scale)
 
 
+def _file(native, q, k, v, mask, sinks, scale, stream) -> None:
+    """Serve later calls of this signature by the native call `native` straight from the table
+    (calls with an explicit stream skip the table)."""
+    if stream is None and _native_calls is not None:
+        _native_calls.add(native, q, k, v, mask, sinks, scale)
+
+
 def _file_fallback(q, k, v, mask, sinks, scale, stream) -> None:
-    """Serve later calls of this fallback's signature by MLX's op straight from the table.
+    """File MLX's op for this fallback's signature, where the extension has it.
 
     Called once MLX's op has accepted the call (a mask string it rejects raised before)."""
-    if stream is None and _native_calls is not None and _MlxAttentionCall is not None:
+    if _MlxAttentionCall is not None:
         mode = mask if isinstance(mask, str) else ""
-        _native_calls.add(_MlxAttentionCall(scale, mode), q, k, v, mask, sinks, scale)
+        _file(_MlxAttentionCall(scale, mode), q, k, v, mask, sinks, scale, stream)
 
 
 def fallback_reason(
