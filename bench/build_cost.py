@@ -19,7 +19,7 @@ import mlx.core as mx
 
 import aotc
 from aotc.families.sdpa_vector import api
-from bench.fallback_cost import per_call_us
+from bench.fallback_cost import print_row
 from bench.shapes import SHAPES, mlx_kv, mlx_query
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     mx.eval(aotc.sdpa_vector(q, k, v, scale=scale))  # files the call in the table
 
     def row(name: str, call: Callable[[], object]) -> None:
-        print(f"| {name} | {per_call_us(call, args.iters, args.rounds):.2f} us |", flush=True)
+        print_row(name, call, args.iters, args.rounds)
 
     table = api._native_calls
     row("mx.add (tiny): MLX's floor", lambda: mx.add(a, b))
@@ -57,8 +57,8 @@ def main() -> None:
     if table is not None:
         row("the call table, a hit", lambda: table(q, k, v, None, None, scale))
         row("the call table's signature alone (a miss)", lambda: table(q, k, v, None, None, 0.5))
-    plan = getattr(api._decide(q, k, v, None, None, None), "plan", None)
-    if plan is not None and not reason:
+    plan = getattr(api._decide(q, k, v, None, None, None), "plan", None)  # none: falls back
+    if plan is not None:
         native = plan(scale)
         row("the native plan called directly", lambda: native(q, k, v, None, None, scale))
 

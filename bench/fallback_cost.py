@@ -32,6 +32,11 @@ def per_call_us(call: Callable[[], object], iters: int, rounds: int) -> float:
     return best
 
 
+def print_row(name: str, call: Callable[[], object], iters: int, rounds: int) -> None:
+    """One table row: `name` and the call's best per-call building time."""
+    print(f"| {name} | {per_call_us(call, iters, rounds):.2f} us |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=20000)
@@ -47,7 +52,7 @@ def main() -> None:
     sdpa = aotc.sdpa_vector
 
     def row(name: str, call: Callable[[], object]) -> None:
-        print(f"| {name} | {per_call_us(call, args.iters, args.rounds):.2f} us |")
+        print_row(name, call, args.iters, args.rounds)
 
     row(
         "mx.fast.scaled_dot_product_attention",
