@@ -133,7 +133,8 @@ PreparedLaunch make_prepared(
     std::vector<int> strided_inputs,
     std::vector<int> unread_inputs,
     const TensorMapArgs& tensor_maps,
-    bool overlaps_previous) {
+    bool overlaps_previous,
+    std::vector<int> scratch_outputs) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
@@ -151,7 +152,8 @@ PreparedLaunch make_prepared(
       std::move(strided_inputs),
       std::move(unread_inputs),
       tensor_map_specs(tensor_maps),
-      overlaps_previous)};
+      overlaps_previous,
+      std::move(scratch_outputs))};
 }
 
 std::vector<mx::array> launch_prepared(
@@ -195,7 +197,8 @@ std::vector<mx::array> cuda_launch(
       std::move(strided_inputs),
       {},
       tensor_maps,
-      false);
+      false,
+      {});
   return launch_prepared(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
@@ -311,11 +314,14 @@ for a gradient raises.)");
           "unread_inputs"_a = std::vector<int>{},
           "tensor_maps"_a = TensorMapArgs{},
           "overlaps_previous"_a = false,
+          "scratch_outputs"_a = std::vector<int>{},
           "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
           "place): passed as null pointers and never made contiguous. `tensor_maps`: as "
           "for cuda_launch. `overlaps_previous`: in a CudaPlan, the kernel may start while "
           "the plan's launch before it runs (it waits in-kernel for that launch's outputs); "
-          "the two run as one primitive.")
+          "the two run as one primitive. `scratch_outputs`: outputs (indices) that are the "
+          "kernel's own scratch: allocated at each evaluation and freed once the GPU is done, "
+          "they are not returned.")
       .def(
           "__call__",
           &launch_prepared,
@@ -327,8 +333,11 @@ for a gradient raises.)");
           "gradient_inputs and gradient may be passed positionally.")
       .def_prop_ro(
           "kernel", [](const PreparedLaunch& self) { return self.spec->kernel; })
-      .def_prop_ro("overlaps_previous", [](const PreparedLaunch& self) {
-        return self.spec->overlaps_previous;
+      .def_prop_ro(
+          "overlaps_previous",
+          [](const PreparedLaunch& self) { return self.spec->overlaps_previous; })
+      .def_prop_ro("scratch_outputs", [](const PreparedLaunch& self) {
+        return self.spec->scratch_outputs;
       });
 
   nb::class_<aotc::NativeCall>(

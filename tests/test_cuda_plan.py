@@ -20,6 +20,7 @@ from aotc.families.sdpa_vector import (
     wgmma_supported,
 )
 from aotc.families.sdpa_vector.cuda import (
+    ARGUMENTS,
     COMBINE_FORMAT,
     COMBINE_SIZE,
     FUSED_MAX_SPLITS,
@@ -306,6 +307,39 @@ def test_fused_plan_runs_through_compile_steps():
     out = run_steps(steps, out_slot, ["q", "k", "v", None, None])
     assert out == f"{fused}:1"  # "out", after the scratch
     assert seen == [(fused, 5, ["float32", "bfloat16"])]
+    # The scratch is the kernel's own: it takes no slot, and "out" takes the first free one.
+    assert launches[0].scratch_outputs == (0,)
+    assert [step.output_slots for step in steps] == [(out_slot,)]
+    assert out_slot == len(ARGUMENTS)
+
+
+@pytest.mark.parametrize("batch", [1, 8])  # waiting combiners at batch 1, a last block at 8
+def test_fused_plan_hands_its_scratch_to_prepare(batch):
+
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    p = problem(batch=batch, kv_heads=8 if batch > 1 else 4, kv_len=32768 if batch > 1 else 4096)
+    launches = plan_cuda(p, available=NAMES | {fused}, sm_count=132)
+    assert [launch.kernel for launch in launches] == [fused]
+    got = []
+
+    def prepare(kernel, shapes, dtypes, *rest):
+        got.append((shapes, dtypes, rest[-1]))
+        return lambda inputs: []
+
+    compile_steps(launches, prepare)
+    ((shapes, dtypes, scratch),) = got
+    assert scratch == [0] and dtypes == ["float32", "bfloat16"]
+    assert len(shapes) == 2 and len(shapes[0]) == 1  # the scratch is one run of words
+
+
+def test_fused_scratch_as_output_switch(monkeypatch):
+    """FUSED_SCRATCH_AS_OUTPUT=1 (an A/B switch) returns the scratch beside out again."""
+    fused = "sdpa_vector_2pass_fused_bfloat16_t_192_128"
+    monkeypatch.setattr(cuda, "FUSED_SCRATCH_AS_OUTPUT", 1)
+    (launch,) = plan_cuda(problem(kv_heads=4, kv_len=4096), available=NAMES | {fused}, sm_count=132)
+    assert launch.scratch_outputs == ()
+    steps, out_slot = compile_steps([launch], lambda kernel, *fixed: None)
+    assert steps[0].output_slots == (out_slot - 1, out_slot)
 
 
 def test_many_blocks_stay_one_pass():
@@ -435,9 +469,12 @@ def test_prepared_steps_bind_once_with_unread_inputs():
     launches = plan_cuda(problem(), available=NAMES, sm_count=132)
     prepared, calls = [], []
 
-    def prepare(kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps, over):
+    def prepare(
+        kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps, over, scratch
+    ):
         assert maps == []  # the mma.sync kernels take no tensor maps
         assert not over  # plans overlap launches only for launchers that ask
+        assert scratch == []  # only the fused pass has scratch
         prepared.append((kernel, grid, params, strided, unread))
 
         def call(inputs):
@@ -610,7 +647,7 @@ def test_combine_blocks_take_every_split_in_one_round_trip():
 def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
     launches = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
     maps = []
-    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-2]))
+    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-3]))
     # q, k and v are inputs 0, 1 and 2
     assert maps == [[(1, 64, 64, 1), (2, 64, 64, 1), (0, 64, 1, 64)], []]
     calls = []

@@ -121,6 +121,17 @@ def test_prepared_launch_checks_its_inputs_at_each_call(ext, override, message):
         ({"block": (2048, 1, 1)}, "more than 1024 threads"),
         ({"strided_inputs": [-1]}, "strided input index -1"),
         ({"output_dtypes": []}, "1 output shapes but 0 output dtypes"),
+        ({"scratch_outputs": [1]}, "scratch output index 1 is not one of the 1 outputs"),
+        ({"scratch_outputs": [-1]}, "scratch output index -1 is not one of the 1 outputs"),
+        ({"scratch_outputs": [0]}, "at least one output that is not scratch"),
+        (
+            {
+                "output_shapes": [[4], [4]],
+                "output_dtypes": [mx.float32] * 2,
+                "scratch_outputs": [0, 0],
+            },
+            "scratch output index 0 is repeated",
+        ),
     ],
 )
 def test_prepared_launch_checks_the_rest_once(ext, override, message):

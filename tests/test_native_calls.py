@@ -138,6 +138,34 @@ def test_plan_rejects_wiring_errors(ext):
         plan(None, None)
 
 
+def test_plan_gives_scratch_outputs_no_slot(ext):
+    """A launch's scratch outputs are the kernel's own: the plan wires its other outputs only."""
+    prepared = ext.PreparedLaunch(
+        ext.CudaImage(b"\x00" * 16),
+        "k",
+        [[64], [4]],
+        [mx.float32, mx.float32],
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        b"",
+        [],
+        scratch_outputs=[0],
+    )
+    assert prepared.scratch_outputs == [0]
+    plan = ext.CudaPlan(2)
+    with pytest.raises(ValueError, match="has 1 outputs besides its scratch, but 2 output slots"):
+        plan.launch(prepared, [0], [2, 3])
+    plan.launch(prepared, [0], [2])
+    # A chained launch reads the first output that is an array: the primitive's output 0.
+    one = ([[4]], [mx.float32], (1, 1, 1), (32, 1, 1), 0, b"")
+    image = ext.CudaImage(b"\x00" * 16)
+    plan.launch(ext.PreparedLaunch(image, "combine", *one, [], [], [], True), [2], [3])
+    plan.set_output(3)
+    assert plan.primitives == [["k", "combine"]]
+    assert plan.primitive_sources == [[[0], [~0]]]
+
+
 def test_plan_hands_a_launch_its_slots(ext):
     """The launch reads slots 1 and 0 (two inputs, as the index error shows) and says
     why it cannot run here."""

@@ -511,7 +511,7 @@ struct LinkArrays {
   const ChainLink& link;
   const std::vector<mx::array>& inputs;
   const std::vector<mx::array>& outputs;
-  size_t first_output;
+  size_t first_output; // the link's first array among the primitive's outputs
 
   const mx::array& in(size_t i) const {
     const int src = link.sources[i];
@@ -520,9 +520,11 @@ struct LinkArrays {
   size_t n_in() const {
     return link.sources.size();
   }
+  // The kernel's outputs, scratch included.
   size_t n_out() const {
     return link.spec->output_shapes.size();
   }
+  // The link's array output i (scratch outputs skipped).
   const mx::array& out(size_t i) const {
     return outputs[first_output + i];
   }
@@ -580,8 +582,13 @@ void check_contiguous(const LinkArrays& a) {
   }
 }
 
-// Fills `packed` for a link whose outputs have their buffers.
-void pack(PackedArgs& packed, const LinkArrays& a, size_t maps_at) {
+// Fills `packed` for a link whose outputs have their buffers; `scratch` holds
+// the device addresses of its scratch outputs, in order.
+void pack(
+    PackedArgs& packed,
+    const LinkArrays& a,
+    size_t maps_at,
+    const void* const* scratch) {
   const LaunchSpec& spec = *a.link.spec;
   auto* strides = reinterpret_cast<int64_t*>(packed.params());
   for (int i : spec.strided_inputs) {
@@ -609,8 +616,11 @@ void pack(PackedArgs& packed, const LinkArrays& a, size_t maps_at) {
         ? mx::gpu_ptr<void>(a.in(i))
         : nullptr;
   }
-  for (size_t i = 0; i < a.n_out(); ++i) {
-    packed.ptr(a.n_in() + i) = mx::gpu_ptr<void>(a.out(i));
+  const LaunchSpec& s = *a.link.spec;
+  for (size_t i = 0, array = 0; i < a.n_out(); ++i) {
+    packed.ptr(a.n_in() + i) = s.is_scratch(i)
+        ? const_cast<void*>(*scratch++)
+        : mx::gpu_ptr<void>(a.out(array++));
   }
 }
 
@@ -650,6 +660,29 @@ ReadyLaunch check_link(const LinkArrays& a, cu::Device& dev) {
   return {&k, &spec, bytes, maps_at, nullptr};
 }
 
+// The device address of a buffer alloc_output made.
+void* device_address(const mx::allocator::Data& data) {
+  return static_cast<cu::CudaBuffer*>(data.buffer().ptr())->data;
+}
+
+// A buffer for each scratch output of `spec` (their addresses appended to
+// `addresses`), held until the GPU is done with the evaluation.
+void allocate_scratch(
+    cu::CommandEncoder& enc,
+    const LaunchSpec& spec,
+    std::vector<const void*>& addresses) {
+  for (int o : spec.scratch_outputs) {
+    const size_t nbytes = size_t(mx::size_of(spec.output_dtypes[o])) *
+        std::accumulate(spec.output_shapes[o].begin(),
+                        spec.output_shapes[o].end(),
+                        size_t(1),
+                        std::multiplies<size_t>());
+    auto data = std::make_shared<mx::allocator::Data>(alloc_output(nbytes, enc));
+    addresses.push_back(device_address(*data));
+    enc.add_completed_handler([data = std::move(data)] {});
+  }
+}
+
 // The outputs' buffers, and the arrays MLX's encoder must keep and order by.
 void allocate_and_register(
     cu::CommandEncoder& enc,
@@ -669,13 +702,23 @@ void allocate_and_register(
   }
 }
 
-// One field of every link's outputs, in the chain's output order.
+// One field of every link's array outputs (the scratch left out), in the
+// chain's output order.
 template <typename T>
 std::vector<T> chain_outputs(const Chain& chain, std::vector<T> LaunchSpec::*field) {
   std::vector<T> all;
   for (auto& link : chain) {
-    auto& more = (*link.spec).*field;
-    all.insert(all.end(), more.begin(), more.end());
+    const LaunchSpec& spec = *link.spec;
+    auto& more = spec.*field;
+    if (spec.scratch_outputs.empty()) {
+      all.insert(all.end(), more.begin(), more.end());
+      continue;
+    }
+    for (size_t i = 0; i < more.size(); ++i) {
+      if (!spec.is_scratch(i)) {
+        all.push_back(more[i]);
+      }
+    }
   }
   return all;
 }
@@ -771,8 +814,10 @@ void CudaLaunch::eval_gpu(
     const LinkArrays a{links[0], inputs, outputs, 0};
     const ReadyLaunch r = check_link(a, dev);
     allocate_and_register(enc, inputs, outputs);
+    std::vector<const void*> scratch;
+    allocate_scratch(enc, *r.spec, scratch);
     PackedArgs packed(a.n_in() + a.n_out(), r.params_bytes);
-    pack(packed, a, r.maps_at);
+    pack(packed, a, r.maps_at, scratch.data());
     const LaunchSpec& spec = *r.spec;
     enc.add_kernel_node_raw(
         r.kernel->func,
@@ -791,14 +836,16 @@ void CudaLaunch::eval_gpu(
   for (auto& link : links) {
     arrays.push_back({link, inputs, outputs, first_output});
     ready.push_back(check_link(arrays.back(), dev));
-    first_output += arrays.back().n_out();
+    first_output += link.spec->array_outputs();
   }
   allocate_and_register(enc, inputs, outputs);
   for (size_t i = 0; i < links.size(); ++i) {
     auto& r = ready[i];
+    std::vector<const void*> scratch;
+    allocate_scratch(enc, *r.spec, scratch);
     r.packed = std::make_unique<PackedArgs>(
         arrays[i].n_in() + arrays[i].n_out(), r.params_bytes);
-    pack(*r.packed, arrays[i], r.maps_at);
+    pack(*r.packed, arrays[i], r.maps_at, scratch.data());
   }
   add_chain_graph(enc, ready);
 }
@@ -825,7 +872,7 @@ std::vector<mx::array> CudaLaunch::vjp(
   // The gradient differentiates the last link: its kernel inputs (chain inputs
   // or earlier links' outputs), then the gradient inputs.
   const ChainLink& last = chain_->back();
-  const size_t last_outputs = last.spec->output_shapes.size();
+  const size_t last_outputs = last.spec->array_outputs();
   std::vector<mx::array> link_primals, link_cotangents(
       cotangents.end() - last_outputs, cotangents.end());
   for (int src : last.sources) {

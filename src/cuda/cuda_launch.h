@@ -96,7 +96,8 @@ inline void check_launch_args(
     int64_t shared_memory,
     const std::vector<int>& strided_inputs,
     const std::vector<int>& unread_inputs,
-    const std::vector<TensorMapSpec>& tensor_maps = {}) {
+    const std::vector<TensorMapSpec>& tensor_maps = {},
+    const std::vector<int>& scratch_outputs = {}) {
   auto fail = [](const std::string& msg) {
     throw std::invalid_argument("[aotc.cuda_launch] " + msg);
   };
@@ -144,6 +145,21 @@ inline void check_launch_args(
   for (int i : unread_inputs) {
     check_index(i, "unread");
   }
+  for (size_t i = 0; i < scratch_outputs.size(); ++i) {
+    const int o = scratch_outputs[i];
+    if (o < 0 || size_t(o) >= output_shapes.size()) {
+      fail(
+          "scratch output index " + std::to_string(o) + " is not one of the " +
+          std::to_string(output_shapes.size()) + " outputs");
+    }
+    if (std::find(scratch_outputs.begin(), scratch_outputs.begin() + i, o) !=
+        scratch_outputs.begin() + i) {
+      fail("scratch output index " + std::to_string(o) + " is repeated");
+    }
+  }
+  if (scratch_outputs.size() >= output_shapes.size()) {
+    fail("a launch needs at least one output that is not scratch");
+  }
   if (tensor_maps.size() > 8) {
     fail("a launch takes at most 8 tensor maps");
   }
@@ -178,13 +194,27 @@ struct LaunchSpec {
   // (griddepcontrol.wait) before reading that launch's outputs. CudaPlan runs
   // the two as one primitive (a chain, see launch_chain).
   bool overlaps_previous = false;
+  // Outputs (indices among output_shapes) that are the kernel's own scratch:
+  // allocated at each evaluation and held until the GPU is done with them, but
+  // not outputs of the primitive, since each output array costs MLX host time
+  // at every call. The kernel's parameter list is unchanged.
+  std::vector<int> scratch_outputs;
   // Primitives of equal specs are equivalent (CudaLaunch::is_equivalent).
   bool operator==(const LaunchSpec&) const = default;
+
+  bool is_scratch(size_t output) const {
+    return std::find(scratch_outputs.begin(), scratch_outputs.end(), int(output)) !=
+        scratch_outputs.end();
+  }
+  // Outputs that are arrays of the primitive (all but the scratch).
+  size_t array_outputs() const {
+    return output_shapes.size() - scratch_outputs.size();
+  }
 };
 
 // One launch of a chain: its spec, and where each of its kernel inputs comes
 // from: i >= 0 the chain's input i, ~j (< 0) the chain's output j (an earlier
-// link's). A chain's outputs are its links' outputs, in order.
+// link's). A chain's outputs are its links' outputs but the scratch, in order.
 struct ChainLink {
   std::shared_ptr<const LaunchSpec> spec;
   std::vector<int> sources;
@@ -210,7 +240,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
     std::vector<int> strided_inputs,
     std::vector<int> unread_inputs,
     std::vector<TensorMapSpec> tensor_maps = {},
-    bool overlaps_previous = false) {
+    bool overlaps_previous = false,
+    std::vector<int> scratch_outputs = {}) {
   if (!image) {
     throw std::invalid_argument("[aotc.cuda_launch] no CUDA image");
   }
@@ -223,7 +254,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       shared_memory,
       strided_inputs,
       unread_inputs,
-      tensor_maps);
+      tensor_maps,
+      scratch_outputs);
   auto dim3 = [](const std::array<int64_t, 3>& a) {
     return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
   };
@@ -239,7 +271,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       std::move(strided_inputs),
       std::move(unread_inputs),
       std::move(tensor_maps),
-      overlaps_previous});
+      overlaps_previous,
+      std::move(scratch_outputs)});
 }
 
 // The checks of a launch's input indices against its input count (both
@@ -302,7 +335,7 @@ inline void check_chain(
       }
     }
     check_launch_inputs(*link.spec, link.sources.size());
-    outputs += link.spec->output_shapes.size();
+    outputs += link.spec->array_outputs();
   }
   check_gpu_stream(stream);
 }

@@ -64,10 +64,11 @@ void CudaPlan::launch(
           ", which no argument or earlier launch fills");
     }
   }
-  if (outputs.size() != spec->output_shapes.size()) {
+  if (outputs.size() != spec->array_outputs()) {
     fail(
         "kernel '" + spec->kernel + "' has " +
-        std::to_string(spec->output_shapes.size()) + " outputs, but " +
+        std::to_string(spec->array_outputs()) + " outputs" +
+        (spec->scratch_outputs.empty() ? "" : " besides its scratch") + ", but " +
         std::to_string(outputs.size()) + " output slots are given");
   }
   for (int slot : gradient_inputs) {

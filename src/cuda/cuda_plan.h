@@ -29,8 +29,8 @@ class CudaPlan : public NativeCall {
   // env[slot] = broadcast_to(env[slot], shape), where the argument is present.
   void broadcast_to(int slot, mlx::core::Shape shape);
   // A launch reading `inputs` (slots), writing `outputs` (fresh slots, one per
-  // output of the spec); `gradient_inputs` are argument slots appended for
-  // `gradient` (see launch()).
+  // output of the spec that is not scratch); `gradient_inputs` are argument
+  // slots appended for `gradient` (see launch()).
   void launch(
       std::shared_ptr<const LaunchSpec> spec,
       std::vector<int> inputs,

@@ -164,6 +164,10 @@ OVERLAP_COMBINE = 1
 MLX_OVERLAP_COMBINE = 0
 # A flag slot of the fused pass's scratch is 64 bits (aotc_sdpa::Slot): two 4-byte words.
 SLOT_WORDS = 2
+# The fused pass's scratch is a scratch output of its launch (Launch.scratch_outputs): MLX's
+# primitive allocates it at evaluation and returns out alone. 1 returns it as an output array
+# beside out, as before round 34 (an A/B switch for bench.build_cost and bench.eval_wait).
+FUSED_SCRATCH_AS_OUTPUT = 0
 # Bytes of K and V tiles in flight per SM where splits stream (at least LONG_SPLIT_TILES tiles
 # each): a block keeps stages - 1 tiles loading while it computes one. Past this the reads slow
 # (bench/NOTES.md round 9). H100: 192/128 B=8 441 us with 2 stages x 3 blocks per SM (60 KB)
@@ -206,6 +210,10 @@ class Launch:
     # The launch may start while the one before it runs (programmatic dependent launch, sm_90+):
     # its kernel waits in-kernel (griddepcontrol.wait) before reading what that one wrote.
     overlaps_previous: bool = False
+    # Outputs (indices) that are the kernel's own scratch: no later launch reads them, so MLX's
+    # primitive allocates them per evaluation instead of returning them (each output array
+    # costs MLX host time at every call). They take no slot of a plan.
+    scratch_outputs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -721,6 +729,7 @@ def _fused(split_pass: Launch, combine: Launch, kernel: str) -> Launch:
         split_pass,
         kernel=kernel,
         outputs=(_scratch(split_pass, split_pass.grid[0]), *combine.outputs),
+        scratch_outputs=_fused_scratch(),
     )
 
 
@@ -737,13 +746,20 @@ def _fused_with_combiners(
         grid=(split_pass.grid[0] + rows, 1, 1),
         params=params,
         outputs=(_scratch(split_pass, rows * num_splits), *combine.outputs),
+        scratch_outputs=_fused_scratch(),
     )
+
+
+def _fused_scratch() -> tuple[int, ...]:
+    """The fused pass's scratch outputs: its first output, the scratch (see
+    FUSED_SCRATCH_AS_OUTPUT)."""
+    return () if FUSED_SCRATCH_AS_OUTPUT else (0,)
 
 
 def _scratch(split_pass: Launch, slots: int) -> tuple[str, tuple[int, ...], str]:
     """The fused pass's one scratch output (`FusedScratch` of the header): the split pass's
-    partials, maxs and sums, then `slots` 64-bit flag slots, in 4-byte words. One output in
-    place of four: each output array of a launch costs MLX host time at every call."""
+    partials, maxs and sums, then `slots` 64-bit flag slots, in 4-byte words. One buffer in
+    place of four, and no array of the call (`Launch.scratch_outputs`)."""
     words = sum(math.prod(shape) for _, shape, _ in split_pass.outputs) + SLOT_WORDS * slots
     return ("scratch", (words,), "float32")
 
@@ -938,9 +954,9 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
-# strided_input_indices, unread_input_indices, tensor_maps, overlaps_previous) -> call(inputs[,
-# gradient_inputs, gradient]) (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols,
-# box rows, box planes) each.
+# strided_input_indices, unread_input_indices, tensor_maps, overlaps_previous, scratch_outputs)
+# -> call(inputs[, gradient_inputs, gradient]) returning the outputs but the scratch
+# (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows, box planes) each.
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 # A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
 # positional arguments. The scale is no kernel input: a plan is made per scale.
@@ -951,17 +967,20 @@ MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
     block, shared_memory, params, strided_input_indices, tensor_maps=(),
-    overlaps_previous=False)` (bench's torch harness, tests); each keyword is passed only to
-    launches that set it."""
+    overlaps_previous=False)` (bench's torch harness, tests) that returns every output; each
+    keyword is passed only to launches that set it. The scratch outputs are dropped from what
+    the call returns, as MLX's primitive does (a stream-ordered allocator may reuse their memory
+    for work queued after the launch)."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
-        *fixed, _unread, maps, overlaps = fixed  # the kernel ignores unread inputs
+        *fixed, _unread, maps, overlaps, scratch = fixed  # the kernel ignores unread inputs
         extra: dict[str, Any] = {"tensor_maps": maps} if maps else {}
         if overlaps:
             extra["overlaps_previous"] = True
 
         def call(inputs):
-            return launch_fn(kernel, inputs, *fixed, **extra)
+            outputs = launch_fn(kernel, inputs, *fixed, **extra)
+            return [out for i, out in enumerate(outputs) if i not in scratch]
 
         return call
 
@@ -987,13 +1006,16 @@ def compile_steps(
     slots = {name: i for i, name in enumerate(ARGUMENTS)}
     steps = []
     for launch in launches:
-        for name, _, _ in launch.outputs:
+        outputs = [
+            name for i, (name, _, _) in enumerate(launch.outputs) if i not in launch.scratch_outputs
+        ]
+        for name in outputs:
             slots.setdefault(name, len(slots))
         steps.append(
             Step(
                 kernel=launch.kernel,
                 input_slots=tuple(slots[name] for name in launch.inputs),
-                output_slots=tuple(slots[name] for name, _, _ in launch.outputs),
+                output_slots=tuple(slots[name] for name in outputs),
                 call=prepare_launch(launch, prepare, dtype),
             )
         )
@@ -1019,6 +1041,7 @@ def prepare_launch(
             for m in launch.tensor_maps
         ],
         launch.overlaps_previous,
+        list(launch.scratch_outputs),
     )
 
 
