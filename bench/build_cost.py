@@ -2,6 +2,7 @@
 `mx.add`) and MLX's own fused op on a shape MLX's CUDA backend serves itself (128/128).
 
     python3 -m bench.build_cost [--index dist/extra_sdpa.cuda.json] [--iters 4000] [--rounds 5]
+        [--plan-constant NAME=INT]
 
 A benchmark, not a test: graph building only (nothing is evaluated), best round, us a call. The
 served call (192/128 B=1, bench.shapes' first row) is timed whole (`aotc.sdpa_vector`), then by
@@ -20,6 +21,7 @@ import mlx.core as mx
 import aotc
 from aotc.families.sdpa_vector import api
 from bench.fallback_cost import print_row
+from bench.options import add_plan_constant_option, apply_plan_constants
 from bench.shapes import SHAPES, mlx_kv, mlx_query
 
 
@@ -28,7 +30,9 @@ def main() -> None:
     parser.add_argument("--index", default="dist/extra_sdpa.cuda.json")
     parser.add_argument("--iters", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
+    add_plan_constant_option(parser)
     args = parser.parse_args()
+    apply_plan_constants(args)
     aotc.load(args.index)
     shape = SHAPES[0]
     q, (k, v) = mlx_query(shape), mlx_kv(shape)
