@@ -238,6 +238,7 @@ NB_MODULE(_ext, m) {
   m.doc() = "aotc's MLX primitives: launch kernels of prebuilt aotc libraries.";
 
   m.attr("WITH_CUDA") = kWithCuda;
+  m.attr("NO_SOURCE") = aotc::kNoSource;
 
   nb::class_<PyCudaImage>(
       m,
@@ -376,7 +377,8 @@ for a gradient raises.)");
           "primitive_sources",
           &aotc::CudaPlan::primitive_sources,
           "Per primitive, per launch, where each kernel input comes from: i >= 0 the "
-          "primitive's input i, ~j its output j (an earlier launch's).")
+          "primitive's input i, ~j its output j (an earlier launch's), NO_SOURCE none (an "
+          "unread input, passed as a null pointer, which takes no input of the primitive).")
       .def(
           "astype",
           &aotc::CudaPlan::astype,

@@ -138,6 +138,25 @@ def test_plan_rejects_wiring_errors(ext):
         plan(None, None)
 
 
+def test_plan_gives_unread_inputs_no_array(ext):
+    """An unread input (an absent mask's or sinks' place) takes no input of the primitive:
+    MLX pays for each input at every call. One the kernel takes strides of keeps its array."""
+    image = ext.CudaImage(b"\x00" * 16)
+    one = ([[4]], [mx.float32], (1, 1, 1), (32, 1, 1), 0, b"")
+    plan = ext.CudaPlan(2)
+    plan.launch(ext.PreparedLaunch(image, "k", *one, [0], [2, 3]), [0, 1, 0, 0], [2])
+    assert plan.primitive_sources == [[[0, 1, ext.NO_SOURCE, ext.NO_SOURCE]]]
+    strided = ext.CudaPlan(2)
+    strided.launch(ext.PreparedLaunch(image, "k", *one, [0, 2], [2]), [0, 1, 0], [2])
+    assert strided.primitive_sources == [[[0, 1, 2]]]
+    # In a chain too: the second launch's unread place takes none of the chain's inputs.
+    chain = ext.CudaPlan(2)
+    chain.launch(ext.PreparedLaunch(image, "a", *one, []), [0], [2])
+    chain.launch(ext.PreparedLaunch(image, "b", *one, [], [1], [], True), [2, 1], [3])
+    assert chain.primitive_sources == [[[0], [~0, ext.NO_SOURCE]]]
+    assert ext.NO_SOURCE == -(2**31)
+
+
 def test_plan_gives_scratch_outputs_no_slot(ext):
     """A launch's scratch outputs are the kernel's own: the plan wires its other outputs only."""
     prepared = ext.PreparedLaunch(

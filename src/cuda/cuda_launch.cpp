@@ -612,7 +612,7 @@ void pack(
   }
   for (size_t i = 0; i < a.n_in(); ++i) {
     const bool unread = listed(spec.unread_inputs, i);
-    packed.ptr(i) = a.in(i).buffer().ptr() && !unread
+    packed.ptr(i) = !unread && a.in(i).buffer().ptr()
         ? mx::gpu_ptr<void>(a.in(i))
         : nullptr;
   }
@@ -721,6 +721,28 @@ std::vector<T> chain_outputs(const Chain& chain, std::vector<T> LaunchSpec::*fie
     }
   }
   return all;
+}
+
+// A chain's only array output: its spec and its index among the spec's
+// outputs. Nothing where the chain has more.
+struct LinkOutput {
+  const LaunchSpec* spec;
+  size_t index;
+};
+std::optional<LinkOutput> single_array_output(const Chain& chain) {
+  std::optional<LinkOutput> found;
+  for (auto& link : chain) {
+    const LaunchSpec& spec = *link.spec;
+    for (size_t i = 0; i < spec.output_shapes.size(); ++i) {
+      if (!spec.is_scratch(i)) {
+        if (found) {
+          return std::nullopt;
+        }
+        found = LinkOutput{&spec, i};
+      }
+    }
+  }
+  return found;
 }
 
 // "kernel 'a'", or "kernels 'a', 'b'" for a chain (error messages).
@@ -876,7 +898,11 @@ std::vector<mx::array> CudaLaunch::vjp(
   std::vector<mx::array> link_primals, link_cotangents(
       cotangents.end() - last_outputs, cotangents.end());
   for (int src : last.sources) {
-    link_primals.push_back(src >= 0 ? primals[src] : outputs[~src]);
+    // An unread input without an array gets any one: its cotangent is dropped.
+    link_primals.push_back(
+        src == kNoSource ? primals.front()
+            : src >= 0   ? primals[src]
+                         : outputs[~src]);
   }
   link_primals.insert(
       link_primals.end(), primals.begin() + kernel_inputs_, primals.end());
@@ -940,9 +966,8 @@ std::vector<mx::array> launch_chain(
   // Known layouts pass as they are (evaluated arrays, outputs of this
   // primitive); others go through mx::contiguous, which shares the buffer when
   // it already is. Unread inputs pass as they are.
-  const auto must_be_contiguous = read_without_strides(links, inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (!must_be_contiguous[i]) {
+    if (!read_without_strides(links, i)) {
       continue;
     }
     auto& x = inputs[i];
@@ -956,12 +981,24 @@ std::vector<mx::array> launch_chain(
 
   const size_t kernel_inputs = inputs.size();
   inputs.insert(inputs.end(), gradient_inputs.begin(), gradient_inputs.end());
+  auto primitive = std::make_shared<CudaLaunch>(
+      stream, std::move(chain), kernel_inputs, std::move(gradient));
+  if (const auto only = single_array_output(links)) {
+    // The common case: the array's own constructor takes the inputs by move,
+    // where make_arrays copies them and builds sibling lists.
+    std::vector<mx::array> out;
+    out.emplace_back(
+        only->spec->output_shapes[only->index],
+        only->spec->output_dtypes[only->index],
+        std::move(primitive),
+        std::move(inputs));
+    return out;
+  }
   return mx::array::make_arrays(
       chain_outputs(links, &LaunchSpec::output_shapes),
       chain_outputs(links, &LaunchSpec::output_dtypes),
-      std::make_shared<CudaLaunch>(
-          stream, std::move(chain), kernel_inputs, std::move(gradient)),
-      std::move(inputs));
+      primitive,
+      inputs);
 }
 
 bool cuda_available() {

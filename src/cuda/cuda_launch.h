@@ -18,8 +18,9 @@
 
 #include <algorithm>
 #include <array>
-#include <functional>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -212,9 +213,27 @@ struct LaunchSpec {
   }
 };
 
+// An unread kernel input (LaunchSpec::unread_inputs) that takes no array of the
+// primitive: the kernel gets a null pointer (ChainLink::sources).
+constexpr int kNoSource = std::numeric_limits<int>::min();
+
+// Whether the spec's input `input` is unread and needs nothing of its array (no
+// strides, no tensor map), so that it may take none (kNoSource).
+inline bool needs_no_array(const LaunchSpec& spec, size_t input) {
+  auto listed = [&](const std::vector<int>& v) {
+    return std::find(v.begin(), v.end(), int(input)) != v.end();
+  };
+  const bool mapped = std::any_of(
+      spec.tensor_maps.begin(), spec.tensor_maps.end(), [&](const TensorMapSpec& m) {
+        return m.input == int(input);
+      });
+  return listed(spec.unread_inputs) && !listed(spec.strided_inputs) && !mapped;
+}
+
 // One launch of a chain: its spec, and where each of its kernel inputs comes
 // from: i >= 0 the chain's input i, ~j (< 0) the chain's output j (an earlier
-// link's). A chain's outputs are its links' outputs but the scratch, in order.
+// link's), kNoSource none (an unread input). A chain's outputs are its links'
+// outputs but the scratch, in order.
 struct ChainLink {
   std::shared_ptr<const LaunchSpec> spec;
   std::vector<int> sources;
@@ -322,7 +341,16 @@ inline void check_chain(
     if (!link.spec) {
       fail("a chain's launch has no spec");
     }
-    for (int src : link.sources) {
+    for (size_t i = 0; i < link.sources.size(); ++i) {
+      const int src = link.sources[i];
+      if (src == kNoSource) {
+        if (!needs_no_array(*link.spec, i)) {
+          fail(
+              "kernel '" + link.spec->kernel + "' has no array for its input " +
+              std::to_string(i) + ", which it reads");
+        }
+        continue;
+      }
       if (src >= 0 && size_t(src) >= num_inputs) {
         fail(
             "kernel '" + link.spec->kernel + "' reads input " + std::to_string(src) +
@@ -340,25 +368,22 @@ inline void check_chain(
   check_gpu_stream(stream);
 }
 
-// Per chain input, whether a kernel reads it with no strides (so it must be
-// row-contiguous).
-inline std::vector<bool> read_without_strides(
-    const std::vector<ChainLink>& links,
-    size_t num_inputs) {
+// Whether a kernel of the chain reads its input `input` with no strides (so it
+// must be row-contiguous). Scanned per call: chains are a link or two of a few
+// inputs, cheaper than a vector's allocation.
+inline bool read_without_strides(const std::vector<ChainLink>& links, size_t input) {
   auto has = [](const std::vector<int>& v, size_t i) {
     return std::find(v.begin(), v.end(), int(i)) != v.end();
   };
-  std::vector<bool> read(num_inputs, false);
   for (auto& link : links) {
     for (size_t i = 0; i < link.sources.size(); ++i) {
-      const int src = link.sources[i];
-      if (src >= 0 && !has(link.spec->strided_inputs, i) &&
+      if (link.sources[i] == int(input) && !has(link.spec->strided_inputs, i) &&
           !has(link.spec->unread_inputs, i)) {
-        read[src] = true;
+        return true;
       }
     }
   }
-  return read;
+  return false;
 }
 
 // Builds the outputs of a chain of kernel launches as one primitive (lazy MLX

@@ -98,8 +98,13 @@ void CudaPlan::launch(
   Step& step = chained ? steps_.back() : steps_.emplace_back();
   std::vector<int> sources;
   sources.reserve(inputs.size());
-  for (int slot : inputs) {
-    if (chained) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int slot = inputs[i];
+    if (needs_no_array(*spec, i)) {
+      // An unread place (an absent mask's or sinks'): a null pointer, and no
+      // input of the primitive, which MLX pays for at every call.
+      sources.push_back(kNoSource);
+    } else if (chained) {
       sources.push_back(source_of(step, slot));
     } else {
       // A launch of its own passes its inputs as given, repeats included.
@@ -176,22 +181,30 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
   if (output_ < 0) {
     fail("the plan has no output slot");
   }
-  Arguments env(filled_.size());
-  std::copy(args.begin(), args.end(), env.begin());
+  // Slots point at the arguments or at arrays this call made (conversions,
+  // outputs): the arguments are not copied. `made` never grows past its
+  // reservation, so the pointers hold.
+  std::vector<const mx::array*> env(filled_.size(), nullptr);
+  for (size_t i = 0; i < args.size(); ++i) {
+    env[i] = args[i] ? &*args[i] : nullptr;
+  }
+  std::vector<mx::array> made;
+  made.reserve(conversions_.size() + filled_.size() - args.size());
+  auto keep = [&](mx::array x) { return &made.emplace_back(std::move(x)); };
   for (auto& c : conversions_) {
     auto& x = env[c.slot];
     if (!x) {
       continue;
     }
     if (c.dtype && x->dtype() != *c.dtype) {
-      x = mx::astype(*x, *c.dtype);
+      x = keep(mx::astype(*x, *c.dtype));
     }
     if (c.shape && x->shape() != *c.shape) {
-      x = mx::broadcast_to(*x, *c.shape);
+      x = keep(mx::broadcast_to(*x, *c.shape));
     }
   }
   // `kernel` names the reader only when the slot is empty (error messages).
-  auto take = [](const Arguments& from, int slot, auto kernel) {
+  auto take = [](const auto& from, int slot, auto kernel) -> const mx::array& {
     if (!from[slot]) {
       fail(
           "kernel '" + kernel() + "' needs slot " + std::to_string(slot) +
@@ -216,7 +229,7 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
         std::move(gradient_inputs),
         step.gradient);
     for (size_t i = 0; i < outputs.size(); ++i) {
-      env[step.outputs[i]] = std::move(outputs[i]);
+      env[step.outputs[i]] = keep(std::move(outputs[i]));
     }
   }
   if (!env[output_]) {
