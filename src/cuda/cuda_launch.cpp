@@ -513,6 +513,7 @@ struct LinkArrays {
   const std::vector<mx::array>& outputs;
   size_t first_output; // the link's first array among the primitive's outputs
 
+  // Not for an input without an array (kNoSource): callers test unread first.
   const mx::array& in(size_t i) const {
     const int src = link.sources[i];
     return src >= 0 ? inputs[src] : outputs[~src];
@@ -616,9 +617,8 @@ void pack(
         ? mx::gpu_ptr<void>(a.in(i))
         : nullptr;
   }
-  const LaunchSpec& s = *a.link.spec;
   for (size_t i = 0, array = 0; i < a.n_out(); ++i) {
-    packed.ptr(a.n_in() + i) = s.is_scratch(i)
+    packed.ptr(a.n_in() + i) = spec.is_scratch(i)
         ? const_cast<void*>(*scratch++)
         : mx::gpu_ptr<void>(a.out(array++));
   }
@@ -898,9 +898,10 @@ std::vector<mx::array> CudaLaunch::vjp(
   std::vector<mx::array> link_primals, link_cotangents(
       cotangents.end() - last_outputs, cotangents.end());
   for (int src : last.sources) {
-    // An unread input without an array gets any one: its cotangent is dropped.
+    // An unread input without an array gets a placeholder: its cotangent is
+    // dropped below.
     link_primals.push_back(
-        src == kNoSource ? primals.front()
+        src == kNoSource ? mx::array(0.0f)
             : src >= 0   ? primals[src]
                          : outputs[~src]);
   }

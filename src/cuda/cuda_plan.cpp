@@ -183,13 +183,14 @@ mx::array CudaPlan::operator()(const Arguments& args) const {
   }
   // Slots point at the arguments or at arrays this call made (conversions,
   // outputs): the arguments are not copied. `made` never grows past its
-  // reservation, so the pointers hold.
+  // reservation (two arrays a conversion at most, one an output slot), so the
+  // pointers hold.
   std::vector<const mx::array*> env(filled_.size(), nullptr);
   for (size_t i = 0; i < args.size(); ++i) {
     env[i] = args[i] ? &*args[i] : nullptr;
   }
   std::vector<mx::array> made;
-  made.reserve(conversions_.size() + filled_.size() - args.size());
+  made.reserve(2 * conversions_.size() + filled_.size() - args.size());
   auto keep = [&](mx::array x) { return &made.emplace_back(std::move(x)); };
   for (auto& c : conversions_) {
     auto& x = env[c.slot];
