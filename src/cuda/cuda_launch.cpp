@@ -461,10 +461,6 @@ bool encode_tensor_map(const mx::array& in, const TensorMapSpec& map, void* out)
 #endif
 }
 
-bool listed(const std::vector<int>& indices, size_t i) {
-  return std::find(indices.begin(), indices.end(), int(i)) != indices.end();
-}
-
 std::string launch_name(const std::string& kernel) {
   return "kernel '" + kernel + "'";
 }
@@ -710,10 +706,6 @@ std::vector<T> chain_outputs(const Chain& chain, std::vector<T> LaunchSpec::*fie
   for (auto& link : chain) {
     const LaunchSpec& spec = *link.spec;
     auto& more = spec.*field;
-    if (spec.scratch_outputs.empty()) {
-      all.insert(all.end(), more.begin(), more.end());
-      continue;
-    }
     for (size_t i = 0; i < more.size(); ++i) {
       if (!spec.is_scratch(i)) {
         all.push_back(more[i]);

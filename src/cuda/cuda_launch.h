@@ -173,6 +173,12 @@ inline void check_launch_args(
   }
 }
 
+// Whether index `i` is among `indices` (a launch's strided, unread or scratch
+// lists: a few entries each).
+inline bool listed(const std::vector<int>& indices, size_t i) {
+  return std::find(indices.begin(), indices.end(), int(i)) != indices.end();
+}
+
 // Everything of a launch but its inputs: made (and checked) once per plan
 // step and shared by every call and primitive of that step, so that a call
 // converts and copies only its inputs.
@@ -204,8 +210,7 @@ struct LaunchSpec {
   bool operator==(const LaunchSpec&) const = default;
 
   bool is_scratch(size_t output) const {
-    return std::find(scratch_outputs.begin(), scratch_outputs.end(), int(output)) !=
-        scratch_outputs.end();
+    return listed(scratch_outputs, output);
   }
   // Outputs that are arrays of the primitive (all but the scratch).
   size_t array_outputs() const {
@@ -220,14 +225,11 @@ constexpr int kNoSource = std::numeric_limits<int>::min();
 // Whether the spec's input `input` is unread and needs nothing of its array (no
 // strides, no tensor map), so that it may take none (kNoSource).
 inline bool needs_no_array(const LaunchSpec& spec, size_t input) {
-  auto listed = [&](const std::vector<int>& v) {
-    return std::find(v.begin(), v.end(), int(input)) != v.end();
-  };
   const bool mapped = std::any_of(
       spec.tensor_maps.begin(), spec.tensor_maps.end(), [&](const TensorMapSpec& m) {
         return m.input == int(input);
       });
-  return listed(spec.unread_inputs) && !listed(spec.strided_inputs) && !mapped;
+  return listed(spec.unread_inputs, input) && !listed(spec.strided_inputs, input) && !mapped;
 }
 
 // One launch of a chain: its spec, and where each of its kernel inputs comes
@@ -372,13 +374,10 @@ inline void check_chain(
 // must be row-contiguous). Scanned per call: chains are a link or two of a few
 // inputs, cheaper than a vector's allocation.
 inline bool read_without_strides(const std::vector<ChainLink>& links, size_t input) {
-  auto has = [](const std::vector<int>& v, size_t i) {
-    return std::find(v.begin(), v.end(), int(i)) != v.end();
-  };
   for (auto& link : links) {
     for (size_t i = 0; i < link.sources.size(); ++i) {
-      if (link.sources[i] == int(input) && !has(link.spec->strided_inputs, i) &&
-          !has(link.spec->unread_inputs, i)) {
+      if (link.sources[i] == int(input) && !listed(link.spec->strided_inputs, i) &&
+          !listed(link.spec->unread_inputs, i)) {
         return true;
       }
     }
