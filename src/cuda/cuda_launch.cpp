@@ -579,13 +579,27 @@ void check_contiguous(const LinkArrays& a) {
   }
 }
 
-// Fills `packed` for a link whose outputs have their buffers; `scratch` holds
-// the device addresses of its scratch outputs, in order.
+// A buffer for scratch output `o` of `spec` (its device address), held until
+// the GPU is done with the evaluation.
+void* scratch_buffer(cu::CommandEncoder& enc, const LaunchSpec& spec, int o) {
+  const size_t nbytes = size_t(mx::size_of(spec.output_dtypes[o])) *
+      std::accumulate(spec.output_shapes[o].begin(),
+                      spec.output_shapes[o].end(),
+                      size_t(1),
+                      std::multiplies<size_t>());
+  auto data = std::make_shared<mx::allocator::Data>(alloc_output(nbytes, enc));
+  void* address = static_cast<cu::CudaBuffer*>(data->buffer().ptr())->data;
+  enc.add_completed_handler([data = std::move(data)] {});
+  return address;
+}
+
+// Fills `packed` for a link whose outputs have their buffers; its scratch
+// outputs get theirs here.
 void pack(
+    cu::CommandEncoder& enc,
     PackedArgs& packed,
     const LinkArrays& a,
-    size_t maps_at,
-    const void* const* scratch) {
+    size_t maps_at) {
   const LaunchSpec& spec = *a.link.spec;
   auto* strides = reinterpret_cast<int64_t*>(packed.params());
   for (int i : spec.strided_inputs) {
@@ -615,7 +629,7 @@ void pack(
   }
   for (size_t i = 0, array = 0; i < a.n_out(); ++i) {
     packed.ptr(a.n_in() + i) = spec.is_scratch(i)
-        ? const_cast<void*>(*scratch++)
+        ? scratch_buffer(enc, spec, int(i))
         : mx::gpu_ptr<void>(a.out(array++));
   }
 }
@@ -654,29 +668,6 @@ ReadyLaunch check_link(const LinkArrays& a, cu::Device& dev) {
   check_contiguous(a);
   allow_shared_memory(k, spec.shared_memory);
   return {&k, &spec, bytes, maps_at, nullptr};
-}
-
-// The device address of a buffer alloc_output made.
-void* device_address(const mx::allocator::Data& data) {
-  return static_cast<cu::CudaBuffer*>(data.buffer().ptr())->data;
-}
-
-// A buffer for each scratch output of `spec` (their addresses appended to
-// `addresses`), held until the GPU is done with the evaluation.
-void allocate_scratch(
-    cu::CommandEncoder& enc,
-    const LaunchSpec& spec,
-    std::vector<const void*>& addresses) {
-  for (int o : spec.scratch_outputs) {
-    const size_t nbytes = size_t(mx::size_of(spec.output_dtypes[o])) *
-        std::accumulate(spec.output_shapes[o].begin(),
-                        spec.output_shapes[o].end(),
-                        size_t(1),
-                        std::multiplies<size_t>());
-    auto data = std::make_shared<mx::allocator::Data>(alloc_output(nbytes, enc));
-    addresses.push_back(device_address(*data));
-    enc.add_completed_handler([data = std::move(data)] {});
-  }
 }
 
 // The outputs' buffers, and the arrays MLX's encoder must keep and order by.
@@ -828,10 +819,8 @@ void CudaLaunch::eval_gpu(
     const LinkArrays a{links[0], inputs, outputs, 0};
     const ReadyLaunch r = check_link(a, dev);
     allocate_and_register(enc, inputs, outputs);
-    std::vector<const void*> scratch;
-    allocate_scratch(enc, *r.spec, scratch);
     PackedArgs packed(a.n_in() + a.n_out(), r.params_bytes);
-    pack(packed, a, r.maps_at, scratch.data());
+    pack(enc, packed, a, r.maps_at);
     const LaunchSpec& spec = *r.spec;
     enc.add_kernel_node_raw(
         r.kernel->func,
@@ -855,11 +844,9 @@ void CudaLaunch::eval_gpu(
   allocate_and_register(enc, inputs, outputs);
   for (size_t i = 0; i < links.size(); ++i) {
     auto& r = ready[i];
-    std::vector<const void*> scratch;
-    allocate_scratch(enc, *r.spec, scratch);
     r.packed = std::make_unique<PackedArgs>(
         arrays[i].n_in() + arrays[i].n_out(), r.params_bytes);
-    pack(*r.packed, arrays[i], r.maps_at, scratch.data());
+    pack(enc, *r.packed, arrays[i], r.maps_at);
   }
   add_chain_graph(enc, ready);
 }
