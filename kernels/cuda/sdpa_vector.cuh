@@ -398,7 +398,8 @@ __device__ __forceinline__ void load_rows(T* dst, int pitch, const T* base, cons
 }
 
 // This block's place in the grid the plan lays out (row group fastest, then key split, KV head,
-// batch) and its keys [key_begin, key_end).
+// batch) and its keys [key_begin, key_end) (the register path's long splits take theirs
+// interleaved instead: key_tiles).
 struct BlockWork {
   int rg, split, kvh, b, key_begin, key_end;
 };
@@ -424,6 +425,28 @@ __device__ __forceinline__ BlockWork block_work(const Params& p) {
   BlockWork w = decode_block(p, blockIdx.x, p.num_splits);
   set_keys(w, p);
   return w;
+}
+
+// Splits of at least this many TK-key tiles take every num_splits-th tile (below).
+constexpr int kInterleaveMinTiles = 8;
+
+// A register-path block's key tiles: tile t holds keys [first + t * step, + TK), none at or
+// past `end`. A split pass whose splits are long gives split s the tiles s, s + S, s + 2S, ...
+// of its KV head (S splits) in place of a contiguous range: then the blocks of a KV head stream
+// neighbouring keys at the same time, which DRAM serves faster (256/128 B=1: 3% a call,
+// bench/NOTES.md round 36). A split is only ever merged by its index, so which keys it took does
+// not matter to the merge.
+struct KeyTiles {
+  int first, step, count, end;
+  __device__ __forceinline__ int key(int t) const { return first + t * step; }
+};
+
+template <int TK>
+__device__ __forceinline__ KeyTiles key_tiles(const BlockWork& w, const Params& p, bool split) {
+  const int tiles = cdiv(p.kv_len, TK);
+  if (split && tiles >= kInterleaveMinTiles * p.num_splits)
+    return {w.split * TK, p.num_splits * TK, cdiv(tiles - w.split, p.num_splits), p.kv_len};
+  return {w.key_begin, TK, cdiv(w.key_end - w.key_begin, TK), w.key_end};
 }
 
 // Query row rr of KV head kvh's group (rr = g * Lq + i: head kvh * G + g, token i), element 0.
@@ -481,7 +504,7 @@ struct TileRing {
   int tile_elems, ring, vpitch, voff, key_end;
 
   __device__ __forceinline__ TileRing(T* smem, const T* k, const T* v, const Params& params,
-                                      const BlockWork& w)
+                                      const BlockWork& w, int keys_end)
       : p(params), slots(smem) {
     kbase = k + (long long)w.b * p.k_strides[0] + (long long)w.kvh * p.k_strides[1];
     vbase = v + (long long)w.b * p.v_strides[0] + (long long)w.kvh * p.v_strides[1];
@@ -494,7 +517,7 @@ struct TileRing {
     vpitch = v_in_k ? C::DP : C::VP;
     vsw = v_in_k ? C::KSW : C::VSW;
     voff = v_in_k ? 0 : C::TK * C::DP;
-    key_end = w.key_end;
+    key_end = keys_end;
   }
   // Keys [k0, k0 + TK) into `slot` by cp.async (the caller commits); keys past key_end are zero.
   __device__ __forceinline__ void load(int slot, int k0, int tid) const {
@@ -505,18 +528,17 @@ struct TileRing {
       load_rows<T, V, C::NT, C::TK, C::VSW>(dst + C::TK * C::DP, C::VP, vbase, p.v_strides,
                                             vvec, k0, key_end, tid);
   }
-  // Pass t of a block's pipeline over `ntiles` tiles from key_begin, t = 2 - ring .. ntiles - 1
+  // Pass t of a block's pipeline over tiles `kt`, t = 2 - ring .. kt.count - 1
   // (the caller loaded tile 0 into slot 0 and committed it with Q's copies): the first ring - 2
   // passes only issue loads (one copy of the loader's code: a batch-1 block runs its code once,
   // cold), then each pass waits for tile t, frees the slot of tile t - 1 (every thread is past
   // it) and loads tile t + ring - 1. True when tile t is to be computed.
-  __device__ __forceinline__ bool step(int t, int ntiles, int key_begin, int& next,
-                                       int tid) const {
+  __device__ __forceinline__ bool step(int t, const KeyTiles& kt, int& next, int tid) const {
     if (t >= 0) {
       cp_async_wait_dyn(ring - 2);
       __syncthreads();
     }
-    if (t + ring - 1 < ntiles) load(next, key_begin + (t + ring - 1) * C::TK, tid);
+    if (t + ring - 1 < kt.count) load(next, kt.key(t + ring - 1), tid);
     cp_async_commit();
     next = next + 1 == ring ? 0 : next + 1;
     return t >= 0;
@@ -587,8 +609,8 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
   const int R = G * Lq;
   const int row0 = rg * MB;
-  const int key_begin = w.key_begin, key_end = w.key_end;
-  const int ntiles = cdiv(key_end - key_begin, TK);
+  const KeyTiles kt = key_tiles<TK>(w, p, SPLIT);
+  const int key_end = kt.end;
   const float scale2 = p.scale * kLog2e;
 
   T* sRing = reinterpret_cast<T*>(smem);  // p.stages * TK * (DP + VP) elements
@@ -599,10 +621,10 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   float* sL = sM + MB;
   float* sA = sL + MB;
 
-  const TileRing<T, D, V> tiles(sRing, k, v, p, w);
+  const TileRing<T, D, V> tiles(sRing, k, v, p, w, kt.end);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
-  if (ntiles > 0) tiles.load(0, key_begin, tid);  // before Q's copies, as sdpa_block_warp_keys
+  if (kt.count > 0) tiles.load(0, kt.first, tid);  // before Q's copies, as sdpa_block_warp_keys
   stage_q<T, D, NT>(sQ, QP, MB, q, p, b, kvh, row0, R, tid);
   cp_async_commit();
   for (int r = tid; r < MB; r += NT) {
@@ -627,9 +649,9 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
 
   int stage = 0, next = 1;  // tile 0 (slot 0) was issued with Q
 #pragma unroll 1
-  for (int t = 2 - ring; t < ntiles; ++t) {
-    if (!tiles.step(t, ntiles, key_begin, next, tid)) continue;
-    const int k0 = key_begin + t * TK;
+  for (int t = 2 - ring; t < kt.count; ++t) {
+    if (!tiles.step(t, kt, next, tid)) continue;
+    const int k0 = kt.key(t);
     const T* tK = tiles.k_tile(stage);
     const T* tV = tiles.v_tile(stage);
     stage = stage + 1 == ring ? 0 : stage + 1;
@@ -918,19 +940,19 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
   AOTC_STAMP(1);  // block work
   const int G = p.q_heads / p.kv_heads, Lq = p.q_len, N = p.kv_len;
   const int R = G * Lq, row0 = w.rg * MB * MT;
-  const int ntiles = cdiv(w.key_end - w.key_begin, TK);
+  const KeyTiles kt = key_tiles<TK>(w, p, SPLIT);
   const float scale2 = p.scale * kLog2e;
 
   // sdpa_block's layout (ring, then Q): shared_bytes(MT, stages) covers it.
   T* sRing = reinterpret_cast<T*>(smem);
   T* sQ = sRing + p.stages * TK * (DP + VP);
-  const TileRing<T, D, V> tiles(sRing, k, v, p, w);
+  const TileRing<T, D, V> tiles(sRing, k, v, p, w, kt.end);
   const int ring = tiles.ring, vpitch = tiles.vpitch;
   const bool vsw = tiles.vsw;
   AOTC_STAMP(2);  // ring set up
   // Tile 0's copies go out before Q's, which join its group: stage_q is ~0.6 us of cold code in
   // a batch-1 block, and DRAM is idle until the first copy (bench/NOTES.md round 14).
-  if (ntiles > 0) tiles.load(0, w.key_begin, tid);
+  if (kt.count > 0) tiles.load(0, kt.first, tid);
   AOTC_STAMP(3);  // tile 0 issued
   stage_q<T, D, NT>(sQ, QP, MB * MT, q, p, w.b, w.kvh, row0, R, tid);
   cp_async_commit();
@@ -970,10 +992,10 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
                           C::KSW);
   int stage = 0, next = 1;  // tile 0 (slot 0) was issued above
 #pragma unroll 1
-  for (int t = 2 - ring; t < ntiles; ++t) {
-    if (!tiles.step(t, ntiles, w.key_begin, next, tid)) continue;
+  for (int t = 2 - ring; t < kt.count; ++t) {
+    if (!tiles.step(t, kt, next, tid)) continue;
     if (t == 0) AOTC_STAMP(5);  // tile 0 landed
-    const int k0 = w.key_begin + t * TK;
+    const int k0 = kt.key(t);
     const T* tK = tiles.k_tile(stage) + kg * 16 * DP;
     const T* tV = tiles.v_tile(stage) + kg * 16 * vpitch;
     stage = stage + 1 == ring ? 0 : stage + 1;
@@ -997,7 +1019,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 
     // Online softmax in registers; a row's four lanes (t4) meet by shuffles.
     const int key0 = k0 + kg * 16 + 2 * t4;
-    const bool plain = p.mask_kind == 0 && k0 + TK <= w.key_end;  // uniform over the block
+    const bool plain = p.mask_kind == 0 && k0 + TK <= kt.end;  // uniform over the block
     uint32_t pa[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -1011,9 +1033,9 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int h = c >> 1, key = key0 + n * 8 + (c & 1);
-            s[mt][n][c] = key < w.key_end ? apply_mask<T>(s[mt][n][c], p, mask, mrow[mt][h],
-                                                          key, causal_last[mt][h])
-                                          : -INFINITY;
+            s[mt][n][c] = key < kt.end ? apply_mask<T>(s[mt][n][c], p, mask, mrow[mt][h],
+                                                       key, causal_last[mt][h])
+                                       : -INFINITY;
           }
       }
       float tmax[2] = {-INFINITY, -INFINITY};

@@ -185,6 +185,13 @@ MERGES = {
         dict(b=1, hq=16, hkv=16, n=3000, d=80, v=80, dtype="bfloat16", num_splits=3),
         # 40 rows a KV head: three row groups of one m-tile, the last one half empty
         dict(b=2, hq=16, hkv=2, lq=5, n=3000, dtype="bfloat16", mask="causal", num_splits=6),
+        # Splits of 8+ tiles take every S-th tile (key_tiles): 43 tiles of 32 keys over 5
+        # splits, three of them a tile longer, the last tile 13 keys; strided cache slices
+        dict(
+            b=2, hq=32, hkv=4, lq=3, n=1357, mask="causal", sinks=True, strided=True, num_splits=5
+        ),
+        # the same through sdpa_block (fp32): 28 tiles of 32 keys over 3 splits, an additive mask
+        dict(hq=8, hkv=2, lq=4, n=869, d=96, v=64, dtype="float32", mask="additive", num_splits=3),
     ],
     ids=[
         "fp16",
@@ -194,6 +201,8 @@ MERGES = {
         "fp16_63_splits",
         "bf16_rows_off_lines",
         "bf16_one_m_tile_row_groups",
+        "bf16_interleaved_uneven",
+        "fp32_interleaved_additive",
     ],
 )
 def test_split_merge_modes(lib, merge, case, monkeypatch):
