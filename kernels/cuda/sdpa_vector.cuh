@@ -610,7 +610,6 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
   const int R = G * Lq;
   const int row0 = rg * MB;
   const KeyTiles kt = key_tiles<TK>(w, p, SPLIT);
-  const int key_end = kt.end;
   const float scale2 = p.scale * kLog2e;
 
   T* sRing = reinterpret_cast<T*>(smem);  // p.stages * TK * (DP + VP) elements
@@ -746,7 +745,7 @@ __device__ __forceinline__ void sdpa_block(const T* __restrict__ q, const T* __r
           const int j = sl * KPL + u;
           const int key = k0 + j;
           float x = -INFINITY;
-          if (rv && j < TK && key < key_end) {
+          if (rv && j < TK && key < kt.end) {
             float dot = 0.f;
 #pragma unroll
             for (int ks = 0; ks < C::KS; ++ks) dot += sS[ks * MB * SP + r * SP + j];
