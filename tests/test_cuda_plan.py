@@ -15,6 +15,7 @@ import pytest
 from aotc.families.sdpa_vector import (
     cuda,
     wgmma_has_dual,
+    wgmma_has_one,
     wgmma_has_pair,
     wgmma_has_short,
     wgmma_supported,
@@ -837,6 +838,34 @@ def test_wgmma_keeps_a_combine_for_one_split_and_padding_rows():
     (*_, splits, keys_per_split, _, row_groups, _, _, _) = unpack(launches[0])
     assert (splits, keys_per_split, row_groups) == (1, 64, 5)  # 288 rows in groups of 64
     assert launches[0].grid == (8 * 5, 1, 1)
+
+
+def test_wgmma_one_split_is_one_launch_where_loaded(monkeypatch):
+    """Row groups of one key split take the one-pass entry point, where the image has it: the
+    split pass's launch (grid, params, maps, inputs) writing `out`, with no combine."""
+    one = "sdpa_vector_wgmma_one_bfloat16_t_576_512"
+    names = WG_NAMES | {one}
+    shapes = (  # 132 / 2 row groups: 66 batches of MLA fill the SMs with one split each
+        (dict(batch=66, kv_len=4096), False),
+        (dict(batch=128, kv_len=4096), True),  # two waves of one split
+        (dict(q_heads=96, q_len=3, kv_len=50), True),  # 8 x 5 row groups, padding rows
+    )
+    for shape, sinks in shapes:
+        p = mla(**shape, has_sinks=sinks)
+        (launch,) = plan_cuda(p, available=names, sm_count=132, wgmma=True)
+        split_pass, _ = plan_cuda(p, available=WG_NAMES, sm_count=132, wgmma=True)
+        out = (("out", p.output_shape, "bfloat16"),)
+        assert launch == replace(split_pass, kernel=one, outputs=out), shape
+        assert unpack(launch)[8] == 1
+        assert launch.inputs[4] == ("sinks" if sinks else "q")
+        assert (4 in launch.unread) == (not sinks)
+    deep = "sdpa_vector_wgmma_bfloat16_t_576_512"
+    several = plan_cuda(mla(batch=8), available=names, sm_count=132, wgmma=True)
+    assert [launch.kernel for launch in several] == [deep, "sdpa_vector_2pass_2_bfloat16_t_512"]
+    monkeypatch.setattr(cuda, "WGMMA_ONE_PASS", 0)
+    two = plan_cuda(mla(batch=66, kv_len=4096), available=names, sm_count=132, wgmma=True)
+    assert [launch.kernel for launch in two] == [deep, "sdpa_vector_2pass_2_bfloat16_t_512"]
+    assert wgmma_has_one("float16", 576, 512) and not wgmma_has_one("bfloat16", 192, 128)
 
 
 def test_wgmma_splits_keep_whole_tiles():

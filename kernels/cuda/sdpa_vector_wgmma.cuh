@@ -28,11 +28,13 @@
 // Output is the split pass's (partials, maxs, sums): the combine kernel of sdpa_vector.cuh
 // merges the splits and applies sinks. The pair entry points run in clusters of two blocks
 // (key splits 2j and 2j + 1) that first merge their two splits through distributed shared
-// memory, each block writing half the rows: one partial per two splits.
+// memory, each block writing half the rows: one partial per two splits. The one-pass entry
+// points (one split a row group) write the output themselves, sinks applied.
 //
 // Entry point: sdpa_vector_wgmma_<TN>_<D>_<V>(q, k, v, mask, sinks, partials, maxs, sums,
 // WParams): Params of sdpa_vector.cuh (m_tiles, stages and row_groups as the plan packs them),
-// then K's, V's and Q's tensor maps.
+// then K's, V's and Q's tensor maps; sdpa_vector_wgmma_one_<TN>_<D>_<V>(q, k, v, mask, sinks,
+// out, WParams).
 // Compiled for every arch so that each image has the same symbols; only sm_90a has the body.
 #pragma once
 
@@ -568,12 +570,16 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
 }
 
 // MAPS_PREFETCHED: the entry point has prefetched every encoded tensor map (prefetch_maps).
-template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED>
+// ONE: the block is its row group's only split, and writes `out` (sinks applied) in place of
+// partials for the combine.
+template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED, bool ONE>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
+                                            const T* __restrict__ sinks, T* __restrict__ out,
                                             float* __restrict__ partials,
                                             float* __restrict__ maxs, float* __restrict__ sums,
                                             const WParams& wp, char* smem_raw) {
+  static_assert(!(ONE && PAIR), "a pair's blocks are two splits");
   const Params& p = wp.p;
   using C = WCfg<D, V, TWO_DEEP>;
   static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
@@ -834,7 +840,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
       l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
       const int rr = row0 + wrow + 8 * h;
-      if (!PAIR && rr < R && quad == 0 && !AOTC_SKIP(3)) {
+      if (!PAIR && !ONE && rr < R && quad == 0 && !AOTC_SKIP(3)) {
         const long long row = out_row(p, b, kvh, rr);
         maxs[row * S + split] = m[h];
         sums[row * S + split] = l[h];
@@ -850,6 +856,23 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
           stats[kRows + wrow + 8 * h] = l[h];
         }
       }
+    }
+    if constexpr (ONE) {  // each row's output scale (the combine's for one split), for 1 and 2
+      // Q's shared memory is dead once the last S is done.
+      float* const out_scale = reinterpret_cast<float*>(gQ);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = row0 + wrow + 8 * h;
+        if (quad == 0) {
+          // Row rr = g * Lq + i of this KV head is query head kvh * G + g (sink_log2's head).
+          const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
+          const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
+          const float mx = fmaxf(m[h], sk), mu = mx == -INFINITY ? 0.f : mx;
+          const float f = exp2f(m[h] - mu);
+          out_scale[wrow + 8 * h] = __fdividef(f, l[h] * f + exp2f(sk - mu));
+        }
+      }
+      bar_arrive<kBarDone, kThreads>();
     }
   } else {
     // ---- O += P V for half of V's columns; both warpgroups stage the tiles.
@@ -893,8 +916,23 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       if (!v_in_k && next) stage_v(tn);
       if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
     }
-    // ---- unnormalised partial O of the split (pairs: into shared memory, to merge)
-    if constexpr (PAIR) {
+    // ---- unnormalised partial O of the split (pairs: into shared memory, to merge; ONE: the
+    // output, scaled as store_merged does)
+    if constexpr (ONE) {
+      bar_sync<kBarDone, kThreads>();  // warpgroup 0's row scales
+      const float* const out_scale = reinterpret_cast<const float*>(gQ);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = row0 + wrow + 8 * h;
+        if (rr >= R || AOTC_SKIP(3)) continue;
+        const float f = out_scale[wrow + 8 * h];
+        T* dst = out + out_row(p, b, kvh, rr) * V + half * NV + 2 * quad;
+#pragma unroll
+        for (int n = 0; n < NV / 8; ++n)
+          *reinterpret_cast<uint32_t*>(dst + 8 * n) =
+              pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
+      }
+    } else if constexpr (PAIR) {
       bar_sync<kBarDone, kThreads>();
       float* const rows = reinterpret_cast<float*>(gQ) + half * NV + 2 * quad;
 #pragma unroll
@@ -925,7 +963,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 #ifdef AOTC_SDPA_STAMPS
   __syncthreads();
   AOTC_STAMP(9);  // end
-  if (tid == 0 || tid == 128) {
+  if (!ONE && (tid == 0 || tid == 128)) {
     const int rank = PAIR ? (int)cluster_rank() : 0;
     const int r = row0 + rank * (kRows / 2), SS = PAIR ? S / 2 : S;
     if (r < R)
@@ -948,10 +986,10 @@ __device__ __forceinline__ void prefetch_maps(const WParams& wp) {
                    : "memory");
 }
 
-template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR>
+template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR, bool ONE = false>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
-                                            float* partials, float* maxs, float* sums,
-                                            const WParams& p) {
+                                            const T* sinks, T* out, float* partials, float* maxs,
+                                            float* sums, const WParams& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (supported<T, D, V>()) {
     static_assert(BLOCKS == 1 || WCfg<D, V, TWO_DEEP>::TWO_BLOCKS_FIT, "two blocks do not fit");
@@ -959,11 +997,11 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
-        (PAIR && p.p.num_splits % 2 != 0))
+        (PAIR && p.p.num_splits % 2 != 0) || (ONE && p.p.num_splits != 1))
       __trap();
     if constexpr (BLOCKS == 1) prefetch_maps(p);
-    wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1>(q, k, v, mask, partials, maxs, sums, p,
-                                                      aotc_wg_smem);
+    wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE>(q, k, v, mask, sinks, out, partials,
+                                                           maxs, sums, p, aotc_wg_smem);
     return;
   }
 #endif
@@ -980,8 +1018,9 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
   extern "C" __global__ void CLUSTER __launch_bounds__(384, BLOCKS) NAME(                     \
       const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
       float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
-    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP, BLOCKS, PAIR>(q, k, v, mask, partials,     \
-                                                                maxs, sums, p);              \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, TWO_DEEP, BLOCKS, PAIR>(q, k, v, mask, nullptr,      \
+                                                                nullptr, partials, maxs, sums, \
+                                                                p);                          \
   }
 #define AOTC_SDPA_VECTOR_WGMMA(TN, T, D, V) \
   AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_##TN##_##D##_##V, T, D, V, true, 1, false, )
@@ -1008,3 +1047,12 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 #define AOTC_SDPA_VECTOR_WGMMA_PAIR(TN, T, D, V)                                               \
   AOTC_SDPA_VECTOR_WGMMA_ENTRY(sdpa_vector_wgmma_pair_##TN##_##D##_##V, T, D, V, true, 1, true, \
                                AOTC_WG_PAIR_CLUSTER)
+// One split a row group (large batches of wide heads): the block writes the output itself, with
+// the sinks, as the combine would from its one partial; no partials and no combine launch.
+#define AOTC_SDPA_VECTOR_WGMMA_ONE(TN, T, D, V)                                                   \
+  extern "C" __global__ void __launch_bounds__(384, 1) sdpa_vector_wgmma_one_##TN##_##D##_##V(  \
+      const T* q, const T* k, const T* v, const void* mask, const T* sinks, T* out,              \
+      const __grid_constant__ aotc_sdpa::wg::WParams p) {                                        \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, true, 1, false, true>(q, k, v, mask, sinks, out, nullptr, \
+                                                              nullptr, nullptr, p);              \
+  }

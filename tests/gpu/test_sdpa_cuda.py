@@ -461,6 +461,35 @@ def test_wgmma_sinks_and_forced_splits(lib, splits):
 
 
 @needs_sm90
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+def test_wgmma_one_pass(lib, tma):
+    """Row groups of one key split take the one-pass entry point (`_one_`, wide heads): its
+    blocks write the output, sinks applied, with no partials and no combine. As planned (66
+    batches of MLA on 132 SMs) and forced to one split: masks of every kind, 1-8 query tokens
+    (up to 16 row groups a KV head, a padded one at 96 heads), sinks, cache slices with their
+    own V, both dtypes, tiles by TMA and by cp.async."""
+    lib.tma = tma
+    try:
+        planned = dict(b=66, hq=128, hkv=1, n=200, d=576, v=512)
+        assert _first_kernel(lib, **planned).startswith("sdpa_vector_wgmma_one_")
+        check(lib, **planned, view_of_k=True, sinks=True)
+        assert lib.last_maps_ok == (ALL_MAPS if tma else 0)
+        for n, lq, mask in (
+            (1, 1, None),
+            (65, 2, "causal"),
+            (1000, 3, "bool"),
+            (4097, 8, "additive"),
+        ):
+            forced = dict(hkv=1, lq=lq, n=n, d=576, v=512, num_splits=1)
+            assert _first_kernel(lib, hq=128, **forced).startswith("sdpa_vector_wgmma_one_")
+            check(lib, hq=128, **forced, mask=mask, view_of_k=True, sinks=lq == 2)
+            check(lib, b=2, hq=96, **forced, mask=mask, sinks=lq != 2, strided=True, seed=1)
+            check(lib, hq=64, **forced, mask=mask, dtype="float16", view_of_k=True, seed=2)
+    finally:
+        lib.tma = True
+
+
+@needs_sm90
 def test_wgmma_strided_and_scalar_paths(lib):
     from bench import cuda_harness as h
 

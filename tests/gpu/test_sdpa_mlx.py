@@ -279,6 +279,25 @@ def test_mla_batch_1_takes_the_pair_entry_point(library):
     assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
 
 
+def test_mla_large_batch_takes_the_one_pass_entry_point(library):
+    """MLA at 66 batches: 132 row groups of one split on an sm_90 GPU (132 SMs or fewer), so
+    the one-pass entry point (`_one_`) writes the output itself, sinks applied, through MLX's
+    primitive (one launch, no combine); V is a view of a cache slice of K."""
+    mx.random.seed(29)
+    q = mx.random.normal((66, 128, 1, 576)).astype(mx.bfloat16)
+    cache = mx.random.normal((66, 1, 600, 576)).astype(mx.bfloat16)
+    sinks = (mx.random.normal((128,)) * 2).astype(mx.bfloat16)
+    mx.eval(q, cache, sinks)
+    k = cache[:, :, 37:537]
+    v = k[..., :512]
+    kernel = _hopper_first_kernel(library, q, k, v)
+    assert kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512", kernel
+    got = aotc.sdpa_vector(q, k, v, scale=576**-0.5, sinks=sinks)
+    want = reference(q, k, v, 576**-0.5, None, sinks)
+    error = mx.abs(got.astype(mx.float32) - want).max().item()
+    assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
+
+
 def test_overlapping_launches_run_as_one_primitive(library, monkeypatch):
     """192/128 GQA 4 at batch 1 on an sm_90+ GPU, planned with the overlapping combine
     (MLX_OVERLAP_COMBINE, off by default: it costs MLX more host time than it saves): the split

@@ -81,6 +81,12 @@ def wgmma_pair_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_wgmma_pair_{type_name}_{d}_{v}"
 
 
+def wgmma_one_name(type_name: str, d: int, v: int) -> str:
+    """The two-deep wgmma kernel for row groups of one key split, writing the output itself (no
+    partials, no combine), for wide heads (wgmma_has_one)."""
+    return f"sdpa_vector_wgmma_one_{type_name}_{d}_{v}"
+
+
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
 # (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
@@ -139,6 +145,13 @@ def wgmma_has_pair(dtype: str, d: int, v: int) -> bool:
     """Whether the pair also gets the clusters-of-two entry point (wgmma_pair_name): heads this
     wide write 128 KB of partials a block, which pairs halve."""
     return wgmma_supported(dtype, d, v) and d + v >= WGMMA_PAIR_HEADS
+
+
+def wgmma_has_one(dtype: str, d: int, v: int) -> bool:
+    """Whether the pair also gets the one-pass entry point (wgmma_one_name): where these heads
+    need one split a row group (large batches), its combine would read and its blocks write
+    128 KB of partials a block for nothing."""
+    return wgmma_has_pair(dtype, d, v)
 
 
 def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
@@ -231,18 +244,19 @@ def _parse_pair(node: Node) -> Params:
 
 def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]]:
     """(name, index variant, macro) of the pair's wgmma entry points, in index order: the
-    two-deep build, the one-deep (`_short`), the two-blocks-an-SM (`_dual`) and the
-    clusters-of-two (`_pair`) ones."""
+    two-deep build, the one-deep (`_short`), the two-blocks-an-SM (`_dual`), the
+    clusters-of-two (`_pair`) and the one-pass (`_one`) ones."""
     type_name = KERNEL_TYPE_NAMES[dtype]
     table = (
-        (wgmma_supported, wgmma_name, ""),
-        (wgmma_has_short, wgmma_short_name, "_short"),
-        (wgmma_has_dual, wgmma_dual_name, "_dual"),
-        (wgmma_has_pair, wgmma_pair_name, "_pair"),
+        (wgmma_supported, wgmma_name, "", "split_pass_wgmma"),
+        (wgmma_has_short, wgmma_short_name, "_short", "split_pass_wgmma_short"),
+        (wgmma_has_dual, wgmma_dual_name, "_dual", "split_pass_wgmma_dual"),
+        (wgmma_has_pair, wgmma_pair_name, "_pair", "split_pass_wgmma_pair"),
+        (wgmma_has_one, wgmma_one_name, "_one", "one_pass_wgmma"),
     )
     return [
-        (name(type_name, d, v), f"split_pass_wgmma{kind}", f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")
-        for has, name, kind in table
+        (name(type_name, d, v), variant, f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")
+        for has, name, kind, variant in table
         if has(dtype, d, v)
     ]
 

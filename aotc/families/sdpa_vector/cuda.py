@@ -27,6 +27,7 @@ from aotc.families.sdpa_vector import (
     split_pass_name,
     wgmma_dual_name,
     wgmma_name,
+    wgmma_one_name,
     wgmma_pair_name,
     wgmma_shared_bytes,
     wgmma_short_name,
@@ -138,6 +139,10 @@ WGMMA_PAIR_MAX_TILES = 32
 # round 24: B=1 N=2048 64 blocks 15.4-15.5 us against 16 blocks 18.9; B=1 N=1024 32 against
 # 8, 14.3-14.6 / 18.2; B=1 N=512 16 against 4, 14.1-14.3 / 18.0-18.2).
 WGMMA_PAIR_MIN_FILL = 0
+# Row groups of one key split (MLA from B=64 at N=4096 on 132 SMs) take the one-pass wgmma entry
+# point where loaded: the block writes the output, with no partials and no combine launch.
+# 0 keeps the split pass and the combine (an A/B switch for bench.variants --plan-constant).
+WGMMA_ONE_PASS = 1
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -837,19 +842,21 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
 @dataclass(frozen=True)
 class WgmmaKernels:
     """A pair's wgmma entry points in the loaded images: two deep (always), one deep (`short`),
-    two blocks an SM (`dual`) and clusters of two (`pair`), None where absent."""
+    two blocks an SM (`dual`), clusters of two (`pair`) and one pass (`one`), None where
+    absent."""
 
     deep: str
     short: str | None = None
     dual: str | None = None
     pair: str | None = None
+    one: str | None = None
 
     @classmethod
     def loaded(
         cls, type_name: str, d: int, v: int, available: set[str] | frozenset[str]
     ) -> WgmmaKernels | None:
         """The entry points `available` holds; None without the two-deep one."""
-        names = (wgmma_name, wgmma_short_name, wgmma_dual_name, wgmma_pair_name)
+        names = (wgmma_name, wgmma_short_name, wgmma_dual_name, wgmma_pair_name, wgmma_one_name)
         deep, *others = (name(type_name, d, v) for name in names)
         if deep not in available:
             return None
@@ -864,10 +871,11 @@ def _plan_wgmma(
     sm_count: int,
     num_splits: int | None,
 ) -> list[Launch]:
-    """The wgmma split pass and the combine, also for a single split: two blocks an SM (the
-    dual entry point) for KV heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep
-    WGMMA_DUAL_MIN_TILES tiles there; else one block an SM: in clusters of two that merge their
-    splits (`pair`) where _pairs_pay, one deep (`short`) when every split is short."""
+    """The wgmma split pass and the combine: two blocks an SM (the dual entry point) for KV
+    heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep WGMMA_DUAL_MIN_TILES tiles
+    there; else one block an SM: in clusters of two that merge their splits (`pair`) where
+    _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
+    launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
@@ -881,7 +889,16 @@ def _plan_wgmma(
     grid = _wgmma_grid(p, sm_count, num_splits)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
-    return _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
+    launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
+    if WGMMA_ONE_PASS and kernels.one and two_deep and grid[1] == 1:
+        return [_one_pass(p, launches[0], kernels.one)]
+    return launches
+
+
+def _one_pass(p: AttentionProblem, split_pass: Launch, kernel: str) -> Launch:
+    """`split_pass` (one split) as `kernel`, which writes the output itself, sinks applied: the
+    same inputs (sinks among them when the call has them), `out` for the partials."""
+    return replace(split_pass, kernel=kernel, outputs=(("out", p.output_shape, p.dtype),))
 
 
 def _wgmma_blocks(p: AttentionProblem, grid: tuple[int, int, int]) -> int:

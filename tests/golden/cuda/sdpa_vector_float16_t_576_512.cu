@@ -7,3 +7,4 @@
 AOTC_SDPA_VECTOR(float16_t, __half, 576, 512)
 AOTC_SDPA_VECTOR_WGMMA(float16_t, __half, 576, 512)
 AOTC_SDPA_VECTOR_WGMMA_PAIR(float16_t, __half, 576, 512)
+AOTC_SDPA_VECTOR_WGMMA_ONE(float16_t, __half, 576, 512)
