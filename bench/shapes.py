@@ -1,7 +1,8 @@
 """The decode-attention shapes every benchmark here reports, so their tables line up.
 
 (B, Hq, Hkv, N, D, V, V is a view of K): the shapes of the team's GPU baselines, then DeepSeek
-style MLA decode (one latent KV head for 128 query heads, V = K's first 512 columns).
+style MLA decode (one latent KV head for 128 query heads, V = K's first 512 columns), then
+256/128 at batch 1 and MLA at a serving batch (64 sequences of 4096 keys).
 """
 
 from bench.options import add_plan_constant_option
@@ -18,6 +19,7 @@ SHAPES = [
     (1, 128, 1, 32768, 576, 512, True),
     (8, 128, 1, 32768, 576, 512, True),
     (1, 32, 8, 32768, 256, 128, False),
+    (64, 128, 1, 4096, 576, 512, True),
 ]
 
 L2_BYTES = 50 * 2**20
