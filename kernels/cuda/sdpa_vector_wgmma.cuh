@@ -857,7 +857,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
         }
       }
     }
-    if constexpr (ONE) {  // each row's output scale (the combine's for one split), for 1 and 2
+    if constexpr (ONE) {  // each row's output scale (the combine's for one split), for WG 1, 2
       // Q's shared memory is dead once the last S is done.
       float* const out_scale = reinterpret_cast<float*>(gQ);
 #pragma unroll

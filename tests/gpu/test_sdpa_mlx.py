@@ -280,9 +280,9 @@ def test_mla_batch_1_takes_the_pair_entry_point(library):
 
 
 def test_mla_large_batch_takes_the_one_pass_entry_point(library):
-    """MLA at 66 batches: 132 row groups of one split on an sm_90 GPU (132 SMs or fewer), so
-    the one-pass entry point (`_one_`) writes the output itself, sinks applied, through MLX's
-    primitive (one launch, no combine); V is a view of a cache slice of K."""
+    """MLA at 66 batches: 132 row groups, one split each as planned for 132 SMs (H100 SXM,
+    H200), so the one-pass entry point (`_one_`) writes the output itself, sinks applied,
+    through MLX's primitive (one launch, no combine); V is a view of a cache slice of K."""
     mx.random.seed(29)
     q = mx.random.normal((66, 128, 1, 576)).astype(mx.bfloat16)
     cache = mx.random.normal((66, 1, 600, 576)).astype(mx.bfloat16)

@@ -139,8 +139,9 @@ WGMMA_PAIR_MAX_TILES = 32
 # round 24: B=1 N=2048 64 blocks 15.4-15.5 us against 16 blocks 18.9; B=1 N=1024 32 against
 # 8, 14.3-14.6 / 18.2; B=1 N=512 16 against 4, 14.1-14.3 / 18.0-18.2).
 WGMMA_PAIR_MIN_FILL = 0
-# Row groups of one key split (MLA from B=64 at N=4096 on 132 SMs) take the one-pass wgmma entry
-# point where loaded: the block writes the output, with no partials and no combine launch.
+# Row groups of one key split (MLA at 59-66, 128 or 256 sequences on 132 SMs, where whole row
+# groups fill the waves best) take the one-pass wgmma entry point where loaded: the block writes
+# the output, with no partials and no combine launch.
 # 0 keeps the split pass and the combine (an A/B switch for bench.variants --plan-constant).
 WGMMA_ONE_PASS = 1
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
