@@ -868,6 +868,32 @@ def test_wgmma_one_split_is_one_launch_where_loaded(monkeypatch):
     assert wgmma_has_one("float16", 576, 512) and not wgmma_has_one("bfloat16", 192, 128)
 
 
+def test_wgmma_takes_one_split_where_the_model_says_it_is_faster():
+    """Where the wave-filling rule gives MLA three splits, the one-pass entry point takes one
+    instead when _wgmma_cost says so; the choices measured on an H200 (round 37)."""
+    names = WG_NAMES | {"sdpa_vector_wgmma_one_bfloat16_t_576_512"}
+
+    def first(batch, kv_len, available=names):
+        launch = plan_cuda(
+            mla(batch=batch, kv_len=kv_len), available=available, sm_count=132, wgmma=True
+        )[0]
+        return launch.kernel.split("_")[3], unpack(launch)[8], launch.grid[0]
+
+    # 200 blocks in one split: two waves of 32 or 64 tiles beat five of 11 or 22 and a combine.
+    assert first(100, 2048) == ("one", 1, 200) and first(100, 4096) == ("one", 1, 200)
+    # 160 blocks would leave the second wave nearly empty; 80 blocks half the SMs.
+    assert first(80, 4096) == ("bfloat16", 3, 480) and first(40, 8192) == ("bfloat16", 3, 240)
+    assert first(100, 8192) == ("bfloat16", 3, 600)  # one split measured level there
+    # Without the one-pass entry point the rule's split count stands.
+    assert first(100, 2048, WG_NAMES) == ("bfloat16", 3, 600)
+    p = mla(batch=100, kv_len=4096)
+    three, one = cuda._wgmma_grid(p, 132, None), cuda._wgmma_grid(p, 132, 1)
+    assert (three[1], one[1]) == (3, 1)
+    # 5 waves x (22 tiles x 2 + 12) + 12800 rows x 3 x 2 KB at 5 TB/s + 2, against 2 x (64 x 2 + 12)
+    assert cuda._wgmma_cost(p, three, 132) == pytest.approx(5 * 56 + 12800 * 3 * 2048 / 5e6 + 2)
+    assert cuda._wgmma_cost(p, one, 132) == pytest.approx(2 * 140)
+
+
 def test_wgmma_splits_keep_whole_tiles():
     for kv_len, forced in ((8192, None), (8192, 7), (1000, 64), (65537, None)):
         first, _ = plan_cuda(

@@ -144,6 +144,18 @@ WGMMA_PAIR_MIN_FILL = 0
 # the output, with no partials and no combine launch.
 # 0 keeps the split pass and the combine (an A/B switch for bench.variants --plan-constant).
 WGMMA_ONE_PASS = 1
+# Where the one-pass entry point is loaded, a grid the wave-filling rule gives several splits
+# takes one split instead when this model of a call says it is faster (_wgmma_cost): waves of
+# blocks x (a split's 64-key tiles x WGMMA_TILE_US + WGMMA_BLOCK_US), plus, for splits, the
+# combine reading the partials at COMBINE_BYTES_PER_US + COMBINE_LAUNCH_US. H200, MLA, forced
+# split counts (bench/NOTES.md round 37, harness, three rounds): B=100 N=2048 150.5-160.2 us in
+# one split against 180.3-182.5 in the rule's three, N=4096 277.6-282.0 against 289.9-302.2;
+# B=80 N=4096 and B=40 N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1
+# against 258.3-260.0), as the model says.
+WGMMA_TILE_US = 2.0
+WGMMA_BLOCK_US = 12.0
+COMBINE_BYTES_PER_US = 5.0e6
+COMBINE_LAUNCH_US = 2.0
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -888,12 +900,27 @@ def _plan_wgmma(
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     grid = _wgmma_grid(p, sm_count, num_splits)
+    if WGMMA_ONE_PASS and kernels.one and num_splits is None and grid[1] > 1:
+        one_split = _wgmma_grid(p, sm_count, 1)
+        if _wgmma_cost(p, one_split, sm_count) < _wgmma_cost(p, grid, sm_count):
+            grid = one_split
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
     launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
     if WGMMA_ONE_PASS and kernels.one and two_deep and grid[1] == 1:
         return [_one_pass(p, launches[0], kernels.one)]
     return launches
+
+
+def _wgmma_cost(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> float:
+    """Modelled microseconds of a one-block-an-SM wgmma call over `grid` (see WGMMA_TILE_US)."""
+    _, num_splits, keys_per_split = grid
+    waves = -(-_wgmma_blocks(p, grid) // sm_count)
+    cost = waves * (keys_per_split // WGMMA_KEYS * WGMMA_TILE_US + WGMMA_BLOCK_US)
+    if num_splits > 1:
+        rows = p.batch * p.q_heads * p.q_len
+        cost += rows * num_splits * p.v_dim * 4 / COMBINE_BYTES_PER_US + COMBINE_LAUNCH_US
+    return cost
 
 
 def _one_pass(p: AttentionProblem, split_pass: Launch, kernel: str) -> Launch:
