@@ -881,7 +881,7 @@ def test_wgmma_takes_one_split_where_the_model_says_it_is_faster():
 
     # 200 blocks in one split: two waves of 32 or 64 tiles beat five of 11 or 22 and a combine.
     assert first(100, 2048) == ("one", 1, 200) and first(100, 4096) == ("one", 1, 200)
-    # 160 blocks would leave the second wave nearly empty; 80 blocks half the SMs.
+    # One split: 160 blocks, a second wave of 28; 80 blocks, 52 of 132 SMs idle.
     assert first(80, 4096) == ("bfloat16", 3, 480) and first(40, 8192) == ("bfloat16", 3, 240)
     assert first(100, 8192) == ("bfloat16", 3, 600)  # one split measured level there
     # Without the one-pass entry point the rule's split count stands.
