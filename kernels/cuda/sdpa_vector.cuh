@@ -1299,12 +1299,18 @@ __device__ __forceinline__ void store4(T* o, float4 a, float inv) {
   o[3] = Tr<T>::t(a.w * inv);
 }
 
-template <typename T>
-__device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, float sk) {
+// The factor that turns a row's merged (unnormalised) output into attention's: max m and sum l
+// of its splits, the sink sk beside them (log2 domain).
+__device__ __forceinline__ float merged_scale(float m, float l, float sk) {
   const float mx = fmaxf(m, sk);
   const float mu = mx == -INFINITY ? 0.f : mx;
   const float f = exp2f(m - mu);
-  store4(o, a, __fdividef(f, l * f + exp2f(sk - mu)));
+  return __fdividef(f, l * f + exp2f(sk - mu));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_merged(T* o, float m, float l, float4 a, float sk) {
+  store4(o, a, merged_scale(m, l, sk));
 }
 
 // The fused split pass's end: a block publishes that its splits' partials are written; the last

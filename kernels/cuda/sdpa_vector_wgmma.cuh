@@ -864,12 +864,11 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       for (int h = 0; h < 2; ++h) {
         const int rr = row0 + wrow + 8 * h;
         if (quad == 0) {
-          // Row rr = g * Lq + i of this KV head is query head kvh * G + g (sink_log2's head).
+          // Row rr = g * Lq + i of this KV head is query head kvh * G + g (sink_log2's head,
+          // without its 64-bit division).
           const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
           const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
-          const float mx = fmaxf(m[h], sk), mu = mx == -INFINITY ? 0.f : mx;
-          const float f = exp2f(m[h] - mu);
-          out_scale[wrow + 8 * h] = __fdividef(f, l[h] * f + exp2f(sk - mu));
+          out_scale[wrow + 8 * h] = merged_scale(m[h], l[h], sk);
         }
       }
       bar_arrive<kBarDone, kThreads>();
