@@ -899,16 +899,17 @@ def _plan_wgmma(
         paired = _wgmma_grid(p, sm_count, num_splits, WGMMA_PAIR_MIN_TILES)
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
+    one_pass = kernels.one if WGMMA_ONE_PASS else None
     grid = _wgmma_grid(p, sm_count, num_splits)
-    if WGMMA_ONE_PASS and kernels.one and num_splits is None and grid[1] > 1:
+    if one_pass and num_splits is None and grid[1] > 1:
         one_split = _wgmma_grid(p, sm_count, 1)
         if _wgmma_cost(p, one_split, sm_count) < _wgmma_cost(p, grid, sm_count):
             grid = one_split
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
     launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
-    if WGMMA_ONE_PASS and kernels.one and two_deep and grid[1] == 1:
-        return [_one_pass(p, launches[0], kernels.one)]
+    if one_pass and two_deep and grid[1] == 1:
+        return [_one_pass(p, launches[0], one_pass)]
     return launches
 
 
