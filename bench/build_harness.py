@@ -28,7 +28,7 @@ from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels" / "cuda"
 ALL_DTYPES = ("float16", "bfloat16", "float32")
-HEADERS = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh")
+HEADERS = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh", "sdpa_vector_seesaw.cuh")
 PAIRS = [(576, 512), (192, 128), (256, 128), (96, 64), (320, 256), (128, 128), (80, 80)]
 
 

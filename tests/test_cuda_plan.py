@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -959,3 +960,35 @@ def test_wgmma_kernels_compile_with_pipelined_mmas(tmp_path):
     assert entries == len(WGMMA_PARTS_PAIRS) + 2, result.stderr[-4000:]  # one short, one dual
     for code in ("C7520", "C7519"):
         assert code not in result.stderr, result.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_seesaw_kernels_compile_relocatable_with_pipelined_mmas_and_no_spills(tmp_path):
+    """The seesaw entry points as aotc ships them (relocatable, sm_90a): ptxas keeps every wgmma
+    asynchronous (C7515: accumulators defined by other instructions mid-pipeline, a branch
+    among the MMAs did it), and their ~250 registers a thread fit 256 threads without spills
+    (no `setmaxnreg`, which relocatable builds ignore)."""
+    src = tmp_path / "seesaw.cu"
+    src.write_text(
+        '#include "sdpa_vector_wgmma.cuh"\n'
+        + "".join(
+            f"AOTC_SDPA_VECTOR_WGMMA_SEESAW{kind}({tn}, {t}, 576, 512)\n"
+            for kind in ("", "_ONE")
+            for tn, t in (("bfloat16_t", "__nv_bfloat16"), ("float16_t", "__half"))
+        )
+    )
+    result = subprocess.run(
+        ["nvcc", "-O3", "-std=c++17", "-rdc=true", f"-I{REPO / 'kernels' / 'cuda'}",
+         "-gencode=arch=compute_90a,code=sm_90a", "-c", "-Xptxas", "-v",
+         "-o", tmp_path / "seesaw.o", src],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stderr
+    assert log.count("Compiling entry function 'sdpa_vector_wgmma_seesaw_") == 4, log[-4000:]
+    for code in ("C7515", "C7520", "C7519"):
+        assert code not in log, log[-4000:]
+    for entry in log.split("Compiling entry function 'sdpa_vector_wgmma_seesaw_")[1:]:
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in entry, entry
+        registers = int(re.search(r"Used (\d+) registers", entry).group(1))
+        assert registers * 256 <= 65536, entry

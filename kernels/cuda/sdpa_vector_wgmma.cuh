@@ -1055,3 +1055,5 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     aotc_sdpa::wg::wgmma_entry<T, D, V, true, 1, false, true>(q, k, v, mask, sinks, out, nullptr, \
                                                               nullptr, nullptr, p);              \
   }
+
+#include "sdpa_vector_seesaw.cuh"

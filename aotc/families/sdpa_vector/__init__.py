@@ -87,6 +87,17 @@ def wgmma_one_name(type_name: str, d: int, v: int) -> str:
     return f"sdpa_vector_wgmma_one_{type_name}_{d}_{v}"
 
 
+def wgmma_seesaw_name(type_name: str, d: int, v: int) -> str:
+    """The two-warpgroup wgmma split pass for V = K's prefix (MLA), whose warpgroups take turns
+    with the key tiles (sdpa_vector_seesaw.cuh), for wgmma_has_seesaw pairs."""
+    return f"sdpa_vector_wgmma_seesaw_{type_name}_{d}_{v}"
+
+
+def wgmma_seesaw_one_name(type_name: str, d: int, v: int) -> str:
+    """The seesaw kernel for row groups of one key split, writing the output itself."""
+    return f"sdpa_vector_wgmma_seesaw_one_{type_name}_{d}_{v}"
+
+
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
 # rows in whole 64-element atoms, V in two warpgroup halves of whole atoms, shared memory
 # (Q, the K/V slots, P, rescale factors, an mbarrier per part of a slot, alignment) within Hopper's
@@ -152,6 +163,20 @@ def wgmma_has_one(dtype: str, d: int, v: int) -> bool:
     need one split a row group (large batches), its combine would read and its blocks write
     128 KB of partials a block for nothing."""
     return wgmma_has_pair(dtype, d, v)
+
+
+def seesaw_shared_bytes(d: int, v: int) -> int:
+    """SeesawCfg::SMEM: Q, two K slots, P, four rows of floats, an mbarrier per slot atom and
+    Q's, alignment."""
+    atoms = d // 64
+    return (3 * atoms + 1) * _WGMMA_ATOM + 4 * 64 * 4 + (2 * atoms + 1) * 8 + 1024
+
+
+def wgmma_has_seesaw(dtype: str, d: int, v: int) -> bool:
+    """Whether the pair also gets the seesaw entry point (wgmma_seesaw_name): wide heads whose
+    V can be K's prefix (V < D), where the tile is compute-bound."""
+    fits = seesaw_shared_bytes(d, v) <= WGMMA_MAX_SHARED
+    return wgmma_has_pair(dtype, d, v) and v < d and fits
 
 
 def wgmma_has_short(dtype: str, d: int, v: int) -> bool:
@@ -226,7 +251,7 @@ class SdpaVectorFamily:
                 raise FileNotFoundError("MLX's headers were not found: is mlx installed?")
             files = ("mlx/backend/metal/kernels/utils.h", "mlx/backend/metal/kernels/sdpa_vector.h")
             return [IncludeRoot(include, files, "mlx")]
-        headers = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh")
+        headers = ("sdpa_vector.cuh", "sdpa_vector_wgmma.cuh", "sdpa_vector_seesaw.cuh")
         return [IncludeRoot(kernels_dir() / "cuda", headers, "aotc")]
 
 
@@ -245,7 +270,8 @@ def _parse_pair(node: Node) -> Params:
 def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]]:
     """(name, index variant, macro) of the pair's wgmma entry points, in index order: the
     two-deep build, the one-deep (`_short`), the two-blocks-an-SM (`_dual`), the
-    clusters-of-two (`_pair`) and the one-pass (`_one`) ones."""
+    clusters-of-two (`_pair`), the one-pass (`_one`) and the seesaw split and one pass
+    (`_seesaw`, `_seesaw_one`) ones."""
     type_name = KERNEL_TYPE_NAMES[dtype]
     table = (
         (wgmma_supported, wgmma_name, "", "split_pass_wgmma"),
@@ -253,6 +279,8 @@ def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]
         (wgmma_has_dual, wgmma_dual_name, "_dual", "split_pass_wgmma_dual"),
         (wgmma_has_pair, wgmma_pair_name, "_pair", "split_pass_wgmma_pair"),
         (wgmma_has_one, wgmma_one_name, "_one", "one_pass_wgmma"),
+        (wgmma_has_seesaw, wgmma_seesaw_name, "_seesaw", "split_pass_wgmma_seesaw"),
+        (wgmma_has_seesaw, wgmma_seesaw_one_name, "_seesaw_one", "one_pass_wgmma_seesaw"),
     )
     return [
         (name(type_name, d, v), variant, f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")

@@ -1,0 +1,511 @@
+// aotc: MLA decode on two warpgroups that take turns with the key tiles ("seesaw").
+//
+// sdpa_vector_wgmma.cuh's block runs S and the softmax of every tile on warpgroup 0 while
+// warpgroups 1 and 2 multiply P V, so a tile costs S + softmax + P V with little overlap
+// (bench/NOTES.md round 32). Here a block is 64 query rows and two warpgroups (256 threads, so
+// each may keep ~240 registers without `setmaxnreg`, which relocatable builds ignore). Tile 2j
+// (slot 0) is warpgroup 0's, tile 2j + 1 (slot 1) warpgroup 1's: each computes S and the
+// softmax of its own tile, and each owns half of O (V / 2 columns). The two softmaxes of a pair
+// chain through the running max in shared memory (0 first, then 1), and each warpgroup
+// multiplies its own P from registers and the other's from shared memory by its half of V, so
+// one warpgroup's softmax runs under the other's MMAs.
+//
+// V is K's prefix (MLA: v = k[..., :V]); tiles come by TMA, an mbarrier per column atom. Each
+// atom of a slot is requested again as soon as its last reader is done: V's first half by
+// warpgroup 0 after its P V, V's second half and the columns past V by warpgroup 1 after its.
+// Q's last column atom lives in registers (S's register-A form), and its shared memory holds
+// warpgroup 1's P. The schedule is the one deepseek-ai's FlashMLA describes for its sm90 dense
+// decode kernel; this code is aotc's own.
+//
+// Entry points: sdpa_vector_wgmma_seesaw_<TN>_<D>_<V>, the wgmma split pass's arguments
+// (partials, maxs, sums for the combine), and sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
+// one pass's (out, sinks applied); 256 threads, one block an SM. The plan makes them the view
+// alternatives of those launches (docs/ARCHITECTURE.md): only evaluation sees that V is K's
+// prefix, and every tensor map (K, V, Q) must be encoded; other blocks trap.
+#pragma once
+
+#include "sdpa_vector_wgmma.cuh"
+
+namespace aotc_sdpa {
+namespace wg {
+
+constexpr int kSeesawThreads = 256;
+// Named barriers between the two warpgroups (each: one arrives, the other waits).
+constexpr int kBarScale0 = 1;  // warpgroup 0's max and rescale factor of the pair are out
+constexpr int kBarScale1 = 2;  // warpgroup 1's (the pair's max) are out
+constexpr int kBarP0 = 3;      // warpgroup 0's P, at the pair's max, is in shared memory
+constexpr int kBarP1 = 4;      // warpgroup 1's P is in shared memory and its P0 V is issued
+constexpr int kBarSums = 5;    // the end: warpgroup 1's row sums are in shared memory
+
+template <int D, int V>
+struct SeesawCfg {
+  static constexpr int DA = D / 64, VA = V / 64, HA = VA / 2;  // atoms: row, V, half of V
+  static constexpr int NV = V / 2;                             // O columns per warpgroup
+  static constexpr int Q_BYTES = DA * kAtom;
+  static constexpr int SLOT_BYTES = DA * kAtom;
+  // Q, two slots, P0, four float rows (max, two rescale factors, sums), an mbarrier per atom
+  // of each slot and Q's, alignment.
+  static constexpr int SMEM = Q_BYTES + 2 * SLOT_BYTES + kAtom + 4 * kRows * 4 +
+                              (2 * DA + 1) * 8 + 1024;
+};
+
+template <typename T, int D, int V>
+__host__ __device__ constexpr bool seesaw_supported() {
+  return !std::is_same<T, float>::value && D % 64 == 0 && V % 128 == 0 && V <= 512 && V < D &&
+         SeesawCfg<D, V>::SMEM <= kSharedLimit;
+}
+
+// m64nNk16 with A (64 x 16) in registers: a thread's four 32-bit A registers hold rows
+// (r, r + 8) x columns (2 quad, + 1) and (8 + 2 quad, + 1), as an accumulator's pairs do.
+#define AOTC_WGMMA_RS_FN(N, R, IA0, IA1, IA2, IA3, IB, IS, IT)                                 \
+  template <bool BF16, int TB>                                                                 \
+  __device__ __forceinline__ void wgmma_rs_m64n##N##k16(float(&d)[R], const uint32_t(&a)[4],  \
+                                                        uint64_t db, int accumulate = 1) {     \
+    if constexpr (BF16) {                                                                      \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                           \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " AOTC_WG_REGS##R \
+                   ", {%" #IA0 ", %" #IA1 ", %" #IA2 ", %" #IA3 "}, %" #IB ", p, 1, 1, %" #IT  \
+                   ";\n}\n"                                                                    \
+                   : AOTC_WG_OUTS##R                                                           \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));    \
+    } else {                                                                                   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                           \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 " AOTC_WG_REGS##R   \
+                   ", {%" #IA0 ", %" #IA1 ", %" #IA2 ", %" #IA3 "}, %" #IB ", p, 1, 1, %" #IT  \
+                   ";\n}\n"                                                                    \
+                   : AOTC_WG_OUTS##R                                                           \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));    \
+    }                                                                                          \
+  }
+AOTC_WGMMA_RS_FN(64, 32, 32, 33, 34, 35, 36, 37, 38)
+AOTC_WGMMA_RS_FN(128, 64, 64, 65, 66, 67, 68, 69, 70)
+AOTC_WGMMA_RS_FN(192, 96, 96, 97, 98, 99, 100, 101, 102)
+AOTC_WGMMA_RS_FN(256, 128, 128, 129, 130, 131, 132, 133, 134)
+#undef AOTC_WGMMA_RS_FN
+
+template <bool BF16, int NV>
+__device__ __forceinline__ void wgmma_rs_pv(float (&d)[NV / 2], const uint32_t (&a)[4],
+                                            uint64_t db) {
+  if constexpr (NV == 64) wgmma_rs_m64n64k16<BF16, 1>(d, a, db);
+  else if constexpr (NV == 128) wgmma_rs_m64n128k16<BF16, 1>(d, a, db);
+  else if constexpr (NV == 192) wgmma_rs_m64n192k16<BF16, 1>(d, a, db);
+  else wgmma_rs_m64n256k16<BF16, 1>(d, a, db);
+}
+
+// `x` as a value the compiler cannot see through: descriptors built from it are built where
+// used, not hoisted out of the tile loop into registers the O halves need.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// The seesaw block's shared memory and the views both warpgroups use.
+template <int D, int V>
+struct SeesawSmem {
+  using C = SeesawCfg<D, V>;
+  uint32_t q, slot0, p0, p1, bars;  // shared-window addresses
+  char* gq;                          // Q's generic address (the rest by offset)
+  float *m, *scale0, *scale1, *sums;
+  __device__ explicit SeesawSmem(char* raw) {
+    const uint32_t base = smem_u32(raw);
+    q = (base + 1023) & ~1023u;
+    gq = raw + (q - base);
+    slot0 = q + C::Q_BYTES;
+    p0 = slot0 + 2 * C::SLOT_BYTES;
+    p1 = q + (C::DA - 1) * kAtom;  // Q's last atom, held in registers
+    float* rows = reinterpret_cast<float*>(gq + (p0 + kAtom - q));
+    m = rows;
+    scale0 = rows + kRows;
+    scale1 = rows + 2 * kRows;
+    sums = rows + 3 * kRows;
+    bars = smem_u32(rows + 4 * kRows);
+  }
+  __device__ uint32_t slot(int s) const { return slot0 + s * C::SLOT_BYTES; }
+  __device__ uint32_t bar(int s, int atom) const { return bars + (s * C::DA + atom) * 8; }
+  __device__ uint32_t qbar() const { return bars + 2 * C::DA * 8; }
+};
+
+// Atoms [A0, A1) of the K tile at key k0 into slot `s`, one box an atom, each on its mbarrier.
+template <int A0, int A1, typename Smem>
+__device__ __forceinline__ void seesaw_load(const Smem& sm, int s, const TensorMap* kmap, int k0,
+                                            int kvh, int b) {
+#pragma unroll
+  for (int a = A0; a < A1; ++a) {
+    mbar_arrive_expect(sm.bar(s, a), kAtom);
+    tma_load_box(sm.slot(s) + a * kAtom, kmap, a * 64, k0, kvh, b, sm.bar(s, a),
+                 l2_evict_first());
+  }
+}
+
+// S += Q K^T over atoms [A0, A1) of slot `s` (fill parity `par`), each atom once it lands and
+// as its own commit group; FIRST: S = instead of +=, by the first MMA's scale-d (zeroing S with
+// other instructions while a P V is in flight makes ptxas serialise every wgmma, C7515). Q's
+// last atom comes from registers (`rq`).
+template <bool BF16, int DA, int A0, int A1, bool FIRST, typename Smem>
+__device__ __forceinline__ void seesaw_s(float (&s)[32], const Smem& sm, int slot, int par,
+                                         const uint32_t (&rq)[4][4]) {
+  const uint64_t qd = sw128_desc(opaque(sm.q), 16, 1024);
+  const uint64_t kd = sw128_desc(opaque(sm.slot(slot)), 16, 1024);
+#pragma unroll
+  for (int a = A0; a < A1; ++a) {
+    mbar_wait(sm.bar(slot, a), par);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 4 * a; kk < 4 * a + 4; ++kk) {
+      const uint64_t off = ((kk >> 2) * kAtom + (kk & 3) * 32) >> 4;
+      const int acc = FIRST && kk == 4 * A0 ? 0 : 1;
+      if (a == DA - 1) wgmma_rs_m64n64k16<BF16, 0>(s, rq[kk & 3], kd + off, acc);
+      else wgmma_m64n64k16<BF16, 0>(s, qd + off, kd + off, acc);
+    }
+    wgmma_commit();
+  }
+}
+
+// O (this warpgroup's V / 2 columns) += P V(slot) with P in registers (`pa`: four k-steps).
+template <bool BF16, int NV>
+__device__ __forceinline__ void seesaw_pv_regs(float (&o)[NV / 2], const uint32_t (&pa)[4][4],
+                                               uint32_t vcols) {
+  const uint64_t vd = sw128_desc(opaque(vcols), kAtom, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs_pv<BF16, NV>(o, pa[kk], vd + ((kk * 2048) >> 4));
+  wgmma_commit();
+}
+
+// The same with P from shared memory (the other warpgroup's, swizzled 64 x 64 at `p`).
+template <bool BF16, int NV>
+__device__ __forceinline__ void seesaw_pv_smem(float (&o)[NV / 2], uint32_t p, uint32_t vcols) {
+  const uint64_t pd = sw128_desc(opaque(p), 16, 1024);
+  const uint64_t vd = sw128_desc(opaque(vcols), kAtom, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk)
+    wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 2048) >> 4));
+  wgmma_commit();
+}
+
+// Scores of S (raw) into the log2 domain, masked as the tile needs.
+// The rows' mask facts are worked out there, not kept: registers are short.
+template <typename T>
+__device__ __forceinline__ void seesaw_scores(float (&s)[32], const Params& p, const void* mask,
+                                              int b, int kvh, int rr, int R, int k0,
+                                              int key_end, int quad, float scale2) {
+  if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
+#pragma unroll
+    for (int e = 0; e < 32; ++e) s[e] *= scale2;
+  } else {
+    mask_scores<T>(s, p, mask, row_facts(p, b, kvh, rr, R), k0 + quad * 2, key_end, scale2);
+  }
+}
+
+// Row h's max over this thread's scores, across its quad.
+__device__ __forceinline__ float quad_row_max(const float (&s)[32], int h) {
+  float x = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) x = fmaxf(x, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// P = 2^(s - m) of row h (m the running max, -inf -> 0) in place; returns this thread's sum.
+__device__ __forceinline__ float exp_row(float (&s)[32], int h, float m) {
+  const float mu = m == -INFINITY ? 0.f : m;
+  float sum = 0.f;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    s[4 * n + 2 * h] = fast_exp2(s[4 * n + 2 * h] - mu);
+    s[4 * n + 2 * h + 1] = fast_exp2(s[4 * n + 2 * h + 1] - mu);
+    sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
+  }
+  return sum;
+}
+
+// P (accumulator layout, times f[h] per row) as register-A operands of four k-steps.
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32], float f0,
+                                       float f1) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = pack2<T>(s[8 * kk] * f0, s[8 * kk + 1] * f0);
+    pa[kk][1] = pack2<T>(s[8 * kk + 2] * f1, s[8 * kk + 3] * f1);
+    pa[kk][2] = pack2<T>(s[8 * kk + 4] * f0, s[8 * kk + 5] * f0);
+    pa[kk][3] = pack2<T>(s[8 * kk + 6] * f1, s[8 * kk + 7] * f1);
+  }
+}
+
+// Register-A operands into the swizzled 64 x 64 P at `gp` (rows wrow, wrow + 8).
+__device__ __forceinline__ void store_p(char* gp, const uint32_t (&pa)[4][4], int wrow,
+                                        int quad) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = wrow + 8 * (j & 1), n = 2 * kk + (j >> 1);  // chunk n: keys 8n..8n+7
+      *reinterpret_cast<uint32_t*>(gp + r * 128 + ((n ^ (r & 7)) << 4) + quad * 4) = pa[kk][j];
+    }
+}
+
+// ONE: the block is its row group's only split and writes `out` (sinks applied) in place of
+// partials for the combine.
+template <typename T, int D, int V, bool ONE>
+__device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* __restrict__ k,
+                                             const void* __restrict__ mask,
+                                             const T* __restrict__ sinks, T* __restrict__ out,
+                                             float* __restrict__ partials,
+                                             float* __restrict__ maxs, float* __restrict__ sums,
+                                             const WParams& wp, char* smem_raw) {
+  using C = SeesawCfg<D, V>;
+  constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int NV = C::NV, DA = C::DA, HA = C::HA;
+  const Params& p = wp.p;
+  const int tid = threadIdx.x, wg = tid >> 7, lt = tid & 127, lane = tid & 31;
+  const int quad = lane & 3;
+  const int wrow = (lt >> 5) * 16 + (lane >> 2);  // this thread's rows: wrow, wrow + 8
+  const BlockWork w = block_work(p);
+  const int split = w.split, kvh = w.kvh, b = w.b, S = p.num_splits;
+  const int R = p.q_heads / p.kv_heads * p.q_len;
+  const int row0 = w.rg * kRows, key_begin = w.key_begin, key_end = w.key_end;
+  const int pairs = cdiv(cdiv(key_end - key_begin, kKeys), 2);
+  const SeesawSmem<D, V> sm(smem_raw);
+  const TensorMap* const kmap = &wp.maps[0];
+
+  if (tid <= 2 * DA) mbar_init(sm.bars + tid * 8, 1);
+  if (tid < kRows) sm.m[tid] = -INFINITY;
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  __syncthreads();
+  if (tid == 0) {
+    // Q's boxes (64 columns x Lq tokens x 64 / Lq heads), then tiles 0 and 1 (1 may lie past
+    // the split: masked, and zeros past the array).
+    const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
+    mbar_arrive_expect(sm.qbar(), DA * kAtom);
+    for (int a = 0; a < DA; ++a)
+      tma_load_box(sm.q + a * kAtom, &wp.maps[2], a * 64, 0, head0, b, sm.qbar(),
+                   l2_evict_last());
+    seesaw_load<0, DA>(sm, 0, kmap, key_begin, kvh, b);
+    seesaw_load<0, DA>(sm, 1, kmap, key_begin + kKeys, kvh, b);
+  }
+  // Q's last atom into registers (A fragments of four k-steps), then its shared memory is P1's.
+  mbar_wait(sm.qbar(), 0);
+  uint32_t rq[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = wrow + 8 * (j & 1), c = 16 * kk + 8 * (j >> 1) + 2 * quad;  // column in atom
+      rq[kk][j] = *reinterpret_cast<const uint32_t*>(
+          sm.gq + (DA - 1) * kAtom + r * 128 + (((c >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
+    }
+  __syncthreads();
+
+  const float scale2 = p.scale * kLog2e;
+  char* const gp0 = sm.gq + (sm.p0 - sm.q);
+  char* const gp1 = sm.gq + (sm.p1 - sm.q);
+  float o[NV / 2];
+#pragma unroll
+  for (int i = 0; i < NV / 2; ++i) o[i] = 0.f;
+  float l[2] = {0.f, 0.f};
+  float s[32];
+  uint32_t pa[4][4];
+  // Each warpgroup's first S: tile wg in slot wg.
+  seesaw_s<BF16, DA, 0, DA, true>(s, sm, wg, 0, rq);
+  wgmma_wait<0>();
+  fence_regs(s);
+  const uint32_t vhalf = wg * HA * kAtom;  // this warpgroup's half of V in a slot
+
+  // A pair's body is compiled twice: with the next pair's loads and S (MORE) and without,
+  // chosen where no MMA is in flight. A branch among the MMAs made ptxas serialise every
+  // wgmma (C7515).
+  auto wg0_pair = [&](int j, auto more) {
+    constexpr bool MORE = decltype(more)::value;
+    const int k0 = key_begin + 2 * j * kKeys;  // tile 2j's first key
+    const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
+    // ---- tile 2j's softmax; P0 V0 (own half); rescale to the pair's max; P1 V1.
+    seesaw_scores<T>(s, p, mask, b, kvh, row0 + wrow, R, k0, key_end, quad, scale2);
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_old = sm.m[wrow + 8 * h];
+      const float m_new = fmaxf(m_old, quad_row_max(s, h));
+      alpha[h] = fast_exp2(m_old - (m_new == -INFINITY ? 0.f : m_new));
+      l[h] = l[h] * alpha[h] + exp_row(s, h, m_new);
+      __syncwarp();
+      if (quad == 0) {
+        sm.m[wrow + 8 * h] = m_new;
+        sm.scale0[wrow + 8 * h] = alpha[h];
+      }
+    }
+    bar_arrive<kBarScale0, kSeesawThreads>();
+    rescale<NV>(o, alpha[0], alpha[1]);
+    pack_p<T>(pa, s, 1.f, 1.f);
+    seesaw_pv_regs<BF16, NV>(o, pa, sm.slot(0) + vhalf);
+    wgmma_wait<0>();
+    fence_regs(o);
+    bar_sync<kBarScale1, kSeesawThreads>();  // tile 2j + 1's max: the pair's
+    if (MORE && lt == 0) seesaw_load<0, HA>(sm, 0, kmap, k0 + 2 * kKeys, kvh, b);
+    const float f0 = sm.scale1[wrow], f1 = sm.scale1[wrow + 8];
+    pack_p<T>(pa, s, f0, f1);
+    store_p(gp0, pa, wrow, quad);
+    fence_async_shared();
+    bar_arrive<kBarP0, kSeesawThreads>();
+    bar_sync<kBarP1, kSeesawThreads>();  // P1 is in shared memory
+    rescale<NV>(o, f0, f1);
+    l[0] *= f0;
+    l[1] *= f1;
+    seesaw_pv_smem<BF16, NV>(o, sm.p1, sm.slot(1) + vhalf);
+    if constexpr (MORE) {
+      seesaw_s<BF16, DA, 0, HA, true>(s, sm, 0, npar, rq);
+      wgmma_wait<HA>();  // P1 V1 is done with slot 1's first half
+      if (lt == 0) seesaw_load<0, HA>(sm, 1, kmap, k0 + 3 * kKeys, kvh, b);
+      seesaw_s<BF16, DA, HA, DA, false>(s, sm, 0, npar, rq);
+    }
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(s);
+  };
+  auto wg1_pair = [&](int j, auto more) {
+    constexpr bool MORE = decltype(more)::value;
+    const int k0 = key_begin + 2 * j * kKeys;  // tile 2j's first key
+    const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
+    // ---- tile 2j + 1's softmax at the pair's max; P1 V1 (own half); P0 V0.
+    bar_sync<kBarScale0, kSeesawThreads>();
+    seesaw_scores<T>(s, p, mask, b, kvh, row0 + wrow, R, k0 + kKeys, key_end, quad,
+                     scale2);
+    float f[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_old = sm.m[wrow + 8 * h];  // after tile 2j
+      const float m_new = fmaxf(m_old, quad_row_max(s, h));
+      const float a = fast_exp2(m_old - (m_new == -INFINITY ? 0.f : m_new));
+      f[h] = a * sm.scale0[wrow + 8 * h];  // O was at the max before tile 2j
+      l[h] = l[h] * f[h] + exp_row(s, h, m_new);
+      __syncwarp();
+      if (quad == 0) {
+        sm.m[wrow + 8 * h] = m_new;
+        sm.scale1[wrow + 8 * h] = a;
+      }
+    }
+    bar_arrive<kBarScale1, kSeesawThreads>();
+    rescale<NV>(o, f[0], f[1]);
+    pack_p<T>(pa, s, 1.f, 1.f);
+    store_p(gp1, pa, wrow, quad);
+    seesaw_pv_regs<BF16, NV>(o, pa, sm.slot(1) + vhalf);
+    fence_async_shared();
+    bar_sync<kBarP0, kSeesawThreads>();
+    seesaw_pv_smem<BF16, NV>(o, sm.p0, sm.slot(0) + vhalf);
+    bar_arrive<kBarP1, kSeesawThreads>();
+    if constexpr (MORE) {
+      wgmma_wait<1>();  // P1 V1 is done with slot 1's second half
+      if (lt == 0) seesaw_load<HA, DA>(sm, 1, kmap, k0 + 3 * kKeys, kvh, b);
+      wgmma_wait<0>();  // P0 V0 is done with slot 0's second half
+      if (lt == 0) seesaw_load<HA, DA>(sm, 0, kmap, k0 + 2 * kKeys, kvh, b);
+      seesaw_s<BF16, DA, HA, DA, true>(s, sm, 1, npar, rq);
+      seesaw_s<BF16, DA, 0, HA, false>(s, sm, 1, npar, rq);
+    }
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(s);
+  };
+  for (int j = 0; j < pairs; ++j) {
+    const bool more = j + 1 < pairs;
+    if (wg == 0 && more) wg0_pair(j, std::true_type{});
+    else if (wg == 0) wg0_pair(j, std::false_type{});
+    else if (more) wg1_pair(j, std::true_type{});
+    else wg1_pair(j, std::false_type{});
+  }
+
+  // ---- the split's rows: O halves at the final max; sums of both warpgroups' P.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+  if (wg == 1 && quad == 0) {
+    sm.sums[wrow] = l[0];
+    sm.sums[wrow + 8] = l[1];
+  }
+  __syncthreads();  // (also: every warpgroup's last update of the running max)
+  if constexpr (ONE) {
+    // Each row's output scale (the combine's for one split, sinks included), over scale0.
+    if (wg == 0 && quad == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wrow + 8 * h, rr = row0 + r;
+        // Row rr = g * Lq + i of this KV head is query head kvh * G + g.
+        const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
+        const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
+        sm.scale0[r] = merged_scale(sm.m[r], l[h] + sm.sums[r], sk);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rr = row0 + wrow + 8 * h;
+    if (rr >= R) continue;
+    const long long row = out_row(p, b, kvh, rr);
+    if constexpr (ONE) {
+      const float f = sm.scale0[wrow + 8 * h];
+      T* dst = out + row * V + wg * NV + 2 * quad;
+#pragma unroll
+      for (int n = 0; n < NV / 8; ++n)
+        *reinterpret_cast<uint32_t*>(dst + 8 * n) =
+            pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
+    } else {
+      if (wg == 0 && quad == 0) {
+        maxs[row * S + split] = sm.m[wrow + 8 * h];
+        sums[row * S + split] = l[h] + sm.sums[wrow + 8 * h];
+      }
+      float* dst = partials + (row * S + split) * V + wg * NV + 2 * quad;
+#pragma unroll
+      for (int n = 0; n < NV / 8; ++n)
+        *reinterpret_cast<float2*>(dst + 8 * n) =
+            make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+    }
+  }
+}
+
+template <typename T, int D, int V, bool ONE>
+__device__ __forceinline__ void seesaw_entry(const T* q, const T* k, const void* mask,
+                                             const T* sinks, T* out, float* partials, float* maxs,
+                                             float* sums, const WParams& p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (seesaw_supported<T, D, V>()) {
+    extern __shared__ __align__(1024) char aotc_ss_smem[];
+    uint32_t dyn;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    const unsigned need = kAllMaps | kQMap;
+    if (dyn < (uint32_t)SeesawCfg<D, V>::SMEM || blockDim.x != kSeesawThreads ||
+        (p.maps_ok & need) != need || kRows % p.p.q_len != 0 || (ONE && p.p.num_splits != 1))
+      __trap();
+    prefetch_maps(p);
+    seesaw_block<T, D, V, ONE>(q, k, mask, sinks, out, partials, maxs, sums, p, aotc_ss_smem);
+    return;
+  }
+#endif
+  __trap();  // no wgmma here: the plan only picks this kernel from an sm_90a image
+}
+
+}  // namespace wg
+}  // namespace aotc_sdpa
+
+#define AOTC_SDPA_VECTOR_WGMMA_SEESAW(TN, T, D, V)                                                \
+  extern "C" __global__ void __launch_bounds__(256, 1) sdpa_vector_wgmma_seesaw_##TN##_##D##_##V( \
+      const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials,    \
+      float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {             \
+    aotc_sdpa::wg::seesaw_entry<T, D, V, false>(q, k, mask, nullptr, nullptr, partials, maxs,   \
+                                                sums, p);                                       \
+  }
+// One split a row group: the block writes the output itself, sinks applied.
+#define AOTC_SDPA_VECTOR_WGMMA_SEESAW_ONE(TN, T, D, V)                                           \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                           \
+      sdpa_vector_wgmma_seesaw_one_##TN##_##D##_##V(const T* q, const T* k, const T* v,          \
+                                                    const void* mask, const T* sinks, T* out,    \
+                                                    const __grid_constant__ aotc_sdpa::wg::WParams p) { \
+    aotc_sdpa::wg::seesaw_entry<T, D, V, true>(q, k, mask, sinks, out, nullptr, nullptr, nullptr, \
+                                               p);                                              \
+  }
