@@ -87,6 +87,8 @@ class Library:
         self.poison = False  # fill outputs with NaN before each launch (tests)
         self.tma = True  # False: leave tensor maps unencoded (kernels take their cp.async path)
         self.last_maps_ok: int | None = None  # the bit word of the last launch with tensor maps
+        self.last_kernel: str | None = None  # the kernel the last launch ran (its alternative?)
+        self.alternatives_taken = 0  # launches that took their view alternative
         # Inputs (by index) whose strides are packed as zeros (tests): a kernel that reads such
         # an input through its tensor map still gets it right, any other read gets row 0.
         self.zero_strides: set[int] = set()
@@ -140,7 +142,24 @@ class Library:
         strided_input_indices,
         tensor_maps=(),
         overlaps_previous=False,
+        view_alternative=None,
     ):
+        strides = b"".join(
+            struct.pack("@4q", *((0,) * 4 if i in self.zero_strides else inputs[i].stride()))
+            for i in strided_input_indices
+        )
+        blob = strides + params
+        all_maps = True
+        if tensor_maps:
+            blob += self._tensor_maps(inputs, tensor_maps, len(blob))
+            all_maps = self.last_maps_ok == (1 << len(tensor_maps)) - 1
+        blob += bytes(-len(blob) % 16)  # the kernel's Params may end in alignment padding
+        if view_alternative and all_maps:
+            alt_kernel, alt_block, alt_smem, view, base = view_alternative
+            if _is_prefix_view(inputs[view], inputs[base]):
+                kernel, block, shared_memory = alt_kernel, alt_block, alt_smem
+                self.alternatives_taken += 1
+        self.last_kernel = kernel
         fn = self.function(kernel)
         if self._smem_set.get(kernel, 0) < shared_memory:
             self._check(
@@ -164,14 +183,6 @@ class Library:
         if self.poison:
             for out in outputs:
                 out.fill_(float("nan") if out.is_floating_point() else -1)
-        strides = b"".join(
-            struct.pack("@4q", *((0,) * 4 if i in self.zero_strides else inputs[i].stride()))
-            for i in strided_input_indices
-        )
-        blob = strides + params
-        if tensor_maps:
-            blob += self._tensor_maps(inputs, tensor_maps, len(blob))
-        blob += bytes(-len(blob) % 16)  # the kernel's Params may end in alignment padding
         buf = ctypes.create_string_buffer(blob, len(blob))
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (*inputs, *outputs)]
         args = (ctypes.c_void_p * (len(ptrs) + 1))()
@@ -244,6 +255,18 @@ class Library:
             ctypes.c_int(0),  # out-of-bounds elements read as zeros
         )
         return bytes(out) if rc == 0 else None
+
+
+def _is_prefix_view(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """The launch contract's view condition (cuda_launch.cpp's is_prefix_view): the same
+    address, dimensions and strides, the innermost dimension no longer."""
+    return (
+        view.dim() == base.dim() > 0
+        and view.data_ptr() == base.data_ptr()
+        and view.stride() == base.stride()
+        and view.shape[:-1] == base.shape[:-1]
+        and view.shape[-1] <= base.shape[-1]
+    )
 
 
 def load_library(listing: str | Path | None = None) -> Library:

@@ -10,8 +10,10 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -121,6 +123,27 @@ std::vector<aotc::TensorMapSpec> tensor_map_specs(const TensorMapArgs& maps) {
   return specs;
 }
 
+// A view alternative as Python passes it: (kernel, block, shared memory, view
+// input, base input), or None.
+using AlternativeArg = std::optional<
+    std::tuple<std::string, std::array<int64_t, 3>, int64_t, int64_t, int64_t>>;
+
+std::optional<aotc::ViewAlternative> view_alternative(const AlternativeArg& arg) {
+  if (!arg) {
+    return std::nullopt;
+  }
+  auto& [kernel, block, smem, view, base] = *arg;
+  // Out of range: clamped, so that the spec's checks name the problem.
+  auto dim = [](int64_t n) { return uint32_t(std::clamp<int64_t>(n, 0, 1 << 20)); };
+  auto index = [](int64_t i) { return int(std::clamp<int64_t>(i, -1, INT32_MAX)); };
+  return aotc::ViewAlternative{
+      kernel,
+      {dim(block[0]), dim(block[1]), dim(block[2])},
+      uint32_t(std::clamp<int64_t>(smem, 0, (int64_t(1) << 32) - 1)),
+      index(view),
+      index(base)};
+}
+
 PreparedLaunch make_prepared(
     const PyCudaImage& image,
     std::string kernel,
@@ -134,7 +157,8 @@ PreparedLaunch make_prepared(
     std::vector<int> unread_inputs,
     const TensorMapArgs& tensor_maps,
     bool overlaps_previous,
-    std::vector<int> scratch_outputs) {
+    std::vector<int> scratch_outputs,
+    const AlternativeArg& alternative) {
   std::vector<mx::Shape> shapes;
   shapes.reserve(output_shapes.size());
   for (auto& shape : output_shapes) {
@@ -153,7 +177,8 @@ PreparedLaunch make_prepared(
       std::move(unread_inputs),
       tensor_map_specs(tensor_maps),
       overlaps_previous,
-      std::move(scratch_outputs))};
+      std::move(scratch_outputs),
+      view_alternative(alternative))};
 }
 
 std::vector<mx::array> launch_prepared(
@@ -198,7 +223,8 @@ std::vector<mx::array> cuda_launch(
       {},
       tensor_maps,
       false,
-      {});
+      {},
+      std::nullopt);
   return launch_prepared(
       prepared, std::move(inputs), std::move(gradient_inputs), std::move(gradient), s);
 }
@@ -316,13 +342,18 @@ for a gradient raises.)");
           "tensor_maps"_a = TensorMapArgs{},
           "overlaps_previous"_a = false,
           "scratch_outputs"_a = std::vector<int>{},
+          "view_alternative"_a = nb::none(),
           "`unread_inputs`: inputs the kernel does not read (an absent mask's or sinks' "
           "place): passed as null pointers and never made contiguous. `tensor_maps`: as "
           "for cuda_launch. `overlaps_previous`: in a CudaPlan, the kernel may start while "
           "the plan's launch before it runs (it waits in-kernel for that launch's outputs); "
           "the two run as one primitive. `scratch_outputs`: outputs (indices) that are the "
           "kernel's own scratch: allocated at each evaluation and freed once the GPU is done, "
-          "they are not returned.")
+          "they are not returned. `view_alternative`: (kernel, block, shared_memory, view, "
+          "base) or None: the kernel the launch takes instead, with that block and dynamic "
+          "shared memory, where at evaluation input `view` is a prefix view of input `base` "
+          "(the same address and strides, the innermost dimension no longer) and every tensor "
+          "map was encoded.")
       .def(
           "__call__",
           &launch_prepared,
@@ -337,8 +368,15 @@ for a gradient raises.)");
       .def_prop_ro(
           "overlaps_previous",
           [](const PreparedLaunch& self) { return self.spec->overlaps_previous; })
-      .def_prop_ro("scratch_outputs", [](const PreparedLaunch& self) {
-        return self.spec->scratch_outputs;
+      .def_prop_ro(
+          "scratch_outputs",
+          [](const PreparedLaunch& self) { return self.spec->scratch_outputs; })
+      .def_prop_ro("view_alternative", [](const PreparedLaunch& self) -> nb::object {
+        if (!self.spec->alternative) {
+          return nb::none();
+        }
+        auto& a = *self.spec->alternative;
+        return nb::make_tuple(a.kernel, a.block, a.shared_memory, a.view, a.base);
       });
 
   nb::class_<aotc::NativeCall>(
@@ -461,6 +499,17 @@ for a gradient raises.)");
       },
       "device"_a = 0,
       "Streaming multiprocessors of MLX's CUDA device `device`.");
+
+  m.def(
+      "_cuda_view_alternative_launches",
+      []() -> uint64_t {
+#ifdef AOTC_WITH_CUDA
+        return aotc::view_alternative_launches();
+#else
+        return 0;
+#endif
+      },
+      "Testing aid: launches that took their view alternative so far in this process.");
 
   m.def(
       "cuda_clear_cache",

@@ -15,9 +15,11 @@ import pytest
 
 from aotc.families.sdpa_vector import (
     cuda,
+    seesaw_shared_bytes,
     wgmma_has_dual,
     wgmma_has_one,
     wgmma_has_pair,
+    wgmma_has_seesaw,
     wgmma_has_short,
     wgmma_supported,
 )
@@ -325,7 +327,7 @@ def test_fused_plan_hands_its_scratch_to_prepare(batch):
     got = []
 
     def prepare(kernel, shapes, dtypes, *rest):
-        got.append((shapes, dtypes, rest[-1]))
+        got.append((shapes, dtypes, rest[-2]))
         return lambda inputs: []
 
     compile_steps(launches, prepare)
@@ -472,11 +474,12 @@ def test_prepared_steps_bind_once_with_unread_inputs():
     prepared, calls = [], []
 
     def prepare(
-        kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps, over, scratch
+        kernel, shapes, dtypes, grid, block, smem, params, strided, unread, maps, over, scratch, alt
     ):
         assert maps == []  # the mma.sync kernels take no tensor maps
         assert not over  # plans overlap launches only for launchers that ask
         assert scratch == []  # only the fused pass has scratch
+        assert alt is None  # only MLA's wgmma launches have view alternatives
         prepared.append((kernel, grid, params, strided, unread))
 
         def call(inputs):
@@ -649,7 +652,7 @@ def test_combine_blocks_take_every_split_in_one_round_trip():
 def test_tensor_maps_reach_prepare_and_launch_fn_by_input_index():
     launches = plan_cuda(mla(), available=WG_NAMES, sm_count=132, wgmma=True)
     maps = []
-    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-3]))
+    compile_steps(launches, lambda kernel, *fixed: maps.append(fixed[-4]))
     # q, k and v are inputs 0, 1 and 2
     assert maps == [[(1, 64, 64, 1), (2, 64, 64, 1), (0, 64, 1, 64)], []]
     calls = []
@@ -893,6 +896,64 @@ def test_wgmma_takes_one_split_where_the_model_says_it_is_faster():
     # 5 waves x (22 tiles x 2 + 12) + 12800 rows x 3 x 2 KB at 5 TB/s + 2, against 2 x (64 x 2 + 12)
     assert cuda._wgmma_cost(p, three, 132) == pytest.approx(5 * 56 + 12800 * 3 * 2048 / 5e6 + 2)
     assert cuda._wgmma_cost(p, one, 132) == pytest.approx(2 * 140)
+
+
+SEESAW = "sdpa_vector_wgmma_seesaw_bfloat16_t_576_512"
+SEESAW_ONE = "sdpa_vector_wgmma_seesaw_one_bfloat16_t_576_512"
+WG_ALL = WG_NAMES | {
+    f"sdpa_vector_wgmma_{kind}_bfloat16_t_576_512"
+    for kind in ("pair", "one", "seesaw", "seesaw_one")
+}
+
+
+def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch):
+    """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more: the two-deep split
+    pass (or, for one split, the one pass) with the seesaw entry point as its view alternative
+    (V a prefix view of K), 256 threads and its own shared memory; the rest of the launch is the
+    one-block plan's."""
+    deep = "sdpa_vector_wgmma_bfloat16_t_576_512"
+    alt = cuda.ViewAlternative(SEESAW, (256, 1, 1), seesaw_shared_bytes(576, 512), "v", "k")
+    for shape in (dict(batch=8, kv_len=8192), dict(batch=8, kv_len=32768), dict(batch=1, q_len=2)):
+        p = mla(**shape)
+        split, combine = plan_cuda(p, available=WG_ALL, sm_count=132, wgmma=True)
+        assert (split.kernel, split.alternative) == (deep, alt), shape
+        assert split.grid == (cuda._wgmma_blocks(p, cuda._wgmma_grid(p, 132, None)), 1, 1)
+        assert combine.alternative is None
+        assert unpack(split)[9] >= cuda.WGMMA_SEESAW_MIN_TILES * 64  # keys a split
+    p = mla(batch=64, kv_len=4096, has_sinks=True)  # one split a row group: the one pass
+    (one,) = plan_cuda(p, available=WG_ALL, sm_count=132, wgmma=True)
+    assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512"
+    assert one.alternative == replace(alt, kernel=SEESAW_ONE)
+    assert one.inputs[4] == "sinks" and one.outputs == (("out", p.output_shape, "bfloat16"),)
+    # Splits under 8 tiles keep the pairs; so do row groups that are not whole (32 heads), and
+    # calls without the seesaw or with WGMMA_SEESAW = 0.
+    for shape in (dict(batch=2, kv_len=8192), dict(q_heads=32), dict(q_heads=96, q_len=3)):
+        launches = plan_cuda(mla(**shape), available=WG_ALL, sm_count=132, wgmma=True)
+        assert all(launch.alternative is None for launch in launches), shape
+    b8 = mla(batch=8, kv_len=8192)
+    plain = plan_cuda(b8, available=WG_ALL - {SEESAW, SEESAW_ONE}, sm_count=132, wgmma=True)
+    monkeypatch.setattr(cuda, "WGMMA_SEESAW", 0)
+    assert plan_cuda(b8, available=WG_ALL, sm_count=132, wgmma=True) == plain
+    assert plain[0].kernel == "sdpa_vector_wgmma_pair_bfloat16_t_576_512"
+    assert wgmma_has_seesaw("float16", 576, 512) and not wgmma_has_seesaw("bfloat16", 512, 512)
+
+
+def test_view_alternatives_reach_prepare_by_input_index():
+    """prepare gets (kernel, block, shared memory, view index, base index); the torch harness's
+    launch_fn gets it as `view_alternative`, only where a launch has one."""
+    launches = plan_cuda(mla(batch=8, kv_len=8192), available=WG_ALL, sm_count=132, wgmma=True)
+    got = []
+    compile_steps(launches, lambda kernel, *fixed: got.append(fixed[-1]))
+    smem = seesaw_shared_bytes(576, 512)
+    assert got == [(SEESAW, (256, 1, 1), smem, 2, 1), None]  # v is input 2, k input 1
+    calls = []
+
+    def launch_fn(kernel, inputs, *fixed, **extra):
+        calls.append((kernel, extra.get("view_alternative")))
+        return [None] * len(fixed[0])
+
+    run_cuda(launches, {"q": 0, "k": 1, "v": 2}, launch_fn)
+    assert calls == [(launches[0].kernel, got[0]), (launches[1].kernel, None)]
 
 
 def test_wgmma_splits_keep_whole_tiles():

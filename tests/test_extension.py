@@ -103,6 +103,10 @@ def test_launch_arguments_are_checked(ext, override, message):
         ({"strided_inputs": [3]}, "strided input index 3"),
         ({"unread_inputs": [1]}, "unread input index 1"),
         ({"tensor_maps": [(1, 64, 64)]}, "tensor map input index 1 is not one of the 1"),
+        (
+            {"view_alternative": ("alt", (256, 1, 1), 0, 1, 0)},
+            "view alternative's view input index 1 is not one of the 1",
+        ),
     ],
 )
 def test_prepared_launch_checks_its_inputs_at_each_call(ext, override, message):
@@ -132,6 +136,12 @@ def test_prepared_launch_checks_its_inputs_at_each_call(ext, override, message):
             },
             "scratch output index 0 is repeated",
         ),
+        ({"view_alternative": ("", (256, 1, 1), 0, 1, 0)}, "alternative's kernel name is empty"),
+        ({"view_alternative": ("a", (2048, 1, 1), 0, 1, 0)}, "must have 1 to 1024 threads"),
+        ({"view_alternative": ("a", (0, 1, 1), 0, 1, 0)}, "must have 1 to 1024 threads"),
+        ({"view_alternative": ("a", (256, 1, 1), 2**33, 1, 0)}, "shared_memory is out of range"),
+        ({"view_alternative": ("a", (256, 1, 1), 0, -1, 0)}, "view input index -1 is negative"),
+        ({"view_alternative": ("a", (256, 1, 1), 0, 0, 0)}, "view and base are the same input"),
     ],
 )
 def test_prepared_launch_checks_the_rest_once(ext, override, message):
@@ -139,6 +149,16 @@ def test_prepared_launch_checks_the_rest_once(ext, override, message):
     args.pop("inputs")
     with pytest.raises(ValueError, match=re.escape(message)):
         ext.PreparedLaunch(ext.CudaImage(b"\x00" * 16), **args)
+
+
+def test_prepared_launch_keeps_its_view_alternative(ext):
+    args = _args(mx.arange(4.0))
+    args.pop("inputs")
+    image = ext.CudaImage(b"\x00" * 16)
+    assert ext.PreparedLaunch(image, **args).view_alternative is None
+    alternative = ("alt", (256, 1, 1), 231576, 2, 1)
+    prepared = ext.PreparedLaunch(image, **args, view_alternative=alternative)
+    assert prepared.view_alternative == ("alt", [256, 1, 1], 231576, 2, 1)
 
 
 def test_launcher_maps_dtype_names(ext):

@@ -594,8 +594,8 @@ void* scratch_buffer(cu::CommandEncoder& enc, const LaunchSpec& spec, int o) {
 }
 
 // Fills `packed` for a link whose outputs have their buffers; its scratch
-// outputs get theirs here.
-void pack(
+// outputs get theirs here. Returns whether every tensor map was encoded.
+bool pack(
     cu::CommandEncoder& enc,
     PackedArgs& packed,
     const LinkArrays& a,
@@ -610,6 +610,7 @@ void pack(
   if (!spec.params.empty()) {
     std::memcpy(strides, spec.params.data(), spec.params.size());
   }
+  bool all_maps = true;
   if (const size_t n_maps = spec.tensor_maps.size()) {
     char* bytes = packed.params();
     uint32_t encoded = 0;
@@ -620,6 +621,7 @@ void pack(
       }
     }
     std::memcpy(bytes + maps_at + 128 * n_maps, &encoded, sizeof(encoded));
+    all_maps = encoded == (1u << n_maps) - 1;
   }
   for (size_t i = 0; i < a.n_in(); ++i) {
     const bool unread = listed(spec.unread_inputs, i);
@@ -632,6 +634,7 @@ void pack(
         ? scratch_buffer(enc, spec, int(i))
         : mx::gpu_ptr<void>(a.out(array++));
   }
+  return all_maps;
 }
 
 // Opts kernel `k` in to `bytes` of dynamic shared memory (once per size).
@@ -649,17 +652,56 @@ void allow_shared_memory(Kernel& k, uint32_t bytes) {
   }
 }
 
-// A checked link, then packed: ready to become a graph node.
+// Whether `view` is a prefix view of `base`: the same address, dimensions and
+// strides, the innermost dimension no longer (ViewAlternative).
+bool is_prefix_view(const mx::array& view, const mx::array& base) {
+  const size_t n = view.ndim();
+  if (n == 0 || n != base.ndim() || view.strides() != base.strides() ||
+      !view.buffer().ptr() || !base.buffer().ptr() ||
+      mx::gpu_ptr<void>(view) != mx::gpu_ptr<void>(base)) {
+    return false;
+  }
+  for (size_t i = 0; i + 1 < n; ++i) {
+    if (view.shape(i) != base.shape(i)) {
+      return false;
+    }
+  }
+  return view.shape(n - 1) <= base.shape(n - 1);
+}
+
+std::atomic<uint64_t>& alternative_launches() {
+  static std::atomic<uint64_t> count{0};
+  return count;
+}
+
+// A checked link, then packed: ready to become a graph node. The kernel, block
+// and shared memory are the spec's, or its view alternative's (choose()).
 struct ReadyLaunch {
   Kernel* kernel;
   const LaunchSpec* spec;
   size_t params_bytes;
   size_t maps_at;
   std::unique_ptr<PackedArgs> packed;
+  Kernel* alternative = nullptr;  // where the view condition holds
+  Dim3 block{};
+  uint32_t shared_memory = 0;
+
+  // After packing: the alternative if it applies and every map was encoded.
+  void choose(bool all_maps) {
+    block = spec->block;
+    shared_memory = spec->shared_memory;
+    if (alternative && all_maps) {
+      kernel = alternative;
+      block = spec->alternative->block;
+      shared_memory = spec->alternative->shared_memory;
+      alternative_launches().fetch_add(1, std::memory_order_relaxed);
+    }
+  }
 };
 
-// Everything that can refuse a link's launch: its kernel, its Params' size,
-// its inputs' layout, its shared memory.
+// Everything that can refuse a link's launch: its kernel (and its view
+// alternative's where the inputs take it), its Params' size, its inputs'
+// layout, its shared memory.
 ReadyLaunch check_link(const LinkArrays& a, cu::Device& dev) {
   const LaunchSpec& spec = *a.link.spec;
   Kernel& k = find_kernel(*spec.image, dev, spec.kernel);
@@ -667,7 +709,18 @@ ReadyLaunch check_link(const LinkArrays& a, cu::Device& dev) {
   const size_t bytes = params_bytes(a, k, &maps_at);
   check_contiguous(a);
   allow_shared_memory(k, spec.shared_memory);
-  return {&k, &spec, bytes, maps_at, nullptr};
+  Kernel* alt = nullptr;
+  if (auto& va = spec.alternative; va && is_prefix_view(a.in(va->view), a.in(va->base))) {
+    alt = &find_kernel(*spec.image, dev, va->kernel);
+    if (alt->num_params >= 0 && k.num_params >= 0 &&
+        (alt->num_params != k.num_params || alt->params_size != k.params_size)) {
+      fail_invalid(
+          launch_name(va->kernel) + " (the view alternative of " + launch_name(spec.kernel) +
+          ") takes other parameters");
+    }
+    allow_shared_memory(*alt, va->shared_memory);
+  }
+  return {&k, &spec, bytes, maps_at, nullptr, alt};
 }
 
 // The outputs' buffers, and the arrays MLX's encoder must keep and order by.
@@ -755,10 +808,10 @@ void add_chain_graph(
     params.gridDimX = r.spec->grid[0];
     params.gridDimY = r.spec->grid[1];
     params.gridDimZ = r.spec->grid[2];
-    params.blockDimX = r.spec->block[0];
-    params.blockDimY = r.spec->block[1];
-    params.blockDimZ = r.spec->block[2];
-    params.sharedMemBytes = r.spec->shared_memory;
+    params.blockDimX = r.block[0];
+    params.blockDimY = r.block[1];
+    params.blockDimZ = r.block[2];
+    params.sharedMemBytes = r.shared_memory;
     params.kernelParams = r.packed->args();
     CUgraphNode node;
     check(
@@ -817,17 +870,17 @@ void CudaLaunch::eval_gpu(
   if (links.size() == 1) {
     // The common case, on the stack.
     const LinkArrays a{links[0], inputs, outputs, 0};
-    const ReadyLaunch r = check_link(a, dev);
+    ReadyLaunch r = check_link(a, dev);
     allocate_and_register(enc, inputs, outputs);
     PackedArgs packed(a.n_in() + a.n_out(), r.params_bytes);
-    pack(enc, packed, a, r.maps_at);
+    r.choose(pack(enc, packed, a, r.maps_at));
     const LaunchSpec& spec = *r.spec;
     enc.add_kernel_node_raw(
         r.kernel->func,
         dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
-        dim3(spec.block[0], spec.block[1], spec.block[2]),
+        dim3(r.block[0], r.block[1], r.block[2]),
         {},
-        spec.shared_memory,
+        r.shared_memory,
         packed.args());
     return;
   }
@@ -846,7 +899,7 @@ void CudaLaunch::eval_gpu(
     auto& r = ready[i];
     r.packed = std::make_unique<PackedArgs>(
         arrays[i].n_in() + arrays[i].n_out(), r.params_bytes);
-    pack(enc, *r.packed, arrays[i], r.maps_at);
+    r.choose(pack(enc, *r.packed, arrays[i], r.maps_at));
   }
   add_chain_graph(enc, ready);
 }
@@ -983,6 +1036,10 @@ std::vector<mx::array> launch_chain(
 
 bool cuda_available() {
   return cu::is_available();
+}
+
+uint64_t view_alternative_launches() {
+  return alternative_launches().load(std::memory_order_relaxed);
 }
 
 int sm_count(int device) {

@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -77,6 +78,22 @@ struct TensorMapSpec {
   bool operator==(const TensorMapSpec&) const = default;
 };
 
+// A kernel a launch takes instead of its own when, at evaluation, its input
+// `view` is a prefix view of its input `base` (the same address, dimensions and
+// strides; the innermost dimension no longer) and every tensor map of the
+// launch was encoded: the same grid, inputs, outputs and Params, its own block
+// and dynamic shared memory. MLA's V is K's first columns (v = k[..., :V]),
+// which only evaluation can see; a kernel that reads V from K's tiles needs no
+// V of its own (docs/ARCHITECTURE.md).
+struct ViewAlternative {
+  std::string kernel;
+  Dim3 block;
+  uint32_t shared_memory;
+  int view;
+  int base;
+  bool operator==(const ViewAlternative&) const = default;
+};
+
 // The gradient of a launch, supplied by the caller (aotc computes it with
 // MLX's own ops): given the primitive's inputs and the cotangents of its
 // outputs, the cotangents of every input.
@@ -98,7 +115,8 @@ inline void check_launch_args(
     const std::vector<int>& strided_inputs,
     const std::vector<int>& unread_inputs,
     const std::vector<TensorMapSpec>& tensor_maps = {},
-    const std::vector<int>& scratch_outputs = {}) {
+    const std::vector<int>& scratch_outputs = {},
+    const std::optional<ViewAlternative>& alternative = std::nullopt) {
   auto fail = [](const std::string& msg) {
     throw std::invalid_argument("[aotc.cuda_launch] " + msg);
   };
@@ -171,6 +189,25 @@ inline void check_launch_args(
       fail("a tensor map's box dimensions must be 1 to 256 elements");
     }
   }
+  if (alternative) {
+    auto& alt = *alternative;
+    if (alt.kernel.empty()) {
+      fail("the view alternative's kernel name is empty");
+    }
+    const auto& b = alt.block;
+    if (b[0] < 1 || b[1] < 1 || b[2] < 1 || b[0] > 1024 || b[1] > 1024 || b[2] > 64 ||
+        uint64_t(b[0]) * b[1] * b[2] > 1024) {
+      fail("the view alternative's block must have 1 to 1024 threads");
+    }
+    if (alt.shared_memory > (uint32_t(1) << 31)) {
+      fail("the view alternative's shared_memory is out of range");
+    }
+    check_index(alt.view, "view alternative's view");
+    check_index(alt.base, "view alternative's base");
+    if (alt.view == alt.base) {
+      fail("the view alternative's view and base are the same input");
+    }
+  }
 }
 
 // Whether index `i` is among `indices` (a launch's strided, unread or scratch
@@ -206,6 +243,8 @@ struct LaunchSpec {
   // not outputs of the primitive, since each output array costs MLX host time
   // at every call. The kernel's parameter list is unchanged.
   std::vector<int> scratch_outputs;
+  // Taken instead of `kernel` where its condition holds at evaluation.
+  std::optional<ViewAlternative> alternative;
   // Primitives of equal specs are equivalent (CudaLaunch::is_equivalent).
   bool operator==(const LaunchSpec&) const = default;
 
@@ -262,7 +301,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
     std::vector<int> unread_inputs,
     std::vector<TensorMapSpec> tensor_maps = {},
     bool overlaps_previous = false,
-    std::vector<int> scratch_outputs = {}) {
+    std::vector<int> scratch_outputs = {},
+    std::optional<ViewAlternative> alternative = std::nullopt) {
   if (!image) {
     throw std::invalid_argument("[aotc.cuda_launch] no CUDA image");
   }
@@ -276,7 +316,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       strided_inputs,
       unread_inputs,
       tensor_maps,
-      scratch_outputs);
+      scratch_outputs,
+      alternative);
   auto dim3 = [](const std::array<int64_t, 3>& a) {
     return Dim3{uint32_t(a[0]), uint32_t(a[1]), uint32_t(a[2])};
   };
@@ -293,7 +334,8 @@ inline std::shared_ptr<const LaunchSpec> make_launch_spec(
       std::move(unread_inputs),
       std::move(tensor_maps),
       overlaps_previous,
-      std::move(scratch_outputs)});
+      std::move(scratch_outputs),
+      std::move(alternative)});
 }
 
 // The checks of a launch's input indices against its input count (both
@@ -315,6 +357,10 @@ inline void check_launch_inputs(const LaunchSpec& spec, size_t num_inputs) {
   }
   for (auto& map : spec.tensor_maps) {
     check(map.input, "tensor map");
+  }
+  if (spec.alternative) {
+    check(spec.alternative->view, "view alternative's view");
+    check(spec.alternative->base, "view alternative's base");
   }
 }
 
@@ -430,6 +476,9 @@ bool cuda_available();
 // Streaming multiprocessors of MLX's CUDA device `device` (launch plans size
 // their grids by it; MLX's device_info does not report it).
 int sm_count(int device);
+
+// Launches that took their view alternative so far in this process (tests).
+uint64_t view_alternative_launches();
 
 // Where output buffers come from: "pool" (default: device memory from a
 // per-device CUDA memory pool, stream-ordered on MLX's stream) or "mlx" (MLX's

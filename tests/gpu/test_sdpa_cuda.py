@@ -89,6 +89,8 @@ def check(
         kc = _rand((b, hkv, n + 37, d), dt, gen)
         vc = _rand((b, hkv, n + 37, v + 16), dt, gen)
         k, vv = kc[:, :, 5 : 5 + n], vc[:, :, 3 : 3 + n, 16:]
+        if view_of_k:  # an MLA cache slice: V is K's first columns
+            vv = k[..., :v]
         q = _rand((b, lq, hq, d), dt, gen).transpose(1, 2)
     elif view_of_k:
         k = _rand((b, hkv, n, d), dt, gen)
@@ -489,6 +491,61 @@ def test_wgmma_one_pass(lib, tma):
         lib.tma = True
 
 
+def _takes_alternative(lib, **case) -> bool:
+    """Runs `check` and tells whether a launch of the call took its view alternative."""
+    before = lib.alternatives_taken
+    check(lib, **case)
+    return lib.alternatives_taken > before
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
+    """MLA with V a prefix view of K, in splits of 8+ key tiles: the launch takes its view
+    alternative, the seesaw entry point (split pass, or one pass for one split) on 256 threads.
+    Odd tile counts (the last pair's second tile lies past the split), partial tiles, every
+    mask kind, 1-8 query tokens (up to 8 row groups), sinks, cache slices, 64 and 128 heads.
+    V of its own, or inputs TMA cannot map, keep the launch's own kernel."""
+    lib.poison = True
+    try:
+        planned = dict(b=8, hq=128, hkv=1, n=8192, d=576, v=512, dtype=dtype)
+        assert _takes_alternative(lib, **planned, view_of_k=True)
+        assert _takes_alternative(lib, **{**planned, "b": 66, "n": 600}, view_of_k=True, sinks=True)
+        for n, lq, mask, splits in (
+            (513, 1, None, 1),  # 9 tiles: one pass, the last tile 1 key
+            (1000, 2, "causal", 2),  # 8 tiles a split
+            (4097, 4, "bool", 3),  # 22, 22 and 21 tiles
+            (2000, 8, "additive", 1),
+        ):
+            mla = dict(hkv=1, lq=lq, n=n, d=576, v=512, num_splits=splits, dtype=dtype)
+            assert _takes_alternative(lib, hq=128, **mla, mask=mask, view_of_k=True, sinks=lq == 2)
+            assert _takes_alternative(
+                lib, b=2, hq=64, **mla, mask=mask, view_of_k=True, strided=True, seed=1
+            )
+            assert not _takes_alternative(lib, hq=128, **mla, mask=mask, sinks=True, seed=2)
+        lib.tma = False  # no tensor maps: the launch's own kernel, by cp.async
+        assert not _takes_alternative(lib, **planned, view_of_k=True)
+    finally:
+        lib.poison, lib.tma = False, True
+
+
+@needs_sm90
+def test_seesaw_needs_every_tensor_map(lib):
+    """A Q TMA cannot map (an unaligned address) leaves its map unencoded: the launch keeps its
+    own kernel, which stages Q by cp.async."""
+    from bench import cuda_harness as h
+
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    dt = torch.bfloat16
+    k = _rand((1, 1, 4096, 576), dt, gen)
+    q = _rand((1, 128, 1, 584), dt, gen)[..., 1:577]  # 2-byte offset
+    before = lib.alternatives_taken
+    out = h.run(lib, q, k, k[..., :512], None, None, scale=576**-0.5, num_splits=2)
+    assert lib.last_maps_ok is not None and lib.alternatives_taken == before
+    ref = h.reference(q, k, k[..., :512], None, None, scale=576**-0.5)
+    assert h.rel_err(out, ref) < TOL["bfloat16"]
+
+
 @needs_sm90
 def test_wgmma_strided_and_scalar_paths(lib):
     from bench import cuda_harness as h
@@ -598,10 +655,14 @@ PAIR_CASES = {
 @needs_sm90
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
 @pytest.mark.parametrize("case", list(PAIR_CASES))
-def test_wgmma_pair_clusters(lib, case, tma):
+def test_wgmma_pair_clusters(lib, case, tma, monkeypatch):
     """MLA's splits in clusters of two (the pair entry point): each block keeps half the
     rows of both splits, merged through distributed shared memory, and the combine merges half
-    as many partials."""
+    as many partials. With the seesaw off, so that splits of 8-32 tiles take pairs too (with it,
+    the plan keeps pairs for shorter splits)."""
+    from aotc.families.sdpa_vector import cuda
+
+    monkeypatch.setattr(cuda, "WGMMA_SEESAW", 0)
     shape = dict(dict(b=1, hq=128, hkv=1, lq=1, d=576, v=512), **PAIR_CASES[case])
     plan_shape = {
         k: x for k, x in shape.items() if k in ("b", "hq", "hkv", "lq", "n", "num_splits")

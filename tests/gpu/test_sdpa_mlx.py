@@ -263,13 +263,14 @@ def test_two_row_groups_take_the_dual_wgmma_entry_point(library):
 
 
 def test_mla_batch_1_takes_the_pair_entry_point(library):
-    """MLA at batch 1, 32k keys of a latent cache (V its first 512 columns): 64 splits of 8
-    tiles, merged in clusters of two (`_pair_`) before the combine, on an sm_90 GPU."""
+    """MLA at batch 1, 4096 keys of a latent cache (V its first 512 columns): 64 splits of one
+    tile, merged in clusters of two (`_pair_`) before the combine, on an sm_90 GPU (splits of
+    8+ tiles take the seesaw instead)."""
     mx.random.seed(23)
     q = mx.random.normal((1, 128, 1, 576)).astype(mx.bfloat16)
-    cache = mx.random.normal((1, 1, 32768 + 64, 576)).astype(mx.bfloat16)
+    cache = mx.random.normal((1, 1, 4096 + 64, 576)).astype(mx.bfloat16)
     mx.eval(q, cache)
-    k = cache[:, :, :32768]
+    k = cache[:, :, :4096]
     v = k[..., :512]
     kernel = _hopper_first_kernel(library, q, k, v)
     assert kernel == "sdpa_vector_wgmma_pair_bfloat16_t_576_512", kernel
@@ -296,6 +297,35 @@ def test_mla_large_batch_takes_the_one_pass_entry_point(library):
     want = reference(q, k, v, 576**-0.5, None, sinks)
     error = mx.abs(got.astype(mx.float32) - want).max().item()
     assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
+
+
+@pytest.mark.parametrize("batch, n", [(8, 8192), (66, 512)], ids=["split_pass", "one_pass"])
+def test_mla_takes_the_seesaw_where_v_is_a_view_of_k(library, batch, n):
+    """MLA in splits of 8+ key tiles: where V is a prefix view of K (a slice of the latent
+    cache, as MLA lays it out) MLX's primitive takes the launch's view alternative, the seesaw
+    entry point, at evaluation; with V of its own, the launch's own kernel. Both right."""
+    from aotc import _ext
+    from aotc.families.sdpa_vector.cuda import plan_cuda
+    from aotc.families.sdpa_vector.problem import describe
+
+    mx.random.seed(31)
+    q = mx.random.normal((batch, 128, 1, 576)).astype(mx.bfloat16)
+    cache = mx.random.normal((batch, 1, n + 40, 576)).astype(mx.bfloat16)
+    own_v = mx.random.normal((batch, 1, n, 512)).astype(mx.bfloat16)
+    sinks = (mx.random.normal((128,)) * 2).astype(mx.bfloat16)
+    mx.eval(q, cache, own_v, sinks)
+    k = cache[:, :, 9 : 9 + n]
+    _hopper_first_kernel(library, q, k, own_v)  # skips off sm_90
+    launch = plan_cuda(describe(q, k, own_v), available=library.kernel_names, wgmma=True)[0]
+    assert launch.alternative is not None and "_seesaw" in launch.alternative.kernel
+    for v, taken in ((k[..., :512], True), (own_v, False)):
+        before = _ext._cuda_view_alternative_launches()
+        got = aotc.sdpa_vector(q, k, v, scale=576**-0.5, sinks=sinks)
+        mx.eval(got)
+        assert (_ext._cuda_view_alternative_launches() > before) == taken
+        want = reference(q, k, v, 576**-0.5, None, sinks)
+        error = mx.abs(got.astype(mx.float32) - want).max().item()
+        assert error <= TOL["bfloat16"] * max(1.0, mx.abs(want).max().item()), error
 
 
 def test_overlapping_launches_run_as_one_primitive(library, monkeypatch):

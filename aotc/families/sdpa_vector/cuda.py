@@ -24,11 +24,14 @@ from aotc.families.sdpa_vector import (
     fused_split_name,
     many_rows_name,
     one_pass_name,
+    seesaw_shared_bytes,
     split_pass_name,
     wgmma_dual_name,
     wgmma_name,
     wgmma_one_name,
     wgmma_pair_name,
+    wgmma_seesaw_name,
+    wgmma_seesaw_one_name,
     wgmma_shared_bytes,
     wgmma_short_name,
     wgmma_supported,
@@ -153,6 +156,18 @@ WGMMA_ONE_PASS = 1
 # B=80 N=4096 and B=40 N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1
 # against 258.3-260.0), as the model says.
 WGMMA_TILE_US = 2.0
+# Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups
+# that take turns with the key tiles, each overlapping the other's softmax) run the wgmma split
+# pass and the one pass faster, as the launches' view alternatives: full row groups (64 rows a
+# KV head, Q by whole boxes) whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more; shorter
+# splits keep the plan above (pairs). H200, harness, bench/NOTES.md round 38, us, seesaw / the
+# tree's plan: MLA B=8 N=8192 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 /
+# 139.3-147.2; B=16 N=8192 71.8-74.3 / 81.8-85.5; B=64 N=4096 (one split) 123.1-125.9 /
+# 143.4-145.8; B=256 N=2048 278.0-291.9 / 329.0-329.6; B=1 N=32768 (8 tiles) 31.6-32.2 /
+# 32.1-32.4; B=2 N=8192 (4 tiles) 26.1-27.7 / 24.1-27.4. 0 turns them off (A/B runs).
+WGMMA_SEESAW = 1
+WGMMA_SEESAW_THREADS = 256
+WGMMA_SEESAW_MIN_TILES = 8
 WGMMA_BLOCK_US = 12.0
 COMBINE_BYTES_PER_US = 5.0e6
 COMBINE_LAUNCH_US = 2.0
@@ -232,6 +247,23 @@ class Launch:
     # primitive allocates them per evaluation instead of returning them (each output array
     # costs MLX host time at every call). They take no slot of a plan.
     scratch_outputs: tuple[int, ...] = ()
+    # The kernel the launch takes instead where, at evaluation, one input is a prefix view of
+    # another and every tensor map was encoded (ViewAlternative).
+    alternative: ViewAlternative | None = None
+
+
+@dataclass(frozen=True)
+class ViewAlternative:
+    """A kernel with the launch's grid, inputs, outputs and params, but its own block and
+    dynamic shared memory, taken where input `view` is a prefix view of input `base` (the same
+    address and strides, the innermost dimension no longer): only evaluation can see that MLA's
+    V is K's first columns."""
+
+    kernel: str
+    block: tuple[int, int, int]
+    shared_memory: int
+    view: str = "v"
+    base: str = "k"
 
 
 @dataclass(frozen=True)
@@ -863,13 +895,23 @@ class WgmmaKernels:
     dual: str | None = None
     pair: str | None = None
     one: str | None = None
+    seesaw: str | None = None
+    seesaw_one: str | None = None
 
     @classmethod
     def loaded(
         cls, type_name: str, d: int, v: int, available: set[str] | frozenset[str]
     ) -> WgmmaKernels | None:
         """The entry points `available` holds; None without the two-deep one."""
-        names = (wgmma_name, wgmma_short_name, wgmma_dual_name, wgmma_pair_name, wgmma_one_name)
+        names = (
+            wgmma_name,
+            wgmma_short_name,
+            wgmma_dual_name,
+            wgmma_pair_name,
+            wgmma_one_name,
+            wgmma_seesaw_name,
+            wgmma_seesaw_one_name,
+        )
         deep, *others = (name(type_name, d, v) for name in names)
         if deep not in available:
             return None
@@ -889,6 +931,9 @@ def _plan_wgmma(
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
     _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
+    seesaw = _plan_seesaw(p, kernels, combine, scale, sm_count, num_splits)
+    if seesaw:
+        return seesaw
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
@@ -900,17 +945,53 @@ def _plan_wgmma(
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     one_pass = kernels.one if WGMMA_ONE_PASS else None
-    grid = _wgmma_grid(p, sm_count, num_splits)
-    if one_pass and num_splits is None and grid[1] > 1:
-        one_split = _wgmma_grid(p, sm_count, 1)
-        if _wgmma_cost(p, one_split, sm_count) < _wgmma_cost(p, grid, sm_count):
-            grid = one_split
+    grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
     launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
     if one_pass and two_deep and grid[1] == 1:
         return [_one_pass(p, launches[0], one_pass)]
     return launches
+
+
+def _one_wgmma_grid(
+    p: AttentionProblem, sm_count: int, num_splits: int | None, one_pass: str | None
+) -> tuple[int, int, int]:
+    """The one-block-an-SM grid: one split where the one-pass entry point is loaded and
+    _wgmma_cost prices it lower than the wave-filling rule's splits."""
+    grid = _wgmma_grid(p, sm_count, num_splits)
+    if one_pass and num_splits is None and grid[1] > 1:
+        one_split = _wgmma_grid(p, sm_count, 1)
+        if _wgmma_cost(p, one_split, sm_count) < _wgmma_cost(p, grid, sm_count):
+            return one_split
+    return grid
+
+
+def _plan_seesaw(
+    p: AttentionProblem,
+    kernels: WgmmaKernels,
+    combine: str,
+    scale: float,
+    sm_count: int,
+    num_splits: int | None,
+) -> list[Launch] | None:
+    """The two-deep split pass (or the one pass, for one split) with the seesaw entry point as
+    its view alternative (V a prefix view of K), where WGMMA_SEESAW serves the call; else
+    None."""
+    full_groups = p.gqa_factor * p.q_len >= WGMMA_ROWS and WGMMA_ROWS % p.q_len == 0
+    if not (WGMMA_SEESAW and kernels.seesaw and full_groups):
+        return None
+    one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
+    grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
+    if grid[2] < WGMMA_SEESAW_MIN_TILES * WGMMA_KEYS:
+        return None
+    launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
+    block, smem = (WGMMA_SEESAW_THREADS, 1, 1), seesaw_shared_bytes(p.qk_dim, p.v_dim)
+    if one_pass and grid[1] == 1:
+        alternative = ViewAlternative(kernels.seesaw_one, block, smem)
+        return [replace(_one_pass(p, launches[0], one_pass), alternative=alternative)]
+    alternative = ViewAlternative(kernels.seesaw, block, smem)
+    return [replace(launches[0], alternative=alternative), launches[1]]
 
 
 def _wgmma_cost(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> float:
@@ -1000,9 +1081,10 @@ def with_scale(launches: Sequence[Launch], scale: float) -> list[Launch]:
 
 LaunchFn = Callable[..., Sequence[Any]]
 # prepare(kernel, output_shapes, output_dtypes, grid, block, shared_memory, params,
-# strided_input_indices, unread_input_indices, tensor_maps, overlaps_previous, scratch_outputs)
-# -> call(inputs[, gradient_inputs, gradient]) returning the outputs but the scratch
-# (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows, box planes) each.
+# strided_input_indices, unread_input_indices, tensor_maps, overlaps_previous, scratch_outputs,
+# view_alternative) -> call(inputs[, gradient_inputs, gradient]) returning the outputs but the
+# scratch (aotc._ext.PreparedLaunch); tensor_maps: (input index, box cols, box rows, box
+# planes) each; view_alternative: (kernel, block, shared memory, view index, base index) or None.
 PrepareFn = Callable[..., Callable[..., Sequence[Any]]]
 # A call's arguments in slot order: the order of a native plan's (and its CallTable key's)
 # positional arguments. The scale is no kernel input: a plan is made per scale.
@@ -1013,16 +1095,18 @@ MASK_SLOT, SINKS_SLOT = ARGUMENTS.index("mask"), ARGUMENTS.index("sinks")
 def preparer(launch_fn: LaunchFn) -> PrepareFn:
     """A `prepare` for a plain `launch_fn(kernel, inputs, output_shapes, output_dtypes, grid,
     block, shared_memory, params, strided_input_indices, tensor_maps=(),
-    overlaps_previous=False)` (bench's torch harness, tests) that returns every output; each
-    keyword is passed only to launches that set it. The scratch outputs are dropped from what
-    the call returns, as MLX's primitive does (a stream-ordered allocator may reuse their memory
-    for work queued after the launch)."""
+    overlaps_previous=False, view_alternative=None)` (bench's torch harness, tests) that
+    returns every output; each keyword is passed only to launches that set it. The scratch
+    outputs are dropped from what the call returns, as MLX's primitive does (a stream-ordered
+    allocator may reuse their memory for work queued after the launch)."""
 
     def prepare(kernel: str, *fixed: Any) -> Callable[..., Sequence[Any]]:
-        *fixed, _unread, maps, overlaps, scratch = fixed  # the kernel ignores unread inputs
+        *fixed, _unread, maps, overlaps, scratch, alternative = fixed  # unread: not read
         extra: dict[str, Any] = {"tensor_maps": maps} if maps else {}
         if overlaps:
             extra["overlaps_previous"] = True
+        if alternative:
+            extra["view_alternative"] = alternative
 
         def call(inputs):
             outputs = launch_fn(kernel, inputs, *fixed, **extra)
@@ -1088,7 +1172,18 @@ def prepare_launch(
         ],
         launch.overlaps_previous,
         list(launch.scratch_outputs),
+        _alternative_arg(launch),
     )
+
+
+def _alternative_arg(launch: Launch) -> tuple | None:
+    """The view alternative as `prepare` takes it: (kernel, block, shared memory, view index,
+    base index)."""
+    alt = launch.alternative
+    if alt is None:
+        return None
+    index = launch.inputs.index
+    return (alt.kernel, alt.block, alt.shared_memory, index(alt.view), index(alt.base))
 
 
 def run_steps(steps: Sequence[Step], out_slot: int, env: list[Any]) -> Any:
