@@ -57,31 +57,25 @@ __host__ __device__ constexpr bool seesaw_supported() {
 
 // m64nNk16 with A (64 x 16) in registers: a thread's four 32-bit A registers hold rows
 // (r, r + 8) x columns (2 quad, + 1) and (8 + 2 quad, + 1), as an accumulator's pairs do.
-#define AOTC_WGMMA_RS_FN(N, R, IA0, IA1, IA2, IA3, IB, IS, IT)                                 \
+#define AOTC_WGMMA_RS_ASM(N, R, AB, IA0, IA1, IA2, IA3, IB, IS, IT)                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." AB "." AB " " AOTC_WG_REGS##R   \
+               ", {%" #IA0 ", %" #IA1 ", %" #IA2 ", %" #IA3 "}, %" #IB ", p, 1, 1, %" #IT ";\n}\n" \
+               : AOTC_WG_OUTS##R                                                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB))
+#define AOTC_WGMMA_RS_FN(N, R, ...)                                                            \
   template <bool BF16, int TB>                                                                 \
   __device__ __forceinline__ void wgmma_rs_m64n##N##k16(float(&d)[R], const uint32_t(&a)[4],  \
                                                         uint64_t db, int accumulate = 1) {     \
-    if constexpr (BF16) {                                                                      \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                           \
-                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " AOTC_WG_REGS##R \
-                   ", {%" #IA0 ", %" #IA1 ", %" #IA2 ", %" #IA3 "}, %" #IB ", p, 1, 1, %" #IT  \
-                   ";\n}\n"                                                                    \
-                   : AOTC_WG_OUTS##R                                                           \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));    \
-    } else {                                                                                   \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                           \
-                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 " AOTC_WG_REGS##R   \
-                   ", {%" #IA0 ", %" #IA1 ", %" #IA2 ", %" #IA3 "}, %" #IB ", p, 1, 1, %" #IT  \
-                   ";\n}\n"                                                                    \
-                   : AOTC_WG_OUTS##R                                                           \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));    \
-    }                                                                                          \
+    if constexpr (BF16) AOTC_WGMMA_RS_ASM(N, R, "bf16", __VA_ARGS__);                         \
+    else AOTC_WGMMA_RS_ASM(N, R, "f16", __VA_ARGS__);                                          \
   }
 AOTC_WGMMA_RS_FN(64, 32, 32, 33, 34, 35, 36, 37, 38)
 AOTC_WGMMA_RS_FN(128, 64, 64, 65, 66, 67, 68, 69, 70)
 AOTC_WGMMA_RS_FN(192, 96, 96, 97, 98, 99, 100, 101, 102)
 AOTC_WGMMA_RS_FN(256, 128, 128, 129, 130, 131, 132, 133, 134)
 #undef AOTC_WGMMA_RS_FN
+#undef AOTC_WGMMA_RS_ASM
 
 template <bool BF16, int NV>
 __device__ __forceinline__ void wgmma_rs_pv(float (&d)[NV / 2], const uint32_t (&a)[4],

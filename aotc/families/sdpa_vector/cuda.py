@@ -931,9 +931,11 @@ def _plan_wgmma(
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
     _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
-    seesaw = _plan_seesaw(p, kernels, combine, scale, sm_count, num_splits)
-    if seesaw:
-        return seesaw
+    if WGMMA_SEESAW and kernels.seesaw and _whole_row_groups(p):
+        one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
+        grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
+        if grid[2] >= WGMMA_SEESAW_MIN_TILES * WGMMA_KEYS:
+            return _seesaw_launches(p, kernels, grid, combine, scale)
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
@@ -967,29 +969,25 @@ def _one_wgmma_grid(
     return grid
 
 
-def _plan_seesaw(
+def _whole_row_groups(p: AttentionProblem) -> bool:
+    """64+ query rows a KV head, in whole boxes of Q's tensor map (Lq divides 64)."""
+    return p.gqa_factor * p.q_len >= WGMMA_ROWS and WGMMA_ROWS % p.q_len == 0
+
+
+def _seesaw_launches(
     p: AttentionProblem,
     kernels: WgmmaKernels,
+    grid: tuple[int, int, int],
     combine: str,
     scale: float,
-    sm_count: int,
-    num_splits: int | None,
-) -> list[Launch] | None:
-    """The two-deep split pass (or the one pass, for one split) with the seesaw entry point as
-    its view alternative (V a prefix view of K), where WGMMA_SEESAW serves the call; else
-    None."""
-    full_groups = p.gqa_factor * p.q_len >= WGMMA_ROWS and WGMMA_ROWS % p.q_len == 0
-    if not (WGMMA_SEESAW and kernels.seesaw and full_groups):
-        return None
-    one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
-    grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
-    if grid[2] < WGMMA_SEESAW_MIN_TILES * WGMMA_KEYS:
-        return None
+) -> list[Launch]:
+    """The two-deep split pass and the combine over `grid`, or for one split the one pass,
+    with the seesaw entry point as the first launch's view alternative (V a prefix view of K)."""
     launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
     block, smem = (WGMMA_SEESAW_THREADS, 1, 1), seesaw_shared_bytes(p.qk_dim, p.v_dim)
-    if one_pass and grid[1] == 1:
+    if grid[1] == 1 and WGMMA_ONE_PASS and kernels.one and kernels.seesaw_one:
         alternative = ViewAlternative(kernels.seesaw_one, block, smem)
-        return [replace(_one_pass(p, launches[0], one_pass), alternative=alternative)]
+        return [replace(_one_pass(p, launches[0], kernels.one), alternative=alternative)]
     alternative = ViewAlternative(kernels.seesaw, block, smem)
     return [replace(launches[0], alternative=alternative), launches[1]]
 
