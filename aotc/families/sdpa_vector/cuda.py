@@ -154,16 +154,18 @@ WGMMA_ONE_PASS = 1
 # split counts (bench/NOTES.md round 37, harness, three rounds): B=100 N=2048 150.5-160.2 us in
 # one split against 180.3-182.5 in the rule's three, N=4096 277.6-282.0 against 289.9-302.2;
 # B=80 N=4096 and B=40 N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1
-# against 258.3-260.0), as the model says.
+# against 258.3-260.0), as the model says. With the seesaw (round 38) it still chose right at
+# B=80 N=4096, B=40 N=8192, B=100 N=4096, B=48 N=4096 and B=32 N=8192, but at B=100 N=8192 one
+# split ran 470.9-473.7 against the plan's three 494.1-512.4: not refitted.
 WGMMA_TILE_US = 2.0
 # Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups
 # that take turns with the key tiles, each overlapping the other's softmax) run the wgmma split
 # pass and the one pass faster, as the launches' view alternatives: full row groups (64 rows a
 # KV head, Q by whole boxes) whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more; shorter
-# splits keep the plan above (pairs). H200, harness, bench/NOTES.md round 38, us, seesaw / the
-# tree's plan: MLA B=8 N=8192 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 /
-# 139.3-147.2; B=16 N=8192 71.8-74.3 / 81.8-85.5; B=64 N=4096 (one split) 123.1-125.9 /
-# 143.4-145.8; B=256 N=2048 278.0-291.9 / 329.0-329.6; B=1 N=32768 (8 tiles) 31.6-32.2 /
+# splits keep the plan above (pairs). H200, harness, bench/NOTES.md round 38 (calls C, D), us,
+# seesaw / the tree's plan: MLA B=8 N=8192 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 /
+# 139.3-158.8; B=16 N=8192 71.8-74.3 / 81.8-85.5; B=64 N=4096 (one split) 123.1-125.9 /
+# 143.4-147.1; B=256 N=2048 278.0-291.9 / 329.0-329.6; B=1 N=32768 (8 tiles) 31.6-32.2 /
 # 32.1-32.4; B=2 N=8192 (4 tiles) 26.1-27.7 / 24.1-27.4. 0 turns them off (A/B runs).
 WGMMA_SEESAW = 1
 WGMMA_SEESAW_THREADS = 256
