@@ -259,9 +259,10 @@ class Library:
 
 def _is_prefix_view(view: torch.Tensor, base: torch.Tensor) -> bool:
     """The launch contract's view condition (cuda_launch.cpp's is_prefix_view): the same
-    address, dimensions and strides, the innermost dimension no longer."""
+    address, type, dimensions and strides, the innermost dimension no longer."""
     return (
         view.dim() == base.dim() > 0
+        and view.dtype == base.dtype
         and view.data_ptr() == base.data_ptr()
         and view.stride() == base.stride()
         and view.shape[:-1] == base.shape[:-1]

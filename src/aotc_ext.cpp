@@ -352,8 +352,8 @@ for a gradient raises.)");
           "they are not returned. `view_alternative`: (kernel, block, shared_memory, view, "
           "base) or None: the kernel the launch takes instead, with that block and dynamic "
           "shared memory, where at evaluation input `view` is a prefix view of input `base` "
-          "(the same address and strides, the innermost dimension no longer) and every tensor "
-          "map was encoded.")
+          "(the same address, type and strides, the innermost dimension no longer) and every "
+          "tensor map was encoded.")
       .def(
           "__call__",
           &launch_prepared,

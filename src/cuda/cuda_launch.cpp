@@ -652,11 +652,12 @@ void allow_shared_memory(Kernel& k, uint32_t bytes) {
   }
 }
 
-// Whether `view` is a prefix view of `base`: the same address, dimensions and
-// strides, the innermost dimension no longer (ViewAlternative).
+// Whether `view` is a prefix view of `base`: the same address, type, dimensions
+// and strides, the innermost dimension no longer (ViewAlternative).
 bool is_prefix_view(const mx::array& view, const mx::array& base) {
   const size_t n = view.ndim();
-  if (n == 0 || n != base.ndim() || view.strides() != base.strides() ||
+  if (n == 0 || n != base.ndim() || view.dtype() != base.dtype() ||
+      view.strides() != base.strides() ||
       !view.buffer().ptr() || !base.buffer().ptr() ||
       mx::gpu_ptr<void>(view) != mx::gpu_ptr<void>(base)) {
     return false;

@@ -79,10 +79,10 @@ struct TensorMapSpec {
 };
 
 // A kernel a launch takes instead of its own when, at evaluation, its input
-// `view` is a prefix view of its input `base` (the same address, dimensions and
-// strides; the innermost dimension no longer) and every tensor map of the
-// launch was encoded: the same grid, inputs, outputs and Params, its own block
-// and dynamic shared memory. MLA's V is K's first columns (v = k[..., :V]),
+// `view` is a prefix view of its input `base` (the same address, type,
+// dimensions and strides; the innermost dimension no longer) and every tensor
+// map of the launch was encoded: the same grid, inputs, outputs and Params, its
+// own block and dynamic shared memory. MLA's V is K's first columns (v = k[..., :V]),
 // which only evaluation can see; a kernel that reads V from K's tiles needs no
 // V of its own (docs/ARCHITECTURE.md).
 struct ViewAlternative {
@@ -262,13 +262,17 @@ struct LaunchSpec {
 constexpr int kNoSource = std::numeric_limits<int>::min();
 
 // Whether the spec's input `input` is unread and needs nothing of its array (no
-// strides, no tensor map), so that it may take none (kNoSource).
+// strides, no tensor map, no part in the view alternative's test), so that it
+// may take none (kNoSource).
 inline bool needs_no_array(const LaunchSpec& spec, size_t input) {
   const bool mapped = std::any_of(
       spec.tensor_maps.begin(), spec.tensor_maps.end(), [&](const TensorMapSpec& m) {
         return m.input == int(input);
       });
-  return listed(spec.unread_inputs, input) && !listed(spec.strided_inputs, input) && !mapped;
+  const auto& alt = spec.alternative;
+  const bool tested = alt && (alt->view == int(input) || alt->base == int(input));
+  return listed(spec.unread_inputs, input) && !listed(spec.strided_inputs, input) && !mapped &&
+      !tested;
 }
 
 // One launch of a chain: its spec, and where each of its kernel inputs comes

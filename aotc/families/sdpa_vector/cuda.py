@@ -258,8 +258,8 @@ class Launch:
 class ViewAlternative:
     """A kernel with the launch's grid, inputs, outputs and params, but its own block and
     dynamic shared memory, taken where input `view` is a prefix view of input `base` (the same
-    address and strides, the innermost dimension no longer): only evaluation can see that MLA's
-    V is K's first columns."""
+    address, type and strides, the innermost dimension no longer) and every tensor map was
+    encoded: only evaluation can see that MLA's V is K's first columns."""
 
     kernel: str
     block: tuple[int, int, int]
