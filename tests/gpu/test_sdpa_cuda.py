@@ -504,8 +504,9 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
     """MLA with V a prefix view of K, in splits of 8+ key tiles: the launch takes its view
     alternative, the seesaw entry point (split pass, or one pass for one split) on 256 threads.
     Odd tile counts (the last pair's second tile lies past the split), partial tiles, every
-    mask kind, 1-8 query tokens (up to 8 row groups), sinks, cache slices, 64 and 128 heads.
-    V of its own, or inputs TMA cannot map, keep the launch's own kernel."""
+    mask kind, 1-8 query tokens (up to 16 row groups), sinks, cache slices, 64, 96 (a padded
+    row group) and 128 heads. V of its own, or inputs TMA cannot map, keep the launch's own
+    kernel."""
     lib.poison = True
     try:
         planned = dict(b=8, hq=128, hkv=1, n=8192, d=576, v=512, dtype=dtype)
@@ -521,6 +522,9 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
             assert _takes_alternative(lib, hq=128, **mla, mask=mask, view_of_k=True, sinks=lq == 2)
             assert _takes_alternative(
                 lib, b=2, hq=64, **mla, mask=mask, view_of_k=True, strided=True, seed=1
+            )
+            assert _takes_alternative(  # 96 heads: the last row group half padding
+                lib, b=2, hq=96, **mla, mask=mask, view_of_k=True, sinks=True, seed=3
             )
             assert not _takes_alternative(lib, hq=128, **mla, mask=mask, sinks=True, seed=2)
         lib.tma = False  # no tensor maps: the launch's own kernel, by cp.async
