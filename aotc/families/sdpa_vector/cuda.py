@@ -158,9 +158,12 @@ WGMMA_ONE_PASS = 1
 # B=80 N=4096, B=40 N=8192, B=100 N=4096, B=48 N=4096 and B=32 N=8192, but at B=100 N=8192 one
 # split ran 470.9-473.7 against the plan's three 494.1-512.4: not refitted.
 WGMMA_TILE_US = 2.0
+WGMMA_BLOCK_US = 12.0
+COMBINE_BYTES_PER_US = 5.0e6
+COMBINE_LAUNCH_US = 2.0
 # Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups
 # that take turns with the key tiles, each overlapping the other's softmax) run the wgmma split
-# pass and the one pass faster, as the launches' view alternatives: full row groups (64 rows a
+# pass and the one pass faster, as the launches' view alternatives: whole row groups (64 rows a
 # KV head, Q by whole boxes) whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more; shorter
 # splits keep the plan above (pairs). H200, harness, bench/NOTES.md round 38 (calls C, D), us,
 # seesaw / the tree's plan: MLA B=8 N=8192 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 /
@@ -170,9 +173,6 @@ WGMMA_TILE_US = 2.0
 WGMMA_SEESAW = 1
 WGMMA_SEESAW_THREADS = 256
 WGMMA_SEESAW_MIN_TILES = 8
-WGMMA_BLOCK_US = 12.0
-COMBINE_BYTES_PER_US = 5.0e6
-COMBINE_LAUNCH_US = 2.0
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
 # At batch 1 every split count loses (bench.sweep_splits, H200): 192/128 with 8 splits 26.8 us
@@ -928,14 +928,16 @@ def _plan_wgmma(
     sm_count: int,
     num_splits: int | None,
 ) -> list[Launch]:
-    """The wgmma split pass and the combine: two blocks an SM (the dual entry point) for KV
+    """The wgmma split pass and the combine: where the seesaw serves the call (WGMMA_SEESAW,
+    whole row groups, splits of WGMMA_SEESAW_MIN_TILES+ tiles), one block an SM with the seesaw
+    as the view alternative (_seesaw_launches); else two blocks an SM (the dual entry point) for KV
     heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep WGMMA_DUAL_MIN_TILES tiles
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
     _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
     if WGMMA_SEESAW and kernels.seesaw and _whole_row_groups(p):
         one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
-        grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
+        grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
         if grid[2] >= WGMMA_SEESAW_MIN_TILES * WGMMA_KEYS:
             return _seesaw_launches(p, kernels, grid, combine, scale)
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
@@ -949,7 +951,7 @@ def _plan_wgmma(
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     one_pass = kernels.one if WGMMA_ONE_PASS else None
-    grid = _one_wgmma_grid(p, sm_count, num_splits, one_pass)
+    grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
     launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
@@ -958,7 +960,7 @@ def _plan_wgmma(
     return launches
 
 
-def _one_wgmma_grid(
+def _wgmma_grid_or_one_split(
     p: AttentionProblem, sm_count: int, num_splits: int | None, one_pass: str | None
 ) -> tuple[int, int, int]:
     """The one-block-an-SM grid: one split where the one-pass entry point is loaded and
