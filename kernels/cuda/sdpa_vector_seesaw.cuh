@@ -10,7 +10,8 @@
 // multiplies its own P from registers and the other's from shared memory by its half of V, so
 // one warpgroup's softmax runs under the other's MMAs.
 //
-// V is K's prefix (MLA: v = k[..., :V]); tiles come by TMA, an mbarrier per column atom. Each
+// V is K's prefix (MLA: v = k[..., :V]); tiles come by TMA, an mbarrier per column atom, and
+// Q too where Lq divides 64 (else by cp.async). Each
 // atom of a slot is requested again as soon as its last reader is done: V's first half by
 // warpgroup 0 after its P V, V's second half and the columns past V by warpgroup 1 after its.
 // Q's last column atom lives in registers (S's register-A form), and its shared memory holds
@@ -272,19 +273,32 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   if (tid < kRows) sm.m[tid] = -INFINITY;
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   __syncthreads();
+  // Q by TMA where its boxes (64 columns x Lq tokens x 64 / Lq heads) hold whole row groups
+  // (Lq divides 64), else by cp.async (speculative decoding's 3, 5, 6 or 7 tokens).
+  const bool q_tma = kRows % p.q_len == 0;
   if (tid == 0) {
-    // Q's boxes (64 columns x Lq tokens x 64 / Lq heads), then tiles 0 and 1 (1 may lie past
-    // the split: masked, and zeros past the array).
-    const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
-    mbar_arrive_expect(sm.qbar(), DA * kAtom);
-    for (int a = 0; a < DA; ++a)
-      tma_load_box(sm.q + a * kAtom, &wp.maps[2], a * 64, 0, head0, b, sm.qbar(),
-                   l2_evict_last());
+    // Q's boxes, then tiles 0 and 1 (1 may lie past the split: masked, and zeros past the
+    // array).
+    if (q_tma) {
+      const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
+      mbar_arrive_expect(sm.qbar(), DA * kAtom);
+      for (int a = 0; a < DA; ++a)
+        tma_load_box(sm.q + a * kAtom, &wp.maps[2], a * 64, 0, head0, b, sm.qbar(),
+                     l2_evict_last());
+    }
     seesaw_load<0, DA>(sm, 0, kmap, key_begin, kvh, b);
     seesaw_load<0, DA>(sm, 1, kmap, key_begin + kKeys, kvh, b);
   }
+  if (q_tma) {
+    mbar_wait(sm.qbar(), 0);
+  } else {
+    stage_q<T, D, kSeesawThreads>(sm.q, sm.gq, q, p, b, kvh, row0, R);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_shared();  // generic-proxy writes, read by wgmma
+    __syncthreads();
+  }
   // Q's last atom into registers (A fragments of four k-steps), then its shared memory is P1's.
-  mbar_wait(sm.qbar(), 0);
   uint32_t rq[4][4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
@@ -474,7 +488,7 @@ __device__ __forceinline__ void seesaw_entry(const T* q, const T* k, const void*
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     const unsigned need = kAllMaps | kQMap;
     if (dyn < (uint32_t)SeesawCfg<D, V>::SMEM || blockDim.x != kSeesawThreads ||
-        (p.maps_ok & need) != need || kRows % p.p.q_len != 0 || (ONE && p.p.num_splits != 1))
+        (p.maps_ok & need) != need || (ONE && p.p.num_splits != 1))
       __trap();
     prefetch_maps(p);
     seesaw_block<T, D, V, ONE>(q, k, mask, sinks, out, partials, maxs, sums, p, aotc_ss_smem);

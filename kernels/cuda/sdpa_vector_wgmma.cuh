@@ -465,7 +465,8 @@ __device__ __forceinline__ void mask_scores(float (&s)[32], const Params& p, con
 // all threads of the block. The 16-byte path gives each warp whole rows (RPW at once where a row
 // is under 32 chunks), so a row's address is computed once, not once per chunk: at 576 columns
 // the per-chunk form spent ~12 iterations of 64-bit index arithmetic and divisions a thread.
-template <typename T, int D>
+// NT: the block's threads.
+template <typename T, int D, int NT = kThreads>
 __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, const Params& p,
                                         int b, int kvh, int row0, int R) {
   constexpr int CH = D / 8;
@@ -475,7 +476,7 @@ __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, co
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int c0 = RPW > 1 ? lane % CH : lane;
 #pragma unroll 1
-    for (int r = warp * RPW + (RPW > 1 ? lane / CH : 0); r < kRows; r += kThreads / 32 * RPW) {
+    for (int r = warp * RPW + (RPW > 1 ? lane / CH : 0); r < kRows; r += NT / 32 * RPW) {
       const int rr = row0 + r;
       const T* src = rr < R ? q_row(q, p, b, kvh, rr) : q;
 #pragma unroll
@@ -485,7 +486,7 @@ __device__ __forceinline__ void stage_q(uint32_t dst, char* gdst, const T* q, co
     }
     return;
   }
-  for (int c = threadIdx.x; c < kRows * D; c += kThreads) {
+  for (int c = threadIdx.x; c < kRows * D; c += NT) {
     const int r = c / D, x = c - r * D;
     const int rr = row0 + r;
     const T val = rr < R ? q_row(q, p, b, kvh, rr)[(long long)x * p.q_strides[3]] : Tr<T>::t(0.f);

@@ -517,6 +517,7 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
             (1000, 2, "causal", 2),  # 8 tiles a split
             (4097, 4, "bool", 3),  # 22, 22 and 21 tiles
             (2000, 8, "additive", 1),
+            (1000, 3, "bool", 2),  # Lq does not divide 64: Q by cp.async
         ):
             mla = dict(hkv=1, lq=lq, n=n, d=576, v=512, num_splits=splits, dtype=dtype)
             assert _takes_alternative(lib, hq=128, **mla, mask=mask, view_of_k=True, sinks=lq == 2)

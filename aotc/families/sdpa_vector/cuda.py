@@ -161,15 +161,16 @@ WGMMA_TILE_US = 2.0
 WGMMA_BLOCK_US = 12.0
 COMBINE_BYTES_PER_US = 5.0e6
 COMBINE_LAUNCH_US = 2.0
-# Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups
-# that take turns with the key tiles, each overlapping the other's softmax) run the wgmma split
-# pass and the one pass faster, as the launches' view alternatives: whole row groups (64 rows a
-# KV head, Q by whole boxes) whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more; shorter
-# splits keep the plan above (pairs). H200, harness, bench/NOTES.md round 38 (calls C, D), us,
-# seesaw / the tree's plan: MLA B=8 N=8192 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 /
-# 139.3-158.8; B=16 N=8192 71.8-74.3 / 81.8-85.5; B=64 N=4096 (one split) 123.1-125.9 /
-# 143.4-147.1; B=256 N=2048 278.0-291.9 / 329.0-329.6; B=1 N=32768 (8 tiles) 31.6-32.2 /
-# 32.1-32.4; B=2 N=8192 (4 tiles) 26.1-27.7 / 24.1-27.4. 0 turns them off (A/B runs).
+# Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups that
+# take turns with the key tiles, each overlapping the other's softmax) run the wgmma split pass and
+# the one pass faster, as the launches' view alternatives: KV heads of 64+ query rows whose splits
+# hold WGMMA_SEESAW_MIN_TILES tiles or more; shorter splits keep the plan above (pairs). H200,
+# harness, bench/NOTES.md round 38 (calls C, D), us, seesaw / the tree's plan: MLA B=8 N=8192
+# 44.0-44.5 / 47.4-48.7 (pairs); B=8 N=32768 123.8-132.4 / 139.3-158.8; B=16 N=8192 71.8-74.3 /
+# 81.8-85.5; B=64 N=4096 (one split) 123.1-125.9 / 143.4-147.1; B=256 N=2048 278.0-291.9 /
+# 329.0-329.6; B=1 N=32768 (8 tiles) 31.6-32.2 / 32.1-32.4; B=2 N=8192 (4 tiles) 26.1-27.7 /
+# 24.1-27.4. Q by cp.async where Lq does not divide 64 (speculative decoding's 3, 5-7 tokens). 0
+# turns them off (A/B runs).
 WGMMA_SEESAW = 1
 WGMMA_SEESAW_THREADS = 256
 WGMMA_SEESAW_MIN_TILES = 8
@@ -929,13 +930,13 @@ def _plan_wgmma(
     num_splits: int | None,
 ) -> list[Launch]:
     """The wgmma split pass and the combine: where the seesaw serves the call (WGMMA_SEESAW,
-    whole row groups, splits of WGMMA_SEESAW_MIN_TILES+ tiles), one block an SM with the seesaw
+    64+ rows a KV head, splits of WGMMA_SEESAW_MIN_TILES+ tiles), one block an SM with the seesaw
     as the view alternative (_seesaw_launches); else two blocks an SM (the dual entry point) for KV
     heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep WGMMA_DUAL_MIN_TILES tiles
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
     _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
-    if WGMMA_SEESAW and kernels.seesaw and _whole_row_groups(p):
+    if WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p):
         one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
         grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
         if grid[2] >= WGMMA_SEESAW_MIN_TILES * WGMMA_KEYS:
@@ -973,9 +974,9 @@ def _wgmma_grid_or_one_split(
     return grid
 
 
-def _whole_row_groups(p: AttentionProblem) -> bool:
-    """64+ query rows a KV head, in whole boxes of Q's tensor map (Lq divides 64)."""
-    return p.gqa_factor * p.q_len >= WGMMA_ROWS and WGMMA_ROWS % p.q_len == 0
+def _full_row_groups(p: AttentionProblem) -> bool:
+    """64+ query rows a KV head (MLA's 128 heads at any token count)."""
+    return p.gqa_factor * p.q_len >= WGMMA_ROWS
 
 
 def _seesaw_launches(
