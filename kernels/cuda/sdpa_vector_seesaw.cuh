@@ -3,7 +3,7 @@
 // sdpa_vector_wgmma.cuh's block runs S and the softmax of every tile on warpgroup 0 while
 // warpgroups 1 and 2 multiply P V, so a tile costs S + softmax + P V with little overlap
 // (bench/NOTES.md round 32). Here a block is 64 query rows and two warpgroups (256 threads, so
-// each may keep ~240 registers without `setmaxnreg`, which relocatable builds ignore). Tile 2j
+// each may keep ~250 registers without `setmaxnreg`, which relocatable builds ignore). Tile 2j
 // (slot 0) is warpgroup 0's, tile 2j + 1 (slot 1) warpgroup 1's: each computes S and the
 // softmax of its own tile, and each owns half of O (V / 2 columns). The two softmaxes of a pair
 // chain through the running max in shared memory (0 first, then 1), and each warpgroup
@@ -11,9 +11,9 @@
 // one warpgroup's softmax runs under the other's MMAs.
 //
 // V is K's prefix (MLA: v = k[..., :V]); tiles come by TMA, an mbarrier per column atom, and
-// Q too where Lq divides 64 (else by cp.async). Each
-// atom of a slot is requested again as soon as its last reader is done: V's first half by
-// warpgroup 0 after its P V, V's second half and the columns past V by warpgroup 1 after its.
+// Q too where Lq divides 64 (else by cp.async). Each atom of a slot is requested again as soon
+// as its last reader is done: V's first half by warpgroup 0 after its P V, V's second half and
+// the columns past V by warpgroup 1 after its.
 // Q's last column atom lives in registers (S's register-A form), and its shared memory holds
 // warpgroup 1's P. The schedule is the one deepseek-ai's FlashMLA describes for its sm90 dense
 // decode kernel; this code is aotc's own.
@@ -36,7 +36,6 @@ constexpr int kBarScale0 = 1;  // warpgroup 0's max and rescale factor of the pa
 constexpr int kBarScale1 = 2;  // warpgroup 1's (the pair's max) are out
 constexpr int kBarP0 = 3;      // warpgroup 0's P, at the pair's max, is in shared memory
 constexpr int kBarP1 = 4;      // warpgroup 1's P is in shared memory and its P0 V is issued
-constexpr int kBarSums = 5;    // the end: warpgroup 1's row sums are in shared memory
 
 template <int D, int V>
 struct SeesawCfg {
