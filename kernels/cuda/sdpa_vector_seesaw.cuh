@@ -183,20 +183,6 @@ __device__ __forceinline__ void seesaw_pv_smem(float (&o)[NV / 2], uint32_t p, u
   wgmma_commit();
 }
 
-// Scores of S (raw) into the log2 domain, masked as the tile needs.
-// The rows' mask facts are worked out there, not kept: registers are short.
-template <typename T>
-__device__ __forceinline__ void seesaw_scores(float (&s)[32], const Params& p, const void* mask,
-                                              int b, int kvh, int rr, int R, int k0,
-                                              int key_end, int quad, float scale2) {
-  if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
-#pragma unroll
-    for (int e = 0; e < 32; ++e) s[e] *= scale2;
-  } else {
-    mask_scores<T>(s, p, mask, row_facts(p, b, kvh, rr, R), k0 + quad * 2, key_end, scale2);
-  }
-}
-
 // Row h's max over this thread's scores, across its quad.
 __device__ __forceinline__ float quad_row_max(const float (&s)[32], int h) {
   float x = -INFINITY;
@@ -278,13 +264,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   if (tid == 0) {
     // Q's boxes, then tiles 0 and 1 (1 may lie past the split: masked, and zeros past the
     // array).
-    if (q_tma) {
-      const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
-      mbar_arrive_expect(sm.qbar(), DA * kAtom);
-      for (int a = 0; a < DA; ++a)
-        tma_load_box(sm.q + a * kAtom, &wp.maps[2], a * 64, 0, head0, b, sm.qbar(),
-                     l2_evict_last());
-    }
+    if (q_tma) load_q_boxes<DA>(sm.q, wp, sm.qbar(), kvh, row0, b);
     seesaw_load<0, DA>(sm, 0, kmap, key_begin, kvh, b);
     seesaw_load<0, DA>(sm, 1, kmap, key_begin + kKeys, kvh, b);
   }
@@ -310,6 +290,8 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   __syncthreads();
 
   const float scale2 = p.scale * kLog2e;
+  // The rows' mask facts, worked out where a tile needs them, not kept: registers are short.
+  auto rows = [&] { return row_facts(p, b, kvh, row0 + wrow, R); };
   char* const gp0 = sm.gq + (sm.p0 - sm.q);
   char* const gp1 = sm.gq + (sm.p1 - sm.q);
   float o[NV / 2];
@@ -332,7 +314,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     const int k0 = key_begin + 2 * j * kKeys;  // tile 2j's first key
     const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
     // ---- tile 2j's softmax; P0 V0 (own half); rescale to the pair's max; P1 V1.
-    seesaw_scores<T>(s, p, mask, b, kvh, row0 + wrow, R, k0, key_end, quad, scale2);
+    scores_log2<T>(s, p, mask, rows, k0, key_end, quad, scale2);
     float alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -380,8 +362,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
     // ---- tile 2j + 1's softmax at the pair's max; P1 V1 (own half); P0 V0.
     bar_sync<kBarScale0, kSeesawThreads>();
-    seesaw_scores<T>(s, p, mask, b, kvh, row0 + wrow, R, k0 + kKeys, key_end, quad,
-                     scale2);
+    scores_log2<T>(s, p, mask, rows, k0 + kKeys, key_end, quad, scale2);
     float f[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -441,11 +422,8 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     if (wg == 0 && quad == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = wrow + 8 * h, rr = row0 + r;
-        // Row rr = g * Lq + i of this KV head is query head kvh * G + g.
-        const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
-        const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
-        sm.scale0[r] = merged_scale(sm.m[r], l[h] + sm.sums[r], sk);
+        const int r = wrow + 8 * h;
+        sm.scale0[r] = one_split_scale(p, sinks, kvh, row0 + r, R, sm.m[r], l[h] + sm.sums[r]);
       }
     }
     __syncthreads();

@@ -460,6 +460,45 @@ __device__ __forceinline__ void mask_scores(float (&s)[32], const Params& p, con
       }
 }
 
+// Scores of a tile into the log2 domain: the fast path where no mask applies and the tile is
+// whole (a uniform test), else mask_scores with the rows' facts (`rows()`: kept by a caller
+// with registers to spare, worked out here by one without).
+template <typename T, typename Rows>
+__device__ __forceinline__ void scores_log2(float (&s)[32], const Params& p, const void* mask,
+                                            Rows rows, int k0, int key_end, int quad,
+                                            float scale2) {
+  if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
+#pragma unroll
+    for (int e = 0; e < 32; ++e) s[e] *= scale2;
+  } else {
+    mask_scores<T>(s, p, mask, rows(), k0 + quad * 2, key_end, scale2);
+  }
+}
+
+// The output scale of row rr of a row group that is its split's only one (the combine's
+// store_merged for one partial, sinks included): max m and sum l in the log2 domain.
+template <typename T>
+__device__ __forceinline__ float one_split_scale(const Params& p, const T* sinks, int kvh, int rr,
+                                                 int R, float m, float l) {
+  // Row rr = g * Lq + i of this KV head is query head kvh * G + g (sink_log2's head, without
+  // its 64-bit division).
+  const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
+  const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
+  return merged_scale(m, l, sk);
+}
+
+// Q's boxes of row group row0 (64 columns x Lq tokens x 64 / Lq heads: the rows in their
+// g * Lq + i order) into the DA atoms at sQ, on `qbar`; by one thread.
+template <int DA>
+__device__ __forceinline__ void load_q_boxes(uint32_t sQ, const WParams& wp, uint32_t qbar,
+                                             int kvh, int row0, int b) {
+  const Params& p = wp.p;
+  const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
+  mbar_arrive_expect(qbar, DA * kAtom);
+  for (int a = 0; a < DA; ++a)
+    tma_load_box(sQ + a * kAtom, &wp.maps[2], a * 64, 0, head0, b, qbar, l2_evict_last());
+}
+
 // ---------------------------------------------------------------- the block
 // Q rows (row r = g * Lq + i of this KV head's group) into the atoms at `dst`, zero past R; by
 // all threads of the block. The 16-byte path gives each warp whole rows (RPW at once where a row
@@ -704,20 +743,13 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(vmap)) : "memory");
   }
   __syncthreads();  // the mbarriers are initialised before any arrival
-  auto load_q_boxes = [&]() {
-    const TensorMap* const qmap = &wp.maps[2];
-    const int head0 = kvh * (p.q_heads / p.kv_heads) + row0 / p.q_len;
-    mbar_arrive_expect(qbar, C::DA * kAtom);
-    for (int a = 0; a < C::DA; ++a)
-      tma_load_box(sQ + a * kAtom, qmap, a * 64, 0, head0, b, qbar, l2_evict_last());
-  };
   // Else Q's copies form the one cp.async group. TMA boxes go out first (one thread issues
   // them, so the tiles' reads start at once); cp.async tiles after Q's group is committed, so
   // that their copies join no group.
   auto stage_q_group = [&]() {
     if (q_tma) {
       if (tid == 0 && AOTC_SKIP(5)) mbar_arrive(qbar);
-      else if (tid == 0) load_q_boxes();
+      else if (tid == 0) load_q_boxes<C::DA>(sQ, wp, qbar, kvh, row0, b);
       return;
     }
     if (!AOTC_SKIP(5)) stage_q<T, D>(sQ, gQ, q, p, b, kvh, row0, R);
@@ -785,13 +817,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       if (t == 0) AOTC_STAMP(3);  // S(0) done
       if (t == 1) AOTC_STAMP(5);  // S(1) done
       if (t == ntiles - 1) AOTC_STAMP(6);  // S(last) done
-      // Scores in the log2 domain; masks and the key end only where they apply (uniform test).
-      if (p.mask_kind == 0 && k0 + kKeys <= key_end) {
-#pragma unroll
-        for (int e = 0; e < 32; ++e) s[e] *= scale2;
-      } else {
-        mask_scores<T>(s, p, mask, rows, k0 + quad * 2, key_end, scale2);
-      }
+      scores_log2<T>(s, p, mask, [&] { return rows; }, k0, key_end, quad, scale2);
       float alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -864,13 +890,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int rr = row0 + wrow + 8 * h;
-        if (quad == 0) {
-          // Row rr = g * Lq + i of this KV head is query head kvh * G + g (sink_log2's head,
-          // without its 64-bit division).
-          const int head = kvh * (p.q_heads / p.kv_heads) + rr / p.q_len;
-          const float sk = p.has_sinks && rr < R ? Tr<T>::f(sinks[head]) * kLog2e : -INFINITY;
-          out_scale[wrow + 8 * h] = merged_scale(m[h], l[h], sk);
-        }
+        if (quad == 0) out_scale[wrow + 8 * h] = one_split_scale(p, sinks, kvh, rr, R, m[h], l[h]);
       }
       bar_arrive<kBarDone, kThreads>();
     }
