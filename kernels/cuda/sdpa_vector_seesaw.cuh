@@ -93,11 +93,6 @@ __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   return x;
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
 // The seesaw block's shared memory and the views both warpgroups use.
 template <int D, int V>
 struct SeesawSmem {

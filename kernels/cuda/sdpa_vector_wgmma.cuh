@@ -114,8 +114,10 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Until at most N committed groups of this warpgroup's MMAs are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_async_shared() {
@@ -812,7 +814,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       };
       if (v_in_k) qk(InK{});
       else qk(OwnV{});
-      wgmma_wait_all();
+      wgmma_wait<0>();
       fence_regs(s);
       if (t == 0) AOTC_STAMP(3);  // S(0) done
       if (t == 1) AOTC_STAMP(5);  // S(1) done
@@ -925,7 +927,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
           wgmma_pv<BF16, NV>(o, pd + ((kk * 32) >> 4), vd + ((kk * 16 * 128) >> 4));
       }
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
       fence_regs(o);
       if (t == 0) AOTC_STAMP(2);  // P V(0) done
       if (t == 1) AOTC_STAMP(3);  // P V(1) done
