@@ -684,19 +684,21 @@ struct ReadyLaunch {
   size_t maps_at;
   std::unique_ptr<PackedArgs> packed;
   Kernel* alternative = nullptr;  // where the view condition holds
-  Dim3 block{};
-  uint32_t shared_memory = 0;
+  bool took_alternative = false;
 
   // After packing: the alternative if it applies and every map was encoded.
   void choose(bool all_maps) {
-    block = spec->block;
-    shared_memory = spec->shared_memory;
     if (alternative && all_maps) {
       kernel = alternative;
-      block = spec->alternative->block;
-      shared_memory = spec->alternative->shared_memory;
+      took_alternative = true;
       alternative_launches().fetch_add(1, std::memory_order_relaxed);
     }
+  }
+  const Dim3& block() const {
+    return took_alternative ? spec->alternative->block : spec->block;
+  }
+  uint32_t shared_memory() const {
+    return took_alternative ? spec->alternative->shared_memory : spec->shared_memory;
   }
 };
 
@@ -809,10 +811,10 @@ void add_chain_graph(
     params.gridDimX = r.spec->grid[0];
     params.gridDimY = r.spec->grid[1];
     params.gridDimZ = r.spec->grid[2];
-    params.blockDimX = r.block[0];
-    params.blockDimY = r.block[1];
-    params.blockDimZ = r.block[2];
-    params.sharedMemBytes = r.shared_memory;
+    params.blockDimX = r.block()[0];
+    params.blockDimY = r.block()[1];
+    params.blockDimZ = r.block()[2];
+    params.sharedMemBytes = r.shared_memory();
     params.kernelParams = r.packed->args();
     CUgraphNode node;
     check(
@@ -879,9 +881,9 @@ void CudaLaunch::eval_gpu(
     enc.add_kernel_node_raw(
         r.kernel->func,
         dim3(spec.grid[0], spec.grid[1], spec.grid[2]),
-        dim3(r.block[0], r.block[1], r.block[2]),
+        dim3(r.block()[0], r.block()[1], r.block()[2]),
         {},
-        r.shared_memory,
+        r.shared_memory(),
         packed.args());
     return;
   }
