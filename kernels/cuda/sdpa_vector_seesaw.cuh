@@ -16,7 +16,8 @@
 // the columns past V by warpgroup 1 after its.
 // Q's last column atom lives in registers (S's register-A form), and its shared memory holds
 // warpgroup 1's P. The schedule is the one deepseek-ai's FlashMLA describes for its sm90 dense
-// decode kernel; this code is aotc's own.
+// decode kernel; this code is aotc's own. O leaves through the slots' shared memory, a bulk
+// copy a row.
 //
 // Entry points: sdpa_vector_wgmma_seesaw_<TN>_<D>_<V>, the wgmma split pass's arguments
 // (partials, maxs, sums for the combine), and sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
@@ -412,40 +413,58 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     sm.sums[wrow + 8] = l[1];
   }
   __syncthreads();  // (also: every warpgroup's last update of the running max)
-  if constexpr (ONE) {
-    // Each row's output scale (the combine's for one split, sinks included), over scale0.
-    if (wg == 0 && quad == 0) {
+  // Each row's sum, or with one split its output scale (the combine's for one split, sinks
+  // included, over scale0).
+  if (wg == 0 && quad == 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = wrow + 8 * h;
+    for (int h = 0; h < 2; ++h) {
+      const int r = wrow + 8 * h;
+      if constexpr (ONE)
         sm.scale0[r] = one_split_scale(p, sinks, kvh, row0 + r, R, sm.m[r], l[h] + sm.sums[r]);
-      }
+      else
+        sm.sums[r] += l[h];
     }
-    __syncthreads();
   }
+  __syncthreads();
+  // O goes out through shared memory (the slots, free now): each thread writes its fragment
+  // there, and a bulk copy a row takes it to global memory, in place of 64 4- or 8-byte stores
+  // a thread that kept the load-store unit full (lg stalls: bench/NOTES.md, round 39).
+  using Out = std::conditional_t<ONE, T, float>;
+  constexpr int PITCH = (V + 8) * (int)sizeof(Out);  // padded: a warp's stores hit 32 banks
+  static_assert(kRows * PITCH <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
+  char* const stage = sm.gq + (sm.slot(0) - sm.q);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int rr = row0 + wrow + 8 * h;
-    if (rr >= R) continue;
-    const long long row = out_row(p, b, kvh, rr);
+    const int r = wrow + 8 * h;
+    char* dst = stage + r * PITCH + (wg * NV + 2 * quad) * (int)sizeof(Out);
     if constexpr (ONE) {
-      const float f = sm.scale0[wrow + 8 * h];
-      T* dst = out + row * V + wg * NV + 2 * quad;
+      const float f = sm.scale0[r];
 #pragma unroll
       for (int n = 0; n < NV / 8; ++n)
-        *reinterpret_cast<uint32_t*>(dst + 8 * n) =
+        *reinterpret_cast<uint32_t*>(dst + 8 * n * sizeof(Out)) =
             pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
     } else {
-      if (wg == 0 && quad == 0) {
-        maxs[row * S + split] = sm.m[wrow + 8 * h];
-        sums[row * S + split] = l[h] + sm.sums[wrow + 8 * h];
-      }
-      float* dst = partials + (row * S + split) * V + wg * NV + 2 * quad;
 #pragma unroll
       for (int n = 0; n < NV / 8; ++n)
-        *reinterpret_cast<float2*>(dst + 8 * n) =
+        *reinterpret_cast<float2*>(dst + 8 * n * sizeof(Out)) =
             make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
     }
+  }
+  fence_async_shared();  // generic-proxy writes, read by the bulk copies
+  __syncthreads();
+  const int rr = row0 + tid;
+  if (tid < kRows && rr < R) {
+    const long long row = out_row(p, b, kvh, rr);
+    Out* dst;
+    if constexpr (ONE) {
+      dst = out + row * V;
+    } else {
+      dst = partials + (row * S + split) * V;
+      maxs[row * S + split] = sm.m[tid];
+      sums[row * S + split] = sm.sums[tid];
+    }
+    bulk_store(dst, sm.slot(0) + tid * PITCH, V * sizeof(Out));
+    bulk_wait_read();  // the shared memory stays until the copy has read it
   }
 }
 
@@ -460,8 +479,9 @@ __device__ __forceinline__ void seesaw_entry(const T* q, const T* k, const void*
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     const unsigned need = kAllMaps | kQMap;
     if (dyn < (uint32_t)SeesawCfg<D, V>::SMEM || blockDim.x != kSeesawThreads ||
-        (p.maps_ok & need) != need || (ONE && p.p.num_splits != 1))
-      __trap();
+        (p.maps_ok & need) != need || (ONE && p.p.num_splits != 1) ||
+        (reinterpret_cast<uintptr_t>(ONE ? (void*)out : (void*)partials) & 15) != 0)
+      __trap();  // (O's bulk copies need a 16-byte aligned output, as allocators give)
     prefetch_maps(p);
     seesaw_block<T, D, V, ONE>(q, k, mask, sinks, out, partials, maxs, sums, p, aotc_ss_smem);
     return;

@@ -319,6 +319,21 @@ __device__ __forceinline__ void tma_load_box(uint32_t dst, const TensorMap* map,
       : "memory");
 }
 
+// `bytes` (a multiple of 16) from shared memory at `src` to global memory at `dst` (both
+// 16-byte aligned) by the bulk-copy engine, as one bulk group of its own.
+__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
+  asm volatile(
+      "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+      "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(dst)),
+      "r"(src), "r"(bytes)
+      : "memory");
+}
+// Until this thread's bulk groups have read their shared memory (which may then be reused or
+// released); their writes complete by the grid's end.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
 // ---------------------------------------------------------------- staging
 // Byte offset of row `row`, 16-byte chunk `chunk` of a 64-row operand in 128-byte-swizzled
 // column atoms (the layout wgmma's SW128 descriptors read). Atoms are 1024-byte aligned.
