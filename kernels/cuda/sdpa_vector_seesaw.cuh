@@ -17,7 +17,7 @@
 // Q's last column atom lives in registers (S's register-A form), and its shared memory holds
 // warpgroup 1's P. The schedule is the one deepseek-ai's FlashMLA describes for its sm90 dense
 // decode kernel; this code is aotc's own. O leaves through the slots' shared memory, a bulk
-// copy a row.
+// copy a row (stage_o).
 //
 // Entry points: sdpa_vector_wgmma_seesaw_<TN>_<D>_<V>, the wgmma split pass's arguments
 // (partials, maxs, sums for the combine), and sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
@@ -439,45 +439,26 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     }
   }
   __syncthreads();
-  // O goes out through shared memory (the slots, free now): each thread writes its fragment
-  // there, and a bulk copy a row takes it to global memory, in place of 64 4- or 8-byte stores
-  // a thread that kept the load-store unit full (lg stalls: bench/NOTES.md, round 39).
+  // O leaves through the slots' shared memory, free now (stage_o).
   using Out = std::conditional_t<ONE, T, float>;
-  constexpr int PITCH = (V + 8) * (int)sizeof(Out);  // padded: a warp's stores hit 32 banks
-  static_assert(kRows * PITCH <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
-  char* const stage = sm.gq + (sm.slot(0) - sm.q);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = wrow + 8 * h;
-    char* dst = stage + r * PITCH + (wg * NV + 2 * quad) * (int)sizeof(Out);
-    if constexpr (ONE) {
-      const float f = sm.scale0[r];
-#pragma unroll
-      for (int n = 0; n < NV / 8; ++n)
-        *reinterpret_cast<uint32_t*>(dst + 8 * n * sizeof(Out)) =
-            pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
-    } else {
-#pragma unroll
-      for (int n = 0; n < NV / 8; ++n)
-        *reinterpret_cast<float2*>(dst + 8 * n * sizeof(Out)) =
-            make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
-    }
-  }
+  static_assert(kStageBytes<Out, V> <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
+  if constexpr (ONE)
+    stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, sm.scale0[wrow],
+                       sm.scale0[wrow + 8]);
+  else
+    stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, 1.f, 1.f);
   fence_async_shared();  // generic-proxy writes, read by the bulk copies
   __syncthreads();
   const int rr = row0 + tid;
   if (tid < kRows && rr < R) {
     const long long row = out_row(p, b, kvh, rr);
-    Out* dst;
     if constexpr (ONE) {
-      dst = out + row * V;
+      copy_staged_row<Out, V>(out + row * V, sm.slot(0), tid);
     } else {
-      dst = partials + (row * S + split) * V;
       maxs[row * S + split] = sm.m[tid];
       sums[row * S + split] = sm.sums[tid];
+      copy_staged_row<Out, V>(partials + (row * S + split) * V, sm.slot(0), tid);
     }
-    bulk_store(dst, sm.slot(0) + tid * PITCH, V * sizeof(Out));
-    bulk_wait_read();  // the shared memory stays until the copy has read it
   }
 }
 

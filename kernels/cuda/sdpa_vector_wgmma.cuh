@@ -213,6 +213,7 @@ __device__ __forceinline__ void bar_arrive() {
 }
 constexpr int kBarPReady = 1, kBarPFree = 2;
 constexpr int kBarDone = 3;  // pair entry points: every warpgroup is done with Q and the slots
+constexpr int kBarStaged = 4;  // one pass: warpgroups 1 and 2 have staged O
 
 // ---------------------------------------------------------------- clusters of two (PAIR)
 // Both blocks of the cluster arrive, then wait: release and acquire at cluster scope, so each
@@ -332,6 +333,46 @@ __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t byt
 // released); their writes complete by the grid's end.
 __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
+// ---------------------------------------------------------------- O out by bulk copies
+// A block's 64 rows of O leave through shared memory: each thread writes its accumulator
+// fragment there, and one bulk copy a row takes it to global memory, in place of 64 four- or
+// eight-byte stores a thread that kept the load-store unit full (lg stalls; bench/NOTES.md,
+// rounds 39 and 40). Rows are padded by 8 elements so that a warp's stores hit 32 banks.
+template <typename Out, int V>
+constexpr int kStagePitch = (V + 8) * (int)sizeof(Out);
+template <typename Out, int V>
+constexpr int kStageBytes = kRows * kStagePitch<Out, V>;
+
+// This thread's fragment of O (rows wrow and wrow + 8, columns col0 + 8 n + 2 quad and + 1; NO
+// accumulators) into the staged rows at `stage`: as T pairs scaled by the rows' f0 and f1, or
+// (Out = float, the partials) as they are.
+template <typename Out, typename T, int V, int NO>
+__device__ __forceinline__ void stage_o(char* stage, const float (&o)[NO], int wrow, int quad,
+                                        int col0, float f0, float f1) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float f = h ? f1 : f0;
+    char* dst = stage + (wrow + 8 * h) * kStagePitch<Out, V> + (col0 + 2 * quad) * sizeof(Out);
+#pragma unroll
+    for (int n = 0; n < NO / 4; ++n) {
+      if constexpr (std::is_same<Out, float>::value)
+        *reinterpret_cast<float2*>(dst + 8 * n * sizeof(Out)) =
+            make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(dst + 8 * n * sizeof(Out)) =
+            pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
+    }
+  }
+}
+
+// Staged row r (at shared address `stage`) to `dst` (16-byte aligned), by this thread, which
+// then waits until the copy has read it: the shared memory may go once every copier is back.
+template <typename Out, int V>
+__device__ __forceinline__ void copy_staged_row(Out* dst, uint32_t stage, int r) {
+  bulk_store(dst, stage + r * kStagePitch<Out, V>, V * sizeof(Out));
+  bulk_wait_read();
 }
 
 // ---------------------------------------------------------------- staging
@@ -956,19 +997,17 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     // ---- unnormalised partial O of the split (pairs: into shared memory, to merge; ONE: the
     // output, scaled as store_merged does)
     if constexpr (ONE) {
-      bar_sync<kBarDone, kThreads>();  // warpgroup 0's row scales
+      // Warpgroup 0's row scales are out, and every MMA is done with the slots, which stage O.
+      bar_sync<kBarDone, kThreads>();
+      static_assert(kStageBytes<T, V> <= C::SLOTS_BYTES, "O's staging must fit the slots");
       const float* const out_scale = reinterpret_cast<const float*>(gQ);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int rr = row0 + wrow + 8 * h;
-        if (rr >= R || AOTC_SKIP(3)) continue;
-        const float f = out_scale[wrow + 8 * h];
-        T* dst = out + out_row(p, b, kvh, rr) * V + half * NV + 2 * quad;
-#pragma unroll
-        for (int n = 0; n < NV / 8; ++n)
-          *reinterpret_cast<uint32_t*>(dst + 8 * n) =
-              pack2<T>(o[4 * n + 2 * h] * f, o[4 * n + 2 * h + 1] * f);
-      }
+      stage_o<T, T, V>(gQ + (slots - sQ), o, wrow, quad, half * NV, out_scale[wrow],
+                       out_scale[wrow + 8]);
+      fence_async_shared();  // generic-proxy writes, read by the bulk copies
+      bar_sync<kBarStaged, 2 * 128>();
+      const int r = tid - 128, rr = row0 + r;
+      if (r < kRows && rr < R && !AOTC_SKIP(3))
+        copy_staged_row<T, V>(out + out_row(p, b, kvh, rr) * V, slots, r);
     } else if constexpr (PAIR) {
       bar_sync<kBarDone, kThreads>();
       float* const rows = reinterpret_cast<float*>(gQ) + half * NV + 2 * quad;
@@ -1034,8 +1073,9 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
-        (PAIR && p.p.num_splits % 2 != 0) || (ONE && p.p.num_splits != 1))
-      __trap();
+        (PAIR && p.p.num_splits % 2 != 0) || (ONE && p.p.num_splits != 1) ||
+        (ONE && (reinterpret_cast<uintptr_t>(out) & 15) != 0))
+      __trap();  // (the one pass's bulk copies need a 16-byte aligned output, as allocators give)
     if constexpr (BLOCKS == 1) prefetch_maps(p);
     wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE>(q, k, v, mask, sinks, out, partials,
                                                            maxs, sums, p, aotc_wg_smem);
