@@ -907,10 +907,10 @@ WG_ALL = WG_NAMES | {
 
 
 def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch):
-    """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more: the two-deep split
-    pass (or, for one split, the one pass) with the seesaw entry point as its view alternative
-    (V a prefix view of K), 256 threads and its own shared memory; the rest of the launch is the
-    one-block plan's."""
+    """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more, or one split of an even
+    count: the two-deep split pass (or the one pass) with the seesaw entry point as its view
+    alternative (V a prefix view of K), 256 threads and its own shared memory; the rest of the
+    launch is the one-block plan's."""
     deep = "sdpa_vector_wgmma_bfloat16_t_576_512"
     alt = cuda.ViewAlternative(SEESAW, (256, 1, 1), seesaw_shared_bytes(576, 512), "v", "k")
     shapes = (
@@ -931,6 +931,16 @@ def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch
     assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512"
     assert one.alternative == replace(alt, kernel=SEESAW_ONE)
     assert one.inputs[4] == "sinks" and one.outputs == (("out", p.output_shape, "bfloat16"),)
+    # A one pass of fewer tiles takes it where their count is even (WGMMA_SEESAW_SHORT_ONE_PASS).
+    for kv_len, seesaw in ((128, True), (200, True), (384, True), (64, False), (448, False)):
+        (short,) = plan_cuda(
+            mla(batch=64, kv_len=kv_len), available=WG_ALL, sm_count=132, wgmma=True
+        )
+        assert short.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512", kv_len
+        assert short.alternative == (replace(alt, kernel=SEESAW_ONE) if seesaw else None), kv_len
+    monkeypatch.setattr(cuda, "WGMMA_SEESAW_SHORT_ONE_PASS", 0)
+    (short,) = plan_cuda(mla(batch=64, kv_len=128), available=WG_ALL, sm_count=132, wgmma=True)
+    assert short.alternative is None
     # Splits under 8 tiles keep the pairs; so do KV heads of under 64 rows (32 heads), and
     # calls without the seesaw or with WGMMA_SEESAW = 0.
     for shape in (dict(batch=2, kv_len=8192), dict(q_heads=32)):
