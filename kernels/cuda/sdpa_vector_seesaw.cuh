@@ -442,11 +442,9 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   // O leaves through the slots' shared memory, free now (stage_o).
   using Out = std::conditional_t<ONE, T, float>;
   static_assert(kStageBytes<Out, V> <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
-  if constexpr (ONE)
-    stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, sm.scale0[wrow],
-                       sm.scale0[wrow + 8]);
-  else
-    stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, 1.f, 1.f);
+  // One split: O scaled to the output (scale0); partials go as they are.
+  const float f0 = ONE ? sm.scale0[wrow] : 1.f, f1 = ONE ? sm.scale0[wrow + 8] : 1.f;
+  stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, f0, f1);
   fence_async_shared();  // generic-proxy writes, read by the bulk copies
   __syncthreads();
   const int rr = row0 + tid;
