@@ -302,11 +302,11 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   fence_regs(s);
   const uint32_t vhalf = wg * HA * kAtom;  // this warpgroup's half of V in a slot
 
-  // A pair's body is compiled three times: with the next pair's loads and S (MORE) and
-  // without, and MORE in a call with no mask (FAST: both tiles are whole, so the scores need
-  // only their scale, and the hot loop holds no mask code: 1.5-3% faster, bench/NOTES.md
-  // round 40). Chosen where no MMA is in flight: a branch among the MMAs made ptxas serialise
-  // every wgmma (C7515).
+  // A pair's body is compiled four times: with the next pair's loads and S (MORE) and
+  // without, MORE in a call with no mask (FAST: both tiles are whole, so the scores need only
+  // their scale, and the hot loop holds no mask code: 1.5-3% faster, bench/NOTES.md round 40),
+  // and the last pair without its second tile (HALF). Chosen where no MMA is in flight: a
+  // branch among the MMAs made ptxas serialise every wgmma (C7515).
   auto scores = [&](auto fast, int k0) {
     if constexpr (decltype(fast)::value) {
 #pragma unroll
@@ -315,8 +315,8 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
       scores_log2<T>(s, p, mask, rows, k0, key_end, quad, scale2);
     }
   };
-  auto wg0_pair = [&](int j, auto more, auto fast) {
-    constexpr bool MORE = decltype(more)::value;
+  auto wg0_pair = [&](int j, auto more, auto fast, auto half) {
+    constexpr bool MORE = decltype(more)::value, HALF = decltype(half)::value;
     const int k0 = key_begin + 2 * j * kKeys;  // tile 2j's first key
     const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
     // ---- tile 2j's softmax; P0 V0 (own half); rescale to the pair's max; P1 V1.
@@ -338,6 +338,16 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     rescale<NV>(o, alpha[0], alpha[1]);
     pack_p<T>(pa, s, 1.f, 1.f);
     seesaw_pv_regs<BF16, NV>(o, pa, sm.slot(0) + vhalf);
+    if constexpr (HALF) {  // no tile 2j + 1: P0 is at the pair's max already
+      bar_sync<kBarScale1, kSeesawThreads>();  // warpgroup 1's last P0 V0 is done with P0
+      store_p(gp0, pa, wrow, quad);
+      fence_async_shared();
+      bar_arrive<kBarP0, kSeesawThreads>();
+      bar_sync<kBarP1, kSeesawThreads>();  // (the pair's four barriers, as a whole pair's)
+      wgmma_wait<0>();
+      fence_regs(o);
+      return;
+    }
     wgmma_wait<0>();
     fence_regs(o);
     bar_sync<kBarScale1, kSeesawThreads>();  // tile 2j + 1's max: the pair's
@@ -362,12 +372,25 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     fence_regs(o);
     fence_regs(s);
   };
-  auto wg1_pair = [&](int j, auto more, auto fast) {
-    constexpr bool MORE = decltype(more)::value;
+  auto wg1_pair = [&](int j, auto more, auto fast, auto half) {
+    constexpr bool MORE = decltype(more)::value, HALF = decltype(half)::value;
     const int k0 = key_begin + 2 * j * kKeys;  // tile 2j's first key
     const int npar = (j + 1) & 1;              // the fill parity of the next pair's tiles
     // ---- tile 2j + 1's softmax at the pair's max; P1 V1 (own half); P0 V0.
     bar_sync<kBarScale0, kSeesawThreads>();
+    if constexpr (HALF) {  // no tile 2j + 1: O to tile 2j's max, then P0 V0
+      const float f0 = sm.scale0[wrow], f1 = sm.scale0[wrow + 8];
+      bar_arrive<kBarScale1, kSeesawThreads>();
+      rescale<NV>(o, f0, f1);
+      l[0] *= f0;
+      l[1] *= f1;
+      bar_sync<kBarP0, kSeesawThreads>();
+      seesaw_pv_smem<BF16, NV>(o, sm.p0, sm.slot(0) + vhalf);
+      bar_arrive<kBarP1, kSeesawThreads>();
+      wgmma_wait<0>();
+      fence_regs(o);
+      return;
+    }
     scores(fast, k0 + kKeys);
     float f[2];
 #pragma unroll
@@ -405,14 +428,20 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
     fence_regs(s);
   };
   const bool unmasked = p.mask_kind == 0;
+  // The last pair of an odd tile count has no second tile (HALF): its S (on keys past the
+  // split, masked) was issued with the loads, but its softmax and both P1 V1 are skipped.
+  const bool half = cdiv(key_end - key_begin, kKeys) & 1;
+  using Y = std::true_type;
+  using N = std::false_type;
+  auto pair_body = [&](auto body, int j) {
+    if (j + 1 < pairs && unmasked) body(j, Y{}, Y{}, N{});
+    else if (j + 1 < pairs) body(j, Y{}, N{}, N{});
+    else if (half) body(j, N{}, N{}, Y{});
+    else body(j, N{}, N{}, N{});
+  };
   for (int j = 0; j < pairs; ++j) {
-    const bool more = j + 1 < pairs;
-    if (wg == 0 && more && unmasked) wg0_pair(j, std::true_type{}, std::true_type{});
-    else if (wg == 0 && more) wg0_pair(j, std::true_type{}, std::false_type{});
-    else if (wg == 0) wg0_pair(j, std::false_type{}, std::false_type{});
-    else if (more && unmasked) wg1_pair(j, std::true_type{}, std::true_type{});
-    else if (more) wg1_pair(j, std::true_type{}, std::false_type{});
-    else wg1_pair(j, std::false_type{}, std::false_type{});
+    if (wg == 0) pair_body(wg0_pair, j);
+    else pair_body(wg1_pair, j);
   }
 
   // ---- the split's rows: O halves at the final max; sums of both warpgroups' P.

@@ -536,6 +536,40 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
 
 
 @needs_sm90
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_seesaw_half_last_pair(lib, dtype, monkeypatch):
+    """Odd tile counts: the seesaw's last pair has no second tile and skips its softmax and
+    P V (HALF). The seesaw forced onto every one pass and split (WGMMA_SEESAW_MIN_TILES = 1,
+    whatever the plan's rule for short calls): 1 key, 1, 3, 5 and 7 tiles, splits of 1-9
+    tiles, every mask kind, 1-8 query tokens, sinks, cache slices, 64, 96 and 128 heads."""
+    from aotc.families.sdpa_vector import cuda
+
+    monkeypatch.setattr(cuda, "WGMMA_SEESAW_MIN_TILES", 1)
+    lib.poison = True
+    try:
+        for n, lq, mask, splits in (
+            (1, 1, None, 1),  # one tile of one key
+            (64, 1, None, 1),  # one whole tile
+            (130, 2, "causal", 1),  # 3 tiles, the last 2 keys
+            (300, 4, "bool", 1),  # 5 tiles
+            (448, 8, "additive", 1),  # 7 whole tiles
+            (320, 3, "causal", 1),  # 5 tiles, Q by cp.async
+            (1000, 1, None, 3),  # 5, 5 and 6 tiles
+            (1152, 2, "causal", 2),  # 9 tiles a split
+        ):
+            mla = dict(hkv=1, lq=lq, n=n, d=576, v=512, num_splits=splits, dtype=dtype)
+            assert _takes_alternative(lib, hq=128, **mla, mask=mask, view_of_k=True, sinks=lq == 2)
+            assert _takes_alternative(
+                lib, b=2, hq=64, **mla, mask=mask, view_of_k=True, strided=True, seed=1
+            )
+            assert _takes_alternative(
+                lib, b=2, hq=96, **mla, mask=mask, view_of_k=True, sinks=True, seed=3
+            )
+    finally:
+        lib.poison = False
+
+
+@needs_sm90
 def test_seesaw_needs_every_tensor_map(lib):
     """A Q TMA cannot map (an unaligned address) leaves its map unencoded: the launch keeps its
     own kernel, which stages Q by cp.async."""
