@@ -931,13 +931,13 @@ def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch
     assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512"
     assert one.alternative == replace(alt, kernel=SEESAW_ONE)
     assert one.inputs[4] == "sinks" and one.outputs == (("out", p.output_shape, "bfloat16"),)
-    # A one pass of fewer tiles takes it where their count is even (WGMMA_SEESAW_SHORT_ONE_PASS).
-    for kv_len, seesaw in ((128, True), (200, True), (384, True), (64, False), (448, False)):
+    # A one pass of fewer tiles takes it too, even or odd (WGMMA_SEESAW_SHORT_ONE_PASS).
+    for kv_len in (1, 64, 128, 200, 384, 448):
         (short,) = plan_cuda(
             mla(batch=64, kv_len=kv_len), available=WG_ALL, sm_count=132, wgmma=True
         )
         assert short.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512", kv_len
-        assert short.alternative == (replace(alt, kernel=SEESAW_ONE) if seesaw else None), kv_len
+        assert short.alternative == replace(alt, kernel=SEESAW_ONE), kv_len
     monkeypatch.setattr(cuda, "WGMMA_SEESAW_SHORT_ONE_PASS", 0)
     (short,) = plan_cuda(mla(batch=64, kv_len=128), available=WG_ALL, sm_count=132, wgmma=True)
     assert short.alternative is None

@@ -501,9 +501,9 @@ def _takes_alternative(lib, **case) -> bool:
 @needs_sm90
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
-    """MLA with V a prefix view of K, in splits of 8+ key tiles or one split of an even count: the
+    """MLA with V a prefix view of K, in splits of 8+ key tiles or one split of any count: the
     launch takes its view alternative, the seesaw entry point (split pass, or one pass) on 256
-    threads. Odd tile counts (the last pair's second tile lies past the split), partial tiles,
+    threads. Odd tile counts (the last pair has no second tile), partial tiles,
     every mask kind, 1-8 query tokens (up to 16 row groups), sinks, cache slices, 64, 96 (a
     padded row group) and 128 heads. V of its own, or inputs TMA cannot map, keep the launch's
     own kernel."""
@@ -518,7 +518,8 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
             (4097, 4, "bool", 3),  # 22, 22 and 21 tiles
             (2000, 8, "additive", 1),
             (1000, 3, "bool", 2),  # Lq does not divide 64: Q by cp.async
-            (200, 4, "causal", 1),  # one pass of 4 tiles (even: the seesaw), the last partial
+            (200, 4, "causal", 1),  # one pass of 4 tiles, the last partial
+            (130, 2, None, 1),  # one pass of 3 tiles
         ):
             mla = dict(hkv=1, lq=lq, n=n, d=576, v=512, num_splits=splits, dtype=dtype)
             assert _takes_alternative(lib, hq=128, **mla, mask=mask, view_of_k=True, sinks=lq == 2)

@@ -174,11 +174,12 @@ COMBINE_LAUNCH_US = 2.0
 WGMMA_SEESAW = 1
 WGMMA_SEESAW_THREADS = 256
 WGMMA_SEESAW_MIN_TILES = 8
-# A one pass (one split a row group) of fewer tiles takes the seesaw too where their count is even:
-# its pairs are then whole. H200, harness, bench/NOTES.md round 40 (call K), us, seesaw / the
-# three-warpgroup one pass: MLA B=64 N=128 12.2 / 13.5; B=64 N=256 16.6 / 17.6; B=128 N=384 42.3 /
-# 45.6; B=512 N=128 83.3 / 96.6; B=32 N=256 14.0 / 24.3 (that plan split it); odd counts lose
-# the pair's second half: B=64 N=64 13.5 / 11.4; B=128 N=448 51.6 / 49.8. 0 turns it off.
+# A one pass (one split a row group) of fewer tiles takes the seesaw too. H200, harness, us,
+# seesaw / the three-warpgroup one pass, bench/NOTES.md round 40 (call K): MLA B=64 N=128 12.2 /
+# 13.5; B=64 N=256 16.6 / 17.6; B=512 N=128 83.3 / 96.6; B=32 N=256 14.0 / 24.3 (that plan split
+# it); and round 41 (call B), odd counts, whose last pair skips its absent second tile: B=64 N=64
+# 11.0 / 11.5; B=512 N=64 76.6 / 80.3; B=256 N=192 59.6 / 62.5; B=128 N=320 38.9 / 41.7; B=128
+# N=448 46.1 / 49.9. 0 turns it off.
 WGMMA_SEESAW_SHORT_ONE_PASS = 1
 # The fused split pass's last block per row group merges that group's splits alone: worth it for
 # a few (B=8 rows: 6 splits, 1-2% faster than with the combine kernel on an H200), not for many.
@@ -936,8 +937,8 @@ def _plan_wgmma(
     num_splits: int | None,
 ) -> list[Launch]:
     """The wgmma split pass and the combine: where the seesaw serves the call (WGMMA_SEESAW,
-    64+ rows a KV head, splits of WGMMA_SEESAW_MIN_TILES+ tiles, or one split of an even
-    count: WGMMA_SEESAW_SHORT_ONE_PASS), one block an SM with the seesaw
+    64+ rows a KV head, splits of WGMMA_SEESAW_MIN_TILES+ tiles, or one split of any count:
+    WGMMA_SEESAW_SHORT_ONE_PASS), one block an SM with the seesaw
     as the view alternative (_seesaw_launches); else two blocks an SM (the dual entry point) for KV
     heads of WGMMA_DUAL_MIN_ROW_GROUPS+ row groups whose splits keep WGMMA_DUAL_MIN_TILES tiles
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
@@ -947,7 +948,7 @@ def _plan_wgmma(
         one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
         grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
         tiles = grid[2] // WGMMA_KEYS
-        short_one = WGMMA_SEESAW_SHORT_ONE_PASS and one_pass and grid[1] == 1 and tiles % 2 == 0
+        short_one = WGMMA_SEESAW_SHORT_ONE_PASS and one_pass and grid[1] == 1
         if tiles >= WGMMA_SEESAW_MIN_TILES or short_one:
             return _seesaw_launches(p, kernels, grid, combine, scale)
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
