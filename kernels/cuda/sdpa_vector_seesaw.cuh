@@ -343,7 +343,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
       store_p(gp0, pa, wrow, quad);
       fence_async_shared();
       bar_arrive<kBarP0, kSeesawThreads>();
-      bar_sync<kBarP1, kSeesawThreads>();  // (the pair's four barriers, as a whole pair's)
+      bar_sync<kBarP1, kSeesawThreads>();  // (as a whole pair: both pass the same barriers)
       wgmma_wait<0>();
       fence_regs(o);
       return;
@@ -431,13 +431,13 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   // The last pair of an odd tile count has no second tile (HALF): its S (on keys past the
   // split, masked) was issued with the loads, but its softmax and both P1 V1 are skipped.
   const bool half = cdiv(key_end - key_begin, kKeys) & 1;
-  using Y = std::true_type;
-  using N = std::false_type;
-  auto pair_body = [&](auto body, int j) {
-    if (j + 1 < pairs && unmasked) body(j, Y{}, Y{}, N{});
-    else if (j + 1 < pairs) body(j, Y{}, N{}, N{});
-    else if (half) body(j, N{}, N{}, Y{});
-    else body(j, N{}, N{}, N{});
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto pair_body = [&](auto body, int j) {  // body(j, MORE, FAST, HALF)
+    if (j + 1 < pairs && unmasked) body(j, Yes{}, Yes{}, No{});
+    else if (j + 1 < pairs) body(j, Yes{}, No{}, No{});
+    else if (half) body(j, No{}, No{}, Yes{});
+    else body(j, No{}, No{}, No{});
   };
   for (int j = 0; j < pairs; ++j) {
     if (wg == 0) pair_body(wg0_pair, j);
