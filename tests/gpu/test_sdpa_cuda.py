@@ -541,8 +541,9 @@ def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
 def test_seesaw_half_last_pair(lib, dtype, monkeypatch):
     """Odd tile counts: the seesaw's last pair has no second tile and skips its softmax and
     P V (HALF). The seesaw forced onto every one pass and split (WGMMA_SEESAW_MIN_TILES = 1,
-    whatever the plan's rule for short calls): 1 key, 1, 3, 5 and 7 tiles, splits of 1-9
-    tiles, every mask kind, 1-8 query tokens, sinks, cache slices, 64, 96 and 128 heads."""
+    whatever the plan's rule for short calls): one passes of 1 key and of 1, 3, 5 and 7 tiles,
+    splits of 5, 6 and 9 tiles, every mask kind, 1-8 query tokens, sinks, cache slices, 64, 96
+    and 128 heads."""
     from aotc.families.sdpa_vector import cuda
 
     monkeypatch.setattr(cuda, "WGMMA_SEESAW_MIN_TILES", 1)
