@@ -501,7 +501,7 @@ __device__ __forceinline__ void seesaw_entry(const T* q, const T* k, const void*
     const unsigned need = kAllMaps | kQMap;
     if (dyn < (uint32_t)SeesawCfg<D, V>::SMEM || blockDim.x != kSeesawThreads ||
         (p.maps_ok & need) != need || (ONE && p.p.num_splits != 1) ||
-        (reinterpret_cast<uintptr_t>(ONE ? (void*)out : (void*)partials) & 15) != 0)
+        !bulk_aligned(ONE ? (void*)out : (void*)partials))
       __trap();  // (O's bulk copies need a 16-byte aligned output, as allocators give)
     prefetch_maps(p);
     seesaw_block<T, D, V, ONE>(q, k, mask, sinks, out, partials, maxs, sums, p, aotc_ss_smem);

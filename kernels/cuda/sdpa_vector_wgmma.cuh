@@ -329,6 +329,10 @@ __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t byt
       "r"(src), "r"(bytes)
       : "memory");
 }
+// Whether `p` may be a bulk copy's global end (16-byte aligned).
+__device__ __forceinline__ bool bulk_aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
 // Until this thread's bulk groups have read their shared memory (which may then be reused or
 // released); their writes complete by the grid's end.
 __device__ __forceinline__ void bulk_wait_read() {
@@ -1010,15 +1014,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
         copy_staged_row<T, V>(out + out_row(p, b, kvh, rr) * V, slots, r);
     } else if constexpr (PAIR) {
       bar_sync<kBarDone, kThreads>();
-      float* const rows = reinterpret_cast<float*>(gQ) + half * NV + 2 * quad;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float* dst = rows + (wrow + 8 * h) * PairCfg<D, V, TWO_DEEP>::ROW;
-#pragma unroll
-        for (int n = 0; n < NV / 8; ++n)
-          *reinterpret_cast<float2*>(dst + 8 * n) =
-              make_float2(o[4 * n + 2 * h], o[4 * n + 2 * h + 1]);
-      }
+      static_assert(PairCfg<D, V, TWO_DEEP>::ROW * 4 == kStagePitch<float, V>,
+                    "the pair's O rows are staged rows");
+      stage_o<float, T, V>(gQ, o, wrow, quad, half * NV, 1.f, 1.f);
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -1074,7 +1072,7 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
         (PAIR && p.p.num_splits % 2 != 0) || (ONE && p.p.num_splits != 1) ||
-        (ONE && (reinterpret_cast<uintptr_t>(out) & 15) != 0))
+        (ONE && !bulk_aligned(out)))
       __trap();  // (the one pass's bulk copies need a 16-byte aligned output, as allocators give)
     if constexpr (BLOCKS == 1) prefetch_maps(p);
     wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE>(q, k, v, mask, sinks, out, partials,
