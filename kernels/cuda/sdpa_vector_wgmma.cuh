@@ -329,7 +329,7 @@ __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t byt
       "r"(src), "r"(bytes)
       : "memory");
 }
-// Whether `p` may be a bulk copy's global end (16-byte aligned).
+// Whether `p` may be a bulk copy's global address (16-byte aligned).
 __device__ __forceinline__ bool bulk_aligned(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
