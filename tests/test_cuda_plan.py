@@ -907,7 +907,7 @@ WG_ALL = WG_NAMES | {
 
 
 def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch):
-    """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more, or one split of an even
+    """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more, or one split of any
     count: the two-deep split pass (or the one pass) with the seesaw entry point as its view
     alternative (V a prefix view of K), 256 threads and its own shared memory; the rest of the
     launch is the one-block plan's."""

@@ -246,7 +246,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   const int split = w.split, kvh = w.kvh, b = w.b, S = p.num_splits;
   const int R = p.q_heads / p.kv_heads * p.q_len;
   const int row0 = w.rg * kRows, key_begin = w.key_begin, key_end = w.key_end;
-  const int pairs = cdiv(cdiv(key_end - key_begin, kKeys), 2);
+  const int tiles = cdiv(key_end - key_begin, kKeys), pairs = cdiv(tiles, 2);
   const SeesawSmem<D, V> sm(smem_raw);
   const TensorMap* const kmap = &wp.maps[0];
 
@@ -430,7 +430,7 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   const bool unmasked = p.mask_kind == 0;
   // The last pair of an odd tile count has no second tile (HALF): its S (on keys past the
   // split, masked) was issued with the loads, but its softmax and both P1 V1 are skipped.
-  const bool half = cdiv(key_end - key_begin, kKeys) & 1;
+  const bool half = tiles & 1;
   using Yes = std::true_type;
   using No = std::false_type;
   auto pair_body = [&](auto body, int j) {  // body(j, MORE, FAST, HALF)

@@ -1071,8 +1071,7 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
-        (PAIR && p.p.num_splits % 2 != 0) || (ONE && p.p.num_splits != 1) ||
-        (ONE && !bulk_aligned(out)))
+        (PAIR && p.p.num_splits % 2 != 0) || (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))))
       __trap();  // (the one pass's bulk copies need a 16-byte aligned output, as allocators give)
     if constexpr (BLOCKS == 1) prefetch_maps(p);
     wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE>(q, k, v, mask, sinks, out, partials,

@@ -503,10 +503,9 @@ def _takes_alternative(lib, **case) -> bool:
 def test_seesaw_serves_mla_where_v_is_a_view_of_k(lib, dtype):
     """MLA with V a prefix view of K, in splits of 8+ key tiles or one split of any count: the
     launch takes its view alternative, the seesaw entry point (split pass, or one pass) on 256
-    threads. Odd tile counts (the last pair has no second tile), partial tiles,
-    every mask kind, 1-8 query tokens (up to 16 row groups), sinks, cache slices, 64, 96 (a
-    padded row group) and 128 heads. V of its own, or inputs TMA cannot map, keep the launch's
-    own kernel."""
+    threads. Odd tile counts (the last pair has no second tile), partial tiles, every mask kind,
+    1-8 query tokens (up to 16 row groups), sinks, cache slices, 64, 96 (a padded row group) and
+    128 heads. V of its own, or inputs TMA cannot map, keep the launch's own kernel."""
     lib.poison = True
     try:
         planned = dict(b=8, hq=128, hkv=1, n=8192, d=576, v=512, dtype=dtype)
