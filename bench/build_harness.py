@@ -18,9 +18,11 @@ from pathlib import Path
 from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
     combine_name,
-    cuda_combine_macro,
+    combine_t_name,
+    cuda_combine_macros,
     cuda_pair_kernels,
     cuda_pair_macros,
+    needs_combine_t,
 )
 from aotc.formats.fatbin import read_fatbin
 from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
@@ -38,16 +40,20 @@ def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) ->
     for dtype in dtypes:
         for d, v in pairs:
             lines += cuda_pair_macros(dtype, d, v)
-        lines += [cuda_combine_macro(dtype, v) for v in sorted({v for _, v in pairs})]
+        for v in sorted({v for _, v in pairs}):
+            lines += cuda_combine_macros(dtype, v, needs_combine_t(dtype, pairs, v))
     return "\n".join(lines) + "\n"
 
 
 def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set[str]:
+    pairs = list(pairs)
     names = set()
     for dtype in dtypes:
         for d, v in pairs:
             names |= {name for name, _ in cuda_pair_kernels(dtype, d, v)}
             names.add(combine_name(KERNEL_TYPE_NAMES[dtype], v))
+            if needs_combine_t(dtype, pairs, v):
+                names.add(combine_t_name(KERNEL_TYPE_NAMES[dtype], v))
     return names
 
 

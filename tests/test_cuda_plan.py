@@ -47,15 +47,21 @@ from aotc.families.sdpa_vector.cuda import (
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = {
-    f"{prefix}{kind}{t}_{d}_{v}"
-    for prefix in ("sdpa_vector_", "sdpa_vector_rows_")  # one m-tile; 2 or 4
-    for t in ("float", "float16_t", "bfloat16_t")
-    for d, v in ((192, 128), (576, 512), (128, 128))
-    for kind in ("", "2pass_1_")
-} | {
-    f"sdpa_vector_2pass_2_{t}_{v}" for t in ("float", "float16_t", "bfloat16_t") for v in (128, 512)
-}
+NAMES = (
+    {
+        f"{prefix}{kind}{t}_{d}_{v}"
+        for prefix in ("sdpa_vector_", "sdpa_vector_rows_")  # one m-tile; 2 or 4
+        for t in ("float", "float16_t", "bfloat16_t")
+        for d, v in ((192, 128), (576, 512), (128, 128))
+        for kind in ("", "2pass_1_")
+    }
+    | {
+        f"sdpa_vector_2pass_2_{t}_{v}"
+        for t in ("float", "float16_t", "bfloat16_t")
+        for v in (128, 512)
+    }
+    | {f"sdpa_vector_2pass_2t_{t}_{v}" for t in ("float16_t", "bfloat16_t") for v in (128, 512)}
+)
 
 
 def problem(**kw) -> AttentionProblem:
@@ -902,16 +908,16 @@ SEESAW = "sdpa_vector_wgmma_seesaw_bfloat16_t_576_512"
 SEESAW_ONE = "sdpa_vector_wgmma_seesaw_one_bfloat16_t_576_512"
 WG_ALL = WG_NAMES | {
     f"sdpa_vector_wgmma_{kind}_bfloat16_t_576_512"
-    for kind in ("pair", "one", "seesaw", "seesaw_one")
+    for kind in ("pair", "one", "seesaw", "seesaw_one", "t_partials")
 }
 
 
 def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch):
     """MLA grids whose splits hold WGMMA_SEESAW_MIN_TILES tiles or more, or one split of any
-    count: the two-deep split pass (or the one pass) with the seesaw entry point as its view
-    alternative (V a prefix view of K), 256 threads and its own shared memory; the rest of the
-    launch is the one-block plan's."""
-    deep = "sdpa_vector_wgmma_bfloat16_t_576_512"
+    count: the two-deep split pass (its partials in T, as the seesaw's) or the one pass with the
+    seesaw entry point as its view alternative (V a prefix view of K), 256 threads and its own
+    shared memory; the rest of the launch is the one-block plan's."""
+    deep = "sdpa_vector_wgmma_t_partials_bfloat16_t_576_512"
     alt = cuda.ViewAlternative(SEESAW, (256, 1, 1), seesaw_shared_bytes(576, 512), "v", "k")
     shapes = (
         dict(batch=8, kv_len=8192),
@@ -952,6 +958,34 @@ def test_mla_splits_of_eight_tiles_take_the_seesaw_where_v_is_a_view(monkeypatch
     assert plan_cuda(b8, available=WG_ALL, sm_count=132, wgmma=True) == plain
     assert plain[0].kernel == "sdpa_vector_wgmma_pair_bfloat16_t_576_512"
     assert wgmma_has_seesaw("float16", 576, 512) and not wgmma_has_seesaw("bfloat16", 512, 512)
+
+
+def test_seesaw_split_plans_keep_partials_in_t():
+    """A split plan with the seesaw as its view alternative: the seesaw stores its partials in
+    the call's dtype, so the launch's own kernel is the two-deep split pass that does too
+    (_t_partials), and the combine of such partials (2pass_2t) merges them; without either the
+    seesaw's split pass is not taken. Every other plan keeps fp32 partials and the fp32
+    combine; one passes have no partials."""
+    for dtype in ("bfloat16", "float16"):
+        names = {name.replace("bfloat16", dtype) for name in WG_ALL}
+        p = mla(batch=8, kv_len=8192, dtype=dtype)
+        split, combine = plan_cuda(p, available=names, sm_count=132, wgmma=True)
+        assert split.kernel == f"sdpa_vector_wgmma_t_partials_{dtype}_t_576_512"
+        assert split.alternative.kernel == f"sdpa_vector_wgmma_seesaw_{dtype}_t_576_512"
+        assert split.outputs[0] == ("partials", (8, 128, 1, 8, 512), dtype)
+        assert combine.kernel == f"sdpa_vector_2pass_2t_{dtype}_t_512"
+        assert combine.inputs[0] == "partials"
+        for missing in (split.kernel, combine.kernel):
+            without = plan_cuda(p, available=names - {missing}, sm_count=132, wgmma=True)
+            assert all(launch.alternative is None for launch in without)
+            assert without[0].outputs[0][2] == "float32"
+            assert without[1].kernel == f"sdpa_vector_2pass_2_{dtype}_t_512"
+    for shape in (dict(batch=2, kv_len=8192), dict(q_heads=32)):  # pairs; rows under 64
+        split, combine = plan_cuda(mla(**shape), available=WG_ALL, sm_count=132, wgmma=True)
+        assert split.alternative is None and split.outputs[0][2] == "float32", shape
+        assert combine.kernel == "sdpa_vector_2pass_2_bfloat16_t_512"
+    (one,) = plan_cuda(mla(batch=64, kv_len=4096), available=WG_ALL, sm_count=132, wgmma=True)
+    assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512" and one.alternative
 
 
 def test_view_alternatives_reach_prepare_by_input_index():

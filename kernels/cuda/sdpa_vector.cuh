@@ -266,6 +266,15 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// Two packed T (pack2's layout) as floats.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  else
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+
 // 2^x on the SFU (inputs here are <= 0 or -inf: no range handling needed).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -1235,10 +1244,25 @@ constexpr int kCombineSplitsInFlight = 8;
 // Merges splits s0, s0 + step, ... < S of one row's column group c4 (4 floats) into the running
 // (max m, sum l, unnormalised output a), U splits' loads in flight at a time. L2_ONLY: the
 // partials were written by other blocks of this kernel (no stale L1 lines may serve them).
-template <int V, int U, bool L2_ONLY>
+template <typename P, bool L2_ONLY>
+__device__ __forceinline__ float4 load_partial4(const P* x) {
+  if constexpr (std::is_same<P, float>::value) {
+    const float4* v = reinterpret_cast<const float4*>(x);
+    return L2_ONLY ? __ldcg(v) : *v;
+  } else {
+    const uint2* v = reinterpret_cast<const uint2*>(x);
+    const uint2 u = L2_ONLY ? __ldcg(v) : *v;
+    const float2 lo = unpack2<P>(u.x), hi = unpack2<P>(u.y);
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+  }
+}
+
+template <typename P, int V, int U, bool L2_ONLY>
 __device__ __forceinline__ void merge_splits(const float* mrow, const float* lrow,
-                                             const float* prow, int c4, int s0, int step, int S,
+                                             const P* prow, int c4, int s0, int step, int S,
                                              float& m, float& l, float4& a) {
+  // fp32 partials are unnormalised; narrower ones hold O / l (within V's range).
+  constexpr bool kNormalised = !std::is_same<P, float>::value;
   for (; s0 < S; s0 += U * step) {
     float ms[U], ls[U];
     float4 xs[U];
@@ -1246,16 +1270,15 @@ __device__ __forceinline__ void merge_splits(const float* mrow, const float* lro
     for (int u = 0; u < U; ++u) {
       const int s = s0 + u * step;
       const bool ok = s < S;
-      const float4* x = reinterpret_cast<const float4*>(prow + (long long)s * V + c4 * 4);
+      const P* x = prow + (long long)s * V + c4 * 4;
       if constexpr (L2_ONLY) {
         ms[u] = ok ? __ldcg(mrow + s) : -INFINITY;
         ls[u] = ok ? __ldcg(lrow + s) : 0.f;
-        xs[u] = ok ? __ldcg(x) : make_float4(0.f, 0.f, 0.f, 0.f);
       } else {
         ms[u] = ok ? mrow[s] : -INFINITY;
         ls[u] = ok ? lrow[s] : 0.f;
-        xs[u] = ok ? *x : make_float4(0.f, 0.f, 0.f, 0.f);
       }
+      xs[u] = ok ? load_partial4<P, L2_ONLY>(x) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float cm = m;
 #pragma unroll
@@ -1269,8 +1292,13 @@ __device__ __forceinline__ void merge_splits(const float* mrow, const float* lro
     a.w *= r;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const float w = exp2f(ms[u] - cu);
-      l += w * ls[u];
+      float w = exp2f(ms[u] - cu);
+      if constexpr (kNormalised) {
+        w *= ls[u];
+        l += w;
+      } else {
+        l += w * ls[u];
+      }
       a.x += w * xs[u].x;
       a.y += w * xs[u].y;
       a.z += w * xs[u].z;
@@ -1306,6 +1334,12 @@ __device__ __forceinline__ float merged_scale(float m, float l, float sk) {
   const float mu = mx == -INFINITY ? 0.f : mx;
   const float f = exp2f(m - mu);
   return __fdividef(f, l * f + exp2f(sk - mu));
+}
+
+// The factor of a split's partial row in T (the seesaw's split passes): O / l, which stays
+// within V's range (a T such as fp16 cannot hold O itself). 0 for a split without a key.
+__device__ __forceinline__ float partial_scale(float l) {
+  return l > 0.f ? __fdividef(1.f, l) : 0.f;
 }
 
 template <typename T>
@@ -1397,7 +1431,7 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
     const long long row = out_row(p, w.b, w.kvh, row0 + r);
     float m = -INFINITY, l = 0.f;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-    merge_splits<V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4, sg,
+    merge_splits<float, V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4, sg,
                              sg_count, S, m, l, a);
     if (sg_count == 1) {
       const float sk = sink_log2(sinks, p.has_sinks, row, p.q_len, p.q_heads);
@@ -1446,8 +1480,8 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
 // splits instead of three dependent ones (maxs, then weights and sums, then partials). Split
 // groups meet in shared memory: part (nt float4), gm and gl (64 floats each). L2_ONLY: the
 // partials were written by other blocks of the same kernel.
-template <typename T, int V, int U, bool L2_ONLY>
-__device__ __forceinline__ void combine_row(long long row, const float* __restrict__ partials,
+template <typename T, int V, int U, bool L2_ONLY, typename P = float>
+__device__ __forceinline__ void combine_row(long long row, const P* __restrict__ partials,
                                             const float* __restrict__ maxs,
                                             const float* __restrict__ sums,
                                             const T* __restrict__ sinks, T* __restrict__ out,
@@ -1460,14 +1494,14 @@ __device__ __forceinline__ void combine_row(long long row, const float* __restri
   const int sg = tid / CG;
   const float* mrow = maxs + row * S;
   const float* lrow = sums + row * S;
-  const float* prow = partials + row * S * V;
+  const P* prow = partials + row * S * V;
   const float sk = sink_log2(sinks, has_sinks, row, q_len, q_heads);
 
   if (sg < sg_count) {
     for (int c4 = tid % CG; c4 < CG; c4 += (nt >= CG ? CG : nt)) {
       float m = -INFINITY, l = 0.f;
       float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      merge_splits<V, U, L2_ONLY>(mrow, lrow, prow, c4, sg, sg_count, S, m, l, a);
+      merge_splits<P, V, U, L2_ONLY>(mrow, lrow, prow, c4, sg, sg_count, S, m, l, a);
       if (sg_count == 1) {
         store_merged(out + row * V + c4 * 4, m, l, a, sk);
       } else {
@@ -1643,10 +1677,10 @@ __device__ __forceinline__ void sdpa_entry(const T* q, const T* k, const T* v, c
 // dirty they cost the next kernel their write-back to DRAM. MLA B=8 leaves 16 MB of them, and
 // the GEMM after it in a decode step ran 6 us slower for it (bench/NOTES.md round 16). Only
 // lines wholly inside the row go: a neighbour row's combiner may still read the others.
-__device__ __forceinline__ void discard_row(const float* row, long long words) {
+__device__ __forceinline__ void discard_row(const void* row, long long bytes) {
   __syncthreads();  // every thread's loads of the row have returned
   const uintptr_t first = reinterpret_cast<uintptr_t>(row);
-  const uintptr_t end = (first + words * 4) & ~uintptr_t(127);
+  const uintptr_t end = (first + bytes) & ~uintptr_t(127);
   for (uintptr_t line = ((first + 127) & ~uintptr_t(127)) + threadIdx.x * 128; line < end;
        line += blockDim.x * 128)
     asm volatile("discard.global.L2 [%0], 128;" ::"l"(line) : "memory");
@@ -1656,8 +1690,10 @@ __device__ __forceinline__ void discard_row(const float* row, long long words) {
 // Eight splits in flight per thread keep it at 55 registers (sm_90a), so that nine 128-thread
 // blocks fit an SM: MLA B=8's 1024 rows of 8 splits merge in one wave. Sixteen took 99
 // registers and four waves of 256-thread blocks (bench/NOTES.md, round 12).
-template <typename T, int V>
-__device__ __forceinline__ void combine_entry(const float* __restrict__ partials,
+// P: float (unnormalised partials), or T (each row O / l: half the bytes to store and to merge,
+// for the seesaw's split passes; bench/NOTES.md round 42).
+template <typename T, int V, typename P>
+__device__ __forceinline__ void combine_entry(const P* __restrict__ partials,
                                               const float* __restrict__ maxs,
                                               const float* __restrict__ sums,
                                               const T* __restrict__ sinks, T* __restrict__ out,
@@ -1669,7 +1705,8 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
   combine_row<T, V, U, false>(blockIdx.x, partials, maxs, sums, sinks, out, p.num_splits,
                               p.q_heads, p.q_len, p.has_sinks,
                               reinterpret_cast<float4*>(aotc_smem), gm, gl);
-  discard_row(partials + blockIdx.x * (long long)p.num_splits * V, p.num_splits * V);
+  discard_row(partials + blockIdx.x * (long long)p.num_splits * V,
+              p.num_splits * V * (long long)sizeof(P));
 }
 
 }  // namespace aotc_sdpa
@@ -1711,4 +1748,12 @@ __device__ __forceinline__ void combine_entry(const float* __restrict__ partials
       const float* partials, const float* maxs, const float* sums, const T* sinks, T* out, \
       const aotc_sdpa::CombineParams p) {                                                  \
     aotc_sdpa::combine_entry<T, V>(partials, maxs, sums, sinks, out, p);                   \
+  }
+// The combine of partials in T, each row O / l (the seesaw's split passes), 16-bit T.
+#define AOTC_SDPA_VECTOR_AGGREGATE_T(TN, T, V)                                                \
+  extern "C" __global__ void __launch_bounds__(512) sdpa_vector_2pass_2t_##TN##_##V(        \
+      const T* partials, const float* maxs, const float* sums, const T* sinks, T* out,      \
+      const aotc_sdpa::CombineParams p) {                                                   \
+    static_assert(sizeof(T) == 2, "partials in T are 16-bit");                              \
+    aotc_sdpa::combine_entry<T, V>(partials, maxs, sums, sinks, out, p);                    \
   }

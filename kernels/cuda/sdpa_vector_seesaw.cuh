@@ -20,7 +20,9 @@
 // copy a row (stage_o).
 //
 // Entry points: sdpa_vector_wgmma_seesaw_<TN>_<D>_<V>, the wgmma split pass's arguments
-// (partials, maxs, sums for the combine), and sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
+// (partials in T, each row O / l, with maxs and sums for the combine of such partials; its
+// launch's own kernel is the two-deep split pass that stores them so, _t_partials), and
+// sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
 // one pass's (out, sinks applied); 256 threads, one block an SM. The plan makes them the view
 // alternatives of those launches (docs/ARCHITECTURE.md): only evaluation sees that V is K's
 // prefix, and every tensor map (K, V, Q) must be encoded; other blocks trap.
@@ -469,22 +471,23 @@ __device__ __forceinline__ void seesaw_block(const T* __restrict__ q, const T* _
   }
   __syncthreads();
   // O leaves through the slots' shared memory, free now (stage_o).
-  using Out = std::conditional_t<ONE, T, float>;
-  static_assert(kStageBytes<Out, V> <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
-  // One split: O scaled to the output (scale0); partials go as they are.
-  const float f0 = ONE ? sm.scale0[wrow] : 1.f, f1 = ONE ? sm.scale0[wrow + 8] : 1.f;
-  stage_o<Out, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, f0, f1);
+  static_assert(kStageBytes<T, V> <= 2 * C::SLOT_BYTES, "O's staging must fit the two slots");
+  // One split: O scaled to the output (scale0); else partials in T, O / l (partial_scale).
+  const float f0 = ONE ? sm.scale0[wrow] : partial_scale(sm.sums[wrow]);
+  const float f1 = ONE ? sm.scale0[wrow + 8] : partial_scale(sm.sums[wrow + 8]);
+  stage_o<T, T, V>(sm.gq + (sm.slot(0) - sm.q), o, wrow, quad, wg * NV, f0, f1);
   fence_async_shared();  // generic-proxy writes, read by the bulk copies
   __syncthreads();
   const int rr = row0 + tid;
   if (tid < kRows && rr < R) {
     const long long row = out_row(p, b, kvh, rr);
     if constexpr (ONE) {
-      copy_staged_row<Out, V>(out + row * V, sm.slot(0), tid);
+      copy_staged_row<T, V>(out + row * V, sm.slot(0), tid);
     } else {
       maxs[row * S + split] = sm.m[tid];
       sums[row * S + split] = sm.sums[tid];
-      copy_staged_row<Out, V>(partials + (row * S + split) * V, sm.slot(0), tid);
+      copy_staged_row<T, V>(reinterpret_cast<T*>(partials) + (row * S + split) * V, sm.slot(0),
+                            tid);
     }
   }
 }

@@ -674,7 +674,8 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
 // MAPS_PREFETCHED: the entry point has prefetched every encoded tensor map (prefetch_maps).
 // ONE: the block is its row group's only split, and writes `out` (sinks applied) in place of
 // partials for the combine.
-template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED, bool ONE>
+template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED, bool ONE,
+          bool T_PARTIALS>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const void* __restrict__ mask,
                                             const T* __restrict__ sinks, T* __restrict__ out,
@@ -682,6 +683,9 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
                                             float* __restrict__ maxs, float* __restrict__ sums,
                                             const WParams& wp, char* smem_raw) {
   static_assert(!(ONE && PAIR), "a pair's blocks are two splits");
+  static_assert(!T_PARTIALS || (TWO_DEEP && !PAIR && !ONE), "T partials: the two-deep split pass");
+  // ONE's output, or partials in T (each row O / l), leave as staged rows (stage_o).
+  constexpr bool STAGED = ONE || T_PARTIALS;
   const Params& p = wp.p;
   using C = WCfg<D, V, TWO_DEEP>;
   static_assert(supported<T, D, V>(), "wgmma tiles need 16-bit T, D % 64 == 0, V % 128 == 0");
@@ -946,13 +950,15 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
         }
       }
     }
-    if constexpr (ONE) {  // each row's output scale (the combine's for one split), for WG 1, 2
-      // Q's shared memory is dead once the last S is done.
+    if constexpr (STAGED) {  // each row's output scale (the combine's for one split; T
+      // partials: 1 / l), for WG 1, 2. Q's shared memory is dead once the last S is done.
       float* const out_scale = reinterpret_cast<float*>(gQ);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int rr = row0 + wrow + 8 * h;
-        if (quad == 0) out_scale[wrow + 8 * h] = one_split_scale(p, sinks, kvh, rr, R, m[h], l[h]);
+        if (quad == 0)
+          out_scale[wrow + 8 * h] = ONE ? one_split_scale(p, sinks, kvh, rr, R, m[h], l[h])
+                                        : partial_scale(l[h]);
       }
       bar_arrive<kBarDone, kThreads>();
     }
@@ -1000,7 +1006,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
     }
     // ---- unnormalised partial O of the split (pairs: into shared memory, to merge; ONE: the
     // output, scaled as store_merged does)
-    if constexpr (ONE) {
+    if constexpr (STAGED) {
       // Warpgroup 0's row scales are out, and every MMA is done with the slots, which stage O.
       bar_sync<kBarDone, kThreads>();
       static_assert(kStageBytes<T, V> <= C::SLOTS_BYTES, "O's staging must fit the slots");
@@ -1010,8 +1016,13 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       fence_async_shared();  // generic-proxy writes, read by the bulk copies
       bar_sync<kBarStaged, 2 * 128>();
       const int r = tid - 128, rr = row0 + r;
-      if (r < kRows && rr < R && !AOTC_SKIP(3))
-        copy_staged_row<T, V>(out + out_row(p, b, kvh, rr) * V, slots, r);
+      if (r < kRows && rr < R && !AOTC_SKIP(3)) {
+        const long long row = out_row(p, b, kvh, rr);
+        if constexpr (ONE)
+          copy_staged_row<T, V>(out + row * V, slots, r);
+        else
+          copy_staged_row<T, V>(reinterpret_cast<T*>(partials) + (row * S + split) * V, slots, r);
+      }
     } else if constexpr (PAIR) {
       bar_sync<kBarDone, kThreads>();
       static_assert(PairCfg<D, V, TWO_DEEP>::ROW * 4 == kStagePitch<float, V>,
@@ -1060,7 +1071,8 @@ __device__ __forceinline__ void prefetch_maps(const WParams& wp) {
                    : "memory");
 }
 
-template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR, bool ONE = false>
+template <typename T, int D, int V, bool TWO_DEEP, int BLOCKS, bool PAIR, bool ONE = false,
+          bool T_PARTIALS = false>
 __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, const void* mask,
                                             const T* sinks, T* out, float* partials, float* maxs,
                                             float* sums, const WParams& p) {
@@ -1071,11 +1083,12 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
-        (PAIR && p.p.num_splits % 2 != 0) || (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))))
-      __trap();  // (the one pass's bulk copies need a 16-byte aligned output, as allocators give)
+        (PAIR && p.p.num_splits % 2 != 0) || (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))) ||
+        (T_PARTIALS && !bulk_aligned(partials)))
+      __trap();  // (bulk copies need 16-byte aligned outputs and partials, as allocators give)
     if constexpr (BLOCKS == 1) prefetch_maps(p);
-    wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE>(q, k, v, mask, sinks, out, partials,
-                                                           maxs, sums, p, aotc_wg_smem);
+    wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE, T_PARTIALS>(
+        q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_wg_smem);
     return;
   }
 #endif
@@ -1129,6 +1142,21 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
       const __grid_constant__ aotc_sdpa::wg::WParams p) {                                        \
     aotc_sdpa::wg::wgmma_entry<T, D, V, true, 1, false, true>(q, k, v, mask, sinks, out, nullptr, \
                                                               nullptr, nullptr, p);              \
+  }
+
+// The two-deep split pass with its partials in T, each row O / l (staged as the one pass stages
+// its output), for the combine of such partials (2pass_2t): the launch whose view alternative
+// is the seesaw's split pass, which stores them so. Half the partial bytes to store and merge:
+// MLA's seesaw calls ran 2-8% faster at B=1-16 (bench/NOTES.md round 42). The fp32 entry point
+// stays without this epilogue: with both, ptxas spilled 10 bytes, and 576/512 GQA 8 (HBM-bound,
+// its calls) ran 1% slower.
+#define AOTC_SDPA_VECTOR_WGMMA_T_PARTIALS(TN, T, D, V)                                           \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                           \
+      sdpa_vector_wgmma_t_partials_##TN##_##D##_##V(                                             \
+          const T* q, const T* k, const T* v, const void* mask, const T* sinks, float* partials, \
+          float* maxs, float* sums, const __grid_constant__ aotc_sdpa::wg::WParams p) {          \
+    aotc_sdpa::wg::wgmma_entry<T, D, V, true, 1, false, false, true>(                            \
+        q, k, v, mask, nullptr, nullptr, partials, maxs, sums, p);                               \
   }
 
 #include "sdpa_vector_seesaw.cuh"

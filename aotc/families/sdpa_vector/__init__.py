@@ -6,7 +6,7 @@ sources); run-time plans live in `metal.py` and `cuda.py` beside this file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from aotc.families.base import (
     KERNEL_TYPE_NAMES,
@@ -56,6 +56,12 @@ def combine_name(type_name: str, v: int) -> str:
     return f"sdpa_vector_2pass_2_{type_name}_{v}"
 
 
+def combine_t_name(type_name: str, v: int) -> str:
+    """The combine of partials stored in T, each row O / l (the seesaw's split passes): CUDA, in
+    the combine unit of a V that a wgmma_has_seesaw pair uses."""
+    return f"sdpa_vector_2pass_2t_{type_name}_{v}"
+
+
 def wgmma_name(type_name: str, d: int, v: int) -> str:
     """The split pass on Hopper's warpgroup MMAs (sdpa_vector_wgmma.cuh), CUDA only."""
     return f"sdpa_vector_wgmma_{type_name}_{d}_{v}"
@@ -96,6 +102,12 @@ def wgmma_seesaw_name(type_name: str, d: int, v: int) -> str:
 def wgmma_seesaw_one_name(type_name: str, d: int, v: int) -> str:
     """The seesaw kernel for row groups of one key split, writing the output itself."""
     return f"sdpa_vector_wgmma_seesaw_one_{type_name}_{d}_{v}"
+
+
+def wgmma_t_partials_name(type_name: str, d: int, v: int) -> str:
+    """The two-deep wgmma split pass storing its partials in T, each row O / l, as the seesaw's
+    split pass does: the launch that takes the seesaw as its view alternative."""
+    return f"sdpa_vector_wgmma_t_partials_{type_name}_{d}_{v}"
 
 
 # Mirrors `WCfg` and `supported()` of kernels/cuda/sdpa_vector_wgmma.cuh: 16-bit types, Q and K
@@ -241,7 +253,7 @@ class SdpaVectorFamily:
         for inst in insts:
             combines.setdefault((inst.dtype, inst.param("V")), []).append(inst)
         for (dtype, v), users in sorted(combines.items()):
-            units.append(_combine_unit(dtype, v, users, render))
+            units.append(_combine_unit(dtype, v, users, render, target))
         return units
 
     def include_roots(self, target: str) -> list[IncludeRoot]:
@@ -281,6 +293,7 @@ def _wgmma_entry_points(dtype: str, d: int, v: int) -> list[tuple[str, str, str]
         (wgmma_has_one, wgmma_one_name, "_one", "one_pass_wgmma"),
         (wgmma_has_seesaw, wgmma_seesaw_name, "_seesaw", "split_pass_wgmma_seesaw"),
         (wgmma_has_seesaw, wgmma_seesaw_one_name, "_seesaw_one", "one_pass_wgmma_seesaw"),
+        (wgmma_has_seesaw, wgmma_t_partials_name, "_t_partials", "split_pass_wgmma_t_partials"),
     )
     return [
         (name(type_name, d, v), variant, f"AOTC_SDPA_VECTOR_WGMMA{kind.upper()}")
@@ -309,8 +322,16 @@ def cuda_pair_macros(dtype: str, d: int, v: int) -> list[str]:
     return [f"AOTC_SDPA_VECTOR({args})", *wgmma]
 
 
-def cuda_combine_macro(dtype: str, v: int) -> str:
-    return f"AOTC_SDPA_VECTOR_AGGREGATE({KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {v})"
+def cuda_combine_macros(dtype: str, v: int, with_t: bool) -> list[str]:
+    """The macro lines of a combine unit: fp32 partials' combine, and `with_t` T partials'."""
+    args = f"{KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {v}"
+    kinds = ("", "_T") if with_t else ("",)
+    return [f"AOTC_SDPA_VECTOR_AGGREGATE{kind}({args})" for kind in kinds]
+
+
+def needs_combine_t(dtype: str, pairs: Iterable[tuple[int, int]], v: int) -> bool:
+    """Whether V's combine unit gets combine_t_name's kernel: a pair of it with the seesaw."""
+    return any(wgmma_has_seesaw(dtype, d, pv) for d, pv in pairs if pv == v)
 
 
 def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
@@ -329,13 +350,20 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     )
 
 
-def _combine_unit(dtype: str, v: int, users: list[Instantiation], render) -> TranslationUnit:
+def _combine_unit(
+    dtype: str, v: int, users: list[Instantiation], render, target: str
+) -> TranslationUnit:
     type_name = KERNEL_TYPE_NAMES[dtype]
     symbol = _symbol(combine_name(type_name, v), dtype, (("V", v),), "combine")
+    symbols = [symbol]
+    pairs = [(inst.param("D"), inst.param("V")) for inst in users]
+    with_t = target == "cuda" and needs_combine_t(dtype, pairs, v)
+    if with_t:
+        symbols.append(_symbol(combine_t_name(type_name, v), dtype, (("V", v),), "combine_t"))
     return TranslationUnit(
         stem=symbol.name,
-        source=render(dtype, [("combine", v)]),
-        kernels=(symbol,),
+        source=render(dtype, [("combine", v, with_t)]),
+        kernels=tuple(symbols),
         origins=tuple(inst.origin for inst in users),
     )
 
@@ -368,7 +396,7 @@ def _render_metal(dtype: str, items: list[tuple]) -> str:
             ):
                 lines.append(f'instantiate_kernel("{name}", {func}, {type_name}, {d}, {v})')
         else:
-            _, v = item
+            v = item[1]
             name = combine_name(type_name, v)
             lines.append(f'instantiate_kernel("{name}", sdpa_vector_2pass_2, {type_name}, {v})')
     return "\n".join(lines) + "\n"
@@ -387,7 +415,7 @@ def _render_cuda(dtype: str, items: list[tuple]) -> str:
         if item[0] == "pair":
             lines += cuda_pair_macros(dtype, *item[1:])
         else:
-            lines.append(cuda_combine_macro(dtype, item[1]))
+            lines += cuda_combine_macros(dtype, *item[1:])
     return "\n".join(lines) + "\n"
 
 

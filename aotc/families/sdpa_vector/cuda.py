@@ -21,6 +21,7 @@ from typing import Any
 from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
     combine_name,
+    combine_t_name,
     fused_split_name,
     many_rows_name,
     one_pass_name,
@@ -35,6 +36,7 @@ from aotc.families.sdpa_vector import (
     wgmma_shared_bytes,
     wgmma_short_name,
     wgmma_supported,
+    wgmma_t_partials_name,
 )
 from aotc.families.sdpa_vector.problem import AttentionProblem, Unsupported
 
@@ -834,9 +836,12 @@ def _split_launches(
     smem: int,
     params: bytes,
     merged: int = 1,
+    partials_in_t: bool = False,
 ) -> list[Launch]:
     """A split pass writing (partials, maxs, sums), one per `merged` of its `num_splits`, and
-    the combine that merges them."""
+    the combine that merges them. The partials are fp32, or with `partials_in_t` the call's
+    dtype, each row normalised (`first` then stores them so, and `combine` is combine_t_name's
+    kernel): half the bytes to store and merge."""
     inputs = _attention_inputs(p)
     partial_count = num_splits // merged
     threads = combine_threads(p.v_dim, partial_count)
@@ -847,7 +852,7 @@ def _split_launches(
             first,
             inputs,
             (
-                ("partials", part_shape, "float32"),
+                ("partials", part_shape, p.dtype if partials_in_t else "float32"),
                 ("maxs", stat_shape, "float32"),
                 ("sums", stat_shape, "float32"),
             ),
@@ -897,8 +902,10 @@ def _one_wave_split_count(base_blocks: int, sm_count: int, tiles: int, min_tiles
 @dataclass(frozen=True)
 class WgmmaKernels:
     """A pair's wgmma entry points in the loaded images: two deep (always), one deep (`short`),
-    two blocks an SM (`dual`), clusters of two (`pair`) and one pass (`one`), None where
-    absent."""
+    two blocks an SM (`dual`), clusters of two (`pair`), one pass (`one`), the seesaw's split
+    pass and one pass, the two-deep split pass with partials in T (`t_partials`), and the
+    combine of such partials (`combine_t`), None where absent. The seesaw's split pass stores
+    partials in T: it counts only with `t_partials` and `combine_t`."""
 
     deep: str
     short: str | None = None
@@ -907,6 +914,8 @@ class WgmmaKernels:
     one: str | None = None
     seesaw: str | None = None
     seesaw_one: str | None = None
+    t_partials: str | None = None
+    combine_t: str | None = None
 
     @classmethod
     def loaded(
@@ -921,11 +930,16 @@ class WgmmaKernels:
             wgmma_one_name,
             wgmma_seesaw_name,
             wgmma_seesaw_one_name,
+            wgmma_t_partials_name,
         )
         deep, *others = (name(type_name, d, v) for name in names)
         if deep not in available:
             return None
-        return cls(deep, *(name if name in available else None for name in others))
+        combine_t = combine_t_name(type_name, v)
+        kernels = cls(deep, *(name if name in available else None for name in others))
+        if combine_t not in available or kernels.t_partials is None:
+            return replace(kernels, seesaw=None, t_partials=None)
+        return replace(kernels, combine_t=combine_t)
 
 
 def _plan_wgmma(
@@ -997,12 +1011,18 @@ def _seesaw_launches(
     scale: float,
 ) -> list[Launch]:
     """The two-deep split pass and the combine over `grid`, or for one split the one pass,
-    with the seesaw entry point as the first launch's view alternative (V a prefix view of K)."""
-    launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
+    with the seesaw entry point as the first launch's view alternative (V a prefix view of K).
+    The seesaw's split pass stores its partials in T, so the launch's own kernel is the two-deep
+    split pass that does too (`t_partials`), and the combine is theirs (`combine_t`): half the
+    partial bytes took MLA's calls 2-8% less time (bench/NOTES.md round 42)."""
     block, smem = (WGMMA_SEESAW_THREADS, 1, 1), seesaw_shared_bytes(p.qk_dim, p.v_dim)
     if grid[1] == 1 and WGMMA_ONE_PASS and kernels.one and kernels.seesaw_one:
+        launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
         alternative = ViewAlternative(kernels.seesaw_one, block, smem)
         return [replace(_one_pass(p, launches[0], kernels.one), alternative=alternative)]
+    launches = _wgmma_launches(
+        p, kernels.t_partials, True, grid, kernels.combine_t, scale, partials_in_t=True
+    )
     alternative = ViewAlternative(kernels.seesaw, block, smem)
     return [replace(launches[0], alternative=alternative), launches[1]]
 
@@ -1051,9 +1071,11 @@ def _wgmma_launches(
     combine: str,
     scale: float,
     merged: int = 1,
+    partials_in_t: bool = False,
 ) -> list[Launch]:
     """`kernel`'s split pass over `grid` (_wgmma_grid's row groups, splits, keys per split) and
-    the combine; the split pass writes one partial per `merged` splits (2: the pair kernel)."""
+    the combine; the split pass writes one partial per `merged` splits (2: the pair kernel), in
+    the call's dtype for `partials_in_t` (_split_launches)."""
     row_groups, num_splits, keys_per_split = grid
     params = pack_params(
         scale=scale,
@@ -1067,7 +1089,16 @@ def _wgmma_launches(
     blocks = (_wgmma_blocks(p, grid), 1, 1)
     smem = wgmma_shared_bytes(p.qk_dim, p.v_dim, two_deep)
     split_pass, combine_pass = _split_launches(
-        p, kernel, combine, num_splits, blocks, (WGMMA_THREADS, 1, 1), smem, params, merged
+        p,
+        kernel,
+        combine,
+        num_splits,
+        blocks,
+        (WGMMA_THREADS, 1, 1),
+        smem,
+        params,
+        merged,
+        partials_in_t,
     )
     # K and V tiles come in by TMA (the kernel's WParams), a box per 128-byte column atom; so
     # does Q, in boxes of a row group's 64 rows (Lq tokens of 64 / Lq heads), where Lq divides
