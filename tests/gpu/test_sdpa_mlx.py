@@ -226,14 +226,15 @@ def _hopper_first_kernel(library, q, k, v, mask=None) -> str:
 
 def test_mla_plans_the_wgmma_kernel_on_hopper(library):
     """On an sm_90 GPU the manifest's sm_90a image serves 64+ rows per KV head with wgmma (at
-    B=8 N=32768 its splits of 64 tiles take one block an SM, not clusters of two)."""
+    B=8 N=32768 its splits of 64 tiles take one block an SM, not clusters of two: the two-deep
+    split pass with partials in T, whose view alternative is the seesaw)."""
     from aotc.runtime.cuda import wgmma_runs
 
     q = mx.zeros((8, 128, 1, 576), dtype=mx.bfloat16)
     k = mx.zeros((8, 1, 32768, 576), dtype=mx.bfloat16)
     kernel = _hopper_first_kernel(library, q, k, k[..., :512])
     assert wgmma_runs(library.index.data["options"]["archs"], "sm_90")
-    assert kernel == "sdpa_vector_wgmma_bfloat16_t_576_512"
+    assert kernel == "sdpa_vector_wgmma_t_partials_bfloat16_t_576_512"
 
 
 @pytest.mark.parametrize(
