@@ -1241,9 +1241,7 @@ __device__ __forceinline__ void sdpa_block_warp_keys(
 // combiners and the combine kernel. Mirrored by COMBINE_SPLITS_IN_FLIGHT in the plan.
 constexpr int kCombineSplitsInFlight = 8;
 
-// Merges splits s0, s0 + step, ... < S of one row's column group c4 (4 floats) into the running
-// (max m, sum l, unnormalised output a), U splits' loads in flight at a time. L2_ONLY: the
-// partials were written by other blocks of this kernel (no stale L1 lines may serve them).
+// Four columns of a partial row as floats: fp32 partials, or T partials (8 bytes) widened.
 template <typename P, bool L2_ONLY>
 __device__ __forceinline__ float4 load_partial4(const P* x) {
   if constexpr (std::is_same<P, float>::value) {
@@ -1257,6 +1255,9 @@ __device__ __forceinline__ float4 load_partial4(const P* x) {
   }
 }
 
+// Merges splits s0, s0 + step, ... < S of one row's column group c4 (4 floats) into the running
+// (max m, sum l, unnormalised output a), U splits' loads in flight at a time. L2_ONLY: the
+// partials were written by other blocks of this kernel (no stale L1 lines may serve them).
 template <typename P, int V, int U, bool L2_ONLY>
 __device__ __forceinline__ void merge_splits(const float* mrow, const float* lrow,
                                              const P* prow, int c4, int s0, int step, int S,
@@ -1431,8 +1432,8 @@ __device__ __forceinline__ void merge_group(const float* partials, const float* 
     const long long row = out_row(p, w.b, w.kvh, row0 + r);
     float m = -INFINITY, l = 0.f;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-    merge_splits<float, V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4, sg,
-                             sg_count, S, m, l, a);
+    merge_splits<float, V, U, true>(maxs + row * S, sums + row * S, partials + row * S * V, c4,
+                                    sg, sg_count, S, m, l, a);
     if (sg_count == 1) {
       const float sk = sink_log2(sinks, p.has_sinks, row, p.q_len, p.q_heads);
       store_merged(out + row * V + c4 * 4, m, l, a, sk);
@@ -1687,9 +1688,11 @@ __device__ __forceinline__ void discard_row(const void* row, long long bytes) {
 }
 
 // The combine kernel: one block per query row, of up to 512 threads (split groups of V / 4).
-// Eight splits in flight per thread keep it at 55 registers (sm_90a), so that nine 128-thread
-// blocks fit an SM: MLA B=8's 1024 rows of 8 splits merge in one wave. Sixteen took 99
-// registers and four waves of 256-thread blocks (bench/NOTES.md, round 12).
+// Eight splits in flight per thread: sixteen took 99 registers and four waves of 256-thread
+// blocks (bench/NOTES.md, round 12). Round 12's 55 registers are 80 now (76 reading T
+// partials), six 128-thread blocks an SM: MLA B=8's 1024 rows take two waves. Capped at 64
+// (one wave), the T partials' combine ran MLA B=8 N=8192 level, B=2-4 1.5-3% faster and B=1
+// N=32768 1.6% slower (round 42).
 // P: float (unnormalised partials), or T (each row O / l: half the bytes to store and to merge,
 // for the seesaw's split passes; bench/NOTES.md round 42).
 template <typename T, int V, typename P>

@@ -22,10 +22,10 @@
 // Entry points: sdpa_vector_wgmma_seesaw_<TN>_<D>_<V>, the wgmma split pass's arguments
 // (partials in T, each row O / l, with maxs and sums for the combine of such partials; its
 // launch's own kernel is the two-deep split pass that stores them so, _t_partials), and
-// sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the
-// one pass's (out, sinks applied); 256 threads, one block an SM. The plan makes them the view
-// alternatives of those launches (docs/ARCHITECTURE.md): only evaluation sees that V is K's
-// prefix, and every tensor map (K, V, Q) must be encoded; other blocks trap.
+// sdpa_vector_wgmma_seesaw_one_<TN>_<D>_<V>, the one pass's (out, sinks applied); 256
+// threads, one block an SM. The plan makes them the view alternatives of those launches
+// (docs/ARCHITECTURE.md): only evaluation sees that V is K's prefix, and every tensor map (K,
+// V, Q) must be encoded; other blocks trap.
 #pragma once
 
 #include "sdpa_vector_wgmma.cuh"

@@ -673,7 +673,8 @@ __device__ __forceinline__ void merge_pair(const Params& p, uint32_t sX, char* g
 
 // MAPS_PREFETCHED: the entry point has prefetched every encoded tensor map (prefetch_maps).
 // ONE: the block is its row group's only split, and writes `out` (sinks applied) in place of
-// partials for the combine.
+// partials for the combine. T_PARTIALS: its partials are T rows, each O / l (the combine's
+// 2pass_2t reads them), staged and copied out as ONE's output is.
 template <typename T, int D, int V, bool TWO_DEEP, bool PAIR, bool MAPS_PREFETCHED, bool ONE,
           bool T_PARTIALS>
 __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __restrict__ k,
@@ -1005,7 +1006,7 @@ __device__ __forceinline__ void wgmma_block(const T* __restrict__ q, const T* __
       if (v_in_k && t + 2 < ntiles) stage_k(t + 2, kslot(t), half);
     }
     // ---- unnormalised partial O of the split (pairs: into shared memory, to merge; ONE: the
-    // output, scaled as store_merged does)
+    // output, scaled as store_merged does; T_PARTIALS: O / l in T)
     if constexpr (STAGED) {
       // Warpgroup 0's row scales are out, and every MMA is done with the slots, which stage O.
       bar_sync<kBarDone, kThreads>();
@@ -1083,7 +1084,8 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (uint32_t)WCfg<D, V, TWO_DEEP>::SMEM || blockDim.x != kThreads ||
-        (PAIR && p.p.num_splits % 2 != 0) || (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))) ||
+        (PAIR && p.p.num_splits % 2 != 0) ||
+        (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))) ||
         (T_PARTIALS && !bulk_aligned(partials)))
       __trap();  // (bulk copies need 16-byte aligned outputs and partials, as allocators give)
     if constexpr (BLOCKS == 1) prefetch_maps(p);
@@ -1147,9 +1149,10 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
 // The two-deep split pass with its partials in T, each row O / l (staged as the one pass stages
 // its output), for the combine of such partials (2pass_2t): the launch whose view alternative
 // is the seesaw's split pass, which stores them so. Half the partial bytes to store and merge:
-// MLA's seesaw calls ran 2-8% faster at B=1-16 (bench/NOTES.md round 42). The fp32 entry point
-// stays without this epilogue: with both, ptxas spilled 10 bytes, and 576/512 GQA 8 (HBM-bound,
-// its calls) ran 1% slower.
+// MLA's seesaw split plans ran 5-8% faster at B=1-4 and B=8 of 8k keys, up to 2% at B=8 of
+// 16k-32k (bench/NOTES.md round 42). The fp32 entry point stays without this epilogue: with a
+// run-time switch between the two, ptxas spilled 10 bytes and 576/512 GQA 8 (HBM-bound, fp32
+// partials) ran 1% slower.
 #define AOTC_SDPA_VECTOR_WGMMA_T_PARTIALS(TN, T, D, V)                                           \
   extern "C" __global__ void __launch_bounds__(384, 1)                                           \
       sdpa_vector_wgmma_t_partials_##TN##_##D##_##V(                                             \

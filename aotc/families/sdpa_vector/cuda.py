@@ -1014,7 +1014,7 @@ def _seesaw_launches(
     with the seesaw entry point as the first launch's view alternative (V a prefix view of K).
     The seesaw's split pass stores its partials in T, so the launch's own kernel is the two-deep
     split pass that does too (`t_partials`), and the combine is theirs (`combine_t`): half the
-    partial bytes took MLA's calls 2-8% less time (bench/NOTES.md round 42)."""
+    partial bytes took MLA's split plans up to 8% less time (bench/NOTES.md round 42)."""
     block, smem = (WGMMA_SEESAW_THREADS, 1, 1), seesaw_shared_bytes(p.qk_dim, p.v_dim)
     if grid[1] == 1 and WGMMA_ONE_PASS and kernels.one and kernels.seesaw_one:
         launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
