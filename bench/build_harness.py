@@ -15,10 +15,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from aotc.families.base import KERNEL_TYPE_NAMES
 from aotc.families.sdpa_vector import (
-    combine_name,
-    combine_t_name,
+    cuda_combine_kernels,
     cuda_combine_macros,
     cuda_pair_kernels,
     cuda_pair_macros,
@@ -51,9 +49,7 @@ def kernel_names(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) -> set
     for dtype in dtypes:
         for d, v in pairs:
             names |= {name for name, _ in cuda_pair_kernels(dtype, d, v)}
-            names.add(combine_name(KERNEL_TYPE_NAMES[dtype], v))
-            if needs_combine_t(dtype, pairs, v):
-                names.add(combine_t_name(KERNEL_TYPE_NAMES[dtype], v))
+            names |= {name for name, _ in cuda_combine_kernels(dtype, v, pairs)}
     return names
 
 

@@ -334,6 +334,18 @@ def needs_combine_t(dtype: str, pairs: Iterable[tuple[int, int]], v: int) -> boo
     return any(wgmma_has_seesaw(dtype, d, pv) for d, pv in pairs if pv == v)
 
 
+def cuda_combine_kernels(
+    dtype: str, v: int, pairs: Iterable[tuple[int, int]]
+) -> list[tuple[str, str]]:
+    """(name, variant) of every CUDA entry point of V's combine unit, whose users are `pairs`:
+    the fp32 partials' combine, and T partials' where needs_combine_t."""
+    type_name = KERNEL_TYPE_NAMES[dtype]
+    kernels = [(combine_name(type_name, v), "combine")]
+    if needs_combine_t(dtype, pairs, v):
+        kernels.append((combine_t_name(type_name, v), "combine_t"))
+    return kernels
+
+
 def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
     type_name = KERNEL_TYPE_NAMES[inst.dtype]
     d, v = inst.param("D"), inst.param("V")
@@ -353,17 +365,16 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
 def _combine_unit(
     dtype: str, v: int, users: list[Instantiation], render, target: str
 ) -> TranslationUnit:
-    type_name = KERNEL_TYPE_NAMES[dtype]
-    symbol = _symbol(combine_name(type_name, v), dtype, (("V", v),), "combine")
-    symbols = [symbol]
-    pairs = [(inst.param("D"), inst.param("V")) for inst in users]
-    with_t = target == "cuda" and needs_combine_t(dtype, pairs, v)
-    if with_t:
-        symbols.append(_symbol(combine_t_name(type_name, v), dtype, (("V", v),), "combine_t"))
+    if target == "cuda":
+        pairs = [(inst.param("D"), inst.param("V")) for inst in users]
+        named = cuda_combine_kernels(dtype, v, pairs)
+    else:
+        named = [(combine_name(KERNEL_TYPE_NAMES[dtype], v), "combine")]
+    symbols = tuple(_symbol(name, dtype, (("V", v),), variant) for name, variant in named)
     return TranslationUnit(
-        stem=symbol.name,
-        source=render(dtype, [("combine", v, with_t)]),
-        kernels=tuple(symbols),
+        stem=symbols[0].name,
+        source=render(dtype, [("combine", v, len(symbols) > 1)]),
+        kernels=symbols,
         origins=tuple(inst.origin for inst in users),
     )
 
