@@ -988,6 +988,30 @@ def test_seesaw_split_plans_keep_partials_in_t():
     assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512" and one.alternative
 
 
+def test_seesaw_split_plans_overlap_their_combine_for_launchers_that_ask():
+    """The seesaw's split passes (and the T-partials entry point taken in their place) let the
+    next grid launch at their start, so where the launcher overlaps launches (the torch
+    harness), their combine is launched to overlap the split pass's tail. MLX's plans
+    (overlap=False) and every other wgmma plan keep two plain launches: the pairs' split pass
+    has no early trigger (round 43: overlapped, it ran level to 1% slower)."""
+    p = mla(batch=8, kv_len=8192)
+    plain = plan_cuda(p, available=WG_ALL, sm_count=132, wgmma=True)
+    split, combine = plan_cuda(p, available=WG_ALL, sm_count=132, wgmma=True, overlap=True)
+    assert combine.kernel == "sdpa_vector_2pass_2t_bfloat16_t_512"
+    assert (split.overlaps_previous, combine.overlaps_previous) == (False, True)
+    assert [split, replace(combine, overlaps_previous=False)] == plain
+    assert not any(launch.overlaps_previous for launch in plain)
+    pairs = plan_cuda(
+        mla(batch=2, kv_len=8192), available=WG_ALL, sm_count=132, wgmma=True, overlap=True
+    )
+    assert pairs[1].kernel == "sdpa_vector_2pass_2_bfloat16_t_512"
+    assert not any(launch.overlaps_previous for launch in pairs)
+    (one,) = plan_cuda(
+        mla(batch=64, kv_len=4096), available=WG_ALL, sm_count=132, wgmma=True, overlap=True
+    )
+    assert not one.overlaps_previous
+
+
 def test_view_alternatives_reach_prepare_by_input_index():
     """prepare gets (kernel, block, shared memory, view index, base index); the torch harness's
     launch_fn gets it as `view_alternative`, only where a launch has one."""

@@ -506,6 +506,10 @@ __device__ __forceinline__ void seesaw_entry(const T* q, const T* k, const void*
         (p.maps_ok & need) != need || (ONE && p.p.num_splits != 1) ||
         !bulk_aligned(ONE ? (void*)out : (void*)partials))
       __trap();  // (O's bulk copies need a 16-byte aligned output, as allocators give)
+    // The combine may launch at once where the launcher overlaps it (the torch harness): its
+    // blocks take idle SMs and wait in-kernel. MLA's split plans ran up to 2.4% faster so
+    // (bench/NOTES.md round 43); a no-op in a plain launch (MLX's plans).
+    if constexpr (!ONE) allow_next_grid();
     prefetch_maps(p);
     seesaw_block<T, D, V, ONE>(q, k, mask, sinks, out, partials, maxs, sums, p, aotc_ss_smem);
     return;

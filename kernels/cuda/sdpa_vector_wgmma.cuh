@@ -1088,6 +1088,7 @@ __device__ __forceinline__ void wgmma_entry(const T* q, const T* k, const T* v, 
         (ONE && (p.p.num_splits != 1 || !bulk_aligned(out))) ||
         (T_PARTIALS && !bulk_aligned(partials)))
       __trap();  // (bulk copies need 16-byte aligned outputs and partials, as allocators give)
+    if constexpr (T_PARTIALS) allow_next_grid();  // the seesaw's stand-in: as the seesaw does
     if constexpr (BLOCKS == 1) prefetch_maps(p);
     wgmma_block<T, D, V, TWO_DEEP, PAIR, BLOCKS == 1, ONE, T_PARTIALS>(
         q, k, v, mask, sinks, out, partials, maxs, sums, p, aotc_wg_smem);

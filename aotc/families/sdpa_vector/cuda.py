@@ -197,9 +197,9 @@ FUSED_MAX_SPLITS = 8
 # (bench/NOTES.md round 26, same calls, sides alternating): 192/128 B=1 9.7 against 11.1-11.2
 # with waiting combiners; 80/80 B=1 16.1 against 17.5-17.8; 256/128 B=1 54.2 against 55.7-55.9;
 # against the last block's merge, 192/128 B=8 306.3-306.7 against 309.6-310.8 and 32x192/128
-# 308.6-308.9 against 314.7-315.2; against plain two launches 0.4-1.2 us a call. The wgmma
-# split pass's combine is not overlapped: MLA B=1 N=8192 ran 20.5-21.1 against 19.9-20.5.
-# Only for launchers that overlap launches in their stream (plan_cuda's `overlap`).
+# 308.6-308.9 against 314.7-315.2; against plain two launches 0.4-1.2 us a call. Of the wgmma
+# split passes only the seesaw's overlap (WGMMA_OVERLAP_COMBINE). Only for launchers that
+# overlap launches in their stream (plan_cuda's `overlap`).
 OVERLAP_COMBINE = 1
 # MLX's CUDA graphs give an edge no type, so under MLX two overlapping launches are one
 # primitive whose child graph holds the programmatic edge: that cost more host time than the
@@ -207,6 +207,13 @@ OVERLAP_COMBINE = 1
 # combiners; 192/128 B=1 evaluated alone 38.5-46.8 against 31.1; bench.mlx_sdpa 32.7 us a call
 # in chains of 8 against 16.6). MLX's plans keep the fused pass (an A/B switch).
 MLX_OVERLAP_COMBINE = 0
+# The seesaw's split plans (its split pass, or the T-partials entry point in its place) overlap
+# their combine too: both allow the next grid at their start. H200, harness, MLA (bench/NOTES.md
+# round 43, same calls, 8 rounds alternating): B=8 N=8192 40.0 us against 40.7, B=1-4 2-2.4%
+# faster, B=8 N=16384 1.9%, B=8 N=32768 and B=16 level. The pairs' and the other wgmma split
+# passes are not overlapped: with a trigger there, MLA B=1 N=8192's pairs ran 1.3% slower, and
+# the two-deep kernel 1% slower where not overlapped (MLX's plans), which the overlap repaid.
+WGMMA_OVERLAP_COMBINE = 1
 # A flag slot of the fused pass's scratch is 64 bits (aotc_sdpa::Slot): two 4-byte words.
 SLOT_WORDS = 2
 # The fused pass's scratch is a scratch output of its launch (Launch.scratch_outputs): MLX's
@@ -639,7 +646,7 @@ def plan_cuda(
     `wgmma`: the loaded image is sm_90a SASS on an sm_90 GPU, so the wgmma kernel can run.
     `overlap`: the launcher runs a launch marked `overlaps_previous` as a programmatic dependent
     launch in its stream (bench's torch harness), so on sm_90+ split passes take the
-    overlapping combine (OVERLAP_COMBINE).
+    overlapping combine (OVERLAP_COMBINE), and so do the seesaw's (WGMMA_OVERLAP_COMBINE).
     """
     p = problem
     _check_problem(p)
@@ -652,7 +659,11 @@ def plan_cuda(
     combine = combine_name(type_name, p.v_dim)
     wg_kernels = WgmmaKernels.loaded(type_name, p.qk_dim, p.v_dim, available) if wgmma else None
     if wg_kernels and combine in available and _wgmma_serves(p, sm_count):
-        return _plan_wgmma(p, wg_kernels, combine, scale, sm_count, num_splits)
+        launches = _plan_wgmma(p, wg_kernels, combine, scale, sm_count, num_splits)
+        seesaw_split = len(launches) == 2 and launches[1].kernel == wg_kernels.combine_t
+        if overlap and WGMMA_OVERLAP_COMBINE and seesaw_split:
+            return _overlapped(launches)
+        return launches
 
     layout = block_layout(p, arch, sm_count)
     one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
