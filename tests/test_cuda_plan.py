@@ -988,6 +988,33 @@ def test_seesaw_split_plans_keep_partials_in_t():
     assert one.kernel == "sdpa_vector_wgmma_one_bfloat16_t_576_512" and one.alternative
 
 
+def test_the_seesaw_takes_one_split_where_its_own_model_says_it_is_faster():
+    """Where the seesaw serves KV heads of 64+ rows, one split or the rule's splits is chosen by
+    the seesaw's model (SEESAW_COST, its split passes' partials in T); the choices as measured
+    on an H200 (round 43). Fewer rows a KV head keep the three-warpgroup model (WGMMA_COST)."""
+
+    def first(batch, kv_len, **kw):
+        p = mla(batch=batch, kv_len=kv_len, **kw)
+        launch = plan_cuda(p, available=WG_ALL, sm_count=132, wgmma=True)[0]
+        return launch.kernel.split("_")[3], unpack(launch)[8]
+
+    # One split: 96 x 2 row groups of 32 tiles in two waves, against three of 16-tile splits
+    # (122.6 us against 140.9); B=68 (119.9 / 120.2), B=100 N=4096 (242.6 / 265.1).
+    assert first(96, 2048) == first(68, 2048) == first(100, 4096) == ("one", 1)
+    # The rule's splits: B=80 N=4096 (206.8 / 230.7), B=40 N=8192 (186.3 / 213.6).
+    assert first(80, 4096) == first(40, 8192) == ("t", 3)
+    # 16 heads of one token: the three-warpgroup model keeps its splits (71.5 us against 78.0).
+    assert first(80, 2048, q_heads=16) == ("bfloat16", 3)
+    p = mla(batch=96, kv_len=2048)
+    rule, one = cuda._wgmma_grid(p, 132, None), cuda._wgmma_grid(p, 132, 1)
+    assert (rule[1], rule[2] // 64, one[1]) == (2, 16, 1)
+    # 3 waves x (16 tiles x 1.6 + 12 + 3.4) + 12288 rows x 2 x 1 KB at 23 MB/us + 2.8, against
+    # 2 waves x (32 tiles x 1.6 + 12).
+    split = cuda._wgmma_cost(p, rule, 132, cuda.SEESAW_COST, 2)
+    assert split == pytest.approx(3 * (16 * 1.6 + 12 + 3.4) + 12288 * 2 * 1024 / 2.3e7 + 2.8)
+    assert cuda._wgmma_cost(p, one, 132, cuda.SEESAW_COST) == pytest.approx(2 * (32 * 1.6 + 12))
+
+
 def test_seesaw_split_plans_overlap_their_combine_for_launchers_that_ask():
     """The seesaw's split passes (and the T-partials entry point taken in their place) let the
     next grid launch at their start, so where the launcher overlaps launches (the torch

@@ -50,6 +50,19 @@ PARAMS_SIZE = len(ATTENTION_STRIDED) * STRIDE_BYTES + struct.calcsize(PARAMS_FOR
 COMBINE_SIZE = struct.calcsize(COMBINE_FORMAT)
 MASK_KINDS = {"none": 0, "causal": 1, "bool": 2, "additive": 3}
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class WgmmaCost:
+    """Microseconds of the parts of a one-block-an-SM wgmma call (_wgmma_cost)."""
+
+    tile_us: float
+    block_us: float
+    combine_bytes_per_us: float
+    combine_launch_us: float
+    split_block_us: float = 0.0
+
+
 MAX_QUERY_TOKENS = 8
 DEFAULT_SM_COUNT = 132
 # The SM counts of each architecture's most common part (A100, A10/A6000, L40/4090 class), where
@@ -150,19 +163,34 @@ WGMMA_PAIR_MIN_FILL = 0
 # 0 keeps the split pass and the combine (an A/B switch for bench.variants --plan-constant).
 WGMMA_ONE_PASS = 1
 # Where the one-pass entry point is loaded, a grid the wave-filling rule gives several splits
-# takes one split instead when this model of a call says it is faster (_wgmma_cost): waves of
-# blocks x (a split's 64-key tiles x WGMMA_TILE_US + WGMMA_BLOCK_US), plus, for splits, the
-# combine reading the partials at COMBINE_BYTES_PER_US + COMBINE_LAUNCH_US. H200, MLA, forced
-# split counts (bench/NOTES.md round 37, harness, three rounds): B=100 N=2048 150.5-160.2 us in
-# one split against 180.3-182.5 in the rule's three, N=4096 277.6-282.0 against 289.9-302.2;
-# B=80 N=4096 and B=40 N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1
-# against 258.3-260.0), as the model says. With the seesaw (round 38) it still chose right at
-# B=80 N=4096, B=40 N=8192, B=100 N=4096, B=48 N=4096 and B=32 N=8192, but at B=100 N=8192 one
-# split ran 470.9-473.7 against the plan's three 494.1-512.4: not refitted.
-WGMMA_TILE_US = 2.0
-WGMMA_BLOCK_US = 12.0
-COMBINE_BYTES_PER_US = 5.0e6
-COMBINE_LAUNCH_US = 2.0
+# takes one split instead when a model of the call says it is faster (_wgmma_cost, WgmmaCost):
+# waves of blocks x (a split's 64-key tiles x tile_us + block_us), plus, for splits, waves x
+# split_block_us (a split block's partials and its share of the tail) and the combine reading
+# the partials (fp32, or T for the seesaw's) at combine_bytes_per_us + combine_launch_us.
+#
+# The three-warpgroup block's model (round 37): H200, MLA, forced split counts (bench/NOTES.md
+# round 37, harness, three rounds): B=100 N=2048 150.5-160.2 us in one split against
+# 180.3-182.5 in the rule's three, N=4096 277.6-282.0 against 289.9-302.2; B=80 N=4096 and B=40
+# N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1 against
+# 258.3-260.0), as the model says.
+WGMMA_COST = WgmmaCost(
+    tile_us=2.0, block_us=12.0, combine_bytes_per_us=5.0e6, combine_launch_us=2.0
+)
+# The seesaw's (KV heads of 64+ rows where the seesaw is loaded; round 43): fitted, by least
+# squares of the relative error with block_us held at 12, to 63 MLA calls on an H200, one split
+# and the rule's 2-5 forced, B=36-108 at 1k-8k keys, plain launches. It chooses right at 59
+# (fitted leaving out each key length or batch band, the same) and costs at most 2.1% at the
+# other four; round 37's model chose the seesaw's splits up to 15% slower (B=68-96 N=2048, its
+# T partials and the seesaw's tiles unknown to it). Where the two models' plans differ, with
+# 64-128 rows a KV head, the refit's ran 2-32% faster at 24 of 26 shapes timed (B=64 of 16
+# heads x 4 tokens at 512 keys: 22.5 us against 33.0) and 2-3% slower at two (B=12 N=512).
+SEESAW_COST = WgmmaCost(
+    tile_us=1.6,
+    block_us=12.0,
+    split_block_us=3.4,
+    combine_bytes_per_us=2.3e7,
+    combine_launch_us=2.8,
+)
 # Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups that
 # take turns with the key tiles, each overlapping the other's softmax) run the wgmma split pass and
 # the one pass faster, as the launches' view alternatives: KV heads of 64+ query rows whose splits
@@ -971,7 +999,7 @@ def _plan_wgmma(
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
     if WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p):
         one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
-        grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
+        grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass, seesaw=True)
         tiles = grid[2] // WGMMA_KEYS
         short_one = WGMMA_SEESAW_SHORT_ONE_PASS and one_pass and grid[1] == 1
         if tiles >= WGMMA_SEESAW_MIN_TILES or short_one:
@@ -987,7 +1015,8 @@ def _plan_wgmma(
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     one_pass = kernels.one if WGMMA_ONE_PASS else None
-    grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass)
+    seesaw = bool(WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p))
+    grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass, seesaw)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
     launches = _wgmma_launches(p, kernel, two_deep, grid, combine, scale)
@@ -997,14 +1026,23 @@ def _plan_wgmma(
 
 
 def _wgmma_grid_or_one_split(
-    p: AttentionProblem, sm_count: int, num_splits: int | None, one_pass: str | None
+    p: AttentionProblem,
+    sm_count: int,
+    num_splits: int | None,
+    one_pass: str | None,
+    seesaw: bool = False,
 ) -> tuple[int, int, int]:
     """The one-block-an-SM grid: one split where the one-pass entry point is loaded and
-    _wgmma_cost prices it lower than the wave-filling rule's splits."""
+    _wgmma_cost prices it lower than the wave-filling rule's splits. `seesaw`: the seesaw serves
+    the call's full row groups (SEESAW_COST; its splits of WGMMA_SEESAW_MIN_TILES+ tiles store
+    T partials), else WGMMA_COST."""
     grid = _wgmma_grid(p, sm_count, num_splits)
     if one_pass and num_splits is None and grid[1] > 1:
         one_split = _wgmma_grid(p, sm_count, 1)
-        if _wgmma_cost(p, one_split, sm_count) < _wgmma_cost(p, grid, sm_count):
+        model = SEESAW_COST if seesaw else WGMMA_COST
+        in_t = seesaw and grid[2] // WGMMA_KEYS >= WGMMA_SEESAW_MIN_TILES
+        split_cost = _wgmma_cost(p, grid, sm_count, model, DTYPE_SIZES[p.dtype] if in_t else 4)
+        if _wgmma_cost(p, one_split, sm_count, model) < split_cost:
             return one_split
     return grid
 
@@ -1038,14 +1076,22 @@ def _seesaw_launches(
     return [replace(launches[0], alternative=alternative), launches[1]]
 
 
-def _wgmma_cost(p: AttentionProblem, grid: tuple[int, int, int], sm_count: int) -> float:
-    """Modelled microseconds of a one-block-an-SM wgmma call over `grid` (see WGMMA_TILE_US)."""
+def _wgmma_cost(
+    p: AttentionProblem,
+    grid: tuple[int, int, int],
+    sm_count: int,
+    model: WgmmaCost = WGMMA_COST,
+    partial_bytes: int = 4,
+) -> float:
+    """Modelled microseconds of a one-block-an-SM wgmma call over `grid` (see WGMMA_COST), its
+    partials `partial_bytes` an element."""
     _, num_splits, keys_per_split = grid
     waves = -(-_wgmma_blocks(p, grid) // sm_count)
-    cost = waves * (keys_per_split // WGMMA_KEYS * WGMMA_TILE_US + WGMMA_BLOCK_US)
+    cost = waves * (keys_per_split // WGMMA_KEYS * model.tile_us + model.block_us)
     if num_splits > 1:
-        rows = p.batch * p.q_heads * p.q_len
-        cost += rows * num_splits * p.v_dim * 4 / COMBINE_BYTES_PER_US + COMBINE_LAUNCH_US
+        partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * partial_bytes
+        cost += waves * model.split_block_us + model.combine_launch_us
+        cost += partials / model.combine_bytes_per_us
     return cost
 
 
