@@ -181,9 +181,10 @@ WGMMA_COST = WgmmaCost(
 # and the rule's 2-5 forced, B=36-108 at 1k-8k keys, plain launches. It chooses right at 59
 # (fitted leaving out each key length or batch band, the same) and costs at most 2.1% at the
 # other four; round 37's model chose the seesaw's splits up to 15% slower (B=68-96 N=2048, its
-# T partials and the seesaw's tiles unknown to it). Where the two models' plans differ, with
-# 64-128 rows a KV head, the refit's ran 2-32% faster at 24 of 26 shapes timed (B=64 of 16
-# heads x 4 tokens at 512 keys: 22.5 us against 33.0) and 2-3% slower at two (B=12 N=512).
+# T partials and the seesaw's tiles unknown to it). It changes 112 of 9984 MLA plans (16-128
+# heads, 1-4 tokens, B=1-256, 256-65536 keys); of 50 timed against round 37's, 47 ran 0.8-32%
+# faster (B=64 of 16 heads x 4 tokens at 512 keys: 22.5 us against 33.0), three 1-3% slower
+# (B=12 at 512 keys, B=36 N=3072). With fewer rows a KV head it lost at 13 of 16 (up to 17%).
 SEESAW_COST = WgmmaCost(
     tile_us=1.6,
     block_us=12.0,
