@@ -59,7 +59,7 @@ class WgmmaCost:
     tile_us: float
     block_us: float
     combine_bytes_per_us: float
-    combine_launch_us: float
+    launch_us: float
     split_block_us: float = 0.0
 
 
@@ -166,16 +166,14 @@ WGMMA_ONE_PASS = 1
 # takes one split instead when a model of the call says it is faster (_wgmma_cost, WgmmaCost):
 # waves of blocks x (a split's 64-key tiles x tile_us + block_us), plus, for splits, waves x
 # split_block_us (a split block's partials and its share of the tail) and the combine reading
-# the partials (fp32, or T for the seesaw's) at combine_bytes_per_us + combine_launch_us.
+# the partials (fp32, or T for the seesaw's) at combine_bytes_per_us, + launch_us (its launch).
 #
 # The three-warpgroup block's model (round 37): H200, MLA, forced split counts (bench/NOTES.md
 # round 37, harness, three rounds): B=100 N=2048 150.5-160.2 us in one split against
 # 180.3-182.5 in the rule's three, N=4096 277.6-282.0 against 289.9-302.2; B=80 N=4096 and B=40
 # N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1 against
 # 258.3-260.0), as the model says.
-WGMMA_COST = WgmmaCost(
-    tile_us=2.0, block_us=12.0, combine_bytes_per_us=5.0e6, combine_launch_us=2.0
-)
+WGMMA_COST = WgmmaCost(tile_us=2.0, block_us=12.0, combine_bytes_per_us=5.0e6, launch_us=2.0)
 # The seesaw's (KV heads of 64+ rows where the seesaw is loaded; round 43): fitted, by least
 # squares of the relative error with block_us held at 12, to 63 MLA calls on an H200, one split
 # and the rule's 2-5 forced, B=36-108 at 1k-8k keys, plain launches. It chooses right at 59
@@ -186,11 +184,7 @@ WGMMA_COST = WgmmaCost(
 # faster (B=64 of 16 heads x 4 tokens at 512 keys: 22.5 us against 33.0), three 1-3% slower
 # (B=12 at 512 keys, B=36 N=3072). With fewer rows a KV head it lost at 13 of 16 (up to 17%).
 SEESAW_COST = WgmmaCost(
-    tile_us=1.6,
-    block_us=12.0,
-    split_block_us=3.4,
-    combine_bytes_per_us=2.3e7,
-    combine_launch_us=2.8,
+    tile_us=1.6, block_us=12.0, split_block_us=3.4, combine_bytes_per_us=2.3e7, launch_us=2.8
 )
 # Where V is K's prefix (MLA), the seesaw entry points (sdpa_vector_seesaw.cuh: two warpgroups that
 # take turns with the key tiles, each overlapping the other's softmax) run the wgmma split pass and
@@ -1091,7 +1085,7 @@ def _wgmma_cost(
     cost = waves * (keys_per_split // WGMMA_KEYS * model.tile_us + model.block_us)
     if num_splits > 1:
         partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * partial_bytes
-        cost += waves * model.split_block_us + model.combine_launch_us
+        cost += waves * model.split_block_us + model.launch_us
         cost += partials / model.combine_bytes_per_us
     return cost
 
