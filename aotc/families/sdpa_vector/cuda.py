@@ -235,7 +235,7 @@ MLX_OVERLAP_COMBINE = 0
 # round 43, same calls, 8 rounds alternating): B=8 N=8192 40.0 us against 40.7, B=1-4 2-2.4%
 # faster, B=8 N=16384 1.9%, B=8 N=32768 and B=16 level. The pairs' and the other wgmma split
 # passes are not overlapped: with a trigger there, MLA B=1 N=8192's pairs ran 1.3% slower, and
-# the two-deep kernel 1% slower where not overlapped (MLX's plans), which the overlap repaid.
+# the two-deep kernel 1% slower in plain launches (MLX's plans; overlapped, 1.1-2.5% faster).
 WGMMA_OVERLAP_COMBINE = 1
 # A flag slot of the fused pass's scratch is 64 bits (aotc_sdpa::Slot): two 4-byte words.
 SLOT_WORDS = 2
@@ -992,9 +992,10 @@ def _plan_wgmma(
     there; else one block an SM: in clusters of two that merge their splits (`pair`) where
     _pairs_pay, one deep (`short`) when every split is short. A single two-deep split is one
     launch where the `one` entry point is loaded (WGMMA_ONE_PASS)."""
-    if WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p):
+    seesaw = bool(WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p))
+    if seesaw:
         one_pass = kernels.one if WGMMA_ONE_PASS and kernels.seesaw_one else None
-        grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass, seesaw=True)
+        grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass, seesaw)
         tiles = grid[2] // WGMMA_KEYS
         short_one = WGMMA_SEESAW_SHORT_ONE_PASS and one_pass and grid[1] == 1
         if tiles >= WGMMA_SEESAW_MIN_TILES or short_one:
@@ -1010,7 +1011,6 @@ def _plan_wgmma(
         if _pairs_pay(p, paired, sm_count):
             return _wgmma_launches(p, kernels.pair, True, paired, combine, scale, merged=2)
     one_pass = kernels.one if WGMMA_ONE_PASS else None
-    seesaw = bool(WGMMA_SEESAW and kernels.seesaw and _full_row_groups(p))
     grid = _wgmma_grid_or_one_split(p, sm_count, num_splits, one_pass, seesaw)
     two_deep = kernels.short is None or grid[2] >= WGMMA_DEEP_MIN_TILES * WGMMA_KEYS
     kernel = kernels.deep if two_deep else kernels.short
