@@ -174,8 +174,9 @@ WGMMA_ONE_PASS = 1
 # N=8192 stay faster in three (227.5-234.4 against 275.5-293.4; 207.8-208.1 against
 # 258.3-260.0), as the model says.
 WGMMA_COST = WgmmaCost(tile_us=2.0, block_us=12.0, combine_bytes_per_us=5.0e6, launch_us=2.0)
-# The seesaw's (KV heads of 64+ rows where the seesaw is loaded; round 43): fitted, by least
-# squares of the relative error with block_us held at 12, to 63 MLA calls on an H200, one split
+# The seesaw's (KV heads of 64+ rows where the seesaw is loaded; round 43): fitted (`python3 -m
+# bench.fit_cost`), by least squares of the relative error with block_us held at 12, to 63 MLA
+# calls on an H200 (bench/results/2026-11-30-r43-one-split-sweep.json), one split
 # and the rule's 2-5 forced, B=36-108 at 1k-8k keys, plain launches. It chooses right at 59
 # (fitted leaving out each key length or batch band, the same) and costs at most 2.1% at the
 # other four; round 37's model chose the seesaw's splits up to 15% slower (B=68-96 N=2048, its
