@@ -63,8 +63,9 @@ def sides(t: Timed) -> list[tuple[list[float], float]]:
 
 
 def features(p: AttentionProblem, num_splits: int) -> list[float]:
-    """The terms that WgmmaCost's fields multiply in _wgmma_cost, in the order of FIELDS, with
-    the seesaw's partial size (T where its splits hold WGMMA_SEESAW_MIN_TILES+ tiles)."""
+    """The terms that WgmmaCost's fields multiply in _wgmma_cost (tile_us, block_us,
+    split_block_us, 1 / combine_bytes_per_us, launch_us), with the seesaw's partial size (T
+    where its splits hold WGMMA_SEESAW_MIN_TILES+ tiles)."""
     grid = plan._wgmma_grid(p, SM_COUNT, num_splits)
     waves = -(-plan._wgmma_blocks(p, grid) // SM_COUNT)
     tiles = grid[2] // plan.WGMMA_KEYS
@@ -73,9 +74,6 @@ def features(p: AttentionProblem, num_splits: int) -> list[float]:
     in_t = tiles >= plan.WGMMA_SEESAW_MIN_TILES
     partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * (2 if in_t else 4)
     return [waves * tiles, waves, waves, partials, 1.0]
-
-
-FIELDS = ("tile_us", "block_us", "split_block_us", "us_per_byte", "launch_us")
 
 
 def modelled(cost: WgmmaCost, row: list[float]) -> float:
