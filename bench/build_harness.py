@@ -20,7 +20,6 @@ from aotc.families.sdpa_vector import (
     cuda_combine_macros,
     cuda_pair_kernels,
     cuda_pair_macros,
-    needs_combine_t,
 )
 from aotc.formats.fatbin import read_fatbin
 from aotc.targets.cuda import NVCC_FLAGS, fatbin_sm
@@ -39,7 +38,7 @@ def translation_unit(pairs: Iterable[tuple[int, int]], dtypes: Iterable[str]) ->
         for d, v in pairs:
             lines += cuda_pair_macros(dtype, d, v)
         for v in sorted({v for _, v in pairs}):
-            lines += cuda_combine_macros(dtype, v, needs_combine_t(dtype, pairs, v))
+            lines += cuda_combine_macros(dtype, v, pairs)
     return "\n".join(lines) + "\n"
 
 

@@ -322,14 +322,15 @@ def cuda_pair_macros(dtype: str, d: int, v: int) -> list[str]:
     return [f"AOTC_SDPA_VECTOR({args})", *wgmma]
 
 
-def cuda_combine_macros(dtype: str, v: int, with_t: bool) -> list[str]:
-    """The macro lines of a combine unit: fp32 partials' combine, and `with_t` T partials'."""
+def cuda_combine_macros(dtype: str, v: int, pairs: Iterable[tuple[int, int]]) -> list[str]:
+    """The macro lines of V's combine unit, whose users are `pairs`: fp32 partials' combine,
+    and T partials' where needs_combine_t (the kernels of cuda_combine_kernels)."""
     args = f"{KERNEL_TYPE_NAMES[dtype]}, {CUDA_VALUE_TYPES[dtype]}, {v}"
-    kinds = ("", "_T") if with_t else ("",)
+    kinds = ("", "_T") if needs_combine_t(dtype, v, pairs) else ("",)
     return [f"AOTC_SDPA_VECTOR_AGGREGATE{kind}({args})" for kind in kinds]
 
 
-def needs_combine_t(dtype: str, pairs: Iterable[tuple[int, int]], v: int) -> bool:
+def needs_combine_t(dtype: str, v: int, pairs: Iterable[tuple[int, int]]) -> bool:
     """Whether V's combine unit gets combine_t_name's kernel: a pair of it with the seesaw."""
     return any(wgmma_has_seesaw(dtype, d, pv) for d, pv in pairs if pv == v)
 
@@ -341,7 +342,7 @@ def cuda_combine_kernels(
     the fp32 partials' combine, and T partials' where needs_combine_t."""
     type_name = KERNEL_TYPE_NAMES[dtype]
     kernels = [(combine_name(type_name, v), "combine")]
-    if needs_combine_t(dtype, pairs, v):
+    if needs_combine_t(dtype, v, pairs):
         kernels.append((combine_t_name(type_name, v), "combine_t"))
     return kernels
 
@@ -365,15 +366,15 @@ def _pair_unit(inst: Instantiation, render, target: str) -> TranslationUnit:
 def _combine_unit(
     dtype: str, v: int, users: list[Instantiation], render, target: str
 ) -> TranslationUnit:
+    pairs = tuple((inst.param("D"), inst.param("V")) for inst in users)
     if target == "cuda":
-        pairs = [(inst.param("D"), inst.param("V")) for inst in users]
         named = cuda_combine_kernels(dtype, v, pairs)
     else:
         named = [(combine_name(KERNEL_TYPE_NAMES[dtype], v), "combine")]
     symbols = tuple(_symbol(name, dtype, (("V", v),), variant) for name, variant in named)
     return TranslationUnit(
         stem=symbols[0].name,
-        source=render(dtype, [("combine", v, len(symbols) > 1)]),
+        source=render(dtype, [("combine", v, pairs)]),
         kernels=symbols,
         origins=tuple(inst.origin for inst in users),
     )
