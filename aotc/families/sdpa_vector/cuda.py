@@ -683,11 +683,7 @@ def plan_cuda(
     combine = combine_name(type_name, p.v_dim)
     wg_kernels = WgmmaKernels.loaded(type_name, p.qk_dim, p.v_dim, available) if wgmma else None
     if wg_kernels and combine in available and _wgmma_serves(p, sm_count):
-        launches = _plan_wgmma(p, wg_kernels, combine, scale, sm_count, num_splits)
-        seesaw_split = len(launches) == 2 and launches[1].kernel == wg_kernels.combine_t
-        if overlap and WGMMA_OVERLAP_COMBINE and seesaw_split:
-            return _overlapped(launches)
-        return launches
+        return _plan_wgmma(p, wg_kernels, combine, scale, sm_count, num_splits, overlap)
 
     layout = block_layout(p, arch, sm_count)
     one, first, fused = _block_kernels(p, type_name, layout.m_tiles, available)
@@ -984,6 +980,7 @@ def _plan_wgmma(
     scale: float,
     sm_count: int,
     num_splits: int | None,
+    overlap: bool = False,
 ) -> list[Launch]:
     """The wgmma split pass and the combine: where the seesaw serves the call (WGMMA_SEESAW,
     64+ rows a KV head, splits of WGMMA_SEESAW_MIN_TILES+ tiles, or one split of any count:
@@ -1000,7 +997,7 @@ def _plan_wgmma(
         tiles = grid[2] // WGMMA_KEYS
         short_one = WGMMA_SEESAW_SHORT_ONE_PASS and one_pass and grid[1] == 1
         if tiles >= WGMMA_SEESAW_MIN_TILES or short_one:
-            return _seesaw_launches(p, kernels, grid, combine, scale)
+            return _seesaw_launches(p, kernels, grid, combine, scale, overlap)
     if kernels.dual and _wgmma_row_groups(p) >= WGMMA_DUAL_MIN_ROW_GROUPS:
         grid = _wgmma_grid(p, WGMMA_DUAL_BLOCKS_PER_SM * sm_count, num_splits)
         if grid[2] >= WGMMA_DUAL_MIN_TILES * WGMMA_KEYS:
@@ -1054,12 +1051,15 @@ def _seesaw_launches(
     grid: tuple[int, int, int],
     combine: str,
     scale: float,
+    overlap: bool = False,
 ) -> list[Launch]:
     """The two-deep split pass and the combine over `grid`, or for one split the one pass,
     with the seesaw entry point as the first launch's view alternative (V a prefix view of K).
     The seesaw's split pass stores its partials in T, so the launch's own kernel is the two-deep
     split pass that does too (`t_partials`), and the combine is theirs (`combine_t`): half the
-    partial bytes took MLA's split plans up to 8% less time (bench/NOTES.md round 42)."""
+    partial bytes took MLA's split plans up to 8% less time (bench/NOTES.md round 42). Both
+    split passes let the next grid start, so with `overlap` the combine overlaps their tail
+    (WGMMA_OVERLAP_COMBINE)."""
     block, smem = (WGMMA_SEESAW_THREADS, 1, 1), seesaw_shared_bytes(p.qk_dim, p.v_dim)
     if grid[1] == 1 and WGMMA_ONE_PASS and kernels.one and kernels.seesaw_one:
         launches = _wgmma_launches(p, kernels.deep, True, grid, combine, scale)
@@ -1069,7 +1069,8 @@ def _seesaw_launches(
         p, kernels.t_partials, True, grid, kernels.combine_t, scale, partials_in_t=True
     )
     alternative = ViewAlternative(kernels.seesaw, block, smem)
-    return [replace(launches[0], alternative=alternative), launches[1]]
+    launches = [replace(launches[0], alternative=alternative), launches[1]]
+    return _overlapped(launches) if overlap and WGMMA_OVERLAP_COMBINE else launches
 
 
 def _wgmma_cost(
