@@ -63,22 +63,15 @@ def sides(t: Timed) -> list[tuple[list[float], float]]:
 
 
 def features(p: AttentionProblem, num_splits: int) -> list[float]:
-    """The terms that WgmmaCost's fields multiply in _wgmma_cost (tile_us, block_us,
-    split_block_us, 1 / combine_bytes_per_us, launch_us), with the seesaw's partial size (T
-    where its splits hold WGMMA_SEESAW_MIN_TILES+ tiles)."""
+    """The terms that WgmmaCost.rates multiply in _wgmma_cost for `num_splits` splits, with the
+    seesaw's partial size (T where its splits hold WGMMA_SEESAW_MIN_TILES+ tiles)."""
     grid = plan._wgmma_grid(p, SM_COUNT, num_splits)
-    waves = -(-plan._wgmma_blocks(p, grid) // SM_COUNT)
-    tiles = grid[2] // plan.WGMMA_KEYS
-    if num_splits == 1:
-        return [waves * tiles, waves, 0.0, 0.0, 0.0]
-    in_t = tiles >= plan.WGMMA_SEESAW_MIN_TILES
-    partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * (2 if in_t else 4)
-    return [waves * tiles, waves, waves, partials, 1.0]
+    bytes_each = plan._partial_bytes(p, grid, seesaw=True)
+    return list(plan._wgmma_cost_terms(p, grid, SM_COUNT, bytes_each))
 
 
 def modelled(cost: WgmmaCost, row: list[float]) -> float:
-    coefs = (cost.tile_us, cost.block_us, cost.split_block_us, 1 / cost.combine_bytes_per_us)
-    return sum(c * x for c, x in zip((*coefs, cost.launch_us), row, strict=True))
+    return sum(rate * x for rate, x in zip(cost.rates(), row, strict=True))
 
 
 def fit(timed: list[Timed], block_us: float = 12.0) -> WgmmaCost:

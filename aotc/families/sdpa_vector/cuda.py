@@ -62,6 +62,11 @@ class WgmmaCost:
     launch_us: float
     split_block_us: float = 0.0
 
+    def rates(self) -> tuple[float, ...]:
+        """What multiplies each of _wgmma_cost_terms' terms."""
+        per_byte = 1 / self.combine_bytes_per_us
+        return (self.tile_us, self.block_us, self.split_block_us, per_byte, self.launch_us)
+
 
 MAX_QUERY_TOKENS = 8
 DEFAULT_SM_COUNT = 132
@@ -1033,11 +1038,17 @@ def _wgmma_grid_or_one_split(
     if one_pass and num_splits is None and grid[1] > 1:
         one_split = _wgmma_grid(p, sm_count, 1)
         model = SEESAW_COST if seesaw else WGMMA_COST
-        in_t = seesaw and grid[2] // WGMMA_KEYS >= WGMMA_SEESAW_MIN_TILES
-        split_cost = _wgmma_cost(p, grid, sm_count, model, DTYPE_SIZES[p.dtype] if in_t else 4)
+        split_cost = _wgmma_cost(p, grid, sm_count, model, _partial_bytes(p, grid, seesaw))
         if _wgmma_cost(p, one_split, sm_count, model) < split_cost:
             return one_split
     return grid
+
+
+def _partial_bytes(p: AttentionProblem, grid: tuple[int, int, int], seesaw: bool) -> int:
+    """Bytes of a partial element over `grid`: T where the seesaw serves the call and its splits
+    hold WGMMA_SEESAW_MIN_TILES+ tiles (_seesaw_launches), else fp32."""
+    in_t = seesaw and grid[2] // WGMMA_KEYS >= WGMMA_SEESAW_MIN_TILES
+    return DTYPE_SIZES[p.dtype] if in_t else 4
 
 
 def _full_row_groups(p: AttentionProblem) -> bool:
@@ -1082,14 +1093,23 @@ def _wgmma_cost(
 ) -> float:
     """Modelled microseconds of a one-block-an-SM wgmma call over `grid` (see WGMMA_COST), its
     partials `partial_bytes` an element."""
+    terms = _wgmma_cost_terms(p, grid, sm_count, partial_bytes)
+    return sum(rate * term for rate, term in zip(model.rates(), terms, strict=True))
+
+
+def _wgmma_cost_terms(
+    p: AttentionProblem, grid: tuple[int, int, int], sm_count: int, partial_bytes: int
+) -> tuple[float, ...]:
+    """What WgmmaCost.rates multiply (bench.fit_cost fits them to timed calls): waves x a
+    split's tiles, waves, for splits waves again (the split blocks' own cost), the partials'
+    bytes and one combine launch."""
     _, num_splits, keys_per_split = grid
     waves = -(-_wgmma_blocks(p, grid) // sm_count)
-    cost = waves * (keys_per_split // WGMMA_KEYS * model.tile_us + model.block_us)
-    if num_splits > 1:
-        partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * partial_bytes
-        cost += waves * model.split_block_us + model.launch_us
-        cost += partials / model.combine_bytes_per_us
-    return cost
+    tile_waves = waves * (keys_per_split // WGMMA_KEYS)
+    if num_splits == 1:
+        return (tile_waves, waves, 0, 0, 0)
+    partials = p.batch * p.q_heads * p.q_len * num_splits * p.v_dim * partial_bytes
+    return (tile_waves, waves, waves, partials, 1)
 
 
 def _one_pass(p: AttentionProblem, split_pass: Launch, kernel: str) -> Launch:
